@@ -1,0 +1,26 @@
+"""Names of the environment variables through which FLOps configures its runtime roles.
+
+The orchestrator sets them when it starts a learner or an aggregator (a child process
+in the ``local`` backend, a container's ``environment`` with Oakestra).
+"""
+
+PROJECT_ID = "FLOPS_PROJECT_ID"
+"""The project's id (hex string)."""
+
+MQTT_URL = "FLOPS_MQTT_URL"
+"""Broker address as ``mqtt://HOST:PORT``."""
+
+DATA_SERVER = "FLOPS_DATA_SERVER"
+"""The learner node's Arrow Flight data server, e.g. ``grpc://127.0.0.1:8815``."""
+
+DATA_TAGS = "FLOPS_DATA_TAGS"
+"""Comma-separated data tags from the SLA, e.g. ``mnist`` or ``mnist,mnist-extra``."""
+
+AGGREGATOR_ADDRESS = "FLOPS_AGGREGATOR_ADDRESS"
+"""``HOST:PORT`` of the Flower server the learner connects to / the aggregator binds."""
+
+ML_REPO_DIR = "FLOPS_ML_REPO_DIR"
+"""Directory holding the user's ML repository (put on ``sys.path``)."""
+
+LEARNER_NAME = "FLOPS_LEARNER_NAME"
+"""A name for this learner instance (e.g. the node id), used in status messages."""

@@ -1,0 +1,89 @@
+"""Publishing component status messages over MQTT (QoS 1, JSON payloads).
+
+A runtime role creates one :class:`StatusNotifier` and calls :meth:`StatusNotifier.notify`;
+the payload is ``{"project_id", "component", "status", "instance", "message", "data",
+"timestamp"}`` with ``timestamp`` in seconds since the epoch.
+"""
+
+import json
+import time
+import uuid
+from typing import Any
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+
+from flops_utils.logging import logger
+from flops_utils.mqtt_topics import status_topic
+from flops_utils.types import Component, ComponentStatus
+
+PUBLISH_TIMEOUT_S = 10.0
+
+
+def parse_mqtt_url(url: str) -> tuple[str, int]:
+    """Return ``(host, port)`` of ``mqtt://HOST:PORT`` (port defaults to 1883).
+
+    Raises ``ValueError`` for another scheme or a missing host.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme != "mqtt" or not parsed.hostname:
+        raise ValueError(f"MQTT URL {url!r} is not of the form mqtt://HOST:PORT")
+    return parsed.hostname, parsed.port or 1883
+
+
+class StatusNotifier:
+    """A persistent MQTT client that publishes one component's status messages.
+
+    Args:
+        mqtt_url: ``mqtt://HOST:PORT`` of the broker.
+        project_id: the project the component belongs to.
+        component: which component this is.
+        instance: a name for this instance (e.g. ``learner-node1``); defaults to the component.
+
+    The client reconnects by itself (paho's loop thread). ``notify`` waits for the broker's
+    PUBACK for at most ``PUBLISH_TIMEOUT_S`` seconds and logs, never raises, when it times out:
+    the orchestrator's process watch is the fallback for a lost message.
+    """
+
+    def __init__(
+        self, mqtt_url: str, project_id: str, component: Component, instance: str | None = None
+    ) -> None:
+        self.project_id = project_id
+        self.component = component
+        self.instance = instance or component.value
+        host, port = parse_mqtt_url(mqtt_url)
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"{self.instance}-{uuid.uuid4().hex[:8]}",
+        )
+        self._client.reconnect_delay_set(min_delay=1, max_delay=5)
+        self._client.connect_async(host, port, keepalive=30)
+        self._client.loop_start()
+
+    def notify(
+        self, status: ComponentStatus, message: str = "", data: dict[str, Any] | None = None
+    ) -> None:
+        """Publish ``status`` with an optional human-readable ``message`` and ``data`` dict."""
+        payload = {
+            "project_id": self.project_id,
+            "component": self.component.value,
+            "status": status.value,
+            "instance": self.instance,
+            "message": message,
+            "data": data or {},
+            "timestamp": time.time(),
+        }
+        topic = status_topic(self.project_id, self.component, status)
+        info = self._client.publish(topic, json.dumps(payload), qos=1)
+        try:
+            info.wait_for_publish(timeout=PUBLISH_TIMEOUT_S)
+        except (RuntimeError, ValueError) as exc:
+            logger.warning("could not publish %s: %s", topic, exc)
+            return
+        if not info.is_published():
+            logger.warning("broker did not acknowledge %s within %ss", topic, PUBLISH_TIMEOUT_S)
+
+    def close(self) -> None:
+        """Disconnect and stop the network thread."""
+        self._client.disconnect()
+        self._client.loop_stop()
