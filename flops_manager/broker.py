@@ -1,0 +1,110 @@
+"""The embedded MQTT broker: Mosquitto started as a child process on loopback.
+
+Production runs Mosquitto from docker-compose; the embedded default and the tests start
+``mosquitto`` (Debian package, installed by ``scripts/bootstrap``) with a generated config.
+"""
+
+import shutil
+import subprocess
+from pathlib import Path
+from types import TracebackType
+
+from flops_utils.errors import FlopsError
+from flops_utils.net import find_free_port, wait_for_port
+
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+
+
+class BrokerUnavailable(FlopsError):
+    """Mosquitto is not installed or did not start."""
+
+    code = "broker_unavailable"
+
+
+def find_mosquitto() -> str:
+    """Return the path of the ``mosquitto`` executable.
+
+    Raises ``BrokerUnavailable`` naming the install command when it is missing.
+    """
+    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        raise BrokerUnavailable(
+            "The MQTT broker mosquitto is not installed. Install it with "
+            "'apt-get install mosquitto' (scripts/bootstrap does this)."
+        )
+    return found
+
+
+class MosquittoBroker:
+    """A Mosquitto broker on ``host:port`` (port 0 picks a free one), stopped on exit.
+
+    Args:
+        workdir: directory for the generated config and the broker's log.
+        host: interface to listen on. Defaults to loopback.
+        port: TCP port; 0 picks a free one.
+
+    Use as a context manager or call :meth:`start` / :meth:`stop`. ``url`` is
+    ``mqtt://HOST:PORT``.
+    """
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.workdir = workdir
+        self.host = host
+        self.port = port or find_free_port(host)
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``mqtt://HOST:PORT`` of the broker."""
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self) -> "MosquittoBroker":
+        """Start the broker and wait until it accepts connections.
+
+        Raises ``BrokerUnavailable`` when mosquitto is missing or not listening after
+        ``START_TIMEOUT_S`` seconds (the message quotes its log).
+        """
+        executable = find_mosquitto()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "mosquitto.conf"
+        log = self.workdir / "mosquitto.log"
+        config.write_text(
+            f"listener {self.port} {self.host}\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            f"log_dest file {log}\n"
+        )
+        self._process = subprocess.Popen(
+            [executable, "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if not wait_for_port(self.host, self.port, START_TIMEOUT_S):
+            self.stop()
+            tail = log.read_text()[-500:] if log.exists() else ""
+            raise BrokerUnavailable(f"mosquitto did not start on {self.url}: {tail.strip()}")
+        return self
+
+    def stop(self) -> None:
+        """Terminate the broker (SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``)."""
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(timeout=STOP_TIMEOUT_S)
+        self._process = None
+
+    def __enter__(self) -> "MosquittoBroker":
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
