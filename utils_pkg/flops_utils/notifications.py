@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from flops_utils.logging import logger
 from flops_utils.mqtt_topics import status_topic
@@ -53,7 +54,7 @@ class StatusNotifier:
         self.instance = instance or component.value
         host, port = parse_mqtt_url(mqtt_url)
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=f"{self.instance}-{uuid.uuid4().hex[:8]}",
         )
         self._client.reconnect_delay_set(min_delay=1, max_delay=5)

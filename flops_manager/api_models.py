@@ -1,0 +1,88 @@
+"""Request and response bodies of the manager's REST API (besides the SLA in ``sla.py``)."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flops_manager.sla import Platform
+
+NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ErrorBody(BaseModel):
+    """Every error response: a stable ``error`` code, a public ``message``, and ``details``."""
+
+    error: str
+    message: str
+    details: list[Any] = Field(default_factory=list)
+
+
+class ProjectCreated(BaseModel):
+    """Answer to ``POST /projects``."""
+
+    project_id: str
+    status: str
+    message: str
+
+
+class ProjectPath(BaseModel):
+    """Path parameter of the per-project endpoints."""
+
+    project_id: str = Field(max_length=64)
+
+
+class ProjectList(BaseModel):
+    """``GET /projects``: one summary per project, oldest first."""
+
+    projects: list[dict[str, Any]]
+
+
+class NodeRegistration(_Body):
+    """A worker node and its data server, as a data server registers it.
+
+    ``tags`` maps each data tag the node holds to its row count.
+    """
+
+    node_id: str = Field(pattern=NODE_ID_PATTERN)
+    data_server: str = Field(pattern=r"^grpc(\+tcp)?://[^/\s]+:\d+$", max_length=256)
+    architecture: Platform = Platform.LINUX_AMD64
+    cluster: str = Field(default="local", max_length=64)
+    tags: dict[str, int] = Field(default_factory=dict)
+
+
+class NodeList(BaseModel):
+    """``GET /nodes``."""
+
+    nodes: list[dict[str, Any]]
+
+
+class MockRequest(_Body):
+    """``POST /mocks``: split a bundled dataset across registered nodes and push the parts.
+
+    ``nodes`` defaults to every registered node; ``alpha`` is the Dirichlet concentration
+    (smaller is more skewed), used only with ``partitioning="dirichlet"``.
+    """
+
+    dataset: Literal["mnist"] = "mnist"
+    tag: str = Field(default="mnist", pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+    partitioning: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(default=0.5, gt=0, le=1000)
+    seed: int = Field(default=42, ge=0)
+    nodes: list[str] | None = Field(default=None, min_length=1)
+
+
+class MockResult(BaseModel):
+    """Rows pushed to each node."""
+
+    tag: str
+    rows: dict[str, int]
+
+
+class TrackingInfo(BaseModel):
+    """``GET /tracking``: the MLflow GUI a browser can open."""
+
+    url: str

@@ -1,0 +1,216 @@
+"""The manager's REST API: Flask-OpenAPI3 routes under ``/api/flops`` (DESIGN.md §3).
+
+The app only validates, persists and answers; orchestration runs in :class:`ProjectLifecycle`'s
+worker threads. Errors are JSON ``{"error", "message", "details"}`` with the status from
+:data:`flops_manager.errors.HTTP_STATUS`; unexpected exceptions are logged and answered with a
+generic 500 message, never a stack trace.
+"""
+
+import difflib
+import time
+from http import HTTPStatus
+from typing import Any
+
+from flask import Response, jsonify
+from flask_openapi3.blueprint import APIBlueprint
+from flask_openapi3.models.info import Info
+from flask_openapi3.models.tag import Tag
+from flask_openapi3.openapi import OpenAPI
+from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import HTTPException
+
+from flops_manager.api_models import (
+    ErrorBody,
+    MockRequest,
+    MockResult,
+    NodeList,
+    NodeRegistration,
+    ProjectCreated,
+    ProjectList,
+    ProjectPath,
+    TrackingInfo,
+)
+from flops_manager.errors import NotFound, http_status
+from flops_manager.projects import ProjectLifecycle
+from flops_manager.sla import ProjectSLA
+from flops_manager.store import ProjectStore
+from flops_utils.errors import FlopsError
+from flops_utils.logging import logger
+
+API_PREFIX = "/api/flops"
+
+_ERRORS: dict[str | int | HTTPStatus, type[BaseModel] | dict[Any, Any] | None] = {
+    404: ErrorBody,
+    409: ErrorBody,
+    422: ErrorBody,
+    503: ErrorBody,
+}
+
+
+def error_response(
+    status: int, code: str, message: str, details: list[Any] | None = None
+) -> Response:
+    """A JSON error response ``{"error": code, "message": message, "details": [...]}``."""
+    response = jsonify({"error": code, "message": message, "details": details or []})
+    response.status_code = status
+    return response
+
+
+def validation_error_response(error: ValidationError) -> Response:
+    """422 naming every bad field by its dotted path; unknown keys get the closest valid name."""
+    details = []
+    for item in error.errors(include_url=False, include_input=False):
+        path = ".".join(str(part) for part in item["loc"]) or "(body)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = f"unknown field{_suggestion(error.title, item['loc'])}"
+        elif item["type"] == "model_type" and not item["loc"]:
+            message = "the body must be a JSON object (Content-Type: application/json)"
+        details.append({"field": path, "message": message})
+    fields = ", ".join(d["field"] for d in details)
+    return error_response(
+        422, "validation_error", f"The request is invalid: check {fields}.", details
+    )
+
+
+def _suggestion(model_name: str, loc: tuple[int | str, ...]) -> str:
+    """`` (did you mean 'x'?)`` for an unknown key of a known model, else ``""``."""
+    model: type[BaseModel] | None = _MODELS.get(model_name)
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str):
+            return ""
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        model = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+_MODELS: dict[str, type[BaseModel]] = {
+    m.__name__: m for m in (ProjectSLA, NodeRegistration, MockRequest)
+}
+
+
+def create_app(lifecycle: ProjectLifecycle, store: ProjectStore, tracking_url: str) -> OpenAPI:
+    """Build the WSGI app.
+
+    Args:
+        lifecycle: runs the projects the API accepts.
+        store: projects and nodes.
+        tracking_url: MLflow GUI URL returned by ``GET /tracking``.
+    """
+    app = OpenAPI(
+        __name__,
+        info=Info(title="FLOps manager", version="0.1.0"),
+        validation_error_status=422,
+        validation_error_model=ErrorBody,
+        validation_error_callback=validation_error_response,
+    )
+    app.url_map.strict_slashes = False
+    api = APIBlueprint("flops", __name__, url_prefix=API_PREFIX, abp_responses=_ERRORS)
+    projects_tag = Tag(name="projects", description="FL projects from SLA to trained model")
+    nodes_tag = Tag(name="nodes", description="worker nodes and their data servers")
+
+    @app.errorhandler(FlopsError)
+    def _flops_error(error: FlopsError) -> Response:
+        return error_response(http_status(error), error.code, error.message, error.details)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> Response:
+        code = (error.name or "error").lower().replace(" ", "_")
+        return error_response(error.code or 500, code, error.description or error.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        logger.exception("unhandled error in the API")
+        return error_response(500, "internal_error", "Internal server error.")
+
+    @app.get("/healthz", doc_ui=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.post("/projects", tags=[projects_tag], responses={201: ProjectCreated})
+    def create_project(body: ProjectSLA) -> tuple[dict[str, Any], int, dict[str, str]]:
+        """Accept an SLA; the project is built, deployed and trained in the background."""
+        project = lifecycle.create(body)
+        location = f"{API_PREFIX}/projects/{project['project_id']}"
+        created = ProjectCreated(
+            project_id=project["project_id"], status=project["status"], message="project accepted"
+        )
+        return created.model_dump(), 201, {"Location": location}
+
+    @api.get("/projects", tags=[projects_tag], responses={200: ProjectList})
+    def list_projects() -> dict[str, Any]:
+        """Every project, oldest first, without the event log."""
+        return {"projects": [_summary(p) for p in store.list_projects()]}
+
+    @api.get("/projects/<project_id>", tags=[projects_tag])
+    def get_project(path: ProjectPath) -> dict[str, Any]:
+        """One project: status, phase timings, events, environment, MLflow ids, metrics."""
+        return _public(lifecycle.get(path.project_id))
+
+    @api.delete("/projects/<project_id>", tags=[projects_tag])
+    def cancel_project(path: ProjectPath) -> dict[str, Any]:
+        """Cancel a project: stop every service it started; status becomes ``cancelled``."""
+        return _public(lifecycle.cancel(path.project_id))
+
+    @api.get("/tracking", responses={200: TrackingInfo})
+    def tracking() -> dict[str, str]:
+        """The MLflow tracking GUI's URL."""
+        return {"url": tracking_url}
+
+    @api.post("/nodes", tags=[nodes_tag], responses={200: NodeRegistration})
+    def register_node(body: NodeRegistration) -> dict[str, Any]:
+        """Register a worker node (or refresh its tags); data servers call this periodically."""
+        node = {**body.model_dump(mode="json"), "last_seen": time.time()}
+        store.upsert_node(node)
+        return _public(node)
+
+    @api.get("/nodes", tags=[nodes_tag], responses={200: NodeList})
+    def list_nodes() -> dict[str, Any]:
+        """Every registered node with its data server, architecture, cluster and tags."""
+        return {"nodes": [_public(n) for n in store.list_nodes()]}
+
+    @api.post("/mocks", tags=[nodes_tag], responses={200: MockResult})
+    def provide_mocks(body: MockRequest) -> dict[str, Any]:
+        """Split a bundled dataset across nodes and push each part to the node's data server."""
+        from data_server.mock_provider import provide_mock_data
+
+        nodes = {n["node_id"]: n for n in store.list_nodes()}
+        wanted = body.nodes or list(nodes)
+        unknown = [n for n in wanted if n not in nodes]
+        if unknown or not wanted:
+            raise NotFound(
+                f"Unknown node(s) {unknown}; register nodes first (their data servers do "
+                "this at start, or POST /api/flops/nodes).",
+                details=[{"node_id": n} for n in nodes],
+            )
+        rows = provide_mock_data(
+            body.dataset,
+            {n: nodes[n]["data_server"] for n in wanted},
+            body.tag,
+            body.partitioning,
+            body.alpha,
+            body.seed,
+        )
+        for node_id, count in rows.items():
+            node = nodes[node_id]
+            store.upsert_node({**node, "tags": {**node.get("tags", {}), body.tag: count}})
+        return {"tag": body.tag, "rows": rows}
+
+    app.register_api(api)
+    return app
+
+
+def _public(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k != "_id"}
+
+
+def _summary(project: dict[str, Any]) -> dict[str, Any]:
+    keys = ("project_id", "customer_id", "status", "status_message", "created_at", "updated_at")
+    return {k: project.get(k) for k in keys}

@@ -1,0 +1,157 @@
+"""``flops``: the user CLI (typer + rich).
+
+Commands: ``demo`` (the main job on the embedded default), ``submit`` (POST an SLA file),
+``status`` (one project), ``mock`` (push mock data to registered nodes).
+Exit codes: 0 success; 1 the project failed or the manager answered with an error.
+"""
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from flops_manager.client import ManagerClient
+from flops_utils.errors import FlopsError
+
+app = typer.Typer(help="FLOps: federated learning from an ML repository and an SLA.")
+console = Console()
+
+ManagerUrl = Annotated[
+    str, typer.Option(envvar="FLOPS_MANAGER_URL", help="Base URL of the FLOps manager.")
+]
+
+
+def _print_event(event: dict[str, Any]) -> None:
+    stamp = datetime.fromtimestamp(event["timestamp"]).strftime("%H:%M:%S")
+    colour = {"failed": "red", "completed": "green", "progress": "cyan"}.get(event["status"], "")
+    who = f"[{event['component']}] " if event.get("component") else ""
+    status = f"[{colour}]{event['status']}[/]" if colour else event["status"]
+    console.print(f"{stamp}  {status:<13} {who}{event['message']}", highlight=False)
+
+
+@app.command()
+def demo(
+    rounds: Annotated[int, typer.Option(min=1, help="Training rounds.")] = 5,
+    nodes: Annotated[int, typer.Option(min=1, max=8, help="Local worker nodes.")] = 2,
+    timeout_s: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900,
+    keep_running: Annotated[
+        bool, typer.Option(help="Keep the suite (and the MLflow GUI) up until Ctrl-C.")
+    ] = False,
+) -> None:
+    """Run the example MNIST project end to end on this machine and print its result."""
+    from flops_manager.config import ManagerConfig
+    from flops_manager.demo import demo_home, example_sla, local_nodes, run_project
+    from flops_manager.suite import ManagerSuite
+
+    home = demo_home().resolve()
+    console.rule("FLOps demo")
+    console.print(f"starting the embedded suite in {home} (manager, store, Mosquitto, MLflow)")
+    config = ManagerConfig.from_env(home=home, port=0)
+    try:
+        with ManagerSuite(config) as suite:
+            client = ManagerClient(suite.url)
+            console.print(f"manager  {suite.url}/api/flops\nMLflow   {suite.mlflow_url}")
+            with local_nodes(nodes, home / "nodes", suite.url) as workers:
+                client.wait_for_nodes(len(workers), timeout_s=30)
+                rows = client.provide_mocks(dataset="mnist", tag="mnist")
+                console.print(f"pushed MNIST partitions (tag 'mnist'): {rows}")
+                sla = example_sla(
+                    rounds,
+                    min_available_clients=nodes,
+                    min_fit_clients=nodes,
+                    min_evaluate_clients=nodes,
+                )
+                console.print(f"POST /api/flops/projects  (repo {sla['ml_repo_url']})")
+                project = run_project(client, sla, timeout_s, _print_event)
+            _print_result(project, client.tracking_url())
+            if keep_running and project["status"] == "completed":
+                console.print("the suite keeps running; press Ctrl-C to stop it")
+                while True:
+                    time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    except (FlopsError, TimeoutError) as exc:
+        console.print(f"[red]demo failed:[/] {getattr(exc, 'message', exc)}")
+        raise typer.Exit(1) from exc
+
+
+def _print_result(project: dict[str, Any], tracking_url: str) -> None:
+    console.rule("result")
+    metrics = project.get("metrics") or {}
+    mlflow = project.get("mlflow") or {}
+    phases = project.get("phases", {})
+    timings = ", ".join(
+        f"{name} {p['seconds']:.1f} s" for name, p in phases.items() if "seconds" in p
+    )
+    accuracy = metrics.get("accuracy")
+    console.print(f"project   {project['project_id']}")
+    if accuracy is not None:
+        console.print(f"accuracy  {accuracy:.4f} (federated evaluation on held-out local data)")
+    console.print(f"phases    {timings}")
+    if mlflow:
+        console.print(f"model     {mlflow.get('model_uri')} (run {mlflow.get('run_id')})")
+    console.print(f"MLflow    {tracking_url}")
+    colour = "green" if project["status"] == "completed" else "red"
+    console.print(f"status    [{colour}]{project['status']}[/] {project.get('status_message', '')}")
+    if project["status"] != "completed":
+        raise typer.Exit(1)
+
+
+@app.command()
+def submit(
+    sla_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="SLA JSON file.")],
+    manager_url: ManagerUrl = "http://127.0.0.1:8080",
+    follow: Annotated[bool, typer.Option(help="Follow the project until it ends.")] = True,
+    timeout_s: Annotated[float, typer.Option(help="How long to follow.")] = 3600,
+) -> None:
+    """POST an SLA to the manager (and follow the project's events)."""
+    client = ManagerClient(manager_url)
+    try:
+        project_id = client.create_project(json.loads(sla_file.read_text()))
+        console.print(f"project {project_id} accepted")
+        if follow:
+            _print_result(
+                client.wait_for_project(project_id, timeout_s, _print_event), client.tracking_url()
+            )
+    except FlopsError as exc:
+        _fail(exc)
+
+
+@app.command()
+def status(
+    project_id: Annotated[str, typer.Argument(help="The project's id.")],
+    manager_url: ManagerUrl = "http://127.0.0.1:8080",
+) -> None:
+    """Print one project's document as JSON."""
+    try:
+        console.print_json(data=ManagerClient(manager_url).project(project_id))
+    except FlopsError as exc:
+        _fail(exc)
+
+
+@app.command()
+def mock(
+    manager_url: ManagerUrl = "http://127.0.0.1:8080",
+    tag: Annotated[str, typer.Option(help="Data tag to store the parts under.")] = "mnist",
+    partitioning: Annotated[str, typer.Option(help="iid or dirichlet.")] = "iid",
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
+) -> None:
+    """Split the bundled MNIST across the registered nodes and push the parts."""
+    try:
+        rows = ManagerClient(manager_url).provide_mocks(
+            dataset="mnist", tag=tag, partitioning=partitioning, alpha=alpha
+        )
+    except FlopsError as exc:
+        _fail(exc)
+    console.print(rows)
+
+
+def _fail(exc: FlopsError) -> None:
+    console.print(f"[red]error:[/] {exc.message}")
+    for detail in exc.details:
+        console.print(f"  {detail}")
+    raise typer.Exit(1)

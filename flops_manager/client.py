@@ -1,0 +1,117 @@
+"""A small HTTP client of the manager's REST API, used by the CLI, the demo and the tests."""
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import requests
+
+from flops_utils.errors import FlopsError
+
+REQUEST_TIMEOUT_S = 30.0
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+
+class ApiError(FlopsError):
+    """The manager answered with an error; ``status`` is the HTTP status, ``code`` its code."""
+
+    code = "api_error"
+
+    def __init__(self, status: int, code: str, message: str, details: list[Any]) -> None:
+        super().__init__(message, details)
+        self.status = status
+        self.code = code
+
+
+class ManagerClient:
+    """Calls ``{base_url}/api/flops/...``; every call raises :class:`ApiError` on a 4xx/5xx.
+
+    Args:
+        base_url: ``http://HOST:PORT`` of the manager.
+        session: an optional ``requests.Session`` (e.g. with auth headers).
+    """
+
+    def __init__(self, base_url: str, session: requests.Session | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session = session or requests.Session()
+
+    def request(self, method: str, path: str, json: Any = None) -> Any:
+        """Send one request to ``/api/flops{path}`` and return the decoded JSON body."""
+        response = self.session.request(
+            method, f"{self.base_url}/api/flops{path}", json=json, timeout=REQUEST_TIMEOUT_S
+        )
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"message": response.text[:300]}
+        if response.status_code >= 400:
+            raise ApiError(
+                response.status_code,
+                str(body.get("error", "error")),
+                str(body.get("message", response.reason)),
+                list(body.get("details", [])),
+            )
+        return body
+
+    def create_project(self, sla: dict[str, Any]) -> str:
+        """POST an SLA; returns the new project's id."""
+        return str(self.request("POST", "/projects", sla)["project_id"])
+
+    def project(self, project_id: str) -> dict[str, Any]:
+        """The project's document (status, phases, events, metrics, MLflow ids)."""
+        result: dict[str, Any] = self.request("GET", f"/projects/{project_id}")
+        return result
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Registered worker nodes."""
+        result: list[dict[str, Any]] = self.request("GET", "/nodes")["nodes"]
+        return result
+
+    def provide_mocks(self, **request: Any) -> dict[str, int]:
+        """POST /mocks (see ``MockRequest``); returns rows pushed per node."""
+        rows: dict[str, int] = self.request("POST", "/mocks", request)["rows"]
+        return rows
+
+    def tracking_url(self) -> str:
+        """The MLflow GUI's URL."""
+        return str(self.request("GET", "/tracking")["url"])
+
+    def wait_for_nodes(self, count: int, timeout_s: float) -> list[dict[str, Any]]:
+        """Poll until at least ``count`` nodes are registered; ``TimeoutError`` otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            nodes = self.nodes()
+            if len(nodes) >= count:
+                return nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(nodes)} of {count} nodes registered after {timeout_s} s")
+            time.sleep(0.2)
+
+    def wait_for_project(
+        self,
+        project_id: str,
+        timeout_s: float,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        poll_s: float = 0.25,
+    ) -> dict[str, Any]:
+        """Poll the project until it is completed, failed or cancelled and return it.
+
+        ``on_event`` gets each new event once, in order. Raises ``TimeoutError`` after
+        ``timeout_s`` seconds.
+        """
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        while True:
+            project = self.project(project_id)
+            events = project.get("events", [])
+            if on_event is not None:
+                for event in events[seen:]:
+                    on_event(event)
+            seen = len(events)
+            if project["status"] in TERMINAL_STATUSES:
+                return project
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"project {project_id} still {project['status']} after {timeout_s} s"
+                )
+            time.sleep(poll_s)

@@ -1,0 +1,125 @@
+"""The main job (``flops demo``): a real FL project from SLA to trained model on this machine.
+
+It starts the embedded suite (manager, store, Mosquitto, MLflow), two worker nodes (one
+``flops-data-server`` process each), pushes MNIST partitions to them through ``POST /mocks``,
+POSTs the example SLA over HTTP and follows the project until it ends.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flops_manager.client import ManagerClient
+from flops_utils.net import find_free_port, wait_for_port
+
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_REPO = SOURCE_ROOT / "examples" / "mnist_sklearn"
+NODE_START_TIMEOUT_S = 30.0
+NODE_STOP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class LocalNode:
+    """A worker node on this machine: its id, data directory and Flight data server address."""
+
+    node_id: str
+    data_dir: Path
+    location: str
+
+
+@contextmanager
+def local_nodes(
+    count: int, workdir: Path, manager_url: str, register_interval_s: float = 10.0
+) -> Iterator[list[LocalNode]]:
+    """Run ``count`` data servers (``node-1`` ...) as child processes registered with the manager.
+
+    Each serves ``workdir/<node_id>`` on a free loopback port. They are stopped (SIGTERM, then
+    SIGKILL after ``NODE_STOP_TIMEOUT_S``) on exit. Raises ``TimeoutError`` when one does not
+    listen within ``NODE_START_TIMEOUT_S``.
+    """
+    processes: list[subprocess.Popen[bytes]] = []
+    nodes: list[LocalNode] = []
+    try:
+        for index in range(1, count + 1):
+            node_id = f"node-{index}"
+            data_dir = workdir / node_id
+            data_dir.mkdir(parents=True, exist_ok=True)
+            port = find_free_port()
+            log = (workdir / f"{node_id}.log").open("ab")
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "data_server",
+                        "--data-dir",
+                        str(data_dir),
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--node-id",
+                        node_id,
+                        "--manager-url",
+                        manager_url,
+                        "--register-interval-s",
+                        str(register_interval_s),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
+            log.close()
+            nodes.append(LocalNode(node_id, data_dir, f"grpc://127.0.0.1:{port}"))
+        for node in nodes:
+            port = int(node.location.rsplit(":", 1)[1])
+            if not wait_for_port("127.0.0.1", port, NODE_START_TIMEOUT_S):
+                raise TimeoutError(f"data server of {node.node_id} did not start; see its log")
+        yield nodes
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=NODE_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=NODE_STOP_TIMEOUT_S)
+
+
+def example_sla(rounds: int | None = None, **training: Any) -> dict[str, Any]:
+    """The example repository's SLA with ``ml_repo_url`` made absolute.
+
+    ``rounds`` overrides ``training_rounds``; other keyword arguments override other fields of
+    ``training_configuration``.
+    """
+    sla: dict[str, Any] = json.loads((EXAMPLE_REPO / "sla.json").read_text())
+    sla["ml_repo_url"] = str(EXAMPLE_REPO)
+    if rounds is not None:
+        sla["training_configuration"]["training_rounds"] = rounds
+    sla["training_configuration"].update(training)
+    return sla
+
+
+def run_project(
+    client: ManagerClient,
+    sla: dict[str, Any],
+    timeout_s: float,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """POST ``sla``, follow the project until it ends and return its final document."""
+    project_id = client.create_project(sla)
+    return client.wait_for_project(project_id, timeout_s, on_event)
+
+
+def demo_home() -> Path:
+    """``$FLOPS_HOME`` or ``./.flops``: where the demo keeps its store, MLflow data and caches."""
+    return Path(os.environ.get("FLOPS_HOME", ".flops"))
