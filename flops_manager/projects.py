@@ -29,6 +29,10 @@ from flops_utils.mqtt_topics import ParsedTopic
 from flops_utils.net import find_free_port
 from flops_utils.types import Component, ComponentStatus
 
+TRAINING_DONE = "training_done"
+"""``data["stage"]`` of the aggregator's ``progress`` message sent after the last round, before
+it logs the final model: the project moves to ``post_training`` then."""
+
 AGGREGATOR_EXIT_GRACE_S = 5.0
 """Seconds to wait for the aggregator's ``success`` message after it exited with code 0."""
 
@@ -288,7 +292,10 @@ class ProjectLifecycle:
             self._pool.submit(self._finish, project_id, ProjectStatus.FAILED, reason)
             return
         if topic.component is Component.AGGREGATOR and topic.status is ComponentStatus.PROGRESS:
-            self._record_round(project_id, data)
+            if data.get("stage") == TRAINING_DONE:
+                self._transition(project_id, ProjectStatus.POST_TRAINING, message or TRAINING_DONE)
+            else:
+                self._record_round(project_id, data)
             return
         if topic.component is Component.AGGREGATOR and topic.status is ComponentStatus.SUCCESS:
             self._pool.submit(self._post_training, project_id, data)
@@ -311,7 +318,8 @@ class ProjectLifecycle:
 
     def _check_finished(self, project_id: str) -> None:
         project = self.store.get_project(project_id)
-        if project is not None and project["status"] == ProjectStatus.TRAINING.value:
+        running = (ProjectStatus.TRAINING.value, ProjectStatus.POST_TRAINING.value)
+        if project is not None and project["status"] in running:
             self._finish(
                 project_id,
                 ProjectStatus.FAILED,
@@ -341,16 +349,21 @@ class ProjectLifecycle:
                 "metrics": {k: result.get(k) for k in ("round", "rounds", "loss", "accuracy")},
             },
         )
-        accuracy = _fmt(result.get("accuracy"))
-        if not self._transition(
-            project_id, ProjectStatus.POST_TRAINING, f"training done, final accuracy {accuracy}"
-        ):
+        status = ProjectStatus(self.get(project_id)["status"])
+        if status is ProjectStatus.TRAINING:
+            self._transition(project_id, ProjectStatus.POST_TRAINING, TRAINING_DONE)
+        elif status is not ProjectStatus.POST_TRAINING:
             return
         self.orchestrator.stop(project_id)
         sla = ProjectSLA.model_validate(self.get(project_id)["sla"])
         for step in sla.post_training_steps:
             self._skip_step(project_id, step)
-        self._finish(project_id, ProjectStatus.COMPLETED, f"model {mlflow['model_uri']} logged")
+        accuracy = _fmt(result.get("accuracy"))
+        self._finish(
+            project_id,
+            ProjectStatus.COMPLETED,
+            f"final accuracy {accuracy}; model {mlflow['model_uri']} registered",
+        )
 
     def _skip_step(self, project_id: str, step: PostTrainingStep) -> None:
         text = (

@@ -1,0 +1,180 @@
+"""The whole FLOps flow on one machine with real components (DESIGN.md §4).
+
+Real Mosquitto, a real MLflow server, real Arrow Flight data servers (child processes), real
+uv-built environments and real Flower training between child processes.
+"""
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from flops_manager.client import ApiError, ManagerClient
+from flops_manager.config import ManagerConfig
+from flops_manager.demo import EXAMPLE_REPO, example_sla, local_nodes, run_project
+from flops_manager.suite import ManagerSuite
+
+ROUNDS = 3
+PROJECT_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def suite(
+    tmp_path_factory: pytest.TempPathFactory, mqtt_broker: Any, mlflow_server: Any
+) -> Iterator[ManagerSuite]:
+    home = Path(tmp_path_factory.mktemp("flops-home"))
+    config = ManagerConfig(
+        home=home, port=0, mqtt_url=mqtt_broker.url, mlflow_url=mlflow_server.url
+    )
+    with ManagerSuite(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(
+    suite: ManagerSuite, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ManagerClient]:
+    """A client of a manager with two local nodes holding IID MNIST partitions (tag mnist)."""
+    api = ManagerClient(suite.url)
+    with local_nodes(2, Path(tmp_path_factory.mktemp("nodes")), suite.url):
+        api.wait_for_nodes(2, timeout_s=30)
+        api.provide_mocks(dataset="mnist", tag="mnist")
+        yield api
+
+
+def two_learner_sla(repo: Path | str = EXAMPLE_REPO, **extra: Any) -> dict[str, Any]:
+    sla = example_sla(ROUNDS, min_available_clients=2, min_fit_clients=2, min_evaluate_clients=2)
+    sla["ml_repo_url"] = str(repo)
+    sla.update(extra)
+    return sla
+
+
+def copy_example(tmp_path: Path, name: str) -> Path:
+    repo = tmp_path / name
+    shutil.copytree(EXAMPLE_REPO, repo)
+    return repo
+
+
+def test_project_trains_and_logs_a_model_that_predicts_digits(
+    client: ManagerClient, suite: ManagerSuite, mlflow_server: Any
+) -> None:
+    # Execute
+    project = run_project(client, two_learner_sla(), PROJECT_TIMEOUT_S)
+
+    # Assert: the project's record
+    assert project["status"] == "completed", project["status_message"]
+    for phase in ("pending", "building", "deploying", "training", "post_training"):
+        assert project["phases"][phase]["seconds"] >= 0
+    statuses = [e["status"] for e in project["events"] if e["type"] == "status"]
+    assert statuses == [
+        "pending",
+        "building",
+        "deploying",
+        "training",
+        "post_training",
+        "completed",
+    ]
+    assert [r["round"] for r in project["rounds"]] == list(range(1, ROUNDS + 1))
+    assert project["metrics"]["accuracy"] >= 0.85
+    assert suite.lifecycle.orchestrator.running_services(project["project_id"]) == []
+
+    # Assert: the MLflow run has every round and a model that loads and predicts
+    import mlflow
+
+    tracking = mlflow.MlflowClient(mlflow_server.url)
+    run_id = project["mlflow"]["run_id"]
+    for metric in ("loss", "accuracy"):
+        steps = [m.step for m in tracking.get_metric_history(run_id, metric)]
+        assert sorted(steps) == list(range(1, ROUNDS + 1))
+    mlflow.set_tracking_uri(mlflow_server.url)
+    model = mlflow.pyfunc.load_model(project["mlflow"]["model_uri"])
+    from data_server.mnist import load_mnist
+
+    digits = load_mnist().select(range(500)).with_format("numpy")
+    images = np.asarray(digits["image"][:], dtype=np.float32).reshape(500, -1) / 255.0
+    predicted = np.asarray(model.predict(images)).astype(int)
+    assert set(predicted) <= set(range(10))
+    assert (predicted == np.asarray(digits["label"][:])).mean() >= 0.8
+
+
+def test_second_project_with_the_same_repo_reuses_the_environment(
+    client: ManagerClient,
+) -> None:
+    project = run_project(client, two_learner_sla(), PROJECT_TIMEOUT_S)
+
+    assert project["status"] == "completed", project["status_message"]
+    assert project["environment"]["cache_hit"] is True
+    assert project["phases"]["building"]["seconds"] < 5
+
+
+def test_repo_that_cannot_be_cloned_fails_with_the_git_error(client: ManagerClient) -> None:
+    sla = two_learner_sla("file:///nonexistent/flops-repo.git")
+
+    project = run_project(client, sla, PROJECT_TIMEOUT_S)
+
+    assert project["status"] == "failed"
+    assert "nonexistent/flops-repo.git" in project["status_message"]
+    assert "\n" not in project["status_message"]
+
+
+def test_repo_without_model_manager_fails_naming_the_file(
+    client: ManagerClient, tmp_path: Path
+) -> None:
+    repo = copy_example(tmp_path, "no-model-manager")
+    (repo / "model_manager.py").unlink()
+
+    project = run_project(client, two_learner_sla(repo), PROJECT_TIMEOUT_S)
+
+    assert project["status"] == "failed"
+    assert "model_manager.py" in project["status_message"]
+
+
+def test_crashing_learner_fails_the_project_and_leaves_no_process(
+    client: ManagerClient, suite: ManagerSuite, tmp_path: Path
+) -> None:
+    repo = copy_example(tmp_path, "crashing-learner")
+    source = (repo / "data_manager.py").read_text()
+    (repo / "data_manager.py").write_text(
+        source.replace(
+            "        dataset = load_dataset()\n",
+            "        raise RuntimeError('local data is corrupt')\n",
+        )
+    )
+
+    project = run_project(client, two_learner_sla(repo), PROJECT_TIMEOUT_S)
+
+    assert project["status"] == "failed"
+    assert "local data is corrupt" in project["status_message"]
+    assert "learner" in project["status_message"]
+    assert suite.lifecycle.orchestrator.running_services(project["project_id"]) == []
+    assert not _processes_mentioning(project["project_id"])
+
+
+def test_too_few_nodes_with_the_tag_is_a_409(client: ManagerClient) -> None:
+    sla = two_learner_sla()
+    sla["training_configuration"]["data_tags"] = ["cifar10"]
+
+    with pytest.raises(ApiError) as caught:
+        client.create_project(sla)
+
+    assert caught.value.status == 409
+    assert {d["node_id"] for d in caught.value.details} == {"node-1", "node-2"}
+    assert all(d["tags"] == {"mnist": 5000} for d in caught.value.details)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs whose environment mentions ``text`` (our services carry FLOPS_PROJECT_ID)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if text.encode() in (entry / "environ").read_bytes() and int(entry.name) != os.getpid():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found

@@ -1,0 +1,161 @@
+"""The project lifecycle's state machine, fed with status messages and service exits."""
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flops_manager.orchestrators.local import LocalOrchestrator
+from flops_manager.projects import ProjectLifecycle, ProjectStatus, eligible_nodes
+from flops_manager.store import ProjectStore
+from flops_utils.mqtt_topics import parse_status_topic
+from image_builder.venv_builder import VenvBuilder
+
+
+@pytest.fixture
+def lifecycle(tmp_path: Path) -> Iterator[ProjectLifecycle]:
+    store = ProjectStore(str(tmp_path / "db"))
+    holder: list[ProjectLifecycle] = []
+    orchestrator = LocalOrchestrator(
+        tmp_path / "services", lambda *args: holder[0].on_service_exit(*args)
+    )
+    running = ProjectLifecycle(
+        store, VenvBuilder(tmp_path / "envs"), orchestrator, tmp_path, "mqtt://127.0.0.1:9", ""
+    )
+    holder.append(running)
+    yield running
+    running.close()
+    orchestrator.close()
+
+
+def training_project(lifecycle: ProjectLifecycle, project_id: str = "p1") -> None:
+    now = time.time()
+    lifecycle.store.insert_project(
+        {
+            "_id": project_id,
+            "project_id": project_id,
+            "status": "training",
+            "created_at": now,
+            "sla": {"ml_repo_url": "x", "post_training_steps": []},
+            "phases": {"training": {"started_at": now}},
+            "events": [],
+            "rounds": [],
+        }
+    )
+
+
+def message(lifecycle: ProjectLifecycle, topic: str, **payload: Any) -> None:
+    parsed = parse_status_topic(topic)
+    assert parsed is not None
+    lifecycle.on_status(parsed, payload)
+
+
+def wait_status(lifecycle: ProjectLifecycle, project_id: str, timeout_s: float = 5) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = str(lifecycle.get(project_id)["status"])
+        if ProjectStatus(status).is_terminal:
+            return status
+        time.sleep(0.02)
+    return str(lifecycle.get(project_id)["status"])
+
+
+def test_rounds_are_recorded_with_their_metrics(lifecycle: ProjectLifecycle) -> None:
+    training_project(lifecycle)
+
+    message(
+        lifecycle, "flops/p1/aggregator/progress", data={"round": 1, "loss": 0.9, "accuracy": 0.7}
+    )
+    message(
+        lifecycle, "flops/p1/aggregator/progress", data={"round": 2, "loss": 0.5, "accuracy": 0.8}
+    )
+
+    project = lifecycle.get("p1")
+    assert project["rounds"] == [
+        {"round": 1, "loss": 0.9, "accuracy": 0.7},
+        {"round": 2, "loss": 0.5, "accuracy": 0.8},
+    ]
+    assert project["events"][-1]["message"] == "round 2: loss 0.5000, accuracy 0.8000"
+
+
+def test_success_moves_through_post_training_to_completed(lifecycle: ProjectLifecycle) -> None:
+    training_project(lifecycle)
+
+    message(lifecycle, "flops/p1/aggregator/progress", data={"stage": "training_done"})
+    message(
+        lifecycle,
+        "flops/p1/aggregator/success",
+        data={"run_id": "r1", "model_uri": "models:/m/1", "accuracy": 0.9},
+    )
+
+    assert wait_status(lifecycle, "p1") == "completed"
+    project = lifecycle.get("p1")
+    assert project["mlflow"]["run_id"] == "r1"
+    assert project["phases"]["training"]["seconds"] >= 0
+    assert project["phases"]["post_training"]["seconds"] >= 0
+    assert [e["status"] for e in project["events"] if e["type"] == "status"] == [
+        "post_training",
+        "completed",
+    ]
+
+
+def test_a_failed_learner_fails_the_project_with_its_message(lifecycle: ProjectLifecycle) -> None:
+    training_project(lifecycle)
+
+    message(
+        lifecycle,
+        "flops/p1/learner/failed",
+        instance="node-2",
+        message="ValueError: bad shape",
+    )
+
+    assert wait_status(lifecycle, "p1") == "failed"
+    assert lifecycle.get("p1")["status_message"] == "node-2 failed: ValueError: bad shape"
+
+
+def test_messages_after_the_end_change_nothing(lifecycle: ProjectLifecycle) -> None:
+    training_project(lifecycle)
+    message(lifecycle, "flops/p1/learner/failed", instance="node-1", message="boom")
+    wait_status(lifecycle, "p1")
+
+    message(lifecycle, "flops/p1/aggregator/success", data={"run_id": "late"})
+    time.sleep(0.2)
+
+    project = lifecycle.get("p1")
+    assert (project["status"], project.get("mlflow")) == ("failed", None)
+
+
+def test_a_service_exiting_with_an_error_fails_the_project(lifecycle: ProjectLifecycle) -> None:
+    training_project(lifecycle)
+
+    lifecycle.on_service_exit("p1", "learner-node-1", 3, "could not reach the aggregator")
+
+    project = lifecycle.get("p1")
+    assert project["status"] == "failed"
+    assert project["status_message"] == (
+        "learner-node-1 exited with code 3: could not reach the aggregator"
+    )
+
+
+def test_cancel_ends_a_running_project_and_is_idempotent(lifecycle: ProjectLifecycle) -> None:
+    training_project(lifecycle)
+
+    first = lifecycle.cancel("p1")
+    second = lifecycle.cancel("p1")
+
+    assert first["status"] == second["status"] == "cancelled"
+    assert [e["status"] for e in second["events"]] == ["cancelled"]
+
+
+def test_eligible_nodes_hold_a_tag_and_are_live() -> None:
+    now = 1000.0
+    nodes = [
+        {"node_id": "a", "tags": {"mnist": 10}, "last_seen": now},
+        {"node_id": "b", "tags": {"cifar10": 10}, "last_seen": now},
+        {"node_id": "c", "tags": {"mnist": 0}, "last_seen": now},
+        {"node_id": "d", "tags": {"mnist": 10}, "last_seen": now - 3600},
+    ]
+
+    assert [n["node_id"] for n in eligible_nodes(nodes, ["mnist"], now)] == ["a"]
