@@ -1,5 +1,6 @@
 """The manager's exception tree and the one table mapping each error to an HTTP status."""
 
+from flops_utils.data_client import DataServerUnavailable
 from flops_utils.errors import FlopsError
 
 
@@ -31,6 +32,7 @@ HTTP_STATUS: dict[type[FlopsError], int] = {
     NotFound: 404,
     Conflict: 409,
     ServiceUnavailable: 503,
+    DataServerUnavailable: 503,
     FlopsError: 400,
 }
 """Exception type → HTTP status; the most specific class in an error's MRO wins."""

@@ -285,6 +285,8 @@ class ProjectLifecycle:
             return
         project_id = topic.project_id
         instance = str(payload.get("instance") or topic.component.value)
+        if instance != topic.component.value:
+            instance = f"{topic.component.value} {instance}"
         message = str(payload.get("message") or "")
         data = payload.get("data") or {}
         if topic.status is ComponentStatus.FAILED:
@@ -354,7 +356,6 @@ class ProjectLifecycle:
             self._transition(project_id, ProjectStatus.POST_TRAINING, TRAINING_DONE)
         elif status is not ProjectStatus.POST_TRAINING:
             return
-        self.orchestrator.stop(project_id)
         sla = ProjectSLA.model_validate(self.get(project_id)["sla"])
         for step in sla.post_training_steps:
             self._skip_step(project_id, step)

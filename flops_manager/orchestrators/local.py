@@ -72,7 +72,7 @@ class LocalOrchestrator(Orchestrator):
             log_file = log_path.open("ab")
             process = subprocess.Popen(
                 [str(deployment.python), "-u", "-m", spec.module],
-                env={**os.environ, **spec.env},
+                env=_service_environment(spec.env),
                 cwd=spec.env.get(env_vars.ML_REPO_DIR),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -133,6 +133,16 @@ class LocalOrchestrator(Orchestrator):
                     )
                 except Exception:
                     logger.exception("service exit handler failed")
+
+
+def _service_environment(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment plus ``extra``, with bytecode caching switched back on.
+
+    The built environments are FLOps' own, so services may write ``__pycache__`` there: a
+    learner then imports flwr, datasets and scikit-learn in about 2.7 s of CPU instead of 7 s.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, **extra}
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:

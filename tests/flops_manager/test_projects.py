@@ -112,7 +112,7 @@ def test_a_failed_learner_fails_the_project_with_its_message(lifecycle: ProjectL
     )
 
     assert wait_status(lifecycle, "p1") == "failed"
-    assert lifecycle.get("p1")["status_message"] == "node-2 failed: ValueError: bad shape"
+    assert lifecycle.get("p1")["status_message"] == "learner node-2 failed: ValueError: bad shape"
 
 
 def test_messages_after_the_end_change_nothing(lifecycle: ProjectLifecycle) -> None:

@@ -24,3 +24,13 @@ ML_REPO_DIR = "FLOPS_ML_REPO_DIR"
 
 LEARNER_NAME = "FLOPS_LEARNER_NAME"
 """A name for this learner instance (e.g. the node id), used in status messages."""
+
+MLFLOW_URL = "FLOPS_MLFLOW_URL"
+"""``http://HOST:PORT`` of the MLflow tracking server the aggregator logs to."""
+
+SLA = "FLOPS_SLA"
+"""The project's validated SLA as JSON (``flops_manager.sla.ProjectSLA``), for the aggregator."""
+
+CONNECT_TIMEOUT_S = "FLOPS_CONNECT_TIMEOUT_S"
+"""Optional. Seconds a learner keeps trying to reach its aggregator, and an aggregator waits
+for ``min_available_clients`` learners to connect. Defaults: learner 60, aggregator 300."""

@@ -19,6 +19,7 @@ from flops_utils.mqtt_topics import status_topic
 from flops_utils.types import Component, ComponentStatus
 
 PUBLISH_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int]:
@@ -41,9 +42,11 @@ class StatusNotifier:
         component: which component this is.
         instance: a name for this instance (e.g. ``learner-node1``); defaults to the component.
 
-    The client reconnects by itself (paho's loop thread). ``notify`` waits for the broker's
-    PUBACK for at most ``PUBLISH_TIMEOUT_S`` seconds and logs, never raises, when it times out:
-    the orchestrator's process watch is the fallback for a lost message.
+    The client reconnects by itself (paho's loop thread). The first ``notify`` waits up to
+    ``CONNECT_TIMEOUT_S`` seconds for the first connection (so that a process failing right
+    after its start does not lose its ``failed`` message), and every ``notify`` waits for the
+    broker's PUBACK for at most ``PUBLISH_TIMEOUT_S`` seconds. Both log, never raise, when they
+    time out: the orchestrator's process watch is the fallback for a lost message.
     """
 
     def __init__(
@@ -60,6 +63,19 @@ class StatusNotifier:
         self._client.reconnect_delay_set(min_delay=1, max_delay=5)
         self._client.connect_async(host, port, keepalive=30)
         self._client.loop_start()
+        self._waited_for_connection = False
+
+    def _wait_for_first_connection(self) -> None:
+        if self._waited_for_connection:
+            return
+        self._waited_for_connection = True
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while not self._client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not self._client.is_connected():
+            logger.warning(
+                "MQTT broker not reachable after %ss; publishing anyway", CONNECT_TIMEOUT_S
+            )
 
     def notify(
         self, status: ComponentStatus, message: str = "", data: dict[str, Any] | None = None
@@ -75,6 +91,7 @@ class StatusNotifier:
             "timestamp": time.time(),
         }
         topic = status_topic(self.project_id, self.component, status)
+        self._wait_for_first_connection()
         info = self._client.publish(topic, json.dumps(payload), qos=1)
         try:
             info.wait_for_publish(timeout=PUBLISH_TIMEOUT_S)
@@ -88,3 +105,24 @@ class StatusNotifier:
         """Disconnect and stop the network thread."""
         self._client.disconnect()
         self._client.loop_stop()
+
+
+def notify_once(
+    mqtt_url: str,
+    project_id: str,
+    component: Component,
+    status: ComponentStatus,
+    message: str,
+    data: dict[str, Any] | None = None,
+    instance: str | None = None,
+) -> None:
+    """Publish a single status message with a short-lived :class:`StatusNotifier`.
+
+    For a process that fails before it has a notifier of its own (e.g. a configuration error).
+    Raises ``ValueError`` for a malformed ``mqtt_url``.
+    """
+    notifier = StatusNotifier(mqtt_url, project_id, component, instance)
+    try:
+        notifier.notify(status, message, data)
+    finally:
+        notifier.close()

@@ -1,0 +1,179 @@
+"""The aggregator's configuration, exit codes, metric aggregation and MLflow tracking."""
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.flower_server import (
+    DEFAULT_ROUND_TIMEOUT_S,
+    LearnersMissing,
+    RoundFailed,
+    weighted_accuracy,
+)
+from aggregator.main import (
+    EXIT_CODES,
+    AggregatorConfig,
+    ConfigError,
+    ExitCode,
+    UserCodeError,
+    exit_code_for,
+)
+from aggregator.tracking import (
+    MAX_PARAM_VALUE_LENGTH,
+    MlflowTracker,
+    ModelLoggingError,
+    TrackingError,
+    flatten_params,
+    sklearn_input_example,
+)
+from flops_utils.net import find_free_port
+from flops_utils.types import MLModelFlavor
+from observatory.mlflow_server import MlflowServer
+
+EXAMPLE_REPO = Path(__file__).resolve().parents[2] / "examples" / "mnist_sklearn"
+
+
+def _env(**overrides: str) -> dict[str, str]:
+    sla = json.loads((EXAMPLE_REPO / "sla.json").read_text())
+    return {
+        "FLOPS_PROJECT_ID": "abc",
+        "FLOPS_MQTT_URL": "mqtt://127.0.0.1:1883",
+        "FLOPS_AGGREGATOR_ADDRESS": "127.0.0.1:8080",
+        "FLOPS_MLFLOW_URL": "http://127.0.0.1:5000",
+        "FLOPS_ML_REPO_DIR": str(EXAMPLE_REPO),
+        "FLOPS_SLA": json.dumps(sla),
+        **overrides,
+    }
+
+
+def test_config_reads_the_sla_with_its_defaults() -> None:
+    # Prepare
+    sla = {"ml_repo_url": "x", "training_configuration": {"min_available_clients": 2}}
+
+    # Execute
+    example = AggregatorConfig.from_env(_env())
+    minimal = AggregatorConfig.from_env(_env(FLOPS_SLA=json.dumps(sla)))
+
+    # Assert
+    assert (example.training_rounds, example.min_fit_clients) == (5, 2)
+    assert example.flavor is MLModelFlavor.SKLEARN
+    assert minimal.flavor is MLModelFlavor.PYTORCH
+    assert (minimal.training_rounds, minimal.min_available_clients) == (3, 2)
+    assert (minimal.min_fit_clients, minimal.min_evaluate_clients) == (1, 1)
+    assert minimal.round_timeout_s == DEFAULT_ROUND_TIMEOUT_S
+    settings = minimal.training_settings()
+    assert (settings.address, settings.num_rounds) == ("127.0.0.1:8080", 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"FLOPS_SLA": "{not json"}, "FLOPS_SLA is not valid JSON"),
+        ({"FLOPS_SLA": '{"ml_model_flavor": "jax"}'}, "ml_model_flavor 'jax' is not one of"),
+        (
+            {"FLOPS_SLA": '{"training_configuration": {"training_rounds": 0}}'},
+            "training_rounds=0 must be a positive integer",
+        ),
+        (
+            {"FLOPS_SLA": '{"training_configuration": {"round_timeout_s": -1}}'},
+            "round_timeout_s=-1 must be a positive number",
+        ),
+        ({"FLOPS_MLFLOW_URL": ""}, "FLOPS_MLFLOW_URL is not set"),
+        ({"FLOPS_MQTT_URL": "tcp://x:1"}, "FLOPS_MQTT_URL"),
+        ({"FLOPS_ML_REPO_DIR": "/nonexistent"}, "has no model_manager.py"),
+    ],
+)
+def test_config_errors_name_the_variable(overrides: dict[str, str], message: str) -> None:
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        AggregatorConfig.from_env(_env(**overrides))
+
+
+def test_every_exit_code_is_documented_and_errors_map_to_them() -> None:
+    # Execute / Assert
+    assert set(EXIT_CODES) == set(ExitCode)
+    assert all(meaning and fix for meaning, fix in EXIT_CODES.values())
+    assert exit_code_for(RoundFailed("x")) is ExitCode.TRAINING_FAILED
+    assert exit_code_for(LearnersMissing("x")) is ExitCode.TRAINING_FAILED
+    assert exit_code_for(UserCodeError("x")) is ExitCode.USER_CODE_ERROR
+    assert exit_code_for(TrackingError("x")) is ExitCode.TRACKING_UNAVAILABLE
+    assert exit_code_for(ModelLoggingError("x")) is ExitCode.MODEL_LOGGING_FAILED
+    assert exit_code_for(KeyError("x")) is ExitCode.INTERNAL_ERROR
+
+
+def test_accuracy_is_weighted_by_the_learners_sample_counts() -> None:
+    # Execute
+    result = weighted_accuracy([(100, {"accuracy": 0.9}), (300, {"accuracy": 0.5}), (50, {})])
+
+    # Assert: (100 * 0.9 + 300 * 0.5) / 400
+    assert result == {"accuracy": pytest.approx(0.6)}
+    assert weighted_accuracy([]) == {}
+
+
+def test_sla_is_flattened_within_mlflow_limits() -> None:
+    # Prepare
+    sla = {
+        "customerID": "Admin",
+        "training_configuration": {"data_tags": ["mnist", "b"], "round_timeout_s": None},
+        "note": "x" * 7000,
+    }
+
+    # Execute
+    params = flatten_params(sla)
+
+    # Assert
+    assert params["customerID"] == "Admin"
+    assert params["training_configuration.data_tags"] == '["mnist", "b"]'
+    assert params["training_configuration.round_timeout_s"] == "None"
+    assert len(params["note"]) == MAX_PARAM_VALUE_LENGTH
+    assert params["note"].endswith("...")
+
+
+def test_sklearn_input_example_has_the_model_feature_count() -> None:
+    # Prepare
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression()
+    model.coef_ = np.zeros((10, 784))
+
+    # Execute
+    example = sklearn_input_example(model)
+
+    # Assert
+    assert example.shape == (2, 784)
+    assert (example.to_numpy() == 0).all()
+    assert sklearn_input_example(object()) is None
+
+
+def test_unreachable_tracking_server_is_a_tracking_error() -> None:
+    # Prepare
+    tracker = MlflowTracker(f"http://127.0.0.1:{find_free_port()}", "p")
+
+    # Execute / Assert
+    with pytest.raises(TrackingError, match=r"does not answer.*FLOPS_MLFLOW_URL"):
+        tracker.check_reachable(timeout_s=2)
+
+
+def test_flavor_without_its_library_fails_with_the_install_line(
+    mlflow_server: MlflowServer,
+) -> None:
+    # Prepare: torch is not installed here.
+    tracker = MlflowTracker(mlflow_server.url, uuid.uuid4().hex[:8])
+    tracker.start_run({"ml_model_flavor": "pytorch", "training_configuration": {"x": 1}})
+
+    # Execute
+    with pytest.raises(ModelLoggingError, match="pip install torch"):
+        tracker.log_model(object(), MLModelFlavor.PYTORCH)
+    tracker.end_run("FAILED")
+    tracker.end_run("FINISHED")  # a no-op: the run has ended
+
+    # Assert: the run exists with the flattened SLA and is marked failed.
+    from mlflow import MlflowClient
+
+    run = MlflowClient(mlflow_server.url).get_run(str(tracker.run_id))
+    assert run.info.status == "FAILED"
+    assert run.info.run_name == f"flops-{tracker.project_id}"
+    assert run.data.params["training_configuration.x"] == "1"

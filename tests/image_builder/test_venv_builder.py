@@ -1,0 +1,278 @@
+"""The venv builder with real git repositories, real uv and the machine's uv cache."""
+
+import fcntl
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import git
+import pytest
+from builder_testing import ExampleRepo, commit_all, copy_example
+
+from image_builder.errors import DependencyInstallError, EnvironmentBuildError, RepoLayoutError
+from image_builder.venv_builder import (
+    BuiltEnvironment,
+    VenvBuilder,
+    _file_lock,
+    _uv_command,
+    condense_uv_error,
+)
+
+IMPORT_CHECK = (
+    "import json, flwr, mlflow, sklearn, numpy, learner, aggregator, flops_utils, model_manager, "
+    "data_manager; from flops_utils.ml_repo_templates import ModelManagerTemplate; "
+    "print(json.dumps({'flwr': flwr.__version__, 'mlflow': mlflow.__version__, "
+    "'numpy': numpy.__version__, 'model_manager': model_manager.__file__, "
+    "'learner': learner.__file__, 'is_template': issubclass(model_manager.ModelManager, "
+    "ModelManagerTemplate)}))"
+)
+
+
+def _run_in_env(env: BuiltEnvironment, code: str) -> dict[str, object]:
+    """Run ``code`` with the environment's interpreter from ``/`` and parse its JSON output."""
+    result = subprocess.run(
+        [str(env.python), "-c", code],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    parsed: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+    return parsed
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One environment cache for the module: the cold build happens once."""
+    return tmp_path_factory.mktemp("env-cache")
+
+
+@pytest.fixture(scope="module")
+def module_repo(tmp_path_factory: pytest.TempPathFactory) -> ExampleRepo:
+    """The example ML repository as a git repository with one commit (module-wide)."""
+    path = copy_example(tmp_path_factory.mktemp("repos") / "mnist")
+    repo = git.Repo.init(path, initial_branch="main")
+    first = commit_all(repo, "example")
+    repo.close()
+    return ExampleRepo(path=path, first=first, second=first)
+
+
+@pytest.fixture(scope="module")
+def cold_build(
+    cache_dir: Path, module_repo: ExampleRepo, tmp_path_factory: pytest.TempPathFactory
+) -> BuiltEnvironment:
+    """The example repository's environment, built from an empty cache."""
+    builder = VenvBuilder(cache_dir)
+    env = builder.build(str(module_repo.path), None, tmp_path_factory.mktemp("work"))
+    print(f"\ncold build of the example environment: {env.seconds:.2f} s")
+    return env
+
+
+def test_cold_build_holds_runtime_repo_and_flops_source(
+    cold_build: BuiltEnvironment, module_repo: ExampleRepo
+) -> None:
+    # Execute
+    imported = _run_in_env(cold_build, IMPORT_CHECK)
+
+    # Assert
+    assert not cold_build.cache_hit
+    assert cold_build.commit == module_repo.first
+    assert imported["flwr"] == importlib.metadata.version("flwr")
+    assert imported["mlflow"] == importlib.metadata.version("mlflow")
+    assert imported["numpy"] == importlib.metadata.version("numpy")
+    assert imported["model_manager"] == str(cold_build.repo_dir / "model_manager.py")
+    assert imported["learner"] == str(Path(__file__).resolve().parents[2] / "learner/__init__.py")
+    assert imported["is_template"] is True
+    assert not (cold_build.repo_dir / ".git").exists()
+    metadata = json.loads((cold_build.env_dir / "flops-env.json").read_text())
+    assert metadata["requirements"] == ["numpy>=2", "scikit-learn>=1.5"]
+    assert metadata["commit"] == module_repo.first
+    assert not list((cold_build.env_dir.parent).glob(".tmp-*"))
+
+
+def test_second_build_is_a_fast_cache_hit(
+    cold_build: BuiltEnvironment, cache_dir: Path, module_repo: ExampleRepo, tmp_path: Path
+) -> None:
+    # Prepare: a second project, with its own builder instance, uses the same repository
+    builder = VenvBuilder(cache_dir)
+
+    # Execute
+    env = builder.build(module_repo.path.as_uri(), module_repo.first, tmp_path / "work")
+
+    # Assert
+    assert env.cache_hit
+    assert env.seconds < 1.0
+    assert (env.key, env.python, env.repo_dir) == (
+        cold_build.key,
+        cold_build.python,
+        cold_build.repo_dir,
+    )
+    assert not any((tmp_path / "work").iterdir())
+
+
+def test_changed_dependency_file_gives_new_environment(
+    cold_build: BuiltEnvironment, cache_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: the same repository with one more requirement in conda.yaml
+    path = copy_example(tmp_path / "repo")
+    conda = path / "conda.yaml"
+    conda.write_text(conda.read_text() + "      - joblib\n", encoding="utf-8")
+    with git.Repo.init(path, initial_branch="main") as repo:
+        commit_all(repo, "joblib")
+
+    # Execute
+    env = VenvBuilder(cache_dir).build(str(path), None, tmp_path / "work")
+
+    # Assert
+    assert not env.cache_hit
+    assert env.key != cold_build.key
+    assert _run_in_env(env, "import joblib, model_manager; print('{}')") == {}
+
+
+def test_concurrent_builds_of_one_key_build_once(cache_dir: Path, tmp_path: Path) -> None:
+    # Prepare: a plain directory with a requirements.txt; two projects build it at once
+    path = copy_example(tmp_path / "plain")
+    (path / "conda.yaml").unlink()
+    (path / "requirements.txt").write_text("scikit-learn>=1.5\n-r extra/base.txt\n")
+    (path / "extra").mkdir()
+    (path / "extra" / "base.txt").write_text("threadpoolctl\n")
+    results: list[BuiltEnvironment] = []
+    failures: list[BaseException] = []
+
+    def build(index: int) -> None:
+        try:
+            results.append(VenvBuilder(cache_dir).build(str(path), None, tmp_path / f"w{index}"))
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(2)]
+
+    # Execute
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+
+    # Assert
+    assert not failures
+    assert sorted(env.cache_hit for env in results) == [False, True]
+    assert results[0].key == results[1].key
+    assert results[0].commit == results[1].commit and len(results[0].commit) == 64
+    assert _run_in_env(results[0], "import threadpoolctl; print('{}')") == {}
+
+
+def test_repository_pin_of_a_runtime_package_yields_to_flops(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: the repository pins numpy below the version FLOps runs
+    path = copy_example(tmp_path / "plain")
+    (path / "conda.yaml").unlink()
+    (path / "requirements.txt").write_text("scikit-learn>=1.5\nnumpy<2\nmlflow==2.9.2\n")
+
+    # Execute
+    env = VenvBuilder(cache_dir).build(str(path), None, tmp_path / "work")
+
+    # Assert
+    versions = _run_in_env(
+        env,
+        "import json, numpy, mlflow; print(json.dumps([numpy.__version__, mlflow.__version__]))",
+    )
+    assert versions == [importlib.metadata.version("numpy"), importlib.metadata.version("mlflow")]
+
+
+def test_uninstallable_requirement_is_a_clean_error(cache_dir: Path, tmp_path: Path) -> None:
+    # Prepare
+    path = copy_example(tmp_path / "plain")
+    conda = path / "conda.yaml"
+    conda.write_text(
+        conda.read_text() + "      - this-package-does-not-exist-flops==1.0\n", encoding="utf-8"
+    )
+
+    # Execute
+    with pytest.raises(DependencyInstallError) as caught:
+        VenvBuilder(cache_dir).build(str(path), None, tmp_path / "work")
+
+    # Assert
+    message = caught.value.message
+    assert caught.value.code == "dependency_install_failed"
+    assert "this-package-does-not-exist-flops" in message
+    assert "\n" not in message and ".tmp-" not in message and len(message) < 600
+    assert not list((cache_dir / "envs").glob(".tmp-*"))
+
+
+def test_condense_uv_error_reads_tty_diagnostics() -> None:
+    # Prepare: uv's diagnostic as printed on a terminal
+    stderr = (
+        "Using Python 3.11.7 environment at: /cache/envs/.tmp-x/venv\n"
+        "  \u00d7 No solution found when resolving dependencies:\n"
+        "  \u2570\u2500\u25b6 Because foo was not found in the package registry and you require\n"
+        "      foo==1.0, we can conclude that your requirements are unsatisfiable.\n"
+        "\n      hint: Packages were unavailable because the network was disabled.\n"
+    )
+
+    # Execute
+    condensed = condense_uv_error(stderr)
+
+    # Assert
+    assert condensed == (
+        "No solution found when resolving dependencies: because foo was not found in the "
+        "package registry and you require foo==1.0, we can conclude that your requirements "
+        "are unsatisfiable"
+    )
+
+
+def test_layout_error_surfaces_from_build_and_work_dir_is_cleaned(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare
+    path = copy_example(tmp_path / "plain")
+    (path / "data_manager.py").unlink()
+
+    # Execute
+    with pytest.raises(RepoLayoutError) as caught:
+        VenvBuilder(cache_dir).build(str(path), None, tmp_path / "work")
+
+    # Assert
+    assert "data_manager.py" in caught.value.message
+    assert not any((tmp_path / "work").iterdir())
+
+
+def test_uv_falls_back_to_python_module(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Prepare: no uv executable on PATH; the uv Python package is installed in the manager
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+    # Execute
+    command = _uv_command()
+    result = subprocess.run(
+        [*command, "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
+
+    # Assert
+    assert command == [sys.executable, "-m", "uv"]
+    assert result.returncode == 0 and result.stdout.startswith("uv ")
+
+
+def test_build_lock_wait_is_bounded(tmp_path: Path) -> None:
+    # Prepare: another build holds the key's lock
+    lock = tmp_path / "k.lock"
+    holder = os.open(lock, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+
+    # Execute
+    started = time.monotonic()
+    try:
+        with pytest.raises(EnvironmentBuildError) as caught, _file_lock(lock, timeout_s=0.3):
+            pass
+    finally:
+        os.close(holder)
+
+    # Assert
+    assert 0.3 <= time.monotonic() - started < 2
+    assert "retry" in caught.value.message

@@ -1,0 +1,72 @@
+"""The embedded MLflow tracking server (a real ``mlflow server`` child process)."""
+
+import json
+import os
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from observatory.mlflow_server import MlflowServer, MlflowServerError
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_server_answers_and_keeps_its_state_in_the_workdir(mlflow_server: MlflowServer) -> None:
+    # Prepare: the session's server is up.
+    url = f"{mlflow_server.url}/api/2.0/mlflow/experiments/search"
+    request = urllib.request.Request(
+        url,
+        data=json.dumps({"max_results": 10}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+
+    # Execute
+    with urllib.request.urlopen(request, timeout=10) as response:
+        body = json.loads(response.read())
+
+    # Assert: the REST API answers, state lives in the workdir, the start time was measured.
+    assert mlflow_server.healthy()
+    assert mlflow_server.running()
+    assert "Default" in [e["name"] for e in body["experiments"]]
+    assert (mlflow_server.workdir / "mlflow.db").stat().st_size > 0
+    assert (mlflow_server.workdir / "artifacts").is_dir()
+    assert mlflow_server.start_seconds is not None and 0 < mlflow_server.start_seconds < 90
+    print(f"MLflow server start time: {mlflow_server.start_seconds:.1f} s")
+
+
+def test_taken_port_fails_fast_with_a_clear_message(tmp_path: Path) -> None:
+    # Prepare: someone listens on the port.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = MlflowServer(tmp_path, port=port)
+
+        # Execute / Assert
+        with pytest.raises(MlflowServerError, match=f"127.0.0.1:{port}.*another port"):
+            server.start()
+    assert server.pid is None
+
+
+def test_start_timeout_stops_the_whole_process_group(tmp_path: Path) -> None:
+    # Prepare: a deadline MLflow cannot meet.
+    server = MlflowServer(tmp_path, start_timeout_s=0.5)
+
+    # Execute
+    with pytest.raises(MlflowServerError, match=r"did not answer .* within 0.5s") as err:
+        server.start()
+
+    # Assert: the message points at the log; nothing of the server is left running.
+    assert str(tmp_path / "mlflow.log") in err.value.message
+    assert server.pid is not None
+    assert not _group_alive(server.pid)
+    assert not server.running()
+    server.stop()  # a no-op now
