@@ -41,8 +41,15 @@ def demo(
     keep_running: Annotated[
         bool, typer.Option(help="Keep the suite (and the MLflow GUI) up until Ctrl-C.")
     ] = False,
+    verbose: Annotated[bool, typer.Option(help="Also print the manager's log.")] = False,
 ) -> None:
     """Run the example MNIST project end to end on this machine and print its result."""
+    import logging
+
+    from flops_utils.logging import logger
+
+    if not verbose:
+        logger.setLevel(logging.WARNING)
     from flops_manager.config import ManagerConfig
     from flops_manager.demo import demo_home, example_sla, local_nodes, run_project
     from flops_manager.suite import ManagerSuite
@@ -84,16 +91,16 @@ def _print_result(project: dict[str, Any], tracking_url: str) -> None:
     metrics = project.get("metrics") or {}
     mlflow = project.get("mlflow") or {}
     phases = project.get("phases", {})
-    timings = ", ".join(
-        f"{name} {p['seconds']:.1f} s" for name, p in phases.items() if "seconds" in p
-    )
+    ordered = sorted(phases.items(), key=lambda item: item[1].get("started_at", 0.0))
+    timings = ", ".join(f"{name} {p['seconds']:.1f} s" for name, p in ordered if "seconds" in p)
     accuracy = metrics.get("accuracy")
     console.print(f"project   {project['project_id']}")
     if accuracy is not None:
         console.print(f"accuracy  {accuracy:.4f} (federated evaluation on held-out local data)")
     console.print(f"phases    {timings}")
     if mlflow:
-        console.print(f"model     {mlflow.get('model_uri')} (run {mlflow.get('run_id')})")
+        model = mlflow.get("registered_model_uri") or mlflow.get("model_uri")
+        console.print(f"model     {model} (MLflow run {mlflow.get('run_id')})")
     console.print(f"MLflow    {tracking_url}")
     colour = "green" if project["status"] == "completed" else "red"
     console.print(f"status    [{colour}]{project['status']}[/] {project.get('status_message', '')}")

@@ -342,7 +342,14 @@ class ProjectLifecycle:
     def _post_training(self, project_id: str, result: dict[str, Any]) -> None:
         mlflow = {
             k: result.get(k)
-            for k in ("experiment_id", "run_id", "model_uri", "registered_model", "model_version")
+            for k in (
+                "experiment_id",
+                "run_id",
+                "model_uri",
+                "registered_model",
+                "model_version",
+                "registered_model_uri",
+            )
         }
         self.store.update_project(
             project_id,
@@ -363,7 +370,8 @@ class ProjectLifecycle:
         self._finish(
             project_id,
             ProjectStatus.COMPLETED,
-            f"final accuracy {accuracy}; model {mlflow['model_uri']} registered",
+            f"final accuracy {accuracy}; model registered as "
+            f"{mlflow['registered_model_uri'] or mlflow['model_uri']}",
         )
 
     def _skip_step(self, project_id: str, step: PostTrainingStep) -> None:
