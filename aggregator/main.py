@@ -28,12 +28,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -54,8 +54,11 @@ from flops_utils.ml_repo_files_proxy import get_model_manager
 from flops_utils.ml_repo_templates import ModelManagerTemplate
 from flops_utils.notifications import StatusNotifier, notify_once, parse_mqtt_url
 from flops_utils.types import Component, ComponentStatus, MLModelFlavor
-
-T = TypeVar("T")
+from flops_utils.user_code import (
+    UserCodeError,
+    call_user_code,
+    describe_exception,
+)
 
 STAGE_ROUND = "round"
 """``data["stage"]`` of the ``progress`` message sent after each round."""
@@ -120,12 +123,6 @@ class ConfigError(FlopsError):
     """The aggregator's environment or SLA is incomplete or malformed."""
 
     code = "aggregator_config_error"
-
-
-class UserCodeError(FlopsError):
-    """The ML repository's ModelManager raised; ``__cause__`` holds the original exception."""
-
-    code = "user_code_error"
 
 
 ERROR_EXIT_CODES: dict[type[FlopsError], ExitCode] = {
@@ -283,19 +280,6 @@ def _positive_int(training: Mapping[str, Any], name: str, default: int) -> int:
     return value
 
 
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or "(no message)"
-    return f"{type(exc).__name__}: {text}"[:500]
-
-
-def _user_call(what: str, call: Callable[[], T]) -> T:
-    """Run a ModelManager call; wrap anything it raises in :class:`UserCodeError`."""
-    try:
-        return call()
-    except Exception as exc:
-        raise UserCodeError(f"{what} raised {_describe(exc)}") from exc
-
-
 def run(config: AggregatorConfig, notifier: StatusNotifier) -> ExitCode:
     """Train, track and register the model; publish status. Returns the exit code.
 
@@ -332,10 +316,10 @@ def run(config: AggregatorConfig, notifier: StatusNotifier) -> ExitCode:
     _stop_cleanly_on_sigterm(tracker, notifier)
     try:
         tracker.check_reachable()
-        model_manager: ModelManagerTemplate = _user_call(
+        model_manager: ModelManagerTemplate = call_user_code(
             "ModelManager()", lambda: get_model_manager(str(config.repo_dir))
         )
-        initial = _user_call(
+        initial = call_user_code(
             "ModelManager.get_model_parameters",
             lambda: [np.asarray(p) for p in model_manager.get_model_parameters()],
         )
@@ -353,13 +337,15 @@ def run(config: AggregatorConfig, notifier: StatusNotifier) -> ExitCode:
                 "accuracy": last.accuracy if last else None,
             },
         )
-        _user_call(
+        call_user_code(
             "ModelManager.set_model_parameters",
             lambda: model_manager.set_model_parameters(result.parameters),
         )
-        model = _user_call("ModelManager.get_model", model_manager.get_model)
+        model = call_user_code("ModelManager.get_model", model_manager.get_model)
         example_fn = getattr(model_manager, "get_input_example", None)
-        example = _user_call("ModelManager.get_input_example", example_fn) if example_fn else None
+        example = (
+            call_user_code("ModelManager.get_input_example", example_fn) if example_fn else None
+        )
         logged = tracker.log_model(
             model, config.flavor, step=config.training_rounds, input_example=example
         )
@@ -379,7 +365,9 @@ def run(config: AggregatorConfig, notifier: StatusNotifier) -> ExitCode:
     except Exception as exc:
         code = exit_code_for(exc)
         message = (
-            exc.message if isinstance(exc, FlopsError) else f"Internal error: {_describe(exc)}"
+            exc.message
+            if isinstance(exc, FlopsError)
+            else f"Internal error: {describe_exception(exc)}"
         )
         message = " ".join(message.split())[:1000]
         # The traceback first: the last line of output is what an orchestrator shows.

@@ -11,6 +11,7 @@ from types import TracebackType
 
 from flops_utils.errors import FlopsError
 from flops_utils.net import find_free_port, wait_for_port
+from flops_utils.processes import stop_process_groups
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
@@ -79,6 +80,7 @@ class MosquittoBroker:
             [executable, "-c", str(config)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         if not wait_for_port(self.host, self.port, START_TIMEOUT_S):
             self.stop()
@@ -90,12 +92,7 @@ class MosquittoBroker:
         """Terminate the broker (SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``)."""
         if self._process is None:
             return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait(timeout=STOP_TIMEOUT_S)
+        stop_process_groups([self._process], STOP_TIMEOUT_S)
         self._process = None
 
     def __enter__(self) -> "MosquittoBroker":

@@ -7,7 +7,6 @@ POSTs the example SLA over HTTP and follows the project until it ends.
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from typing import Any
 
 from flops_manager.client import ManagerClient
 from flops_utils.net import find_free_port, wait_for_port
+from flops_utils.processes import stop_process_groups
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_REPO = SOURCE_ROOT / "examples" / "mnist_sklearn"
@@ -75,6 +75,7 @@ def local_nodes(
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
+                    start_new_session=True,
                 )
             )
             log.close()
@@ -85,14 +86,7 @@ def local_nodes(
                 raise TimeoutError(f"data server of {node.node_id} did not start; see its log")
         yield nodes
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=NODE_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=NODE_STOP_TIMEOUT_S)
+        stop_process_groups(processes, NODE_STOP_TIMEOUT_S)
 
 
 def example_sla(rounds: int | None = None, **training: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 from flops_utils.ml_repo_templates import ModelManagerTemplate
 from flops_utils.net import wait_for_port
+from flops_utils.user_code import UserCodeError, describe_exception
 
 if TYPE_CHECKING:
     from flwr.client import NumPyClient
@@ -36,22 +37,10 @@ RETRY_DELAY_S = 0.5
 NDArrays = list[NDArray[Any]]
 
 
-class UserCodeError(FlopsError):
-    """The ML repository's ModelManager raised; ``__cause__`` holds the original exception."""
-
-    code = "user_code_error"
-
-
 class AggregatorUnreachable(FlopsError):
     """The learner could not connect to its aggregator, or lost the connection mid-training."""
 
     code = "aggregator_unreachable"
-
-
-def describe_exception(exc: BaseException) -> str:
-    """Return ``"<Type>: <message>"`` on one line (at most 500 characters)."""
-    text = " ".join(str(exc).split()) or "(no message)"
-    return f"{type(exc).__name__}: {text}"[:500]
 
 
 @dataclass

@@ -30,10 +30,9 @@ from flops_utils.ml_repo_files_proxy import get_model_manager
 from flops_utils.ml_repo_templates import ModelManagerTemplate
 from flops_utils.notifications import StatusNotifier, notify_once, parse_mqtt_url
 from flops_utils.types import Component, ComponentStatus
+from flops_utils.user_code import UserCodeError, describe_exception, one_line
 from learner.flower_client import (
     AggregatorUnreachable,
-    UserCodeError,
-    describe_exception,
     run_client,
 )
 
@@ -233,12 +232,8 @@ def _classify(exc: BaseException) -> tuple[ExitCode, str]:
     if isinstance(exc, FlopsError):
         for cls in type(exc).__mro__:
             if cls in ERROR_EXIT_CODES:
-                return ERROR_EXIT_CODES[cls], _one_line(exc.message)
+                return ERROR_EXIT_CODES[cls], one_line(exc.message)
     return ExitCode.INTERNAL_ERROR, f"Internal error: {describe_exception(exc)}"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:1000]
 
 
 def main() -> None:
@@ -267,7 +262,7 @@ def _report_config_error(env: Mapping[str, str], exc: ConfigError) -> None:
                 project_id,
                 Component.LEARNER,
                 ComponentStatus.FAILED,
-                _one_line(exc.message),
+                one_line(exc.message),
                 {"error": exc.code, "exit_code": int(ExitCode.CONFIG_ERROR)},
                 instance=env.get(env_vars.LEARNER_NAME) or "learner",
             )

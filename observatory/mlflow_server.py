@@ -6,9 +6,7 @@ only ever talk HTTP to it and need no storage credentials. It runs in its own pr
 so that stopping it also stops its uvicorn worker.
 """
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +19,7 @@ from types import TracebackType
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 from flops_utils.net import find_free_port
+from flops_utils.processes import stop_process_groups
 
 START_TIMEOUT_S = 90.0
 """Seconds to wait for ``GET /health`` to answer after starting the server."""
@@ -180,14 +179,8 @@ class MlflowServer:
         process, self._process = self._process, None
         if process is None:
             return
-        _signal_group(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            _signal_group(process.pid, signal.SIGKILL)
-            process.wait(timeout=STOP_TIMEOUT_S)
-        # The uvicorn worker may outlive its parent for a moment; make sure it's gone.
-        _signal_group(process.pid, signal.SIGKILL)
+        # The group: the uvicorn worker may outlive its parent for a moment.
+        stop_process_groups([process], STOP_TIMEOUT_S)
 
     def _log_tail(self) -> str:
         try:
@@ -206,9 +199,3 @@ class MlflowServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    """Send ``sig`` to the process group ``pgid``; ignore a group that is already gone."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)

@@ -6,9 +6,7 @@ A watcher thread polls the processes every ``POLL_INTERVAL_S`` and reports servi
 exit on their own through ``on_service_exit``.
 """
 
-import contextlib
 import os
-import signal
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from flops_manager.orchestrators.base import (
 )
 from flops_utils import env_vars
 from flops_utils.logging import logger
+from flops_utils.processes import stop_process_groups
 
 POLL_INTERVAL_S = 0.5
 STOP_TIMEOUT_S = 10.0
@@ -91,15 +90,8 @@ class LocalOrchestrator(Orchestrator):
         """SIGTERM each service's process group, SIGKILL after ``STOP_TIMEOUT_S``."""
         with self._lock:
             services = self._projects.pop(project_id, [])
+        stop_process_groups([s.process for s in services], STOP_TIMEOUT_S)
         for service in services:
-            _signal_group(service.process, signal.SIGTERM)
-        for service in services:
-            try:
-                service.process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                _signal_group(service.process, signal.SIGKILL)
-                service.process.wait(timeout=STOP_TIMEOUT_S)
-            _signal_group(service.process, signal.SIGKILL)  # stragglers in the group
             service.log_file.close()
 
     def running_services(self, project_id: str) -> list[str]:
@@ -143,8 +135,3 @@ def _service_environment(extra: dict[str, str]) -> dict[str, str]:
     """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     return {**env, **extra}
-
-
-def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, sig)

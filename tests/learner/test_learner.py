@@ -22,7 +22,7 @@ import pytest
 from flops_manager.broker import MosquittoBroker
 from flops_utils import env_vars
 from flops_utils.net import find_free_port
-from learner.flower_client import describe_exception
+from flops_utils.user_code import describe_exception
 from learner.main import EXIT_CODES, ConfigError, ExitCode, LearnerConfig
 from observatory.mlflow_server import MlflowServer
 
