@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flops_manager.auth import read_api_token
 from flops_manager.client import ManagerClient
 from flops_manager.config import ManagerConfig
 from flops_manager.demo import EXAMPLE_REPO, example_sla, local_nodes
@@ -84,8 +85,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flops-bench-") as tmp:
         home = Path(tmp)
         with ManagerSuite(ManagerConfig(home=home, port=0)) as suite:
-            client = ManagerClient(suite.url)
-            with local_nodes(2, home / "nodes", suite.url) as nodes:
+            token = read_api_token(home)
+            client = ManagerClient(suite.url, token=token)
+            with local_nodes(2, home / "nodes", suite.url, token) as nodes:
                 client.wait_for_nodes(2, timeout_s=30)
                 client.provide_mocks(dataset="mnist", tag="mnist")
                 sla = example_sla(

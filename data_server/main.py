@@ -24,6 +24,7 @@ code  meaning and fix
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import threading
@@ -37,6 +38,7 @@ from data_server.registration import (
     registration_payload,
 )
 from data_server.server import WILDCARD_HOSTS, DataServer, DataServerStartError
+from flops_utils import env_vars
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 
@@ -62,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--node-id", required=True, help="this worker node's id")
     parser.add_argument("--cluster", default="local", help="cluster of the node (default local)")
     parser.add_argument("--manager-url", help="register with the manager at http://HOST:PORT")
+    parser.add_argument(
+        "--manager-token",
+        default=os.environ.get(env_vars.MANAGER_TOKEN),
+        help=f"the manager's API token (default: ${env_vars.MANAGER_TOKEN})",
+    )
     parser.add_argument(
         "--register-interval-s",
         type=float,
@@ -131,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.node_id, location, args.cluster, server.storage.tags()
                 ),
                 interval_s=args.register_interval_s,
+                token=args.manager_token,
             )
             registrar.start()
         logger.info(

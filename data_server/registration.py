@@ -92,6 +92,7 @@ class NodeRegistrar:
         interval_s: seconds between registrations. Defaults to 30.
         timeout_s: seconds one POST may take. Defaults to 5.
         session: the HTTP session to use (one is created if omitted).
+        token: the manager's API token, sent as ``Authorization: Bearer``.
 
     Raises :class:`InvalidManagerUrl`. :meth:`register_once` never raises.
     """
@@ -103,6 +104,7 @@ class NodeRegistrar:
         interval_s: float = DEFAULT_INTERVAL_S,
         timeout_s: float = REQUEST_TIMEOUT_S,
         session: requests.Session | None = None,
+        token: str | None = None,
     ) -> None:
         if interval_s <= 0:
             raise ValueError("interval_s must be positive")
@@ -115,6 +117,8 @@ class NodeRegistrar:
         self.last_error: str | None = None
         self._last_body: dict[str, Any] | None = None
         self._session = session or requests.Session()
+        if token:
+            self._session.headers["Authorization"] = f"Bearer {token}"
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None

@@ -4,6 +4,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flops_manager.projects import ProjectStatus
 from flops_manager.sla import Platform
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -35,10 +36,67 @@ class ProjectPath(BaseModel):
     project_id: str = Field(max_length=64)
 
 
-class ProjectList(BaseModel):
-    """``GET /projects``: one summary per project, oldest first."""
+class ProjectQuery(BaseModel):
+    """Filters and page of ``GET /projects``: ``customer`` (admin only; others always see their
+    own), ``status``, ``limit`` (1-500, default 50) and ``offset``."""
 
-    projects: list[dict[str, Any]]
+    model_config = ConfigDict(extra="forbid")
+
+    customer: str | None = Field(default=None, max_length=64)
+    status: ProjectStatus | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+    offset: int = Field(default=0, ge=0, le=10_000_000)
+
+
+class ProjectSummary(BaseModel):
+    """One project in ``GET /projects`` (without its event log)."""
+
+    project_id: str
+    customer_id: str
+    status: ProjectStatus
+    status_message: str
+    created_at: float
+    updated_at: float
+
+
+class ProjectList(BaseModel):
+    """``GET /projects``: a page of summaries, oldest first, and how many match in all."""
+
+    projects: list[ProjectSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+class Event(BaseModel):
+    """One entry of a project's event log; ``timestamp`` in seconds since the epoch."""
+
+    timestamp: float
+    type: str
+    status: str
+    message: str
+    component: str | None = None
+
+
+class EventList(BaseModel):
+    """``GET /projects/{id}/events``: the whole event log, oldest first."""
+
+    project_id: str
+    events: list[Event]
+
+
+class EventQuery(BaseModel):
+    """``follow=1`` streams the log as server-sent events until the project ends."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    follow: bool = False
+
+
+class NodePath(BaseModel):
+    """Path parameter of the per-node endpoints."""
+
+    node_id: str = Field(pattern=NODE_ID_PATTERN)
 
 
 class NodeRegistration(_Body):

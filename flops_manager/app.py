@@ -7,11 +7,13 @@ generic 500 message, never a stack trace.
 """
 
 import difflib
+import json
 import time
+from collections.abc import Iterator
 from http import HTTPStatus
 from typing import Any
 
-from flask import Response, jsonify
+from flask import Response, g, jsonify, request, stream_with_context
 from flask_openapi3.blueprint import APIBlueprint
 from flask_openapi3.models.info import Info
 from flask_openapi3.models.tag import Tag
@@ -21,25 +23,38 @@ from werkzeug.exceptions import HTTPException
 
 from flops_manager.api_models import (
     ErrorBody,
+    EventList,
+    EventQuery,
     MockRequest,
     MockResult,
     NodeList,
+    NodePath,
     NodeRegistration,
     ProjectCreated,
     ProjectList,
     ProjectPath,
+    ProjectQuery,
     TrackingInfo,
 )
+from flops_manager.auth import Authenticator, Forbidden, Principal, bearer_token
 from flops_manager.errors import NotFound, http_status
-from flops_manager.projects import ProjectLifecycle
+from flops_manager.projects import TERMINAL, ProjectLifecycle
 from flops_manager.sla import ProjectSLA
 from flops_manager.store import ProjectStore
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 
 API_PREFIX = "/api/flops"
+PUBLIC_PATHS = ("/healthz", "/openapi")
+"""Paths (prefixes) served without a bearer token: the health check and the API docs."""
+
+SSE_POLL_S = 0.25
+SSE_HEARTBEAT_S = 15.0
+SSE_MAX_S = 24 * 3600.0
 
 _ERRORS: dict[str | int | HTTPStatus, type[BaseModel] | dict[Any, Any] | None] = {
+    401: ErrorBody,
+    403: ErrorBody,
     404: ErrorBody,
     409: ErrorBody,
     422: ErrorBody,
@@ -96,29 +111,52 @@ _MODELS: dict[str, type[BaseModel]] = {
 }
 
 
-def create_app(lifecycle: ProjectLifecycle, store: ProjectStore, tracking_url: str) -> OpenAPI:
+def create_app(
+    lifecycle: ProjectLifecycle,
+    store: ProjectStore,
+    tracking_url: str,
+    authenticator: Authenticator,
+) -> OpenAPI:
     """Build the WSGI app.
 
     Args:
         lifecycle: runs the projects the API accepts.
         store: projects and nodes.
         tracking_url: MLflow GUI URL returned by ``GET /tracking``.
+        authenticator: checks the bearer token of every request but ``PUBLIC_PATHS``.
     """
     app = OpenAPI(
         __name__,
         info=Info(title="FLOps manager", version="0.1.0"),
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
         validation_error_status=422,
         validation_error_model=ErrorBody,
         validation_error_callback=validation_error_response,
     )
     app.url_map.strict_slashes = False
-    api = APIBlueprint("flops", __name__, url_prefix=API_PREFIX, abp_responses=_ERRORS)
+    api = APIBlueprint(
+        "flops",
+        __name__,
+        url_prefix=API_PREFIX,
+        abp_responses=_ERRORS,
+        abp_security=[{"bearer": []}],
+    )
     projects_tag = Tag(name="projects", description="FL projects from SLA to trained model")
     nodes_tag = Tag(name="nodes", description="worker nodes and their data servers")
+    admin_tag = Tag(name="admin", description="administration")
+
+    @app.before_request
+    def _authenticate() -> None:
+        if request.path.startswith(PUBLIC_PATHS) or request.method == "OPTIONS":
+            return
+        g.principal = authenticator.authenticate(bearer_token(request.headers.get("Authorization")))
 
     @app.errorhandler(FlopsError)
     def _flops_error(error: FlopsError) -> Response:
-        return error_response(http_status(error), error.code, error.message, error.details)
+        response = error_response(http_status(error), error.code, error.message, error.details)
+        if response.status_code == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:
@@ -130,6 +168,17 @@ def create_app(lifecycle: ProjectLifecycle, store: ProjectStore, tracking_url: s
         logger.exception("unhandled error in the API")
         return error_response(500, "internal_error", "Internal server error.")
 
+    def caller() -> Principal:
+        principal: Principal = g.principal
+        return principal
+
+    def visible_project(project_id: str) -> dict[str, Any]:
+        """The project if the caller may see it; another customer's project is a 404."""
+        project = lifecycle.get(project_id)
+        if not caller().may_see(str(project.get("customer_id", ""))):
+            raise NotFound(f"No project has id {project_id!r}; GET /api/flops/projects lists them.")
+        return project
+
     @app.get("/healthz", doc_ui=False)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -137,6 +186,12 @@ def create_app(lifecycle: ProjectLifecycle, store: ProjectStore, tracking_url: s
     @api.post("/projects", tags=[projects_tag], responses={201: ProjectCreated})
     def create_project(body: ProjectSLA) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Accept an SLA; the project is built, deployed and trained in the background."""
+        principal = caller()
+        if not principal.admin and body.customerID != principal.customer:
+            raise Forbidden(
+                f"The SLA's customerID {body.customerID!r} is not you ({principal.customer!r}); "
+                "set customerID to your own id."
+            )
         project = lifecycle.create(body)
         location = f"{API_PREFIX}/projects/{project['project_id']}"
         created = ProjectCreated(
@@ -145,18 +200,48 @@ def create_app(lifecycle: ProjectLifecycle, store: ProjectStore, tracking_url: s
         return created.model_dump(), 201, {"Location": location}
 
     @api.get("/projects", tags=[projects_tag], responses={200: ProjectList})
-    def list_projects() -> dict[str, Any]:
-        """Every project, oldest first, without the event log."""
-        return {"projects": [_summary(p) for p in store.list_projects()]}
+    def list_projects(query: ProjectQuery) -> dict[str, Any]:
+        """Projects, oldest first, filtered by customer and status, one page at a time."""
+        principal = caller()
+        filters: dict[str, Any] = {}
+        if not principal.admin:
+            filters["customer_id"] = principal.customer
+        elif query.customer is not None:
+            filters["customer_id"] = query.customer
+        if query.status is not None:
+            filters["status"] = query.status.value
+        page, total = store.find_projects(filters, query.offset, query.limit)
+        return {
+            "projects": [_summary(p) for p in page],
+            "total": total,
+            "limit": query.limit,
+            "offset": query.offset,
+        }
 
     @api.get("/projects/<project_id>", tags=[projects_tag])
     def get_project(path: ProjectPath) -> dict[str, Any]:
         """One project: status, phase timings, events, environment, MLflow ids, metrics."""
-        return _public(lifecycle.get(path.project_id))
+        return _public(visible_project(path.project_id))
+
+    @api.get("/projects/<project_id>/events", tags=[projects_tag], responses={200: EventList})
+    def project_events(path: ProjectPath, query: EventQuery) -> Any:
+        """The project's event log; ``?follow=1`` streams it as server-sent events (each event
+        a ``data:`` line of JSON with its index as ``id``) until the project ends."""
+        project = visible_project(path.project_id)
+        if not query.follow:
+            return {"project_id": path.project_id, "events": project.get("events", [])}
+        start = int(request.headers.get("Last-Event-ID", "-1") or -1) + 1
+        stream = _event_stream(store, path.project_id, max(start, 0))
+        return Response(
+            stream_with_context(stream),
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @api.delete("/projects/<project_id>", tags=[projects_tag])
     def cancel_project(path: ProjectPath) -> dict[str, Any]:
         """Cancel a project: stop every service it started; status becomes ``cancelled``."""
+        visible_project(path.project_id)
         return _public(lifecycle.cancel(path.project_id))
 
     @api.get("/tracking", responses={200: TrackingInfo})
@@ -167,6 +252,7 @@ def create_app(lifecycle: ProjectLifecycle, store: ProjectStore, tracking_url: s
     @api.post("/nodes", tags=[nodes_tag], responses={200: NodeRegistration})
     def register_node(body: NodeRegistration) -> dict[str, Any]:
         """Register a worker node (or refresh its tags); data servers call this periodically."""
+        caller().require_admin("register worker nodes")
         node = {**body.model_dump(mode="json"), "last_seen": time.time()}
         store.upsert_node(node)
         return _public(node)
@@ -176,11 +262,20 @@ def create_app(lifecycle: ProjectLifecycle, store: ProjectStore, tracking_url: s
         """Every registered node with its data server, architecture, cluster and tags."""
         return {"nodes": [_public(n) for n in store.list_nodes()]}
 
+    @api.delete("/nodes/<node_id>", tags=[nodes_tag])
+    def delete_node(path: NodePath) -> dict[str, Any]:
+        """Forget a worker node (a running data server registers it again)."""
+        caller().require_admin("remove worker nodes")
+        if not store.delete_node(path.node_id):
+            raise NotFound(f"No node has id {path.node_id!r}; GET /api/flops/nodes lists them.")
+        return {"node_id": path.node_id, "deleted": True}
+
     @api.post("/mocks", tags=[nodes_tag], responses={200: MockResult})
     def provide_mocks(body: MockRequest) -> dict[str, Any]:
         """Split a bundled dataset across nodes and push each part to the node's data server."""
         from data_server.mock_provider import provide_mock_data
 
+        caller().require_admin("push mock data")
         nodes = {n["node_id"]: n for n in store.list_nodes()}
         wanted = body.nodes or list(nodes)
         unknown = [n for n in wanted if n not in nodes]
@@ -203,8 +298,38 @@ def create_app(lifecycle: ProjectLifecycle, store: ProjectStore, tracking_url: s
             store.upsert_node({**node, "tags": {**node.get("tags", {}), body.tag: count}})
         return {"tag": body.tag, "rows": rows}
 
+    @api.delete("/database", tags=[admin_tag])
+    def delete_database() -> dict[str, Any]:
+        """Cancel every running project and delete all projects and nodes (admin only)."""
+        caller().require_admin("delete the database")
+        for project in store.list_projects():
+            lifecycle.cancel(project["project_id"])
+        store.delete_all()
+        return {"deleted": True}
+
     app.register_api(api)
     return app
+
+
+def _event_stream(store: ProjectStore, project_id: str, start: int) -> Iterator[str]:
+    """Server-sent events of the project's log from index ``start``, until it ends."""
+    sent = start
+    began = last_write = time.monotonic()
+    while time.monotonic() - began < SSE_MAX_S:
+        project = store.get_project(project_id)
+        if project is None:
+            return
+        events = project.get("events", [])
+        for index in range(sent, len(events)):
+            yield f"id: {index}\ndata: {json.dumps(events[index])}\n\n"
+            last_write = time.monotonic()
+        sent = max(sent, len(events))
+        if project["status"] in TERMINAL:
+            return
+        if time.monotonic() - last_write > SSE_HEARTBEAT_S:
+            yield ": keep-alive\n\n"
+            last_write = time.monotonic()
+        time.sleep(SSE_POLL_S)
 
 
 def _public(doc: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,20 @@ console = Console()
 ManagerUrl = Annotated[
     str, typer.Option(envvar="FLOPS_MANAGER_URL", help="Base URL of the FLOps manager.")
 ]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        envvar="FLOPS_API_TOKEN",
+        help="Bearer token; defaults to the embedded manager's $FLOPS_HOME/api-token.",
+    ),
+]
+
+
+def _client(manager_url: str, token: str | None) -> ManagerClient:
+    from flops_manager.auth import read_api_token
+    from flops_manager.demo import demo_home
+
+    return ManagerClient(manager_url, token=token or read_api_token(demo_home()))
 
 
 def _print_event(event: dict[str, Any]) -> None:
@@ -50,6 +64,7 @@ def demo(
 
     if not verbose:
         logger.setLevel(logging.WARNING)
+    from flops_manager.auth import read_api_token
     from flops_manager.config import ManagerConfig
     from flops_manager.demo import demo_home, example_sla, local_nodes, run_project
     from flops_manager.suite import ManagerSuite
@@ -60,9 +75,10 @@ def demo(
     config = ManagerConfig.from_env(home=home, port=0)
     try:
         with ManagerSuite(config) as suite:
-            client = ManagerClient(suite.url)
+            token = read_api_token(home)
+            client = ManagerClient(suite.url, token=token)
             console.print(f"manager  {suite.url}/api/flops\nMLflow   {suite.mlflow_url}")
-            with local_nodes(nodes, home / "nodes", suite.url) as workers:
+            with local_nodes(nodes, home / "nodes", suite.url, token) as workers:
                 client.wait_for_nodes(len(workers), timeout_s=30)
                 rows = client.provide_mocks(dataset="mnist", tag="mnist")
                 console.print(f"pushed MNIST partitions (tag 'mnist'): {rows}")
@@ -112,11 +128,12 @@ def _print_result(project: dict[str, Any], tracking_url: str) -> None:
 def submit(
     sla_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="SLA JSON file.")],
     manager_url: ManagerUrl = "http://127.0.0.1:8080",
+    token: Token = None,
     follow: Annotated[bool, typer.Option(help="Follow the project until it ends.")] = True,
     timeout_s: Annotated[float, typer.Option(help="How long to follow.")] = 3600,
 ) -> None:
     """POST an SLA to the manager (and follow the project's events)."""
-    client = ManagerClient(manager_url)
+    client = _client(manager_url, token)
     try:
         project_id = client.create_project(json.loads(sla_file.read_text()))
         console.print(f"project {project_id} accepted")
@@ -129,13 +146,27 @@ def submit(
 
 
 @app.command()
+def token() -> None:
+    """Print the embedded manager's API token ($FLOPS_HOME/api-token)."""
+    from flops_manager.auth import read_api_token
+    from flops_manager.demo import demo_home
+
+    value = read_api_token(demo_home())
+    if value is None:
+        console.print("[red]error:[/] no API token yet; start flops-manager once to create it")
+        raise typer.Exit(1)
+    print(value)
+
+
+@app.command()
 def status(
     project_id: Annotated[str, typer.Argument(help="The project's id.")],
     manager_url: ManagerUrl = "http://127.0.0.1:8080",
+    token: Token = None,
 ) -> None:
     """Print one project's document as JSON."""
     try:
-        console.print_json(data=ManagerClient(manager_url).project(project_id))
+        console.print_json(data=_client(manager_url, token).project(project_id))
     except FlopsError as exc:
         _fail(exc)
 
@@ -143,13 +174,14 @@ def status(
 @app.command()
 def mock(
     manager_url: ManagerUrl = "http://127.0.0.1:8080",
+    token: Token = None,
     tag: Annotated[str, typer.Option(help="Data tag to store the parts under.")] = "mnist",
     partitioning: Annotated[str, typer.Option(help="iid or dirichlet.")] = "iid",
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
 ) -> None:
     """Split the bundled MNIST across the registered nodes and push the parts."""
     try:
-        rows = ManagerClient(manager_url).provide_mocks(
+        rows = _client(manager_url, token).provide_mocks(
             dataset="mnist", tag=tag, partitioning=partitioning, alpha=alpha
         )
     except FlopsError as exc:

@@ -28,12 +28,18 @@ class ManagerClient:
 
     Args:
         base_url: ``http://HOST:PORT`` of the manager.
-        session: an optional ``requests.Session`` (e.g. with auth headers).
+        token: the bearer token sent with every request (the embedded manager's is in
+            ``$FLOPS_HOME/api-token``).
+        session: an optional ``requests.Session`` to send requests with.
     """
 
-    def __init__(self, base_url: str, session: requests.Session | None = None) -> None:
+    def __init__(
+        self, base_url: str, token: str | None = None, session: requests.Session | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.session = session or requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
 
     def request(self, method: str, path: str, json: Any = None) -> Any:
         """Send one request to ``/api/flops{path}`` and return the decoded JSON body."""

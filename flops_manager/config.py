@@ -6,8 +6,12 @@ embedded suite on this machine (DESIGN.md §3 "Embedded default").
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from flops_manager.auth import Authenticator
 
 
 class ManagerConfig(BaseModel):
@@ -28,6 +32,10 @@ class ManagerConfig(BaseModel):
             (``FLOPS_MLFLOW_PUBLIC_URL``); defaults to ``mlflow_url``.
         orchestrator: orchestrator backend name (``FLOPS_ORCHESTRATOR``, default ``local``).
         builder: builder backend name (``FLOPS_BUILDER``, default ``venv``).
+        auth: ``token`` (one API token in ``<home>/api-token``, created at first start) or
+            ``oakestra`` (Oakestra RS256 access tokens) (``FLOPS_AUTH``, default ``token``).
+        jwt_public_key_file: PEM file of the Oakestra root orchestrator's public key, needed
+            with ``auth=oakestra`` (``FLOPS_JWT_PUBLIC_KEY_FILE``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -41,11 +49,32 @@ class ManagerConfig(BaseModel):
     mlflow_public_url: str = ""
     orchestrator: str = "local"
     builder: str = "venv"
+    auth: Literal["token", "oakestra"] = "token"
+    jwt_public_key_file: str = ""
 
     @property
     def store_url(self) -> str:
         """``db_url`` or, when empty, the embedded store's directory under ``home``."""
         return self.db_url or str(self.home / "db")
+
+    def authenticator(self) -> "Authenticator":
+        """The :class:`Authenticator` this configuration selects.
+
+        ``token`` creates ``<home>/api-token`` when missing. Raises ``ConfigurationError``
+        when ``auth=oakestra`` has no readable public key file.
+        """
+        from flops_manager.auth import ApiTokenAuth, OakestraJwtAuth, load_or_create_api_token
+        from flops_manager.errors import ConfigurationError
+
+        if self.auth == "token":
+            return ApiTokenAuth(load_or_create_api_token(self.home.resolve()))
+        try:
+            return OakestraJwtAuth(Path(self.jwt_public_key_file).read_text())
+        except OSError as exc:
+            raise ConfigurationError(
+                f"FLOPS_AUTH=oakestra needs the Oakestra public key: cannot read "
+                f"FLOPS_JWT_PUBLIC_KEY_FILE={self.jwt_public_key_file!r} ({exc.strerror})."
+            ) from exc
 
     @classmethod
     def from_env(cls, **overrides: object) -> "ManagerConfig":
@@ -60,6 +89,8 @@ class ManagerConfig(BaseModel):
             "mlflow_public_url": "FLOPS_MLFLOW_PUBLIC_URL",
             "orchestrator": "FLOPS_ORCHESTRATOR",
             "builder": "FLOPS_BUILDER",
+            "auth": "FLOPS_AUTH",
+            "jwt_public_key_file": "FLOPS_JWT_PUBLIC_KEY_FILE",
         }
         values: dict[str, object] = {
             field: os.environ[var] for field, var in names.items() if os.environ.get(var)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flops_manager.client import ManagerClient
+from flops_utils import env_vars
 from flops_utils.net import find_free_port, wait_for_port
 from flops_utils.processes import stop_process_groups
 
@@ -36,9 +37,15 @@ class LocalNode:
 
 @contextmanager
 def local_nodes(
-    count: int, workdir: Path, manager_url: str, register_interval_s: float = 10.0
+    count: int,
+    workdir: Path,
+    manager_url: str,
+    token: str | None = None,
+    register_interval_s: float = 10.0,
 ) -> Iterator[list[LocalNode]]:
     """Run ``count`` data servers (``node-1`` ...) as child processes registered with the manager.
+
+    ``token`` is the manager's API token (an admin token: registering nodes is admin work).
 
     Each serves ``workdir/<node_id>`` on a free loopback port. They are stopped (SIGTERM, then
     SIGKILL after ``NODE_STOP_TIMEOUT_S``) on exit. Raises ``TimeoutError`` when one does not
@@ -75,6 +82,7 @@ def local_nodes(
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
+                    env={**os.environ, env_vars.MANAGER_TOKEN: token or ""},
                     start_new_session=True,
                 )
             )

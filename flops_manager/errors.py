@@ -1,5 +1,6 @@
 """The manager's exception tree and the one table mapping each error to an HTTP status."""
 
+from flops_manager.auth import Forbidden, Unauthorized
 from flops_utils.data_client import DataServerUnavailable
 from flops_utils.errors import FlopsError
 
@@ -29,6 +30,8 @@ class ConfigurationError(FlopsError):
 
 
 HTTP_STATUS: dict[type[FlopsError], int] = {
+    Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
     ServiceUnavailable: 503,

@@ -55,6 +55,19 @@ class ProjectStore:
             docs = list(self._db[PROJECTS].find({}))
         return sorted(docs, key=lambda d: d.get("created_at", 0.0))
 
+    def find_projects(
+        self, query: dict[str, Any], offset: int = 0, limit: int = 50
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Projects matching ``query`` (equality on top-level fields), oldest first.
+
+        Returns ``(page, total)``: at most ``limit`` documents after skipping ``offset``, and
+        how many match in all.
+        """
+        with self._lock:
+            docs = list(self._db[PROJECTS].find(query))
+        docs.sort(key=lambda d: d.get("created_at", 0.0))
+        return docs[offset : offset + limit], len(docs)
+
     def update_project(
         self,
         project_id: str,
@@ -94,3 +107,9 @@ class ProjectStore:
         with self._lock:
             docs = list(self._db[NODES].find({}))
         return sorted(docs, key=lambda d: str(d["_id"]))
+
+    def delete_node(self, node_id: str) -> bool:
+        """Remove the node; ``False`` when there was none with that id."""
+        with self._lock:
+            result = self._db[NODES].delete_one({"_id": node_id})
+        return bool(result.deleted_count)

@@ -26,7 +26,8 @@ from flops_utils.logging import logger
 BUILDERS: dict[str, str] = {"venv": "image_builder.venv_builder:VenvBuilder"}
 """Builder name → ``module:class``; the ``oci`` builder joins with the image issue."""
 
-API_THREADS = 8
+API_THREADS = 16
+"""waitress worker threads; each event-stream follower holds one while it listens."""
 
 
 class ManagerSuite:
@@ -87,7 +88,7 @@ class ManagerSuite:
             self._listener = StatusListener(self.mqtt_url, self._lifecycle.on_status)
             self._listener.start()
             public_mlflow = self.config.mlflow_public_url or self.mlflow_url
-            app = create_app(self._lifecycle, store, public_mlflow)
+            app = create_app(self._lifecycle, store, public_mlflow, self.config.authenticator())
             self._server = waitress.create_server(
                 app, host=self.config.host, port=self.config.port, threads=API_THREADS
             )

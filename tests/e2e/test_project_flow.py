@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from flops_manager.auth import read_api_token
 from flops_manager.client import ApiError, ManagerClient
 from flops_manager.config import ManagerConfig
 from flops_manager.demo import EXAMPLE_REPO, example_sla, local_nodes, run_project
@@ -39,8 +40,9 @@ def client(
     suite: ManagerSuite, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ManagerClient]:
     """A client of a manager with two local nodes holding IID MNIST partitions (tag mnist)."""
-    api = ManagerClient(suite.url)
-    with local_nodes(2, Path(tmp_path_factory.mktemp("nodes")), suite.url):
+    token = read_api_token(suite.config.home)
+    api = ManagerClient(suite.url, token=token)
+    with local_nodes(2, Path(tmp_path_factory.mktemp("nodes")), suite.url, token):
         api.wait_for_nodes(2, timeout_s=30)
         api.provide_mocks(dataset="mnist", tag="mnist")
         yield api

@@ -34,3 +34,7 @@ SLA = "FLOPS_SLA"
 CONNECT_TIMEOUT_S = "FLOPS_CONNECT_TIMEOUT_S"
 """Optional. Seconds a learner keeps trying to reach its aggregator, and an aggregator waits
 for ``min_available_clients`` learners to connect. Defaults: learner 60, aggregator 300."""
+
+MANAGER_TOKEN = "FLOPS_MANAGER_TOKEN"
+"""The manager's API token, for processes that call its REST API (e.g. a data server
+registering its node)."""

@@ -1,0 +1,151 @@
+"""Who is calling the API: bearer tokens checked by one of two authenticators.
+
+- :class:`ApiTokenAuth` (embedded default): one API token, created at the manager's first start
+  in ``$FLOPS_HOME/api-token`` (file mode 0600). Its holder is the admin.
+- :class:`OakestraJwtAuth`: the caller's Oakestra access token (an RS256 JWT signed by the
+  Oakestra root orchestrator, whose public key is configured). ``sub`` is the customer; a
+  ``roles`` claim containing ``ADMIN`` (case-insensitive) grants admin rights.
+
+A customer sees only their own projects; the admin sees all and may register nodes, push mock
+data and wipe the database.
+"""
+
+import hmac
+import os
+import secrets
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from flops_utils.errors import FlopsError
+
+ADMIN_ROLES = frozenset({"admin", "administrator"})
+TOKEN_FILE = "api-token"
+
+
+class Unauthorized(FlopsError):
+    """The request carries no bearer token, or one that is invalid or expired."""
+
+    code = "unauthorized"
+
+
+class Forbidden(FlopsError):
+    """The caller is known but may not do this (e.g. a non-admin wiping the database)."""
+
+    code = "forbidden"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller: ``customer`` (matches an SLA's ``customerID``) and ``admin``."""
+
+    customer: str
+    admin: bool = False
+
+    def require_admin(self, action: str) -> None:
+        """Raise :class:`Forbidden` naming ``action`` unless the caller is the admin."""
+        if not self.admin:
+            raise Forbidden(f"Only the admin may {action}; use an admin token.")
+
+    def may_see(self, customer_id: str) -> bool:
+        """Whether the caller may see a project of ``customer_id``."""
+        return self.admin or customer_id == self.customer
+
+
+class Authenticator(ABC):
+    """Turns the bearer token of a request into a :class:`Principal`."""
+
+    @abstractmethod
+    def authenticate(self, token: str) -> Principal:
+        """Return the caller for ``token``; raises :class:`Unauthorized` when it is not valid."""
+
+
+class ApiTokenAuth(Authenticator):
+    """One shared API token whose holder is the admin (customer ``Admin``, the SLA default).
+
+    Args:
+        token: the secret; compared in constant time.
+    """
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    def authenticate(self, token: str) -> Principal:
+        if not hmac.compare_digest(token.encode(), self._token):
+            raise Unauthorized(
+                "The API token is wrong. Use the token in $FLOPS_HOME/api-token "
+                "(the CLI reads it for you)."
+            )
+        return Principal(customer="Admin", admin=True)
+
+
+class OakestraJwtAuth(Authenticator):
+    """Oakestra access tokens: RS256 JWTs verified with the root orchestrator's public key.
+
+    Args:
+        public_key_pem: the PEM-encoded RSA public key of the Oakestra root orchestrator.
+
+    Oakestra access tokens last 10 minutes (DESIGN.md §5); an expired one gets 401 with a hint
+    to refresh it (``POST /api/auth/refresh`` at Oakestra).
+    """
+
+    def __init__(self, public_key_pem: str) -> None:
+        self._key = public_key_pem
+
+    def authenticate(self, token: str) -> Principal:
+        import jwt
+
+        try:
+            claims = jwt.decode(
+                token, self._key, algorithms=["RS256"], options={"require": ["sub", "exp"]}
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthorized(
+                "The Oakestra token has expired; refresh it (POST /api/auth/refresh at the "
+                "Oakestra root orchestrator) and retry."
+            ) from exc
+        except jwt.InvalidTokenError as exc:
+            raise Unauthorized(
+                "The bearer token is not a valid Oakestra access token; log in to Oakestra "
+                "(POST /api/auth/login) and send its token."
+            ) from exc
+        roles = claims.get("roles") or []
+        if isinstance(roles, str):
+            roles = [roles]
+        admin = any(str(role).lower() in ADMIN_ROLES for role in roles)
+        return Principal(customer=str(claims["sub"]), admin=admin)
+
+
+def load_or_create_api_token(home: Path) -> str:
+    """The API token in ``home/api-token``, created (random, 256 bits, mode 0600) if missing."""
+    path = home / TOKEN_FILE
+    if path.exists():
+        return path.read_text().strip()
+    home.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    return token
+
+
+def read_api_token(home: Path) -> str | None:
+    """The API token in ``home/api-token``, or ``None`` when there is none (yet)."""
+    try:
+        return (home / TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def bearer_token(header: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header.
+
+    Raises :class:`Unauthorized` when the header is missing or of another scheme.
+    """
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized(
+            "This endpoint needs 'Authorization: Bearer <token>'; the embedded manager's token "
+            "is in $FLOPS_HOME/api-token."
+        )
+    return token.strip()
