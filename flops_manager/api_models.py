@@ -1,13 +1,14 @@
 """Request and response bodies of the manager's REST API (besides the SLA in ``sla.py``)."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from flops_manager.projects import ProjectStatus
-from flops_manager.sla import Platform
+from flops_manager.sla import TAG_PATTERN, DataTag, Platform
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+RowCount = Annotated[int, Field(ge=0, le=2**62)]
 
 
 class _Body(BaseModel):
@@ -106,16 +107,59 @@ class NodeRegistration(_Body):
     """
 
     node_id: str = Field(pattern=NODE_ID_PATTERN)
-    data_server: str = Field(pattern=r"^grpc(\+tcp)?://[^/\s]+:\d+$", max_length=256)
+    data_server: str = Field(
+        pattern=r"^grpc(\+tcp)?://[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", max_length=256
+    )
     architecture: Platform = Platform.LINUX_AMD64
-    cluster: str = Field(default="local", max_length=64)
-    tags: dict[str, int] = Field(default_factory=dict)
+    cluster: str = Field(default="local", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    tags: dict[DataTag, RowCount] = Field(
+        default_factory=dict, max_length=1000, json_schema_extra={"additionalProperties": False}
+    )
+
+
+class Node(BaseModel):
+    """A registered worker node; ``last_seen`` in seconds since the epoch."""
+
+    node_id: str
+    data_server: str
+    architecture: Platform
+    cluster: str
+    tags: dict[str, int]
+    last_seen: float
 
 
 class NodeList(BaseModel):
     """``GET /nodes``."""
 
-    nodes: list[dict[str, Any]]
+    nodes: list[Node]
+
+
+class NodeDeleted(BaseModel):
+    """``DELETE /nodes/{id}``."""
+
+    node_id: str
+    deleted: bool
+
+
+class DatabaseDeleted(BaseModel):
+    """``DELETE /database``."""
+
+    deleted: bool
+
+
+class Project(BaseModel):
+    """A project as stored: the fields below plus ``sla``, ``phases`` (per phase ``started_at``,
+    ``ended_at``, ``seconds``), ``events``, ``rounds``, ``metrics``, ``environment``,
+    ``mlflow`` (experiment and run ids, model URIs) and ``inference_url``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    project_id: str
+    customer_id: str
+    status: ProjectStatus
+    status_message: str
+    created_at: float
+    updated_at: float
 
 
 class MockRequest(_Body):
@@ -126,7 +170,7 @@ class MockRequest(_Body):
     """
 
     dataset: Literal["mnist"] = "mnist"
-    tag: str = Field(default="mnist", pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+    tag: str = Field(default="mnist", pattern=TAG_PATTERN)
     partitioning: Literal["iid", "dirichlet"] = "iid"
     alpha: float = Field(default=0.5, gt=0, le=1000)
     seed: int = Field(default=42, ge=0)

@@ -22,14 +22,18 @@ from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
 from flops_manager.api_models import (
+    DatabaseDeleted,
     ErrorBody,
     EventList,
     EventQuery,
     MockRequest,
     MockResult,
+    Node,
+    NodeDeleted,
     NodeList,
     NodePath,
     NodeRegistration,
+    Project,
     ProjectCreated,
     ProjectList,
     ProjectPath,
@@ -47,6 +51,19 @@ from flops_utils.logging import logger
 API_PREFIX = "/api/flops"
 PUBLIC_PATHS = ("/healthz", "/openapi")
 """Paths (prefixes) served without a bearer token: the health check and the API docs."""
+
+PATTERN_HINTS = {
+    "ml_repo_url": "must be an https, http, ssh, git or file URL, user@host:path, or a local "
+    "path, without whitespace",
+    "data_tags": "data tags are 1-63 lower-case letters, digits, '_', '.' or '-'",
+    "tags": "data tags are 1-63 lower-case letters, digits, '_', '.' or '-'",
+    "tag": "data tags are 1-63 lower-case letters, digits, '_', '.' or '-'",
+    "customerID": "customer ids are 1-64 letters, digits, '_', '.', '@' or '-'",
+    "node_id": "node ids are 1-63 letters, digits, '_', '.' or '-', starting with a letter "
+    "or digit",
+    "data_server": "must be grpc://HOST:PORT (the node's Arrow Flight data server)",
+}
+"""Readable messages for fields whose rule is a regular expression (by field name)."""
 
 SSE_POLL_S = 0.25
 SSE_HEARTBEAT_S = 15.0
@@ -77,7 +94,10 @@ def validation_error_response(error: ValidationError) -> Response:
     for item in error.errors(include_url=False, include_input=False):
         path = ".".join(str(part) for part in item["loc"]) or "(body)"
         message = item["msg"]
-        if item["type"] == "extra_forbidden":
+        field = next((p for p in reversed(item["loc"]) if isinstance(p, str)), "")
+        if item["type"] == "string_pattern_mismatch" and field in PATTERN_HINTS:
+            message = PATTERN_HINTS[field]
+        elif item["type"] == "extra_forbidden":
             message = f"unknown field{_suggestion(error.title, item['loc'])}"
         elif item["type"] == "model_type" and not item["loc"]:
             message = "the body must be a JSON object (Content-Type: application/json)"
@@ -105,6 +125,14 @@ def _suggestion(model_name: str, loc: tuple[int | str, ...]) -> str:
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
+
+_EVENTS: dict[str, Any] = {
+    "description": "The event log as JSON, or with ``follow=1`` as a server-sent event stream.",
+    "content": {
+        "application/json": {"schema": EventList.model_json_schema()},
+        "text/event-stream": {"schema": {"type": "string"}},
+    },
+}
 
 _MODELS: dict[str, type[BaseModel]] = {
     m.__name__: m for m in (ProjectSLA, NodeRegistration, MockRequest)
@@ -218,12 +246,12 @@ def create_app(
             "offset": query.offset,
         }
 
-    @api.get("/projects/<project_id>", tags=[projects_tag])
+    @api.get("/projects/<project_id>", tags=[projects_tag], responses={200: Project})
     def get_project(path: ProjectPath) -> dict[str, Any]:
         """One project: status, phase timings, events, environment, MLflow ids, metrics."""
         return _public(visible_project(path.project_id))
 
-    @api.get("/projects/<project_id>/events", tags=[projects_tag], responses={200: EventList})
+    @api.get("/projects/<project_id>/events", tags=[projects_tag], responses={200: _EVENTS})
     def project_events(path: ProjectPath, query: EventQuery) -> Any:
         """The project's event log; ``?follow=1`` streams it as server-sent events (each event
         a ``data:`` line of JSON with its index as ``id``) until the project ends."""
@@ -238,7 +266,7 @@ def create_app(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    @api.delete("/projects/<project_id>", tags=[projects_tag])
+    @api.delete("/projects/<project_id>", tags=[projects_tag], responses={200: Project})
     def cancel_project(path: ProjectPath) -> dict[str, Any]:
         """Cancel a project: stop every service it started; status becomes ``cancelled``."""
         visible_project(path.project_id)
@@ -249,7 +277,7 @@ def create_app(
         """The MLflow tracking GUI's URL."""
         return {"url": tracking_url}
 
-    @api.post("/nodes", tags=[nodes_tag], responses={200: NodeRegistration})
+    @api.post("/nodes", tags=[nodes_tag], responses={200: Node})
     def register_node(body: NodeRegistration) -> dict[str, Any]:
         """Register a worker node (or refresh its tags); data servers call this periodically."""
         caller().require_admin("register worker nodes")
@@ -262,7 +290,7 @@ def create_app(
         """Every registered node with its data server, architecture, cluster and tags."""
         return {"nodes": [_public(n) for n in store.list_nodes()]}
 
-    @api.delete("/nodes/<node_id>", tags=[nodes_tag])
+    @api.delete("/nodes/<node_id>", tags=[nodes_tag], responses={200: NodeDeleted})
     def delete_node(path: NodePath) -> dict[str, Any]:
         """Forget a worker node (a running data server registers it again)."""
         caller().require_admin("remove worker nodes")
@@ -298,7 +326,7 @@ def create_app(
             store.upsert_node({**node, "tags": {**node.get("tags", {}), body.tag: count}})
         return {"tag": body.tag, "rows": rows}
 
-    @api.delete("/database", tags=[admin_tag])
+    @api.delete("/database", tags=[admin_tag], responses={200: DatabaseDeleted})
     def delete_database() -> dict[str, Any]:
         """Cancel every running project and delete all projects and nodes (admin only)."""
         caller().require_admin("delete the database")

@@ -4,11 +4,30 @@ Unknown keys are rejected (``extra="forbid"``) so that a typo fails with the fie
 """
 
 from enum import StrEnum
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from flops_utils.types import FLOpsMode, MLModelFlavor
+
+TAG_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+"""Data tags: the rule the data servers enforce (lower case, digits, ``_.-``; 1-63 chars)."""
+
+DataTag = Annotated[str, StringConstraints(pattern=TAG_PATTERN)]
+
+_URL_CHAR = r"[^\s\x00-\x1f\x7f]"
+REPO_URL_PATTERN = (
+    rf"^(?:(?:https?|ssh|git|file)://{_URL_CHAR}+"
+    rf"|[^\s\x00-\x1f\x7f:]+(?::[^\s\x00-\x1f\x7f/]{_URL_CHAR}*)?)$"
+)
+"""``ml_repo_url``: an https/http/ssh/git/file URL, an scp-like ``user@host:path``, or a local
+path; no whitespace or control characters."""
 
 
 class Platform(StrEnum):
@@ -35,7 +54,7 @@ class TrainingConfiguration(_Strict):
     cluster aggregators)."""
 
     mode: FLOpsMode = FLOpsMode.CLASSIC
-    data_tags: list[str] = Field(default_factory=lambda: ["mnist"], min_length=1)
+    data_tags: list[DataTag] = Field(default_factory=lambda: ["mnist"], min_length=1, max_length=64)
     training_cycles: int = Field(default=1, ge=1, le=1000)
     training_rounds: int = Field(default=3, ge=1, le=10000)
     min_available_clients: int = Field(default=1, ge=1, le=10000)
@@ -67,7 +86,7 @@ class ProjectSLA(_Strict):
 
     customerID: str = Field(default="Admin", min_length=1, max_length=64)
     verbose: bool = False
-    ml_repo_url: str = Field(min_length=1, max_length=2048)
+    ml_repo_url: str = Field(pattern=REPO_URL_PATTERN, max_length=2048)
     ml_repo_ref: str | None = Field(default=None, max_length=256)
     ml_model_flavor: MLModelFlavor = MLModelFlavor.PYTORCH
     use_devel_base_images: bool = False
