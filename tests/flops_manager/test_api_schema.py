@@ -4,8 +4,9 @@ Schemathesis generates requests for every documented operation (valid and invali
 queries and paths, with the admin's token) and checks each response: no 5xx, status codes,
 content types and bodies as documented. Not checked: that every schema-valid request is
 accepted, because some SLA rules relate two fields (``min_fit_clients`` must not exceed
-``min_available_clients``), which JSON Schema cannot state. ``POST /mocks`` is left out: it pushes data to the
-registered nodes' data servers, which here are whatever addresses the generator invented.
+``min_available_clients``), which JSON Schema cannot state. ``POST /mocks`` is left out: it
+pushes data to the registered nodes' data servers, which here are whatever addresses the
+generator invented.
 """
 
 from collections.abc import Iterator
