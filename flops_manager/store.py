@@ -2,7 +2,9 @@
 
 Both expose the pymongo collection API, so one code path serves both (DESIGN.md §4).
 Collections: ``projects`` (one document per project, ``_id`` = project id) and ``nodes``
-(``_id`` = node id).
+(``_id`` = node id). The listing fields of every project (:data:`SUMMARY_FIELDS`) are also
+kept in memory, loaded at start and updated by every write, so that listing and filtering
+many projects never loads their event logs (one manager process owns a store).
 """
 
 import threading
@@ -12,6 +14,19 @@ from typing import Any
 
 PROJECTS = "projects"
 NODES = "nodes"
+SUMMARY_FIELDS = (
+    "project_id",
+    "customer_id",
+    "status",
+    "status_message",
+    "created_at",
+    "updated_at",
+)
+"""The fields of a project that ``GET /projects`` lists and filters by."""
+
+
+def _summary(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if k in SUMMARY_FIELDS}
 
 
 class ProjectStore:
@@ -36,12 +51,16 @@ class ProjectStore:
             client = MongitaClientDisk(db_url)
         self._db = client["flops"]
         self._lock = threading.RLock()
+        self._summaries: dict[str, dict[str, Any]] = {
+            str(doc["_id"]): _summary(doc) for doc in self._db[PROJECTS].find({})
+        }
 
     # projects -------------------------------------------------------------------------
     def insert_project(self, project: dict[str, Any]) -> None:
         """Store a new project document (its ``_id`` is the project id)."""
         with self._lock:
             self._db[PROJECTS].insert_one(dict(project))
+            self._summaries[str(project["_id"])] = _summary(project)
 
     def get_project(self, project_id: str) -> dict[str, Any] | None:
         """Return the project document or ``None``."""
@@ -58,15 +77,18 @@ class ProjectStore:
     def find_projects(
         self, query: dict[str, Any], offset: int = 0, limit: int = 50
     ) -> tuple[list[dict[str, Any]], int]:
-        """Projects matching ``query`` (equality on top-level fields), oldest first.
+        """Summaries (:data:`SUMMARY_FIELDS`) of the projects matching ``query`` (equality on
+        those fields), oldest first.
 
-        Returns ``(page, total)``: at most ``limit`` documents after skipping ``offset``, and
+        Returns ``(page, total)``: at most ``limit`` summaries after skipping ``offset``, and
         how many match in all.
         """
         with self._lock:
-            docs = list(self._db[PROJECTS].find(query))
+            docs = [
+                d for d in self._summaries.values() if all(d.get(k) == v for k, v in query.items())
+            ]
         docs.sort(key=lambda d: d.get("created_at", 0.0))
-        return docs[offset : offset + limit], len(docs)
+        return [dict(d) for d in docs[offset : offset + limit]], len(docs)
 
     def update_project(
         self,
@@ -86,13 +108,17 @@ class ProjectStore:
         update: dict[str, Any] = {"$set": {**fields, "updated_at": time.time()}}
         if appended:
             update["$push"] = appended
+        summary = _summary(update["$set"])
         with self._lock:
             self._db[PROJECTS].update_one({"_id": project_id}, update)
+            if project_id in self._summaries:
+                self._summaries[project_id].update(summary)
 
     def delete_all(self) -> None:
         """Remove every project and node."""
         with self._lock:
             self._db[PROJECTS].delete_many({})
+            self._summaries.clear()
             self._db[NODES].delete_many({})
 
     # nodes ----------------------------------------------------------------------------

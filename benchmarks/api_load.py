@@ -1,0 +1,204 @@
+"""Load on the manager's REST API next to a minimal Flask + waitress app, in one run.
+
+Both servers run as their own processes on loopback; 32 client threads (keep-alive
+connections) send requests for a fixed time per scenario. Scenarios:
+
+- ``GET /api/flops/projects/{id}`` of one stored project (with its event log);
+- ``GET /api/flops/projects`` (first page of 50) with 1000 stored projects;
+- ``POST /api/flops/projects`` with an invalid SLA (rejected with 422).
+
+The baseline serves the same JSON bodies from memory with no validation, auth or store. Prints
+requests/s, p50 and p99 latency (ms) for both and the ratio of throughputs. Goal: p99 ≤ 50 ms at
+32 concurrent clients on a 2-core machine.
+
+Usage: ``uv run python benchmarks/api_load.py [--clients 32] [--seconds 5]``.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from flops_manager.auth import load_or_create_api_token
+from flops_manager.store import ProjectStore
+from flops_utils.net import find_free_port, wait_for_port
+from flops_utils.processes import stop_process_groups
+
+PROJECTS = 1000
+EVENTS_PER_PROJECT = 12
+INVALID_SLA = json.dumps({"ml_repo_url": "x", "training_configuration": {"training_rounds": 0}})
+
+BASELINE_APP = """
+import json, sys
+from flask import Flask, Response
+import waitress
+
+project, page, error = (open(p).read() for p in sys.argv[2:5])
+app = Flask(__name__)
+
+@app.get("/api/flops/projects/<project_id>")
+def one(project_id):
+    return Response(project, mimetype="application/json")
+
+@app.get("/api/flops/projects")
+def many():
+    return Response(page, mimetype="application/json")
+
+@app.post("/api/flops/projects")
+def reject():
+    return Response(error, status=422, mimetype="application/json")
+
+waitress.serve(app, host="127.0.0.1", port=int(sys.argv[1]), threads=16, _quiet=True)
+"""
+
+
+def fill_store(home: Path) -> str:
+    """Store ``PROJECTS`` finished projects; returns the id of the last one."""
+    store = ProjectStore(str(home / "db"))
+    now = time.time()
+    project_id = ""
+    for index in range(PROJECTS):
+        project_id = f"bench{index:07d}"
+        events = [
+            {"timestamp": now, "type": "status", "status": "training", "message": f"event {n}"}
+            for n in range(EVENTS_PER_PROJECT)
+        ]
+        store.insert_project(
+            {
+                "_id": project_id,
+                "project_id": project_id,
+                "customer_id": "Admin",
+                "status": "completed",
+                "status_message": "final accuracy 0.9170",
+                "created_at": now + index,
+                "updated_at": now + index,
+                "sla": {"ml_repo_url": "https://example.org/repo.git"},
+                "phases": {"training": {"started_at": now, "ended_at": now + 9, "seconds": 9.0}},
+                "events": events,
+                "rounds": [{"round": r, "loss": 0.3, "accuracy": 0.9} for r in range(1, 6)],
+            }
+        )
+    return project_id
+
+
+def start(command: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    if not wait_for_port("127.0.0.1", port, 120):
+        stop_process_groups([process])
+        raise SystemExit(f"{command[0]} did not listen on {port}")
+    return process
+
+
+def fetch(port: int, method: str, path: str, token: str, body: str | None = None) -> bytes:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    connection.request(method, path, body=body, headers=headers)
+    data = connection.getresponse().read()
+    connection.close()
+    return data
+
+
+def load(
+    port: int, method: str, path: str, body: str | None, token: str, clients: int, seconds: float
+) -> dict[str, float]:
+    """Requests/s and p50/p99 latency (ms) of ``clients`` threads for ``seconds``."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def client() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine = []
+        while time.perf_counter() < deadline:
+            began = time.perf_counter()
+            connection.request(method, path, body=body, headers=headers)
+            connection.getresponse().read()
+            mine.append(time.perf_counter() - began)
+        connection.close()
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    ordered = sorted(latencies)
+    return {
+        "rps": len(ordered) / elapsed,
+        "p50": statistics.median(ordered) * 1000,
+        "p99": ordered[int(len(ordered) * 0.99) - 1] * 1000,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="flops-api-load-") as tmp:
+        home = Path(tmp)
+        project_id = fill_store(home)
+        token = load_or_create_api_token(home)
+        manager_port, baseline_port = find_free_port(), find_free_port()
+        env = {
+            **os.environ,
+            "FLOPS_HOME": str(home),
+            "FLOPS_MANAGER_PORT": str(manager_port),
+            "FLOPS_MLFLOW_URL": "http://127.0.0.1:9",
+            "FLOPS_LOG_LEVEL": "WARNING",
+        }
+        manager = start([sys.executable, "-m", "flops_manager.main"], env, manager_port)
+        scenarios = [
+            ("GET /projects/{id}", "GET", f"/api/flops/projects/{project_id}", None),
+            (f"GET /projects ({PROJECTS} stored)", "GET", "/api/flops/projects", None),
+            ("POST /projects rejected", "POST", "/api/flops/projects", INVALID_SLA),
+        ]
+        bodies = [fetch(manager_port, m, p, token, b) for _, m, p, b in scenarios]
+        for index, body in enumerate(bodies):
+            (home / f"body{index}.json").write_bytes(body)
+        baseline = start(
+            [sys.executable, "-c", BASELINE_APP, str(baseline_port)]
+            + [str(home / f"body{i}.json") for i in range(3)],
+            env,
+            baseline_port,
+        )
+        results = []
+        try:
+            for name, method, path, body in scenarios:
+                ours = load(manager_port, method, path, body, token, args.clients, args.seconds)
+                base = load(baseline_port, method, path, body, token, args.clients, args.seconds)
+                results.append((name, ours, base))
+        finally:
+            stop_process_groups([manager, baseline])
+    print(f"{args.clients} concurrent clients, {args.seconds:g} s per scenario and server")
+    print(
+        f"{'':30}{'FLOps req/s':>12}{'p50 ms':>8}{'p99 ms':>8}"
+        f"{'Flask req/s':>13}{'p50 ms':>8}{'p99 ms':>8}{'ratio':>7}"
+    )
+    for name, ours, base in results:
+        print(
+            f"{name:30}{ours['rps']:>12.0f}{ours['p50']:>8.1f}{ours['p99']:>8.1f}"
+            f"{base['rps']:>13.0f}{base['p50']:>8.1f}{base['p99']:>8.1f}"
+            f"{ours['rps'] / base['rps']:>7.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
