@@ -1,4 +1,5 @@
-"""The aggregator's Flower adapter: FedAvg over the learners with per-round callbacks.
+"""The aggregator's Flower adapter: the SLA's Flower strategy over the learners, with
+per-round callbacks.
 
 This is the only aggregator module that imports ``flwr``. It runs Flower's gRPC-bidi server
 (the ``start_server`` API: about 0.25 s per round here, against about 16 s for Flower 1.41's
@@ -11,8 +12,13 @@ It does what ``flwr.server.start_server`` does (start the gRPC server, ``run_fl`
 with three changes so that a broken round ends training instead of hanging or silently
 skipping: the wait for learners is bounded (``connect_timeout_s``), every round has a timeout
 (``round_timeout_s``), and a round with any failed learner, or with fewer learners than the
-SLA's minimum, raises :class:`TrainingFailed` (FedAvg with ``accept_failures=False`` would only
-skip the aggregation and carry on with the old model).
+SLA's minimum, raises :class:`TrainingFailed` (Flower's strategies with
+``accept_failures=False`` would only skip the aggregation and carry on with the old model).
+
+The strategy is the SLA's ``training_configuration.strategy`` (:mod:`flops_manager.sla`):
+FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad, FedMedian or FedTrimmedAvg, each Flower's own
+class with the SLA's parameters. One mixin placed before that class in the MRO adds the
+checks above and the per-round reporting, so every strategy behaves alike towards FLOps.
 """
 
 import os
@@ -23,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from numpy.typing import NDArray
 
+from flops_manager.sla import DEFAULT_STRATEGY, StrategyConfig
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 
@@ -73,7 +80,8 @@ class TrainingSettings:
 
     ``address``: ``HOST:PORT`` to bind; ``num_rounds``: training rounds; ``min_*``: the SLA's
     client minimums; ``round_timeout_s``: seconds a learner may take per fit or evaluate call;
-    ``connect_timeout_s``: seconds to wait for ``min_available_clients`` learners.
+    ``connect_timeout_s``: seconds to wait for ``min_available_clients`` learners;
+    ``strategy``: the Flower strategy and its parameters (defaults to FedAvg).
     """
 
     address: str
@@ -83,6 +91,7 @@ class TrainingSettings:
     min_evaluate_clients: int = 1
     round_timeout_s: float = DEFAULT_ROUND_TIMEOUT_S
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    strategy: StrategyConfig = DEFAULT_STRATEGY
 
 
 @dataclass(frozen=True)
@@ -103,8 +112,8 @@ class RoundResult:
 
 @dataclass
 class TrainingResult:
-    """The outcome of :func:`run_server`: the final global ``parameters`` (the last FedAvg
-    aggregate), one :class:`RoundResult` per round, and the total wall time in seconds."""
+    """The outcome of :func:`run_server`: the final global ``parameters`` (the strategy's
+    last aggregate), one :class:`RoundResult` per round, and the total wall time in seconds."""
 
     parameters: NDArrays
     rounds: list[RoundResult] = field(default_factory=list)
@@ -149,11 +158,22 @@ def _build_strategy(
     result: TrainingResult,
     on_round: Callable[[RoundResult], None] | None,
 ) -> "FedAvg":
-    """FedAvg that raises on a broken round and reports each finished round."""
+    """The SLA's Flower strategy, raising on a broken round and reporting each finished one.
+
+    Every supported strategy derives from Flower's ``FedAvg``; the class built here is
+    ``_FlopsRounds`` mixed in before it (``class FlopsFedAdam(_FlopsRounds, FedAdam)``), so
+    ``super()`` in the mixin reaches the chosen strategy's own configure and aggregate steps.
+    """
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server import strategy as flower_strategies
     from flwr.server.strategy import FedAvg
 
-    class _FlopsFedAvg(FedAvg):
+    name = settings.strategy.name
+    chosen: type[FedAvg] = getattr(flower_strategies, name)
+
+    class _FlopsRounds(FedAvg):
+        """FLOps' additions to any FedAvg-derived Flower strategy (a mixin)."""
+
         _round_began = 0.0
         _phase_began = 0.0
         _fit_examples = 0
@@ -186,7 +206,7 @@ def _build_strategy(
             self._check_results(server_round, "training", results, failures)
             parameters, metrics = super().aggregate_fit(server_round, results, failures)
             if parameters is None:
-                raise RoundFailed(f"Round {server_round}: FedAvg produced no parameters.")
+                raise RoundFailed(f"Round {server_round}: {name} produced no parameters.")
             result.parameters = parameters_to_ndarrays(parameters)
             self._fit_examples = sum(res.num_examples for _, res in results)
             return parameters, metrics
@@ -238,7 +258,10 @@ def _build_strategy(
                 f"failed or timed out ({_describe_failures(failures)}); {hint}."
             )
 
-    return _FlopsFedAvg(
+    strategy_class: type[FedAvg] = type(f"Flops{name}", (_FlopsRounds, chosen), {})
+    parameters = settings.strategy.flower_kwargs()
+    logger.info("strategy %s %s", name, parameters)
+    return strategy_class(
         fraction_fit=1.0,
         fraction_evaluate=1.0,
         min_fit_clients=settings.min_fit_clients,
@@ -248,6 +271,7 @@ def _build_strategy(
         accept_failures=False,
         fit_metrics_aggregation_fn=_sum_examples,
         evaluate_metrics_aggregation_fn=weighted_accuracy,
+        **parameters,
     )
 
 
@@ -257,7 +281,8 @@ def run_server(
     on_round: Callable[[RoundResult], None] | None = None,
     on_listening: Callable[[str], None] | None = None,
 ) -> TrainingResult:
-    """Run ``settings.num_rounds`` rounds of FedAvg with the learners that connect.
+    """Run ``settings.num_rounds`` rounds of ``settings.strategy`` with the learners that
+    connect.
 
     Args:
         settings: address, rounds, client minimums and timeouts.

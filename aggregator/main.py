@@ -1,4 +1,5 @@
-"""The aggregator process: runs Flower FedAvg over the learners and tracks it in MLflow.
+"""The aggregator process: runs the SLA's Flower strategy over the learners and tracks it in
+MLflow.
 
 Started as ``python -m aggregator`` (or ``flops-aggregator``) by an orchestrator, configured
 by environment variables (:mod:`flops_utils.env_vars`):
@@ -8,12 +9,14 @@ by environment variables (:mod:`flops_utils.env_vars`):
 - ``FLOPS_MLFLOW_URL``: ``http://HOST:PORT`` of the MLflow tracking server (required).
 - ``FLOPS_SLA``: the validated SLA as JSON (required); read are ``training_configuration.
   {training_rounds, min_available_clients, min_fit_clients, min_evaluate_clients,
-  round_timeout_s}``, ``ml_model_flavor`` and ``customerID``, with the SLA's defaults.
+  round_timeout_s, strategy}``, ``ml_model_flavor`` and ``customerID``, with the SLA's
+  defaults (``strategy`` defaults to FedAvg).
 - ``FLOPS_ML_REPO_DIR``: the ML repository root (defaults to the working directory).
 - ``FLOPS_CONNECT_TIMEOUT_S``: seconds to wait for the learners (defaults to 300).
 
 MQTT (``flops/<project_id>/aggregator/<status>``): ``started`` once learners can connect
-(data ``{"address", "rounds"}``), ``progress`` after each round (data ``{"stage": "round",
+(data ``{"address", "rounds", "strategy"}``, ``strategy`` being ``{"name", ...parameters}``
+with every default filled in), ``progress`` after each round (data ``{"stage": "round",
 "round", "rounds", "loss", "accuracy", "learners", "seconds"}``) and once after the last
 round (data ``{"stage": "training_done", "rounds", "loss", "accuracy"}``), then ``success``
 (data ``{"experiment_id", "run_id", "model_uri", "registered_model", "model_version",
@@ -36,6 +39,7 @@ from types import FrameType
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from aggregator.flower_server import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -47,6 +51,7 @@ from aggregator.flower_server import (
     run_server,
 )
 from aggregator.tracking import MlflowTracker, ModelLoggingError, TrackingError
+from flops_manager.sla import DEFAULT_STRATEGY, STRATEGY_ADAPTER, StrategyConfig
 from flops_utils import env_vars
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
@@ -148,9 +153,12 @@ def exit_code_for(exc: BaseException) -> ExitCode:
 class AggregatorConfig:
     """The aggregator's settings, read from the environment by :meth:`from_env`.
 
-    ``sla`` is the SLA as parsed JSON (logged to MLflow as parameters); the other fields are
-    taken from it with the SLA's defaults (rounds 3, client minimums 1, flavor pytorch).
-    ``round_timeout_s`` falls back to :data:`DEFAULT_ROUND_TIMEOUT_S` when the SLA sets none.
+    ``sla`` is the SLA as parsed JSON (logged to MLflow as parameters) with
+    ``training_configuration.strategy`` replaced by ``strategy`` in full, so that the run
+    records the strategy's name and every parameter in effect; the other fields are taken
+    from it with the SLA's defaults (rounds 3, client minimums 1, flavor pytorch, strategy
+    FedAvg). ``round_timeout_s`` falls back to :data:`DEFAULT_ROUND_TIMEOUT_S` when the SLA
+    sets none.
     """
 
     project_id: str
@@ -166,6 +174,7 @@ class AggregatorConfig:
     min_evaluate_clients: int
     round_timeout_s: float
     connect_timeout_s: float
+    strategy: StrategyConfig = DEFAULT_STRATEGY
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "AggregatorConfig":
@@ -226,6 +235,8 @@ class AggregatorConfig:
                 f"SLA training_configuration.round_timeout_s={round_timeout!r} must be a "
                 "positive number of seconds."
             )
+        strategy = _strategy(training)
+        training = {**training, "strategy": strategy.model_dump(mode="json")}
         connect_raw = env.get(env_vars.CONNECT_TIMEOUT_S) or str(DEFAULT_CONNECT_TIMEOUT_S)
         try:
             connect_timeout_s = float(connect_raw)
@@ -239,7 +250,7 @@ class AggregatorConfig:
             address=address,
             mlflow_url=mlflow_url,
             repo_dir=repo_dir,
-            sla=sla,
+            sla={**sla, "training_configuration": training},
             flavor=flavor,
             training_rounds=counts["training_rounds"],
             min_available_clients=counts["min_available_clients"],
@@ -247,6 +258,7 @@ class AggregatorConfig:
             min_evaluate_clients=counts["min_evaluate_clients"],
             round_timeout_s=float(round_timeout or DEFAULT_ROUND_TIMEOUT_S),
             connect_timeout_s=connect_timeout_s,
+            strategy=strategy,
         )
 
     def training_settings(self) -> TrainingSettings:
@@ -259,6 +271,7 @@ class AggregatorConfig:
             min_evaluate_clients=self.min_evaluate_clients,
             round_timeout_s=self.round_timeout_s,
             connect_timeout_s=self.connect_timeout_s,
+            strategy=self.strategy,
         )
 
 
@@ -269,6 +282,22 @@ def _required(env: Mapping[str, str], name: str) -> str:
             f"{name} is not set; the orchestrator sets it when it starts an aggregator."
         )
     return value
+
+
+def _strategy(training: Mapping[str, Any]) -> StrategyConfig:
+    """``training_configuration.strategy`` validated, FedAvg when missing or null."""
+    raw = training.get("strategy")
+    if raw is None:
+        return DEFAULT_STRATEGY
+    try:
+        return STRATEGY_ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            ".".join(["training_configuration.strategy", *(str(p) for p in error["loc"])])
+            + f": {error['msg']}"
+            for error in exc.errors(include_url=False)
+        )
+        raise ConfigError(f"SLA {problems}.") from exc
 
 
 def _positive_int(training: Mapping[str, Any], name: str, default: int) -> int:
@@ -292,7 +321,11 @@ def run(config: AggregatorConfig, notifier: StatusNotifier) -> ExitCode:
         notifier.notify(
             ComponentStatus.STARTED,
             f"aggregator listening on {address}",
-            {"address": address, "rounds": config.training_rounds},
+            {
+                "address": address,
+                "rounds": config.training_rounds,
+                "strategy": config.strategy.model_dump(mode="json"),
+            },
         )
 
     def on_round(result: RoundResult) -> None:

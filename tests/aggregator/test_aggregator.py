@@ -29,6 +29,7 @@ from aggregator.tracking import (
     flatten_params,
     sklearn_input_example,
 )
+from flops_manager.sla import FedAvgConfig, FedYogiConfig
 from flops_utils.net import find_free_port
 from flops_utils.types import MLModelFlavor
 from observatory.mlflow_server import MlflowServer
@@ -68,6 +69,27 @@ def test_config_reads_the_sla_with_its_defaults() -> None:
     assert (settings.address, settings.num_rounds) == ("127.0.0.1:8080", 3)
 
 
+def test_config_reads_the_strategy_and_records_every_parameter() -> None:
+    # Prepare
+    sla = json.loads((EXAMPLE_REPO / "sla.json").read_text())
+    sla["training_configuration"]["strategy"] = {"name": "FedYogi", "eta": 0.05}
+
+    # Execute
+    yogi = AggregatorConfig.from_env(_env(FLOPS_SLA=json.dumps(sla)))
+    default = AggregatorConfig.from_env(_env())
+
+    # Assert: the strategy reaches Flower, and MLflow gets it with Flower's defaults filled in.
+    assert yogi.strategy == FedYogiConfig(name="FedYogi", eta=0.05)
+    assert yogi.training_settings().strategy == yogi.strategy
+    params = flatten_params(yogi.sla)
+    assert params["training_configuration.strategy.name"] == "FedYogi"
+    assert params["training_configuration.strategy.eta"] == "0.05"
+    assert params["training_configuration.strategy.tau"] == "0.001"
+    assert params["training_configuration.training_rounds"] == "5"
+    assert default.strategy == FedAvgConfig(name="FedAvg")
+    assert default.sla["training_configuration"]["strategy"] == {"name": "FedAvg"}
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -80,6 +102,18 @@ def test_config_reads_the_sla_with_its_defaults() -> None:
         (
             {"FLOPS_SLA": '{"training_configuration": {"round_timeout_s": -1}}'},
             "round_timeout_s=-1 must be a positive number",
+        ),
+        (
+            {"FLOPS_SLA": '{"training_configuration": {"strategy": {"name": "FedSGD"}}}'},
+            "training_configuration.strategy: Input tag 'FedSGD' found using 'name' does not "
+            "match any of the expected tags: 'FedAvg', 'FedProx'",
+        ),
+        (
+            {
+                "FLOPS_SLA": '{"training_configuration": {"strategy": {"name": "FedAdam", '
+                '"beta_1": 2}}}'
+            },
+            "training_configuration.strategy.FedAdam.beta_1: Input should be less than 1",
         ),
         ({"FLOPS_MLFLOW_URL": ""}, "FLOPS_MLFLOW_URL is not set"),
         ({"FLOPS_MQTT_URL": "tcp://x:1"}, "FLOPS_MQTT_URL"),

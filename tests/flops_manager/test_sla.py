@@ -3,7 +3,20 @@
 import pytest
 from pydantic import ValidationError
 
-from flops_manager.sla import Platform, PostTrainingStep, ProjectSLA
+from flops_manager.sla import (
+    STRATEGY_ADAPTER,
+    STRATEGY_NAMES,
+    FedAdagradConfig,
+    FedAdamConfig,
+    FedAvgConfig,
+    FedMedianConfig,
+    FedProxConfig,
+    FedTrimmedAvgConfig,
+    FedYogiConfig,
+    Platform,
+    PostTrainingStep,
+    ProjectSLA,
+)
 from flops_utils.types import FLOpsMode, MLModelFlavor
 
 # The two example SLAs of the original FLOps documentation ("Project SLAs" page).
@@ -90,3 +103,120 @@ def test_bad_values_are_rejected_naming_the_field(patch: dict[str, object], fiel
     assert field in text
     if not field:
         assert "min_fit_clients (2) exceeds min_available_clients (1)" in text
+
+
+# The ``strategy`` extension: Flower's strategies with their parameters.
+
+
+def _with_strategy(strategy: object) -> dict[str, object]:
+    training = {**ORIGINAL_CLASSIC["training_configuration"], "strategy": strategy}
+    return {**ORIGINAL_CLASSIC, "training_configuration": training}
+
+
+def test_an_sla_without_strategy_uses_fedavg() -> None:
+    sla = ProjectSLA.model_validate(ORIGINAL_CLASSIC)
+
+    assert sla.training_configuration.strategy == FedAvgConfig(name="FedAvg")
+    assert sla.model_dump(mode="json")["training_configuration"]["strategy"] == {"name": "FedAvg"}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "model", "parameters"),
+    [
+        ({"name": "FedAvg"}, FedAvgConfig, {}),
+        ({"name": "FedProx", "proximal_mu": 0.1}, FedProxConfig, {"proximal_mu": 0.1}),
+        (
+            {"name": "FedAdam", "eta": 0.05, "beta_2": 0.999},
+            FedAdamConfig,
+            {"eta": 0.05, "eta_l": 0.1, "beta_1": 0.9, "beta_2": 0.999, "tau": 1e-9},
+        ),
+        (
+            {"name": "FedYogi"},
+            FedYogiConfig,
+            {"eta": 0.01, "eta_l": 0.0316, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+        ),
+        (
+            {"name": "FedAdagrad", "tau": 0.001},
+            FedAdagradConfig,
+            {"eta": 0.1, "eta_l": 0.1, "tau": 0.001},
+        ),
+        ({"name": "FedMedian"}, FedMedianConfig, {}),
+        ({"name": "FedTrimmedAvg"}, FedTrimmedAvgConfig, {"beta": 0.2}),
+        ({"name": "FedTrimmedAvg", "beta": 0.1}, FedTrimmedAvgConfig, {"beta": 0.1}),
+    ],
+)
+def test_each_strategy_is_parsed_with_flowers_defaults(
+    strategy: dict[str, object], model: type, parameters: dict[str, float]
+) -> None:
+    sla = ProjectSLA.model_validate(_with_strategy(strategy))
+
+    parsed = sla.training_configuration.strategy
+    assert type(parsed) is model
+    assert parsed.name == strategy["name"]
+    assert parsed.flower_kwargs() == parameters
+    assert ProjectSLA.model_validate(sla.model_dump(mode="json")) == sla  # stored and reloaded
+
+
+def test_the_defaults_are_the_installed_flowers() -> None:
+    # Every default above is the default of the Flower class of the same name.
+    import inspect
+
+    from flwr.server import strategy as flower
+
+    for name in STRATEGY_NAMES:
+        model = STRATEGY_ADAPTER.validate_python(
+            {"name": name, **({"proximal_mu": 0.0} if name == "FedProx" else {})}
+        )
+        signature = inspect.signature(getattr(flower, name))
+        for parameter, value in model.flower_kwargs().items():
+            default = signature.parameters[parameter].default
+            if default is not inspect.Parameter.empty:
+                assert value == default, f"{name}.{parameter}"
+
+
+def test_an_unknown_strategy_lists_the_valid_names() -> None:
+    with pytest.raises(ValidationError) as caught:
+        ProjectSLA.model_validate(_with_strategy({"name": "FedSGD"}))
+
+    [error] = caught.value.errors()
+    assert error["loc"] == ("training_configuration", "strategy")
+    assert "'FedSGD'" in error["msg"]
+    for name in STRATEGY_NAMES:
+        assert f"'{name}'" in error["msg"]
+
+
+def test_a_strategy_without_name_lists_the_valid_names() -> None:
+    with pytest.raises(ValidationError) as caught:
+        ProjectSLA.model_validate(_with_strategy({"proximal_mu": 0.1}))
+
+    [error] = caught.value.errors()
+    assert error["loc"] == ("training_configuration", "strategy")
+    assert "needs a 'name', one of FedAvg, FedProx, FedAdam" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "field", "message"),
+    [
+        ({"name": "FedProx"}, "proximal_mu", "Field required"),
+        ({"name": "FedProx", "proximal_mu": -0.1}, "proximal_mu", "greater than or equal to 0"),
+        ({"name": "FedAdam", "eta": 0}, "eta", "greater than 0"),
+        ({"name": "FedAdam", "beta_1": 1.0}, "beta_1", "less than 1"),
+        ({"name": "FedYogi", "beta_2": -0.5}, "beta_2", "greater than or equal to 0"),
+        ({"name": "FedYogi", "tau": 2}, "tau", "less than or equal to 1"),
+        ({"name": "FedAdagrad", "eta_l": 100}, "eta_l", "less than or equal to 10"),
+        ({"name": "FedAdagrad", "beta_1": 0.9}, "beta_1", "Extra inputs are not permitted"),
+        ({"name": "FedTrimmedAvg", "beta": 0.5}, "beta", "less than 0.5"),
+        ({"name": "FedMedian", "beta": 0.1}, "beta", "Extra inputs are not permitted"),
+        ({"name": "FedAdam", "eta": "fast"}, "eta", "valid number"),
+        ({"name": "FedAdam", "eta": float("inf")}, "eta", "finite number"),
+    ],
+)
+def test_bad_strategy_parameters_are_rejected_naming_the_field(
+    strategy: dict[str, object], field: str, message: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        ProjectSLA.model_validate(_with_strategy(strategy))
+
+    [error] = caught.value.errors()
+    assert error["loc"] == ("training_configuration", "strategy", strategy["name"], field)
+    assert message in error["msg"]
