@@ -94,13 +94,17 @@ def _run(
     server.start()
     assert listening.wait(TIMEOUT_S), "the Flower server did not start"
 
-    def learn(client: _FixedClient) -> None:
+    def learn(client: _FixedClient, flower_client: Any) -> None:
         try:
-            start_client(server_address=settings.address, client=client.client())
+            start_client(server_address=settings.address, client=flower_client)
         except Exception as exc:  # the stream breaks when the server ends a failed round
             client.error = exc
 
-    threads = [threading.Thread(target=learn, args=(c,), daemon=True) for c in clients]
+    # Flower clients are built here, not in the threads: CPython 3.11 can fail with
+    # "AST constructor recursion depth mismatch" when threads compile code at the same time.
+    threads = [
+        threading.Thread(target=learn, args=(c, c.client()), daemon=True) for c in clients
+    ]
     for thread in threads:
         thread.start()
     server.join(TIMEOUT_S * 2)
