@@ -2,8 +2,15 @@
 
 Production runs Mosquitto from docker-compose; the embedded default and the tests start
 ``mosquitto`` (Debian package, installed by ``scripts/bootstrap``) with a generated config.
+
+Persistence is on: Mosquitto keeps retained messages, persistent sessions and the QoS 1
+messages queued for disconnected persistent clients (the manager's listener while the manager
+restarts) in ``<workdir>/mosquitto.db``, saved every ``AUTOSAVE_INTERVAL_S`` seconds and on a
+clean shutdown, so a broker restarted on the same port and workdir still delivers them.
 """
 
+import os
+import pwd
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +22,8 @@ from flops_utils.processes import stop_process_groups
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
+AUTOSAVE_INTERVAL_S = 5
+"""Seconds between saves of the persistence file (Mosquitto's ``autosave_interval``)."""
 
 
 class BrokerUnavailable(FlopsError):
@@ -41,12 +50,13 @@ class MosquittoBroker:
     """A Mosquitto broker on ``host:port`` (port 0 picks a free one), stopped on exit.
 
     Args:
-        workdir: directory for the generated config and the broker's log.
+        workdir: directory for the generated config, the broker's log and its persistence
+            file ``mosquitto.db`` (reusing a workdir keeps queued messages and sessions).
         host: interface to listen on. Defaults to loopback.
         port: TCP port; 0 picks a free one.
 
-    Use as a context manager or call :meth:`start` / :meth:`stop`. ``url`` is
-    ``mqtt://HOST:PORT``.
+    Use as a context manager or call :meth:`start` / :meth:`stop` (or :meth:`detach` to leave
+    it running). ``url`` is ``mqtt://HOST:PORT``; ``pid`` the broker process once started.
     """
 
     def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -54,6 +64,11 @@ class MosquittoBroker:
         self.host = host
         self.port = port or find_free_port(host)
         self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id (also its process group id) while started, else ``None``."""
+        return self._process.pid if self._process is not None else None
 
     @property
     def url(self) -> str:
@@ -72,8 +87,13 @@ class MosquittoBroker:
         log = self.workdir / "mosquitto.log"
         config.write_text(
             f"listener {self.port} {self.host}\n"
+            # As root, Mosquitto would switch to the user 'mosquitto', who cannot write the
+            # persistence file and log in the workdir; stay the user who owns them.
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
             "allow_anonymous true\n"
-            "persistence false\n"
+            "persistence true\n"
+            f"persistence_location {self.workdir.resolve()}/\n"
+            f"autosave_interval {AUTOSAVE_INTERVAL_S}\n"
             f"log_dest file {log}\n"
         )
         self._process = subprocess.Popen(
@@ -93,6 +113,11 @@ class MosquittoBroker:
         if self._process is None:
             return
         stop_process_groups([self._process], STOP_TIMEOUT_S)
+        self._process = None
+
+    def detach(self) -> None:
+        """Forget the broker without stopping it: it keeps running after this process exits
+        (a later manager re-uses it, see ``flops_manager.embedded``)."""
         self._process = None
 
     def __enter__(self) -> "MosquittoBroker":

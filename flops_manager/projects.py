@@ -7,19 +7,37 @@ project's event log; the time spent in each phase is recorded under ``phases``.
 Orchestration work (cloning, building, starting services) runs on a worker pool, never in the
 request thread. Component status messages arrive over MQTT (:meth:`ProjectLifecycle.on_status`)
 and service exits from the orchestrator (:meth:`ProjectLifecycle.on_service_exit`).
+
+Restarts (:meth:`ProjectLifecycle.begin_recovery`, then the MQTT backlog, then
+:meth:`ProjectLifecycle.finish_recovery`): every project that was not finished when the
+previous manager process ended is reconciled. ``pending`` and ``building`` projects are resumed
+(building is idempotent: the environment cache is content-addressed and crash-safe).
+``deploying`` ones are failed and their started services stopped (services of an interrupted
+deployment cannot be told apart from a redeployment's), unless every service was started and
+still runs, which makes them ``training``. ``training`` and ``post_training`` projects get their
+running services re-attached; the status messages queued by the broker meanwhile are applied;
+then a project with a service that is gone without having reported success, or that reported a
+failure, fails with a reason naming the service and its last log line.
 """
 
 import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
 from flops_manager.errors import Conflict, NotFound
-from flops_manager.orchestrators.base import Deployment, Orchestrator, ServiceSpec
+from flops_manager.orchestrators.base import (
+    Deployment,
+    Orchestrator,
+    ServiceHandle,
+    ServiceSpec,
+)
 from flops_manager.sla import PostTrainingStep, ProjectSLA
 from flops_manager.store import ProjectStore
 from flops_utils import env_vars
@@ -34,7 +52,11 @@ TRAINING_DONE = "training_done"
 it logs the final model: the project moves to ``post_training`` then."""
 
 AGGREGATOR_EXIT_GRACE_S = 5.0
-"""Seconds to wait for the aggregator's ``success`` message after it exited with code 0."""
+"""Seconds to wait for a service's final status message after it exited with code 0 or with
+an unknown code (a re-attached service): the message may still be on its way."""
+
+AGGREGATOR = "aggregator"
+"""The aggregator's service name (learners are ``learner-<node_id>``)."""
 
 
 class ProjectStatus(StrEnum):
@@ -65,6 +87,32 @@ _NEXT: dict[ProjectStatus, ProjectStatus] = {
     ProjectStatus.POST_TRAINING: ProjectStatus.COMPLETED,
 }
 """The forward path; ``failed`` and ``cancelled`` are reachable from every non-terminal state."""
+
+
+ACTIVE = frozenset({ProjectStatus.DEPLOYING, ProjectStatus.TRAINING, ProjectStatus.POST_TRAINING})
+"""States in which a project has services running."""
+
+
+def service_name(component: Component, instance: str) -> str:
+    """The orchestrator's name of the service that publishes as ``component``/``instance``:
+    ``aggregator`` for the aggregator, ``learner-<instance>`` for a learner."""
+    return component.value if instance in ("", component.value) else f"{component.value}-{instance}"
+
+
+def final_reports(project: dict[str, Any]) -> dict[str, str]:
+    """Service name → the last final status (``success`` / ``failed``) it reported over MQTT,
+    from the project's ``service_reports`` list (``{"service", "status", "timestamp"}``)."""
+    return {r["service"]: r["status"] for r in project.get("service_reports") or []}
+
+
+@dataclass
+class _Recovery:
+    """What the restart found for one re-attached project: services ``gone`` (name → last log
+    line) and failure reports held back (``failures``) until :meth:`finish_recovery`."""
+
+    running: list[str]
+    gone: dict[str, str]
+    failures: list[str] = field(default_factory=list)
 
 
 class BuiltEnvironment(Protocol):
@@ -123,6 +171,8 @@ class ProjectLifecycle:
         mqtt_url: broker the services publish their status to.
         mlflow_url: tracking server the aggregator logs to.
         max_workers: projects that can build/deploy at the same time.
+        exit_grace_s: seconds to wait for a service's final status message after it exited
+            with code 0 or an unknown code. Defaults to :data:`AGGREGATOR_EXIT_GRACE_S`.
     """
 
     def __init__(
@@ -134,6 +184,7 @@ class ProjectLifecycle:
         mqtt_url: str,
         mlflow_url: str,
         max_workers: int = 4,
+        exit_grace_s: float = AGGREGATOR_EXIT_GRACE_S,
     ) -> None:
         self.store = store
         self.builder = builder
@@ -141,8 +192,13 @@ class ProjectLifecycle:
         self.workdir = workdir
         self.mqtt_url = mqtt_url
         self.mlflow_url = mlflow_url
+        self.exit_grace_s = exit_grace_s
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="project")
+        self._closing = False
+        self._recovering: dict[str, _Recovery] = {}
+        self._to_resume: list[str] = []
+        self._completing: set[str] = set()
 
     # -- accepting work ------------------------------------------------------------------
     def create(self, sla: ProjectSLA) -> dict[str, Any]:
@@ -176,12 +232,15 @@ class ProjectLifecycle:
             "phases": {ProjectStatus.PENDING.value: {"started_at": now}},
             "events": [_event("status", ProjectStatus.PENDING.value, "project accepted", now)],
             "rounds": [],
+            "services": [],
+            "service_handles": [],
+            "service_reports": [],
             "environment": None,
             "mlflow": None,
             "inference_url": None,
         }
         self.store.insert_project(project)
-        self._pool.submit(self._run, project_id, sla, eligible)
+        self._pool.submit(self._run, project_id, sla, eligible, ProjectStatus.PENDING)
         return project
 
     def get(self, project_id: str) -> dict[str, Any]:
@@ -199,13 +258,174 @@ class ProjectLifecycle:
         return self.get(project_id)
 
     def close(self) -> None:
-        """Stop accepting work; running builds finish in the background threads."""
+        """Stop accepting work. Queued projects stay ``pending`` and a build that is under way
+        finishes in its thread without moving on: the next manager process resumes both."""
+        self._closing = True
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    # -- the pipeline --------------------------------------------------------------------
-    def _run(self, project_id: str, sla: ProjectSLA, nodes: list[dict[str, Any]]) -> None:
+    def active_projects(self) -> list[str]:
+        """Ids of the projects that have services running or starting (``deploying``,
+        ``training``, ``post_training``), oldest first."""
+        return [
+            p["project_id"]
+            for p in self.store.list_projects()
+            if ProjectStatus(p["status"]) in ACTIVE
+        ]
+
+    def fail_unfinished(self, reason: str) -> list[str]:
+        """Fail every unfinished project with ``reason`` and stop its services (a manager
+        stopping for good). Returns their ids."""
+        ended = []
+        for project in self.store.list_projects():
+            if not ProjectStatus(project["status"]).is_terminal:
+                self._finish(project["project_id"], ProjectStatus.FAILED, reason)
+                ended.append(project["project_id"])
+        return ended
+
+    # -- restart -------------------------------------------------------------------------
+    def begin_recovery(self) -> list[str]:
+        """First half of reconciling after a restart, before the MQTT backlog is applied.
+
+        Re-attaches the running services of ``training`` / ``post_training`` projects (and of
+        ``deploying`` ones whose deployment had finished), fails other ``deploying`` projects,
+        notes ``pending`` / ``building`` ones to resume, and stops services of finished
+        projects that still run. Until :meth:`finish_recovery`,
+        failure reports and service exits of re-attached projects are held back, so that a
+        service that died silently is named as the cause rather than the reactions of the
+        others. Returns the ids of the projects it reconciles.
+        """
+        seen = []
+        for project in self.store.list_projects():
+            status = ProjectStatus(project["status"])
+            project_id = project["project_id"]
+            if status.is_terminal:
+                self._stop_leftovers(project_id, project.get("service_handles") or [])
+                continue
+            seen.append(project_id)
+            if status in (ProjectStatus.PENDING, ProjectStatus.BUILDING):
+                self._to_resume.append(project_id)
+                continue
+            handles: list[ServiceHandle] = list(project.get("service_handles") or [])
+            if not handles and status is not ProjectStatus.DEPLOYING:
+                self._finish(
+                    project_id,
+                    ProjectStatus.FAILED,
+                    f"the manager restarted and has no record of this {status.value} project's "
+                    "services, so it cannot watch them; POST the SLA again.",
+                )
+                continue
+            states = self.orchestrator.reattach(project_id, handles)
+            running = [s.name for s in states if s.running]
+            if status is ProjectStatus.DEPLOYING:
+                expected = list(project.get("services") or [])
+                if not running or sorted(running) != sorted(expected):
+                    self._finish(
+                        project_id,
+                        ProjectStatus.FAILED,
+                        "the manager restarted while deploying the services, so their start "
+                        "cannot be confirmed; the ones started were stopped. POST the SLA again.",
+                    )
+                    continue
+                self._transition(
+                    project_id,
+                    ProjectStatus.TRAINING,
+                    f"started the aggregator and {len(expected) - 1} learner(s) "
+                    "(confirmed after a manager restart)",
+                )
+            gone = {s.name: s.last_output for s in states if not s.running}
+            with self._lock:
+                self._recovering[project_id] = _Recovery(running, gone)
+        return seen
+
+    def _stop_leftovers(self, project_id: str, handles: list[ServiceHandle]) -> None:
+        """Stop services of a finished project that still run (the previous manager ended
+        between persisting the end of the project and stopping its services)."""
+        if not handles:
+            return
+        running = [s.name for s in self.orchestrator.reattach(project_id, handles) if s.running]
+        if running:
+            logger.info("project %s is finished; stopping %s", project_id, ", ".join(running))
+            self._stop_services(project_id)
+
+    def finish_recovery(self) -> None:
+        """Second half of reconciling after a restart, once the MQTT backlog is applied.
+
+        A re-attached project whose aggregator reported success is completed; one with a
+        service that is gone without reporting success, or with failure reports, fails with
+        a reason naming those services (silent ones first, each with its last log line);
+        otherwise its services keep being watched. ``pending`` / ``building`` projects are
+        resumed on the worker pool.
+        """
+        with self._lock:
+            recovering, self._recovering = self._recovering, {}
+            to_resume, self._to_resume = self._to_resume, []
+        for project_id, found in recovering.items():
+            project = self.get(project_id)
+            if ProjectStatus(project["status"]).is_terminal:
+                continue
+            reports = final_reports(project)
+            if reports.get(AGGREGATOR) == ComponentStatus.SUCCESS.value:
+                self._note(project_id, "the aggregator reported success while the manager was down")
+                self._pool.submit(
+                    self._post_training, project_id, project.get("aggregator_result") or {}
+                )
+                continue
+            silent = [
+                f"{name} stopped without reporting a result"
+                + (f" (last log line: {_clip(line)})" if line else "")
+                for name, line in found.gone.items()
+                if reports.get(name)
+                not in (ComponentStatus.SUCCESS.value, ComponentStatus.FAILED.value)
+            ]
+            reasons = silent + found.failures
+            if reasons:
+                self._finish(
+                    project_id,
+                    ProjectStatus.FAILED,
+                    "while the manager was down, " + "; ".join(reasons),
+                )
+                continue
+            names = ", ".join(found.running) or "none"
+            self._note(
+                project_id,
+                f"manager restarted; re-attached {len(found.running)} running service(s): {names}",
+            )
+        for project_id in to_resume:
+            self._pool.submit(self._resume, project_id)
+
+    def _resume(self, project_id: str) -> None:
+        project = self.get(project_id)
+        status = ProjectStatus(project["status"])
+        if status not in (ProjectStatus.PENDING, ProjectStatus.BUILDING):
+            return
         try:
-            if not self._transition(project_id, ProjectStatus.BUILDING, "building the environment"):
+            sla = ProjectSLA.model_validate(project["sla"])
+        except ValueError as exc:
+            self._finish(project_id, ProjectStatus.FAILED, f"internal error: stored SLA: {exc}")
+            return
+        wanted = list(project.get("nodes") or [])
+        nodes = [n for n in self.store.list_nodes() if n["node_id"] in wanted]
+        if status is ProjectStatus.BUILDING:
+            self._note(project_id, "manager restarted; building the environment again")
+        self._run(project_id, sla, nodes, status)
+
+    def _note(self, project_id: str, message: str) -> None:
+        self.store.update_project(project_id, {}, event=_event("manager", "restarted", message))
+
+    # -- the pipeline --------------------------------------------------------------------
+    def _run(
+        self,
+        project_id: str,
+        sla: ProjectSLA,
+        nodes: list[dict[str, Any]],
+        start: ProjectStatus,
+    ) -> None:
+        """Build, deploy, start training; ``start`` is ``pending`` for a new project and
+        ``building`` when a build interrupted by a restart is resumed."""
+        try:
+            if start is ProjectStatus.PENDING and not self._transition(
+                project_id, ProjectStatus.BUILDING, "building the environment"
+            ):
                 return
             env = self.builder.build(
                 sla.ml_repo_url, sla.ml_repo_ref, self.workdir / project_id / "build"
@@ -226,9 +446,10 @@ class ProjectLifecycle:
                 return
             deployment = self._deployment(project_id, sla, env, nodes)
             self.store.update_project(
-                project_id, {"services": [s.name for s in deployment.services]}
+                project_id,
+                {"services": [s.name for s in deployment.services], "service_handles": []},
             )
-            self.orchestrator.deploy(deployment)
+            self.orchestrator.deploy(deployment, self._recorder(project_id))
             self._transition(
                 project_id,
                 ProjectStatus.TRAINING,
@@ -239,6 +460,14 @@ class ProjectLifecycle:
         except Exception as exc:
             logger.exception("project %s: unexpected error", project_id)
             self._finish(project_id, ProjectStatus.FAILED, f"internal error: {exc}")
+
+    def _recorder(self, project_id: str) -> Callable[[ServiceHandle], None]:
+        """Persists each started service's handle at once (a restart re-attaches with it)."""
+
+        def record(handle: ServiceHandle) -> None:
+            self.store.update_project(project_id, {}, push={"service_handles": handle})
+
+        return record
 
     def _deployment(
         self, project_id: str, sla: ProjectSLA, env: BuiltEnvironment, nodes: list[dict[str, Any]]
@@ -251,7 +480,7 @@ class ProjectLifecycle:
             env_vars.AGGREGATOR_ADDRESS: address,
         }
         aggregator = ServiceSpec(
-            name="aggregator",
+            name=AGGREGATOR,
             module="aggregator",
             env={
                 **common,
@@ -289,9 +518,26 @@ class ProjectLifecycle:
             instance = f"{topic.component.value} {instance}"
         message = str(payload.get("message") or "")
         data = payload.get("data") or {}
+        service = service_name(topic.component, str(payload.get("instance") or ""))
+        if topic.status in (ComponentStatus.SUCCESS, ComponentStatus.FAILED):
+            fields: dict[str, Any] = {}
+            if service == AGGREGATOR and topic.status is ComponentStatus.SUCCESS:
+                fields["aggregator_result"] = data
+            report = {"service": service, "status": topic.status.value, "timestamp": time.time()}
+            self.store.update_project(project_id, fields, push={"service_reports": report})
         if topic.status is ComponentStatus.FAILED:
             reason = f"{instance} failed: {message or 'no reason given'}"
-            self._pool.submit(self._finish, project_id, ProjectStatus.FAILED, reason)
+            with self._lock:
+                held = self._recovering.get(project_id)
+                if held is not None:
+                    held.failures.append(reason)
+            if held is not None:
+                self.store.update_project(
+                    project_id, {}, event=_event("component", "failed", reason, component=instance)
+                )
+                return
+            # Persisted here, before the broker gets its acknowledgement; services stop later.
+            self._finish(project_id, ProjectStatus.FAILED, reason, stop_in_background=True)
             return
         if topic.component is Component.AGGREGATOR and topic.status is ComponentStatus.PROGRESS:
             if data.get("stage") == TRAINING_DONE:
@@ -307,39 +553,93 @@ class ProjectLifecycle:
             project_id, {}, event=_event("component", topic.status.value, text, component=instance)
         )
 
-    def on_service_exit(self, project_id: str, service: str, returncode: int, last: str) -> None:
-        """React to a service that ended on its own (called by the orchestrator's watcher)."""
+    def on_service_exit(
+        self, project_id: str, service: str, returncode: int | None, last: str
+    ) -> None:
+        """React to a service that ended on its own (called by the orchestrator's watcher).
+
+        ``returncode`` ``None`` means unknown (a service re-attached after a restart): if the
+        service has not reported success ``exit_grace_s`` seconds later (a learner
+        may also leave once training is done), the project fails with its last log line.
+        """
+        with self._lock:
+            held = self._recovering.get(project_id)
+            if held is not None:
+                held.gone[service] = last
+                return
         project = self.store.get_project(project_id)
         if project is None or ProjectStatus(project["status"]).is_terminal:
             return
-        if returncode != 0:
+        if returncode is None:
+            _later(self.exit_grace_s, self._check_gone, project_id, service, last)
+        elif returncode != 0:
             reason = f"{service} exited with code {returncode}" + (f": {last}" if last else "")
             self._finish(project_id, ProjectStatus.FAILED, reason)
-        elif service == "aggregator":
-            threading.Timer(AGGREGATOR_EXIT_GRACE_S, self._check_finished, (project_id,)).start()
+        elif service == AGGREGATOR:
+            _later(self.exit_grace_s, self._check_finished, project_id)
 
     def _check_finished(self, project_id: str) -> None:
         project = self.store.get_project(project_id)
         running = (ProjectStatus.TRAINING.value, ProjectStatus.POST_TRAINING.value)
-        if project is not None and project["status"] in running:
-            self._finish(
-                project_id,
-                ProjectStatus.FAILED,
-                "the aggregator exited without reporting a result; see its log",
-            )
+        if self._closing or project is None or project["status"] not in running:
+            return
+        if final_reports(project).get(AGGREGATOR) == ComponentStatus.SUCCESS.value:
+            return  # completing on the worker pool
+        self._finish(
+            project_id,
+            ProjectStatus.FAILED,
+            "the aggregator exited without reporting a result; see its log",
+        )
+
+    def _check_gone(self, project_id: str, service: str, last: str) -> None:
+        """A service with an unknown exit code is gone: fail unless it reported success, or
+        it is a learner leaving after training."""
+        project = self.store.get_project(project_id)
+        if self._closing or project is None:
+            return
+        status = ProjectStatus(project["status"])
+        report = final_reports(project).get(service)
+        if status.is_terminal or report == ComponentStatus.SUCCESS.value:
+            return
+        if service != AGGREGATOR and status is ProjectStatus.POST_TRAINING:
+            return
+        self._finish(
+            project_id,
+            ProjectStatus.FAILED,
+            f"{service} stopped without reporting a result (exit code unknown: it was "
+            "re-attached after a manager restart)"
+            + (f"; last log line: {_clip(last)}" if last else ""),
+        )
 
     def _record_round(self, project_id: str, data: dict[str, Any]) -> None:
         entry = {k: data.get(k) for k in ("round", "loss", "accuracy")}
         loss, accuracy = _fmt(entry["loss"]), _fmt(entry["accuracy"])
         text = f"round {entry['round']}: loss {loss}, accuracy {accuracy}"
-        self.store.update_project(
-            project_id,
-            {"metrics": entry},
-            event=_event("round", "progress", text, component="aggregator"),
-            push={"rounds": entry},
-        )
+        with self._lock:  # QoS 1 is at-least-once: a redelivered round is recorded once
+            project = self.get(project_id)
+            if any(r.get("round") == entry["round"] for r in project.get("rounds", [])):
+                return
+            self.store.update_project(
+                project_id,
+                {"metrics": entry},
+                event=_event("round", "progress", text, component=AGGREGATOR),
+                push={"rounds": entry},
+            )
 
     def _post_training(self, project_id: str, result: dict[str, Any]) -> None:
+        with self._lock:  # the success message and a restart's recovery may both get here
+            if project_id in self._completing:
+                return
+            self._completing.add(project_id)
+        try:
+            self._complete(project_id, result)
+        finally:
+            with self._lock:
+                self._completing.discard(project_id)
+
+    def _complete(self, project_id: str, result: dict[str, Any]) -> None:
+        if ProjectStatus(self.get(project_id)["status"]).is_terminal:
+            return
         mlflow = {
             k: result.get(k)
             for k in (
@@ -387,14 +687,27 @@ class ProjectLifecycle:
         with self._lock:
             project = self.get(project_id)
             current = ProjectStatus(project["status"])
+            if self._closing and status is not ProjectStatus.POST_TRAINING:
+                logger.info("project %s: manager stopping, stays %s", project_id, current)
+                return False
             if _NEXT.get(current) is not status:
                 logger.info("project %s: %s → %s refused", project_id, current, status)
                 return False
             self._write_transition(project, current, status, message)
         return True
 
-    def _finish(self, project_id: str, status: ProjectStatus, message: str) -> None:
-        """End the project (terminal ``status``) and stop its services; idempotent."""
+    def _finish(
+        self,
+        project_id: str,
+        status: ProjectStatus,
+        message: str,
+        stop_in_background: bool = False,
+    ) -> None:
+        """End the project (terminal ``status``) and stop its services; idempotent.
+
+        The new status is persisted before this returns; with ``stop_in_background`` the
+        services are stopped on the worker pool (for callers that must not block).
+        """
         with self._lock:
             project = self.get(project_id)
             current = ProjectStatus(project["status"])
@@ -403,12 +716,21 @@ class ProjectLifecycle:
             if status is ProjectStatus.COMPLETED and current is not ProjectStatus.POST_TRAINING:
                 return
             self._write_transition(project, current, status, message)
+        log = logger.warning if status is ProjectStatus.FAILED else logger.info
+        log("project %s %s: %s", project_id, status.value, message)
+        if stop_in_background:
+            try:
+                self._pool.submit(self._stop_services, project_id)
+                return
+            except RuntimeError:  # the pool is shut down
+                pass
+        self._stop_services(project_id)
+
+    def _stop_services(self, project_id: str) -> None:
         try:
             self.orchestrator.stop(project_id)
         except Exception:
             logger.exception("project %s: stopping its services failed", project_id)
-        log = logger.warning if status is ProjectStatus.FAILED else logger.info
-        log("project %s %s: %s", project_id, status.value, message)
 
     def _write_transition(
         self,
@@ -446,3 +768,15 @@ def _event(
 
 def _fmt(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    """``text`` quoted, cut to ``limit`` characters."""
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def _later(delay_s: float, function: Callable[..., None], *args: Any) -> None:
+    """Call ``function(*args)`` after ``delay_s`` seconds in a daemon thread."""
+    timer = threading.Timer(delay_s, function, args)
+    timer.daemon = True
+    timer.start()

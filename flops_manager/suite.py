@@ -3,24 +3,37 @@
 With the embedded default (no ``FLOPS_MQTT_URL`` / ``FLOPS_MLFLOW_URL``) the suite also starts
 Mosquitto and an MLflow tracking server as child processes; the project store is MongoDB or the
 embedded on-disk store (``FLOPS_DB_URL``). The REST API is served by waitress in a thread.
+
+Restarts: the embedded broker and tracking server are re-used, or restarted on the same
+ports, by the next start on the same ``FLOPS_HOME`` (:mod:`flops_manager.embedded`); the
+lifecycle then reconciles the unfinished projects (re-attaching running services, applying
+the status messages the broker queued meanwhile). One manager at a time may use a
+``FLOPS_HOME``: the suite holds ``$FLOPS_HOME/manager.lock`` while it runs.
 """
 
+import contextlib
+import fcntl
+import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import waitress
+from waitress import wasyncore
 from waitress.server import BaseWSGIServer, MultiSocketServer
 
 from flops_manager.app import create_app
-from flops_manager.broker import MosquittoBroker
 from flops_manager.config import ManagerConfig
+from flops_manager.embedded import EmbeddedComponent, EmbeddedState, start_broker, start_mlflow
 from flops_manager.errors import ConfigurationError
 from flops_manager.mqtt_listener import StatusListener
 from flops_manager.orchestrators import make_orchestrator
 from flops_manager.projects import ProjectLifecycle
 from flops_manager.store import ProjectStore
+from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 
 BUILDERS: dict[str, str] = {"venv": "image_builder.venv_builder:VenvBuilder"}
@@ -28,6 +41,25 @@ BUILDERS: dict[str, str] = {"venv": "image_builder.venv_builder:VenvBuilder"}
 
 API_THREADS = 16
 """waitress worker threads; each event-stream follower holds one while it listens."""
+
+API_STOP_TIMEOUT_S = 5.0
+"""Seconds a stop waits for the API requests being served."""
+
+BACKLOG_TIMEOUT_S = 10.0
+"""Seconds a start waits for the status messages the broker queued while the manager was
+down, before judging the re-attached projects without them."""
+
+HOME_LOCK_TIMEOUT_S = 15.0
+"""Seconds a start waits for another manager on the same ``FLOPS_HOME`` to finish stopping."""
+
+STOPPED_REASON = "the manager was stopped, and with it the services of this project"
+"""``status_message`` of the projects a full :meth:`ManagerSuite.stop` ends."""
+
+
+class HomeInUse(FlopsError):
+    """Another manager process runs on the same ``FLOPS_HOME``."""
+
+    code = "home_in_use"
 
 
 class ManagerSuite:
@@ -38,7 +70,8 @@ class ManagerSuite:
 
     ``url`` is the API's base URL (``http://HOST:PORT``) once started; ``mlflow_url`` and
     ``mqtt_url`` are the tracking server and broker in use. Raises ``FlopsError`` subclasses
-    from :meth:`start` when a component cannot start (with the component's own message).
+    from :meth:`start` when a component cannot start (with the component's own message), and
+    :class:`HomeInUse` when another manager holds ``FLOPS_HOME``.
     """
 
     def __init__(self, config: ManagerConfig) -> None:
@@ -46,8 +79,9 @@ class ManagerSuite:
         self.mqtt_url = config.mqtt_url
         self.mlflow_url = config.mlflow_url
         self.url = ""
-        self._broker: MosquittoBroker | None = None
-        self._mlflow: Any = None
+        self._broker: EmbeddedComponent | None = None
+        self._mlflow: EmbeddedComponent | None = None
+        self._home_lock: int | None = None
         self._listener: StatusListener | None = None
         self._lifecycle: ProjectLifecycle | None = None
         self._server: BaseWSGIServer | MultiSocketServer | None = None
@@ -60,13 +94,16 @@ class ManagerSuite:
         return self._lifecycle
 
     def start(self) -> "ManagerSuite":
-        """Start every component; the broker and MLflow start in parallel."""
+        """Start every component (the broker and MLflow in parallel, re-using those a previous
+        manager left running), reconcile unfinished projects, then serve the API."""
         home = self.config.home.resolve()
         home.mkdir(parents=True, exist_ok=True)
+        self._lock_home(home)
         try:
+            state = EmbeddedState(home)
             with ThreadPoolExecutor(max_workers=2) as pool:
-                broker = None if self.mqtt_url else pool.submit(self._start_broker, home)
-                mlflow = None if self.mlflow_url else pool.submit(self._start_mlflow, home)
+                broker = None if self.mqtt_url else pool.submit(self._start_broker, home, state)
+                mlflow = None if self.mlflow_url else pool.submit(self._start_mlflow, home, state)
                 for future in (broker, mlflow):
                     if future is not None:
                         future.result()
@@ -85,8 +122,18 @@ class ManagerSuite:
             self._lifecycle = ProjectLifecycle(
                 store, builder, orchestrator, home / "projects", self.mqtt_url, self.mlflow_url
             )
+            recovering = self._lifecycle.begin_recovery()
             self._listener = StatusListener(self.mqtt_url, self._lifecycle.on_status)
             self._listener.start()
+            if recovering and not self._listener.wait_for_backlog(BACKLOG_TIMEOUT_S):
+                logger.warning(
+                    "the MQTT broker did not deliver the queued status messages within %gs; "
+                    "reconciling without them",
+                    BACKLOG_TIMEOUT_S,
+                )
+            self._lifecycle.finish_recovery()
+            if recovering:
+                logger.info("reconciled %d unfinished project(s)", len(recovering))
             public_mlflow = self.config.mlflow_public_url or self.mlflow_url
             app = create_app(self._lifecycle, store, public_mlflow, self.config.authenticator())
             self._server = waitress.create_server(
@@ -97,42 +144,89 @@ class ManagerSuite:
             self._thread = threading.Thread(target=self._server.run, name="api", daemon=True)
             self._thread.start()
         except BaseException:
-            self.stop()
+            self.stop(keep_running=True)  # a failed start must not end running projects
             raise
         logger.info(
             "FLOps manager on %s (MLflow %s, MQTT %s)", self.url, public_mlflow, self.mqtt_url
         )
         return self
 
-    def _start_broker(self, home: Any) -> None:
-        self._broker = MosquittoBroker(home / "mosquitto").start()
+    def _start_broker(self, home: Path, state: EmbeddedState) -> None:
+        self._broker = start_broker(home, state)
         self.mqtt_url = self._broker.url
 
-    def _start_mlflow(self, home: Any) -> None:
-        from observatory.mlflow_server import MlflowServer
-
-        self._mlflow = MlflowServer(home / "mlflow").start()
+    def _start_mlflow(self, home: Path, state: EmbeddedState) -> None:
+        self._mlflow = start_mlflow(home, state)
         self.mlflow_url = self._mlflow.url
 
-    def stop(self) -> None:
-        """Stop the API, every project's services, the listener, MLflow and the broker."""
+    def _lock_home(self, home: Path) -> None:
+        """Hold ``home/manager.lock`` (``flock``; released when this process ends, even when
+        killed). Waits up to ``HOME_LOCK_TIMEOUT_S`` for a manager that is stopping."""
+        fd = os.open(home / "manager.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + HOME_LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    os.close(fd)
+                    raise HomeInUse(
+                        f"Another FLOps manager (pid {holder}) uses FLOPS_HOME={home}; stop it "
+                        "first or set FLOPS_HOME to another directory."
+                    ) from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._home_lock = fd
+
+    def stop(self, keep_running: bool = False) -> None:
+        """Stop the manager.
+
+        ``keep_running=False`` (the default; tests, ``flops demo``): every unfinished project
+        fails with :data:`STOPPED_REASON`, its services are stopped, and so are MLflow and the
+        broker. ``keep_running=True`` (``flops-manager`` on SIGTERM/SIGINT): only the manager
+        stops; running projects' services keep running, and so do the embedded broker and
+        MLflow while any project is active (those services report to them); the next start on
+        the same ``FLOPS_HOME`` re-attaches them. Pending and building projects are resumed then.
+        A start that fails stops like this too, leaving components it found running as they were.
+        """
         if self._server is not None:
-            self._server.close()
+            _close_server(self._server)
             self._server = None
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._lifecycle is not None:
-            self._lifecycle.close()
-            self._lifecycle.orchestrator.close()
         if self._listener is not None:
             self._listener.stop()
             self._listener = None
-        if self._mlflow is not None:
-            self._mlflow.stop()
-            self._mlflow = None
-        if self._broker is not None:
-            self._broker.stop()
-            self._broker = None
+        active: list[str] | None = None  # unknown when the lifecycle never started
+        if self._lifecycle is not None:
+            self._lifecycle.close()
+            if keep_running:
+                active = self._lifecycle.active_projects()
+                if active:
+                    logger.info(
+                        "left %d project(s) running (%s); the next start re-attaches them",
+                        len(active),
+                        ", ".join(active),
+                    )
+            else:
+                self._lifecycle.fail_unfinished(STOPPED_REASON)
+            self._lifecycle.orchestrator.close(stop_services=not keep_running)
+        for component in (self._mlflow, self._broker):
+            if component is None:
+                continue
+            needed = bool(active) if active is not None else component.reused
+            if keep_running and needed:
+                component.detach()
+            else:
+                component.stop()
+        self._mlflow = self._broker = None
+        if self._home_lock is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._home_lock)  # releases the flock
+            self._home_lock = None
 
     def __enter__(self) -> "ManagerSuite":
         return self.start()
@@ -144,6 +238,21 @@ class ManagerSuite:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _close_server(server: BaseWSGIServer | MultiSocketServer) -> None:
+    """Stop waitress: let the requests being served finish (up to ``API_STOP_TIMEOUT_S``),
+    then close every connection and the listening socket, which ends its loop thread.
+
+    (``server.close()`` alone closes only the listening socket: requests still in flight then
+    fail writing to the closed wake-up pipe.)
+    """
+    server.task_dispatcher.shutdown(timeout=API_STOP_TIMEOUT_S)
+    connections = getattr(server, "_map", None)
+    if connections is None:
+        server.close()
+    else:
+        wasyncore.close_all(connections)
 
 
 def _make_builder(name: str, cache_dir: Any) -> Any:

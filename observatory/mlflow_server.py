@@ -30,8 +30,14 @@ STOP_TIMEOUT_S = 10.0
 LOG_TAIL_CHARS = 1500
 """How much of the server's log a start failure quotes."""
 
-OFFLINE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-"""Environment that keeps MLflow from contacting the internet (usage telemetry)."""
+OFFLINE_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+}
+"""Environment of the server: no usage telemetry (it would try the internet), and no job
+runner (MLflow's GenAI jobs, unused by FLOps; it starts seven more processes, which slow the
+server's start and stop on a small machine)."""
 
 
 class MlflowServerError(FlopsError):
@@ -51,7 +57,7 @@ class MlflowServer:
         start_timeout_s: seconds :meth:`start` waits for ``/health``. Defaults to
             :data:`START_TIMEOUT_S`.
 
-    Use as a context manager or call :meth:`start` / :meth:`stop`. ``url`` is
+    Use as a context manager or call :meth:`start` / :meth:`stop` (or :meth:`detach`). ``url`` is
     ``http://HOST:PORT``; ``start_seconds`` is how long the last successful :meth:`start`
     took; ``pid`` is the last started server process (also its process group id).
     """
@@ -181,6 +187,12 @@ class MlflowServer:
             return
         # The group: the uvicorn worker may outlive its parent for a moment.
         stop_process_groups([process], STOP_TIMEOUT_S)
+
+    def detach(self) -> None:
+        """Forget the server without stopping it: it keeps serving after this process exits
+        (the FLOps manager leaves it to the projects still running and re-uses it when it
+        starts again). :meth:`stop` is a no-op afterwards."""
+        self._process = None
 
     def _log_tail(self) -> str:
         try:

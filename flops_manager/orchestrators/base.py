@@ -1,12 +1,27 @@
-"""The orchestrator interface: deploy a project's FL services, watch them, stop them."""
+"""The orchestrator interface: deploy a project's FL services, watch them, stop them, and find
+them again after the manager restarted."""
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-ServiceExitCallback = Callable[[str, str, int, str], None]
-"""``(project_id, service_name, returncode, last_output_line)`` for a service that exited."""
+ServiceExitCallback = Callable[[str, str, int | None, str], None]
+"""``(project_id, service_name, returncode, last_output_line)`` for a service that exited.
+
+``returncode`` is ``None`` when it is unknown: a service re-attached after a manager restart
+is no longer the manager's child (local backend), so only its disappearance is seen."""
+
+ServiceHandle = dict[str, Any]
+"""What a backend needs to find one started service again after a manager restart: a
+JSON-serialisable dict with at least ``name`` (the service's name). The lifecycle persists it
+in the project document. ``local``: ``{"name", "pid", "start_ticks", "boot", "log_path"}``;
+an ``oakestra`` backend would keep its service and instance ids."""
+
+ServiceStartedCallback = Callable[[ServiceHandle], None]
+"""Called by :meth:`Orchestrator.deploy` with the handle of each service right after it
+started, so that a manager that dies during a deployment still knows what it started."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,16 @@ class Deployment:
     services: tuple[ServiceSpec, ...]
 
 
+@dataclass(frozen=True)
+class ServiceState:
+    """A service as :meth:`Orchestrator.reattach` found it: ``running`` or gone, and
+    ``last_output``, the last non-empty line of its output (empty when unknown)."""
+
+    name: str
+    running: bool
+    last_output: str
+
+
 class Orchestrator(ABC):
     """Runs FL services somewhere. Backends: ``local`` (child processes), ``oakestra``.
 
@@ -45,8 +70,21 @@ class Orchestrator(ABC):
         self.on_service_exit = on_service_exit
 
     @abstractmethod
-    def deploy(self, deployment: Deployment) -> None:
-        """Start every service of ``deployment``. Raises ``FlopsError`` when one can't start."""
+    def deploy(
+        self, deployment: Deployment, on_started: ServiceStartedCallback | None = None
+    ) -> None:
+        """Start every service of ``deployment``, calling ``on_started`` with each one's
+        :data:`ServiceHandle` as soon as it runs. Raises ``FlopsError`` when one can't start."""
+
+    @abstractmethod
+    def reattach(self, project_id: str, handles: Sequence[ServiceHandle]) -> list[ServiceState]:
+        """Take over the services a previous manager process started for the project.
+
+        ``handles`` are what :meth:`deploy` passed to ``on_started``. Services still running
+        are watched again (their end reaches ``on_service_exit``, with ``returncode`` ``None``
+        when the backend cannot know it) and :meth:`stop` stops them. Returns one
+        :class:`ServiceState` per handle, in order; never raises for a service that is gone.
+        """
 
     @abstractmethod
     def stop(self, project_id: str) -> None:
@@ -57,5 +95,7 @@ class Orchestrator(ABC):
         """Names of the project's services that are still running."""
 
     @abstractmethod
-    def close(self) -> None:
-        """Stop every project's services and background threads."""
+    def close(self, stop_services: bool = True) -> None:
+        """Stop the background threads and, with ``stop_services`` (the default), every
+        project's services; without it the services keep running for a later
+        :meth:`reattach` by the next manager process."""

@@ -1,14 +1,22 @@
 """The ``local`` orchestrator: every FL service is a child process on this machine.
 
 Each service runs ``<env python> -m <module>`` in its own process group (so stopping it
-also stops anything it spawned), logging to ``<workdir>/<project_id>/<service>.log``.
-A watcher thread polls the processes every ``POLL_INTERVAL_S`` and reports services that
-exit on their own through ``on_service_exit``.
+also stops anything it spawned, and it outlives a manager that is killed), logging to
+``<workdir>/<project_id>/<service>.log``. A watcher thread polls the processes every
+``POLL_INTERVAL_S`` and reports services that exit on their own through ``on_service_exit``.
+
+Re-attach: a service's handle is its :class:`~flops_manager.process_identity.ProcessIdentity`
+(pid, start time, boot id) and log path. A later manager process re-attaches to a service that
+still runs by polling ``/proc`` for it: it is not that manager's child, so its exit code is
+unknown (reported as ``None``) and its last log line is the exit reason there is.
 """
 
 import os
+import re
+import signal
 import subprocess
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -17,7 +25,11 @@ from flops_manager.orchestrators.base import (
     Deployment,
     Orchestrator,
     ServiceExitCallback,
+    ServiceHandle,
+    ServiceStartedCallback,
+    ServiceState,
 )
+from flops_manager.process_identity import ProcessIdentity
 from flops_utils import env_vars
 from flops_utils.logging import logger
 from flops_utils.processes import stop_process_groups
@@ -28,21 +40,41 @@ STOP_TIMEOUT_S = 10.0
 
 @dataclass
 class _Service:
+    """A watched service: ``process`` is set for this manager's children, ``None`` for a
+    re-attached one (then only ``identity`` tells whether it still runs)."""
+
     name: str
-    process: subprocess.Popen[bytes]
+    identity: ProcessIdentity
     log_path: Path
-    log_file: IO[bytes]
+    process: subprocess.Popen[bytes] | None = None
+    log_file: IO[bytes] | None = None
+
+    def exit_status(self) -> tuple[bool, int | None]:
+        """``(exited, returncode)``; the code is ``None`` while running or when unknown."""
+        if self.process is not None:
+            code = self.process.poll()
+            return code is not None, code
+        return not self.identity.is_alive(), None
+
+    def handle(self) -> ServiceHandle:
+        return {"name": self.name, **self.identity.to_dict(), "log_path": str(self.log_path)}
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+"""Terminal colour codes (Flower colours its log lines)."""
 
 
 def last_line(path: Path, max_bytes: int = 4096) -> str:
-    """The last non-empty line of a log file (read from its last ``max_bytes`` bytes)."""
+    """The last non-empty line of a log file (read from its last ``max_bytes`` bytes), without
+    terminal colour codes and with runs of whitespace collapsed; empty when unreadable."""
     try:
         with path.open("rb") as f:
             f.seek(max(0, path.stat().st_size - max_bytes))
-            lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+            text = _ANSI_ESCAPE.sub("", f.read().decode(errors="replace"))
     except OSError:
         return ""
-    return lines[-1].strip() if lines else ""
+    lines = [" ".join(ln.split()) for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
 
 
 class LocalOrchestrator(Orchestrator):
@@ -62,8 +94,13 @@ class LocalOrchestrator(Orchestrator):
         self._watcher = threading.Thread(target=self._watch, name="local-watch", daemon=True)
         self._watcher.start()
 
-    def deploy(self, deployment: Deployment) -> None:
-        """Start every service; the services' environment is this process's plus ``spec.env``."""
+    def deploy(
+        self, deployment: Deployment, on_started: ServiceStartedCallback | None = None
+    ) -> None:
+        """Start every service; the services' environment is this process's plus ``spec.env``.
+
+        ``on_started`` gets ``{"name", "pid", "start_ticks", "boot", "log_path"}`` per service.
+        """
         log_dir = self.workdir / deployment.project_id
         log_dir.mkdir(parents=True, exist_ok=True)
         for spec in deployment.services:
@@ -81,32 +118,70 @@ class LocalOrchestrator(Orchestrator):
             logger.info(
                 "project %s: started %s (pid %d)", deployment.project_id, spec.name, process.pid
             )
+            identity = ProcessIdentity.of(process.pid) or ProcessIdentity(process.pid, -1, "")
+            service = _Service(spec.name, identity, log_path, process, log_file)
             with self._lock:
-                self._projects.setdefault(deployment.project_id, []).append(
-                    _Service(spec.name, process, log_path, log_file)
-                )
+                self._projects.setdefault(deployment.project_id, []).append(service)
+            if on_started is not None:
+                on_started(service.handle())
+
+    def reattach(self, project_id: str, handles: Sequence[ServiceHandle]) -> list[ServiceState]:
+        """Watch again the services of ``handles`` that still run (see the module docstring);
+        a handle whose process is gone, or now belongs to another program, is reported as not
+        running with its log's last line."""
+        states = []
+        for handle in handles:
+            name = str(handle.get("name", "?"))
+            log_path = Path(str(handle.get("log_path", "")))
+            identity = ProcessIdentity.from_dict(handle)
+            running = identity is not None and identity.is_alive()
+            if identity is not None and running:
+                with self._lock:
+                    known = {s.name for s in self._projects.get(project_id, [])}
+                    if name not in known:
+                        self._projects.setdefault(project_id, []).append(
+                            _Service(name, identity, log_path)
+                        )
+                logger.info("project %s: re-attached %s (pid %d)", project_id, name, identity.pid)
+            states.append(ServiceState(name, running, last_line(log_path)))
+        return states
 
     def stop(self, project_id: str) -> None:
         """SIGTERM each service's process group, SIGKILL after ``STOP_TIMEOUT_S``."""
         with self._lock:
             services = self._projects.pop(project_id, [])
-        stop_process_groups([s.process for s in services], STOP_TIMEOUT_S)
+        adopted = [s.identity for s in services if s.process is None]
+        for identity in adopted:
+            identity.signal_group(signal.SIGTERM)
+        stop_process_groups([s.process for s in services if s.process is not None], STOP_TIMEOUT_S)
+        for identity in adopted:
+            identity.stop_group(STOP_TIMEOUT_S)
         for service in services:
-            service.log_file.close()
+            if service.log_file is not None:
+                service.log_file.close()
 
     def running_services(self, project_id: str) -> list[str]:
         """Names of the project's services whose process is alive."""
         with self._lock:
             services = list(self._projects.get(project_id, []))
-        return [s.name for s in services if s.process.poll() is None]
+        return [s.name for s in services if not s.exit_status()[0]]
 
-    def close(self) -> None:
-        """Stop all projects and the watcher thread."""
+    def close(self, stop_services: bool = True) -> None:
+        """Stop the watcher thread and, with ``stop_services``, every project's services
+        (else they keep running, and their handles let the next manager re-attach)."""
         self._closed.set()
         with self._lock:
             project_ids = list(self._projects)
-        for project_id in project_ids:
-            self.stop(project_id)
+        if stop_services:
+            for project_id in project_ids:
+                self.stop(project_id)
+        else:
+            with self._lock:
+                services = [s for ss in self._projects.values() for s in ss]
+                self._projects.clear()
+            for service in services:
+                if service.log_file is not None:
+                    service.log_file.close()
         self._watcher.join(timeout=5)
 
     def _watch(self) -> None:
@@ -115,10 +190,10 @@ class LocalOrchestrator(Orchestrator):
             with self._lock:
                 items = [(pid, s) for pid, ss in self._projects.items() for s in ss]
             for project_id, service in items:
-                code = service.process.poll()
-                if code is None or service.process.pid in reported:
+                exited, code = service.exit_status()
+                if not exited or service.identity.pid in reported:
                     continue
-                reported.add(service.process.pid)
+                reported.add(service.identity.pid)
                 try:
                     self.on_service_exit(
                         project_id, service.name, code, last_line(service.log_path)

@@ -102,9 +102,7 @@ def _run(
 
     # Flower clients are built here, not in the threads: CPython 3.11 can fail with
     # "AST constructor recursion depth mismatch" when threads compile code at the same time.
-    threads = [
-        threading.Thread(target=learn, args=(c, c.client()), daemon=True) for c in clients
-    ]
+    threads = [threading.Thread(target=learn, args=(c, c.client()), daemon=True) for c in clients]
     for thread in threads:
         thread.start()
     server.join(TIMEOUT_S * 2)

@@ -1,0 +1,179 @@
+"""The embedded Mosquitto and MLflow, kept at the same addresses across manager restarts.
+
+Learners and aggregators keep the broker's and the tracking server's URLs
+(``FLOPS_MQTT_URL``, ``FLOPS_MLFLOW_URL``) for their whole life, so these addresses must
+outlive one manager process. Both components run in their own session, so they survive a
+manager that is killed. The manager records each one in ``$FLOPS_HOME/embedded.json``
+(``{"mqtt": {"port": int, "process": ProcessIdentity | null}, "mlflow": {...}}``) and, when it
+starts again:
+
+- the recorded process still runs (same pid *and* start time) and answers on its port:
+  re-use it;
+- it runs but does not answer in time: stop it and start a new one on the same port;
+- it is gone: start a new one on the recorded port (a free port the first time, or when
+  another program took the recorded port; services of the earlier manager then lose their
+  broker or tracking server, which is logged).
+"""
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from flops_manager.broker import START_TIMEOUT_S as BROKER_START_TIMEOUT_S
+from flops_manager.broker import MosquittoBroker
+from flops_manager.process_identity import ProcessIdentity
+from flops_utils.logging import logger
+from flops_utils.net import wait_for_port
+
+STATE_FILE = "embedded.json"
+"""Name of the state file under ``$FLOPS_HOME``."""
+
+STOP_TIMEOUT_S = 10.0
+"""Seconds a re-used component gets to stop after SIGTERM before SIGKILL."""
+
+MLFLOW_ADOPT_TIMEOUT_S = 60.0
+"""Seconds to wait for a running, recorded MLflow server that does not answer yet (it may have
+been starting when the previous manager died) before replacing it."""
+
+
+class _Child(Protocol):
+    def stop(self) -> None: ...
+    def detach(self) -> None: ...
+
+
+class EmbeddedComponent:
+    """One running embedded component: a child this manager started, or a process a previous
+    manager started and this one re-uses (``reused``).
+
+    ``url`` is its address (``mqtt://HOST:PORT`` or ``http://HOST:PORT``) and ``identity`` its
+    process. :meth:`stop` stops it either way; :meth:`detach` leaves it running.
+    """
+
+    def __init__(
+        self, name: str, url: str, identity: ProcessIdentity | None, child: _Child | None
+    ) -> None:
+        self.name = name
+        self.url = url
+        self.identity = identity
+        self.reused = child is None
+        self._child = child
+
+    def stop(self) -> None:
+        """Stop the component (SIGTERM to its process group, SIGKILL after a timeout)."""
+        if self._child is not None:
+            self._child.stop()
+        elif self.identity is not None:
+            self.identity.stop_group(STOP_TIMEOUT_S)
+
+    def detach(self) -> None:
+        """Leave the component running after this process exits."""
+        if self._child is not None:
+            self._child.detach()
+
+
+class EmbeddedState:
+    """``$FLOPS_HOME/embedded.json``: the port and process of each embedded component.
+
+    Thread-safe; every :meth:`record` rewrites the file atomically (temp file + rename).
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / STATE_FILE
+        self._lock = threading.Lock()
+        try:
+            data = json.loads(self.path.read_text())
+            self._data: dict[str, Any] = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            self._data = {}
+
+    def port(self, name: str) -> int:
+        """The recorded port of ``name`` (``mqtt`` or ``mlflow``); 0 when none is recorded."""
+        entry = self._data.get(name) or {}
+        port = entry.get("port", 0)
+        return port if isinstance(port, int) and 0 < port < 65536 else 0
+
+    def process(self, name: str) -> ProcessIdentity | None:
+        """The recorded process of ``name``, or ``None``."""
+        entry = self._data.get(name) or {}
+        process = entry.get("process")
+        return ProcessIdentity.from_dict(process) if isinstance(process, dict) else None
+
+    def record(self, name: str, port: int, process: ProcessIdentity | None) -> None:
+        """Remember ``name`` on ``port`` run by ``process`` (``None``: not running)."""
+        with self._lock:
+            self._data[name] = {
+                "port": port,
+                "process": process.to_dict() if process is not None else None,
+            }
+            tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(self._data, indent=2))
+            os.replace(tmp, self.path)
+
+
+def start_broker(home: Path, state: EmbeddedState, host: str = "127.0.0.1") -> EmbeddedComponent:
+    """Re-use the recorded Mosquitto of ``home`` or start one (workdir ``home/mosquitto``).
+
+    Raises ``BrokerUnavailable`` when mosquitto is missing or does not start.
+    """
+    port = state.port("mqtt")
+    process = state.process("mqtt")
+    if port and process is not None and process.is_alive():
+        if wait_for_port(host, port, BROKER_START_TIMEOUT_S):
+            logger.info("re-using Mosquitto on port %d (pid %d)", port, process.pid)
+            return EmbeddedComponent("mqtt", f"mqtt://{host}:{port}", process, None)
+        logger.warning("Mosquitto (pid %d) does not answer on %d; restarting it", process.pid, port)
+        process.stop_group(STOP_TIMEOUT_S)
+    port = _usable_port(host, port, "Mosquitto")
+    broker = MosquittoBroker(home / "mosquitto", host=host, port=port).start()
+    identity = ProcessIdentity.of(broker.pid) if broker.pid is not None else None
+    state.record("mqtt", broker.port, identity)
+    return EmbeddedComponent("mqtt", broker.url, identity, broker)
+
+
+def start_mlflow(home: Path, state: EmbeddedState, host: str = "127.0.0.1") -> EmbeddedComponent:
+    """Re-use the recorded MLflow server of ``home`` or start one (workdir ``home/mlflow``).
+
+    Raises ``MlflowServerError`` when it does not start.
+    """
+    from observatory.mlflow_server import MlflowServer
+
+    port = state.port("mlflow")
+    process = state.process("mlflow")
+    if port and process is not None and process.is_alive():
+        probe = MlflowServer(home / "mlflow", host=host, port=port)
+        deadline = time.monotonic() + MLFLOW_ADOPT_TIMEOUT_S
+        while process.is_alive() and time.monotonic() < deadline:
+            if probe.healthy(timeout_s=1.0):
+                logger.info("re-using the MLflow server on port %d (pid %d)", port, process.pid)
+                return EmbeddedComponent("mlflow", probe.url, process, None)
+            time.sleep(0.2)
+        logger.warning("MLflow (pid %d) does not answer on %d; restarting it", process.pid, port)
+        process.stop_group(STOP_TIMEOUT_S)
+    port = _usable_port(host, port, "MLflow")
+    server = MlflowServer(home / "mlflow", host=host, port=port).start()
+    identity = ProcessIdentity.of(server.pid) if server.pid is not None else None
+    state.record("mlflow", server.port, identity)
+    return EmbeddedComponent("mlflow", server.url, identity, server)
+
+
+def _usable_port(host: str, port: int, what: str) -> int:
+    """``port`` when it can be bound on ``host`` (0 stays 0: pick a free one), else 0."""
+    if not port:
+        return 0
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            logger.warning(
+                "%s's recorded port %d is taken by another program; using a new port (services "
+                "started by an earlier manager cannot reach the new one)",
+                what,
+                port,
+            )
+            return 0
+    return port
