@@ -47,3 +47,34 @@ class EnvironmentBuildError(BuilderError):
     """The environment cannot be built for a reason outside the repository (uv missing, timeout)."""
 
     code = "environment_build_failed"
+
+
+class BuildToolMissingError(BuilderError):
+    """A program the ``oci`` builder runs (buildah, skopeo) is not installed on this machine."""
+
+    code = "build_tool_missing"
+
+
+class RegistryUnreachableError(BuilderError):
+    """The image registry cannot be reached, refuses the connection's TLS setting, or access."""
+
+    code = "registry_unreachable"
+
+
+class BaseImageError(BuilderError):
+    """The configured base image does not exist in its registry."""
+
+    code = "base_image_not_found"
+
+
+class ImageBuildError(EnvironmentBuildError):
+    """An image build failed for a reason other than the repository's requirements (a build
+    step, an unsupported platform, a timeout); the message carries the failing step's output."""
+
+    code = "image_build_failed"
+
+
+class ImagePushError(BuilderError):
+    """A built image could not be pushed, or the registry holds another digest after the push."""
+
+    code = "image_push_failed"

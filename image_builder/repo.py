@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from pathlib import Path
 import git
 
 from flops_utils.logging import logger
-from image_builder.dependencies import DEPENDENCY_FILES
+from image_builder.dependencies import DEPENDENCY_FILES, dependency_hash, read_requirements
 from image_builder.errors import RepoFetchError, RepoLayoutError, RepoRefError
 
 REQUIRED_FILES = ("model_manager.py", "data_manager.py")
@@ -96,6 +97,55 @@ class RepoLayout:
     model_manager: Path
     data_manager: Path
     dependency_file: Path
+
+
+@dataclass(frozen=True)
+class CheckedOutRepo:
+    """A fetched, validated ML repository and what it asks to install: every builder's input.
+
+    ``requirements``: pip lines read from the dependency file
+    (:func:`~image_builder.dependencies.read_requirements`); ``dependencies_hash``: their
+    64-hex :func:`~image_builder.dependencies.dependency_hash`.
+    """
+
+    fetched: FetchedRepo
+    layout: RepoLayout
+    requirements: list[str]
+    dependencies_hash: str
+
+
+@contextlib.contextmanager
+def checked_out_repo(
+    ml_repo_url: str,
+    ref: str | None,
+    workdir: Path,
+    *,
+    timeout_s: float = DEFAULT_GIT_TIMEOUT_S,
+    exclude: Sequence[Path] = (),
+) -> Iterator[CheckedOutRepo]:
+    """Fetch ``ml_repo_url`` at ``ref`` into a scratch directory under ``workdir``, validate it
+    and read its requirements; the scratch directory is removed when the ``with`` block ends.
+
+    ``workdir`` is created if missing and never copied from a plain directory, nor is anything
+    in ``exclude``. Raises what :func:`fetch_repo`, :func:`validate_repo` and
+    :func:`~image_builder.dependencies.read_requirements` raise.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="ml-repo-", dir=workdir))
+    try:
+        fetched = fetch_repo(
+            ml_repo_url,
+            ref,
+            scratch / "repo",
+            timeout_s=timeout_s,
+            exclude=[workdir.resolve(), *exclude],
+        )
+        layout = validate_repo(fetched.path, fetched.source)
+        requirements = read_requirements(layout.dependency_file)
+        yield CheckedOutRepo(fetched, layout, requirements, dependency_hash(requirements))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def redact_url(text: str) -> str:

@@ -30,75 +30,44 @@ tries ``uv pip install --offline`` first and goes online only if that fails.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name
-from packaging.version import InvalidVersion, Version
-
 from flops_utils.logging import logger
-from image_builder.dependencies import (
-    dependency_hash,
-    read_requirements,
-    requirement_name,
-    resolve_local_paths,
+from image_builder.dependencies import resolve_local_paths
+from image_builder.errors import EnvironmentBuildError
+from image_builder.python_env import (
+    MISSING_PACKAGE,
+    NETWORK_ERROR,
+    RUNTIME_PACKAGES,
+    base_interpreter,
+    condense_uv_error,
+    default_source_roots,
+    dependency_install_error,
+    file_lock,
+    manager_versions,
+    plan_install,
+    runtime_pins,
+    uv_command,
 )
-from image_builder.errors import DependencyInstallError, EnvironmentBuildError
-from image_builder.repo import (
-    DEFAULT_GIT_TIMEOUT_S,
-    FetchedRepo,
-    copy_repo_files,
-    fetch_repo,
-    validate_repo,
-)
+from image_builder.repo import DEFAULT_GIT_TIMEOUT_S, FetchedRepo, checked_out_repo, copy_repo_files
 
 FORMAT_VERSION = 1
 """Bumped when the environment layout changes, so old cache entries are not reused."""
 
-RUNTIME_PACKAGES = (
-    "flwr",
-    "mlflow",
-    "pyarrow",
-    "datasets",
-    "numpy",
-    "paho-mqtt",
-    "requests",
-)
-"""Distributions the learner, the aggregator and ``flops_utils`` import, pinned to the
-manager's installed versions."""
-
 ENV_MARKER = "flops-env.json"
 """File written last into an environment; an ``envs/<key>`` directory without it is unused."""
-
-_EXCLUDED_FROM_CONSTRAINTS = frozenset({"flops", "flops-utils"})
-_NETWORK_ERROR = re.compile(
-    r"failed to fetch|error sending request|dns error|could not connect|connection refused|"
-    r"network is unreachable|timed out|failed to download",
-    re.IGNORECASE,
-)
-_MISSING_PACKAGE = re.compile(r"not found in the package registry", re.IGNORECASE)
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_BOX_CHARS = re.compile("[\u00d7\u2500-\u257f\u25b6]+")
-"""uv's diagnostic drawing: the cross mark and box-drawing characters."""
-_NOISE_PREFIXES = ("using python", "resolved ", "prepared ", "installed ", "audited ", "warning:")
 
 
 @dataclass(frozen=True)
@@ -154,32 +123,18 @@ class VenvBuilder:
         self.cache_dir = Path(cache_dir).resolve()
         self.runtime_packages = tuple(runtime_packages)
         self.source_roots = tuple(
-            Path(root).resolve() for root in (source_roots or _default_source_roots())
+            Path(root).resolve() for root in (source_roots or default_source_roots())
         )
-        self.base_python = Path(base_python or _base_interpreter())
+        self.base_python = Path(base_python or base_interpreter())
         self.install_timeout_s = install_timeout_s
         self.lock_timeout_s = lock_timeout_s
         self.git_timeout_s = git_timeout_s
 
     @cached_property
     def installed_versions(self) -> dict[str, str]:
-        """``{normalized name: version}`` of the manager environment's index-installed dists.
-
-        Distributions installed from a path or URL (``direct_url.json``: editable FLOps itself,
-        local wheels) are left out: they cannot be pinned by version.
-        """
-        versions: dict[str, str] = {}
-        for dist in importlib.metadata.distributions():
-            name = dist.metadata["Name"]
-            if not name:
-                continue
-            normalized = canonicalize_name(name)
-            if normalized in versions or normalized in _EXCLUDED_FROM_CONSTRAINTS:
-                continue
-            if dist.read_text("direct_url.json") is not None:
-                continue
-            versions[normalized] = dist.version
-        return versions
+        """``{normalized name: version}`` of the manager environment's index-installed dists
+        (:func:`~image_builder.python_env.manager_versions`)."""
+        return manager_versions()
 
     @cached_property
     def runtime_pins(self) -> list[str]:
@@ -187,14 +142,7 @@ class VenvBuilder:
 
         A runtime package missing from the manager's environment is listed unpinned (logged).
         """
-        pins = []
-        for name in self.runtime_packages:
-            try:
-                pins.append(f"{name}=={importlib.metadata.version(name)}")
-            except importlib.metadata.PackageNotFoundError:
-                logger.warning("%s is not installed in the manager; installing it unpinned", name)
-                pins.append(name)
-        return pins
+        return runtime_pins(self.runtime_packages)
 
     @cached_property
     def python_tag(self) -> str:
@@ -228,27 +176,22 @@ class VenvBuilder:
         :class:`~image_builder.errors.EnvironmentBuildError` (uv missing, a timeout).
         """
         started = time.monotonic()
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix="ml-repo-", dir=workdir))
-        try:
-            fetched = fetch_repo(
-                ml_repo_url,
-                ref,
-                scratch / "repo",
-                timeout_s=self.git_timeout_s,
-                exclude=[workdir.resolve(), self.cache_dir],
-            )
-            layout = validate_repo(fetched.path, fetched.source)
-            requirements = read_requirements(layout.dependency_file)
-            key = self.environment_key(fetched.commit, dependency_hash(requirements))
+        with checked_out_repo(
+            ml_repo_url,
+            ref,
+            Path(workdir),
+            timeout_s=self.git_timeout_s,
+            exclude=[self.cache_dir],
+        ) as checked_out:
+            fetched = checked_out.fetched
+            key = self.environment_key(fetched.commit, checked_out.dependencies_hash)
             env_dir = self.cache_dir / "envs" / key
             cache_hit = _is_complete(env_dir)
             if not cache_hit:
-                cache_hit = self._build_locked(key, fetched, ref, layout.dependency_file.name,
-                                               requirements)  # fmt: skip
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+                cache_hit = self._build_locked(
+                    key, fetched, ref, checked_out.layout.dependency_file.name,
+                    checked_out.requirements,
+                )  # fmt: skip
         seconds = time.monotonic() - started
         logger.info(
             "environment %s for %s@%s %s in %.2f s",
@@ -277,7 +220,7 @@ class VenvBuilder:
         envs.mkdir(parents=True, exist_ok=True)
         locks.mkdir(parents=True, exist_ok=True)
         final = envs / key
-        with _file_lock(locks / f"{key}.lock", self.lock_timeout_s):
+        with file_lock(locks / f"{key}.lock", self.lock_timeout_s):
             if _is_complete(final):
                 return True
             for stale in envs.glob(f".tmp-{key}-*"):  # left by a build that died
@@ -345,9 +288,9 @@ class VenvBuilder:
         ]
         errors: list[tuple[str, str]] = []
         for mode, args in attempts:
-            if errors and mode == "online" and _NETWORK_ERROR.search(errors[-1][1]):
+            if errors and mode == "online" and NETWORK_ERROR.search(errors[-1][1]):
                 break  # no index reachable: further online attempts cannot help
-            if len(errors) == 2 and _MISSING_PACKAGE.search(errors[-1][1]):
+            if len(errors) == 2 and MISSING_PACKAGE.search(errors[-1][1]):
                 break  # a name the index does not know: constraints are not the cause
             result = self._uv(args, cwd=staging, check=False)
             if result.returncode == 0:
@@ -355,58 +298,17 @@ class VenvBuilder:
                 return mode
             errors.append((mode, result.stderr))
             logger.debug("uv pip install (%s) failed: %s", mode, result.stderr)
-        mode, stderr = _pick_error(errors)
-        offline_only = mode == "offline" and len(errors) > 1
-        raise DependencyInstallError(
-            f"Cannot install the ML repository's dependencies: {condense_uv_error(stderr)}"
-            + (
-                " (the package index was unreachable, so only uv's cache was used)"
-                if offline_only
-                else ""
-            )
-            + ". Fix the requirement in the repository's dependency file.",
-            details=[condense_uv_error(stderr) for _, stderr in errors],
-        )
+        raise dependency_install_error(errors)
 
     def _plan(self, requirements: list[str]) -> tuple[list[str], list[str]]:
-        """Split into (repository lines to install, constraint lines).
-
-        A repository requirement on a runtime package that excludes the manager's version is
-        dropped (logged): both sides must run identical versions. Constraints pin every
-        manager distribution the repository does not ask for at another version.
-        """
-        runtime = {canonicalize_name(name) for name in self.runtime_packages}
-        installed = self.installed_versions
-        user_lines: list[str] = []
-        unconstrained: set[str] = set()
-        for line in requirements:
-            name = requirement_name(line)
-            if name is None:
-                user_lines.append(line)
-                continue
-            satisfied = _satisfied_by(line, installed.get(name))
-            if name in runtime and not satisfied:
-                logger.warning(
-                    "ignoring the repository's %r: FLOps runs %s==%s",
-                    line,
-                    name,
-                    installed.get(name),
-                )
-                continue
-            if not satisfied:
-                unconstrained.add(name)
-            user_lines.append(line)
-        constraints = [
-            f"{name}=={version}"
-            for name, version in sorted(installed.items())
-            if name not in unconstrained and name not in runtime
-        ]
-        return user_lines, constraints
+        """Split into (repository lines to install, constraint lines); see
+        :func:`~image_builder.python_env.plan_install`."""
+        return plan_install(requirements, self.runtime_packages, self.installed_versions)
 
     def _uv(
         self, args: list[str], *, cwd: Path, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        command = [*_uv_command(), *args]
+        command = [*uv_command(), *args]
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX")}
         env.update({"NO_COLOR": "1", "UV_NO_PROGRESS": "1"})
         try:
@@ -431,104 +333,5 @@ class VenvBuilder:
         return result
 
 
-def condense_uv_error(stderr: str) -> str:
-    """Return uv's error output as one or two sentences (<= 500 characters).
-
-    Drops progress and summary lines, ``hint:`` paragraphs, ANSI codes and the tree drawing
-    characters of uv's diagnostics; an ``error:`` and its ``cause:`` lines become
-    ``error: cause: cause``; a trailing period is removed.
-    """
-    text = ""
-    for raw in _ANSI.sub("", stderr).splitlines():
-        line = _BOX_CHARS.sub(" ", raw).strip()
-        lowered = line.lower()
-        if lowered.startswith("hint:"):
-            break
-        if not line or lowered.startswith(_NOISE_PREFIXES):
-            continue
-        separator = " "
-        for prefix in ("error:", "caused by:", "cause:"):
-            if lowered.startswith(prefix):
-                line = line[len(prefix) :].strip()
-                separator = "; " if prefix == "error:" else ": "
-                break
-        if line.startswith("Because "):
-            line = "b" + line[1:]
-        if text and separator != " ":
-            text = text.rstrip(":. ")
-        text = f"{text}{separator}{line}" if text else line
-    text = " ".join(text.split()).rstrip(".")
-    if not text:
-        return "uv failed without a message"
-    return text if len(text) <= 500 else text[:497] + "..."
-
-
-def _pick_error(errors: list[tuple[str, str]]) -> tuple[str, str]:
-    """The most telling failure ``(mode, stderr)``: the last one not caused by a network error."""
-    for mode, stderr in reversed(errors):
-        if not _NETWORK_ERROR.search(stderr):
-            return mode, stderr
-    return errors[0] if errors else ("offline", "")
-
-
-def _satisfied_by(line: str, version: str | None) -> bool:
-    """True if ``version`` (installed in the manager) meets the requirement ``line``."""
-    if version is None:
-        return False
-    try:
-        requirement = Requirement(line)
-        return requirement.url is None and requirement.specifier.contains(
-            Version(version), prereleases=True
-        )
-    except (InvalidRequirement, InvalidVersion):
-        return False
-
-
 def _is_complete(env_dir: Path) -> bool:
     return (env_dir / ENV_MARKER).is_file() and (env_dir / "venv" / "bin" / "python").exists()
-
-
-@contextmanager
-def _file_lock(path: Path, timeout_s: float) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path``; ``EnvironmentBuildError`` after ``timeout_s``."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise EnvironmentBuildError(
-                        f"Another build of the same environment held {path.name} for over "
-                        f"{timeout_s:.0f} s; retry, or remove the stale lock file."
-                    ) from None
-                time.sleep(0.1)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-def _uv_command() -> list[str]:
-    """``[uv]`` from PATH, else ``[python, -m, uv]``; :class:`EnvironmentBuildError` if neither."""
-    found = shutil.which("uv")
-    if found:
-        return [found]
-    if importlib.util.find_spec("uv") is not None:
-        return [sys.executable, "-m", "uv"]
-    raise EnvironmentBuildError("uv is not installed; install it with `pip install uv`.")
-
-
-def _base_interpreter() -> str:
-    base: str = getattr(sys, "_base_executable", "") or sys.executable
-    return base
-
-
-def _default_source_roots() -> list[Path]:
-    import flops_utils
-    import image_builder
-
-    flops_root = Path(image_builder.__file__).resolve().parent.parent
-    utils_root = Path(flops_utils.__file__).resolve().parent.parent
-    return [flops_root] if utils_root == flops_root else [flops_root, utils_root]

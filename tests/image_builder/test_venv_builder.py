@@ -15,13 +15,8 @@ import pytest
 from builder_testing import ExampleRepo, commit_all, copy_example
 
 from image_builder.errors import DependencyInstallError, EnvironmentBuildError, RepoLayoutError
-from image_builder.venv_builder import (
-    BuiltEnvironment,
-    VenvBuilder,
-    _file_lock,
-    _uv_command,
-    condense_uv_error,
-)
+from image_builder.python_env import condense_uv_error, file_lock, uv_command
+from image_builder.venv_builder import BuiltEnvironment, VenvBuilder
 
 IMPORT_CHECK = (
     "import json, flwr, mlflow, sklearn, numpy, learner, aggregator, flops_utils, model_manager, "
@@ -249,7 +244,7 @@ def test_uv_falls_back_to_python_module(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("PATH", str(tmp_path))
 
     # Execute
-    command = _uv_command()
+    command = uv_command()
     result = subprocess.run(
         [*command, "--version"], capture_output=True, text=True, timeout=30, check=False
     )
@@ -268,7 +263,7 @@ def test_build_lock_wait_is_bounded(tmp_path: Path) -> None:
     # Execute
     started = time.monotonic()
     try:
-        with pytest.raises(EnvironmentBuildError) as caught, _file_lock(lock, timeout_s=0.3):
+        with pytest.raises(EnvironmentBuildError) as caught, file_lock(lock, timeout_s=0.3):
             pass
     finally:
         os.close(holder)

@@ -1,0 +1,290 @@
+"""What every builder backend installs, and how: shared by the ``venv`` and ``oci`` builders.
+
+- The FLOps runtime's Python packages (:data:`RUNTIME_PACKAGES`) are pinned to the versions
+  installed in the manager's own environment (:func:`manager_versions`, :func:`runtime_pins`),
+  so the manager, learners and aggregators run identical versions; every other distribution of
+  the manager's environment becomes a constraint (:func:`plan_install`), so shared transitive
+  dependencies (protobuf, grpcio, ...) match too unless the repository asks for other versions.
+- uv installs everything (:func:`uv_command` runs it on this machine, :func:`uv_binary` is the
+  executable an image build mounts); builders try offline first (uv's cache), then online with
+  the constraints, then online without them, and report the most telling failure in a sentence
+  or two (:func:`dependency_install_error`, :func:`condense_uv_error`).
+- The FLOps source roots (:func:`default_source_roots`) and the per-key build lock
+  (:func:`file_lock`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
+from flops_utils.logging import logger
+from image_builder.dependencies import requirement_name
+from image_builder.errors import BuilderError, DependencyInstallError, EnvironmentBuildError
+
+RUNTIME_PACKAGES = (
+    "flwr",
+    "mlflow",
+    "pyarrow",
+    "datasets",
+    "numpy",
+    "paho-mqtt",
+    "requests",
+)
+"""Distributions the learner, the aggregator and ``flops_utils`` import, pinned to the
+manager's installed versions."""
+
+NETWORK_ERROR = re.compile(
+    r"failed to fetch|error sending request|dns error|could not connect|connection refused|"
+    r"network is unreachable|timed out|failed to download",
+    re.IGNORECASE,
+)
+"""uv stderr that means the package index could not be reached."""
+
+MISSING_PACKAGE = re.compile(r"not found in the package registry", re.IGNORECASE)
+"""uv stderr that means the index does not know a requested name."""
+
+_EXCLUDED_FROM_CONSTRAINTS = frozenset({"flops", "flops-utils"})
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_BOX_CHARS = re.compile("[\u00d7\u2500-\u257f\u25b6]+")
+"""uv's diagnostic drawing: the cross mark and box-drawing characters."""
+_NOISE_PREFIXES = ("using python", "resolved ", "prepared ", "installed ", "audited ", "warning:")
+
+
+def manager_versions() -> dict[str, str]:
+    """``{normalized name: version}`` of the manager environment's index-installed dists.
+
+    Distributions installed from a path or URL (``direct_url.json``: editable FLOps itself,
+    local wheels) are left out: they cannot be pinned by version.
+    """
+    versions: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if not name:
+            continue
+        normalized = canonicalize_name(name)
+        if normalized in versions or normalized in _EXCLUDED_FROM_CONSTRAINTS:
+            continue
+        if dist.read_text("direct_url.json") is not None:
+            continue
+        versions[normalized] = dist.version
+    return versions
+
+
+def runtime_pins(packages: Iterable[str]) -> list[str]:
+    """``["flwr==1.41.0", ...]``: ``packages`` at the manager's installed versions, in order.
+
+    A package missing from the manager's environment is listed unpinned (logged).
+    """
+    pins = []
+    for name in packages:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            logger.warning("%s is not installed in the manager; installing it unpinned", name)
+            pins.append(name)
+    return pins
+
+
+def plan_install(
+    requirements: Sequence[str], runtime_packages: Iterable[str], installed: dict[str, str]
+) -> tuple[list[str], list[str]]:
+    """Split a repository's requirements into (lines to install, constraint lines).
+
+    ``installed``: :func:`manager_versions`. A repository requirement on one of
+    ``runtime_packages`` that excludes the manager's version is dropped (logged): both sides
+    must run identical versions. The constraints pin every manager distribution (``name==v``,
+    sorted) that the repository does not ask for at another version, runtime packages excluded
+    (those are pinned as requirements).
+    """
+    runtime = {canonicalize_name(name) for name in runtime_packages}
+    user_lines: list[str] = []
+    unconstrained: set[str] = set()
+    for line in requirements:
+        name = requirement_name(line)
+        if name is None:
+            user_lines.append(line)
+            continue
+        satisfied = satisfied_by(line, installed.get(name))
+        if name in runtime and not satisfied:
+            logger.warning(
+                "ignoring the repository's %r: FLOps runs %s==%s", line, name, installed.get(name)
+            )
+            continue
+        if not satisfied:
+            unconstrained.add(name)
+        user_lines.append(line)
+    constraints = [
+        f"{name}=={version}"
+        for name, version in sorted(installed.items())
+        if name not in unconstrained and name not in runtime
+    ]
+    return user_lines, constraints
+
+
+def satisfied_by(line: str, version: str | None) -> bool:
+    """True if ``version`` (installed in the manager) meets the requirement ``line``."""
+    if version is None:
+        return False
+    try:
+        requirement = Requirement(line)
+        return requirement.url is None and requirement.specifier.contains(
+            Version(version), prereleases=True
+        )
+    except (InvalidRequirement, InvalidVersion):
+        return False
+
+
+def condense_uv_error(stderr: str) -> str:
+    """Return uv's error output as one or two sentences (<= 500 characters).
+
+    Drops progress and summary lines, ``hint:`` paragraphs, ANSI codes and the tree drawing
+    characters of uv's diagnostics; an ``error:`` and its ``cause:`` lines become
+    ``error: cause: cause``; a trailing period is removed.
+    """
+    text = ""
+    for raw in _ANSI.sub("", stderr).splitlines():
+        line = _BOX_CHARS.sub(" ", raw).strip()
+        lowered = line.lower()
+        if lowered.startswith("hint:"):
+            break
+        if not line or lowered.startswith(_NOISE_PREFIXES):
+            continue
+        separator = " "
+        for prefix in ("error:", "caused by:", "cause:"):
+            if lowered.startswith(prefix):
+                line = line[len(prefix) :].strip()
+                separator = "; " if prefix == "error:" else ": "
+                break
+        if line.startswith("Because "):
+            line = "b" + line[1:]
+        if text and separator != " ":
+            text = text.rstrip(":. ")
+        text = f"{text}{separator}{line}" if text else line
+    text = " ".join(text.split()).rstrip(".")
+    if not text:
+        return "uv failed without a message"
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def pick_error(errors: Sequence[tuple[str, str]]) -> tuple[str, str]:
+    """The most telling failure ``(mode, stderr)``: the last one not caused by a network error."""
+    for mode, stderr in reversed(errors):
+        if not NETWORK_ERROR.search(stderr):
+            return mode, stderr
+    return errors[0] if errors else ("offline", "")
+
+
+def dependency_install_error(errors: Sequence[tuple[str, str]]) -> DependencyInstallError:
+    """The :class:`DependencyInstallError` for failed install attempts ``[(mode, stderr)]``.
+
+    ``mode`` is ``"offline"`` or ``"online"``, in the order tried. The message carries the most
+    telling failure (:func:`pick_error`) condensed by :func:`condense_uv_error`, and says when
+    only uv's cache could be used; ``details`` holds every attempt's condensed error.
+    """
+    mode, stderr = pick_error(errors)
+    offline_only = mode == "offline" and len(errors) > 1
+    return DependencyInstallError(
+        f"Cannot install the ML repository's dependencies: {condense_uv_error(stderr)}"
+        + (
+            " (the package index was unreachable, so only uv's cache was used)"
+            if offline_only
+            else ""
+        )
+        + ". Fix the requirement in the repository's dependency file.",
+        details=[condense_uv_error(text) for _, text in errors],
+    )
+
+
+def uv_command() -> list[str]:
+    """``[uv]`` from PATH, else ``[python, -m, uv]``; :class:`EnvironmentBuildError` if neither."""
+    found = shutil.which("uv")
+    if found:
+        return [found]
+    if importlib.util.find_spec("uv") is not None:
+        return [sys.executable, "-m", "uv"]
+    raise EnvironmentBuildError("uv is not installed; install it with `pip install uv`.")
+
+
+def uv_binary() -> Path:
+    """The uv executable itself (an ELF file, not a shim script), to mount into an image build.
+
+    Prefers the ``uv`` Python package of the manager's environment (``uv.find_uv_bin()``), then
+    ``uv`` on PATH if it is a binary. Raises :class:`EnvironmentBuildError` if neither exists.
+    """
+    candidates: list[Path] = []
+    if importlib.util.find_spec("uv") is not None:
+        import uv
+
+        with suppress(FileNotFoundError):
+            candidates.append(Path(uv.find_uv_bin()))
+    found = shutil.which("uv")
+    if found:
+        candidates.append(Path(found))
+    for candidate in candidates:
+        try:
+            with candidate.resolve().open("rb") as handle:
+                if handle.read(4) == b"\x7fELF":
+                    return candidate.resolve()
+        except OSError:
+            continue
+    raise EnvironmentBuildError(
+        "No uv executable found to install packages with; install it with `pip install uv`."
+    )
+
+
+def default_source_roots() -> list[Path]:
+    """The directories holding the FLOps packages: the checkout and, if apart, ``utils_pkg``."""
+    import flops_utils
+    import image_builder
+
+    flops_root = Path(image_builder.__file__).resolve().parent.parent
+    utils_root = Path(flops_utils.__file__).resolve().parent.parent
+    return [flops_root] if utils_root == flops_root else [flops_root, utils_root]
+
+
+def base_interpreter() -> str:
+    """The manager's base interpreter (outside its virtualenv), for ``uv venv --python``."""
+    base: str = getattr(sys, "_base_executable", "") or sys.executable
+    return base
+
+
+@contextmanager
+def file_lock(
+    path: Path, timeout_s: float, error: type[BuilderError] = EnvironmentBuildError
+) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block.
+
+    Raises ``error`` (default :class:`EnvironmentBuildError`) after ``timeout_s`` seconds of
+    waiting for another holder.
+    """
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise error(
+                        f"Another build of the same environment held {path.name} for over "
+                        f"{timeout_s:.0f} s; retry, or remove the stale lock file."
+                    ) from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

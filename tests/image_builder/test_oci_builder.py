@@ -1,0 +1,490 @@
+"""The oci builder with real buildah, skopeo, a registry v2 on loopback and a local base image.
+
+One module-wide build of the example repository (``examples/mnist_sklearn``, copied as a plain
+directory) feeds most tests; the cold build, the no-op rebuild and the code-only rebuild print
+their times (``pytest -s``).
+"""
+
+import importlib.metadata
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from builder_testing import copy_example
+from packaging.utils import canonicalize_name
+
+from flops_utils.net import find_free_port
+from image_builder.errors import (
+    BaseImageError,
+    BuildToolMissingError,
+    DependencyInstallError,
+    ImageBuildError,
+    RegistryUnreachableError,
+)
+from image_builder.oci_builder import (
+    IMAGE_UID,
+    LABEL_INPUTS_HASH,
+    BuiltImage,
+    BuiltImages,
+    OciBuilder,
+    build_failure,
+    condense_tool_error,
+    failing_step,
+    render_containerfile,
+    strip_tag,
+)
+from image_builder.repo import content_hash
+
+LEARNER_CHECK = """
+import importlib.metadata, importlib.util, json, os, shutil, sys
+import flops_utils, learner, model_manager, data_manager, flwr, numpy, sklearn
+from flops_utils.ml_repo_templates import ModelManagerTemplate
+print(json.dumps({
+    "uid": os.getuid(),
+    "cwd": os.getcwd(),
+    "flwr": flwr.__version__,
+    "numpy": numpy.__version__,
+    "flops_utils": flops_utils.__file__,
+    "learner": learner.__file__,
+    "model_manager": model_manager.__file__,
+    "data_manager": data_manager.__file__,
+    "is_template": issubclass(model_manager.ModelManager, ModelManagerTemplate),
+    "mlflow": importlib.util.find_spec("mlflow") is not None,
+    "compilers": [c for c in ("gcc", "cc", "g++", "clang") if shutil.which(c)],
+    "caches": [p for p in ("/root/.cache", "/home/flops/.cache", "/opt/flops/venv/.cache")
+               if os.path.exists(p)],
+    "mnt": os.listdir("/mnt"),
+    "repo_writable": os.access("/opt/flops/repo", os.W_OK),
+    "versions": {d.metadata["Name"]: d.version for d in importlib.metadata.distributions()},
+}))
+"""
+
+AGGREGATOR_CHECK = """
+import json, mlflow, aggregator.main, flops_manager.sla, flops_utils
+print(json.dumps({"mlflow": mlflow.__version__, "aggregator": aggregator.main.__file__}))
+"""
+
+
+def _skopeo(*args: str) -> dict[str, object]:
+    result = subprocess.run(
+        ["skopeo", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    parsed: dict[str, object] = json.loads(result.stdout)
+    return parsed
+
+
+def _inspect(ref: str) -> dict[str, object]:
+    return _skopeo("inspect", "--tls-verify=false", f"docker://{ref}")
+
+
+def _run_in_image(image: BuiltImage, code: str) -> dict[str, object]:
+    """Run ``python -c code`` in a container of the pushed image (pulled by digest)."""
+    container = subprocess.run(
+        ["buildah", "from", "--tls-verify=false", f"docker://{image.pinned_ref}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout.strip()
+    try:
+        result = subprocess.run(
+            ["buildah", "run", "--isolation", "chroot", container, "--",
+             "python", "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )  # fmt: skip
+    finally:
+        subprocess.run(["buildah", "rm", container], capture_output=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parsed: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+    return parsed
+
+
+def _uncompressed_size(image: BuiltImage) -> int:
+    """Sum of the image's layer sizes in local storage (uncompressed tar), bytes."""
+    manifest = subprocess.run(
+        ["buildah", "inspect", "--type", "image", "--format", "{{.Manifest}}", image.ref],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return sum(int(layer["size"]) for layer in json.loads(manifest)["layers"])
+
+
+@pytest.fixture(scope="module")
+def oci_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("oci-cache")
+
+
+@pytest.fixture(scope="module")
+def builder(oci_registry: str, oci_base_image: str, oci_cache: Path) -> OciBuilder:
+    """A builder pushing to the session's loopback registry, FROM the local Debian base."""
+    return OciBuilder(oci_cache, oci_registry, oci_base_image, tls_verify=False)
+
+
+@pytest.fixture(scope="module")
+def example_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example repository as a plain directory (module-wide)."""
+    return copy_example(tmp_path_factory.mktemp("repos") / "mnist")
+
+
+@pytest.fixture(scope="module")
+def first_build(
+    builder: OciBuilder, example_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> BuiltImages:
+    """The example's learner and aggregator images, built and pushed once per module."""
+    images = builder.build(
+        str(example_dir), None, tmp_path_factory.mktemp("work"), flavor="sklearn"
+    )
+    learner_mb = _uncompressed_size(images.learner) / 1e6
+    print(
+        f"\nfirst build of the example images: {images.seconds:.1f} s "
+        f"(learner {images.learner.seconds:.1f} s, aggregator {images.aggregator.seconds:.1f} s; "
+        f"reused: {images.cache_hit}); learner image {learner_mb:.0f} MB uncompressed"
+    )
+    return images
+
+
+# -- real builds -----------------------------------------------------------------------------
+def test_images_are_pushed_tagged_by_inputs_and_labelled(
+    first_build: BuiltImages, example_dir: Path, oci_registry: str
+) -> None:
+    # Execute
+    found = {image.role: _inspect(image.ref) for image in first_build.images}
+
+    # Assert
+    assert first_build.commit == content_hash(example_dir)
+    assert len(first_build.key) == 32
+    for image in first_build.images:
+        info = found[image.role]
+        labels = info["Labels"]
+        assert isinstance(labels, dict)
+        assert image.repository == f"{oci_registry}/flops/{image.role}"
+        assert image.tag == first_build.key
+        assert info["RepoTags"] == [first_build.key]
+        assert info["Digest"] == image.digest
+        assert labels[LABEL_INPUTS_HASH] == first_build.key
+        assert labels["org.opencontainers.image.source"] == str(example_dir)
+        assert labels["org.opencontainers.image.revision"] == first_build.commit
+        assert labels["org.opencontainers.image.title"] == f"flops-{image.role}"
+        assert labels["org.flops.ml-model-flavor"] == "sklearn"
+        config = _skopeo("inspect", "--config", "--tls-verify=false", f"docker://{image.ref}")
+        settings = config["config"]
+        assert isinstance(settings, dict)
+        assert settings["User"] == f"{IMAGE_UID}:{IMAGE_UID}"
+        assert settings["Entrypoint"] == ["/opt/flops/venv/bin/python", "-m", image.role]
+        assert "FLOPS_ML_REPO_DIR=/opt/flops/repo" in settings["Env"]
+
+
+def test_learner_image_runs_flops_runtime_and_repository(first_build: BuiltImages) -> None:
+    # Execute
+    seen = _run_in_image(first_build.learner, LEARNER_CHECK)
+
+    # Assert: the runtime and the repository import as the non-root user, nothing else left
+    assert seen["uid"] == IMAGE_UID
+    assert seen["cwd"] == "/opt/flops/repo"
+    assert seen["flwr"] == importlib.metadata.version("flwr")
+    assert seen["numpy"] == importlib.metadata.version("numpy")
+    assert seen["flops_utils"] == "/opt/flops/runtime/flops_utils/__init__.py"
+    assert seen["learner"] == "/opt/flops/runtime/learner/__init__.py"
+    assert seen["model_manager"] == "/opt/flops/repo/model_manager.py"
+    assert seen["data_manager"] == "/opt/flops/repo/data_manager.py"
+    assert seen["is_template"] is True
+    assert seen["mlflow"] is False
+    assert seen["compilers"] == [] and seen["caches"] == [] and seen["mnt"] == []
+    assert seen["repo_writable"] is True
+    versions = seen["versions"]
+    assert isinstance(versions, dict) and {"flwr", "pyarrow", "scikit-learn"} <= set(versions)
+    manager = {
+        canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()
+    }
+    differing = {
+        name: (version, manager[canonicalize_name(name)])
+        for name, version in versions.items()
+        if canonicalize_name(name) in manager and manager[canonicalize_name(name)] != version
+    }
+    assert differing == {}  # every distribution the manager also has is at the same version
+    assert _uncompressed_size(first_build.learner) < 1_200_000_000
+
+
+def test_aggregator_image_adds_mlflow_on_the_learner_layers(first_build: BuiltImages) -> None:
+    # Execute
+    seen = _run_in_image(first_build.aggregator, AGGREGATOR_CHECK)
+    learner_layers = _inspect(first_build.learner.ref)["Layers"]
+    aggregator_layers = _inspect(first_build.aggregator.ref)["Layers"]
+
+    # Assert: base, user, dependency files and dependencies are the same blobs
+    assert seen["mlflow"] == importlib.metadata.version("mlflow")
+    assert seen["aggregator"] == "/opt/flops/runtime/aggregator/main.py"
+    assert isinstance(learner_layers, list) and isinstance(aggregator_layers, list)
+    assert learner_layers[:4] == aggregator_layers[:4]
+    assert learner_layers[4:] != aggregator_layers[4:]
+
+
+def test_same_inputs_again_reuse_the_pushed_images(
+    builder: OciBuilder, first_build: BuiltImages, example_dir: Path, tmp_path: Path
+) -> None:
+    # Execute
+    again = builder.build(str(example_dir), None, tmp_path / "work", flavor="sklearn")
+    print(f"\nno-op build: {again.seconds:.2f} s")
+
+    # Assert
+    assert again.cache_hit and all(image.reused for image in again.images)
+    assert again.seconds < 2.0
+    assert again.key == first_build.key
+    assert [i.digest for i in again.images] == [i.digest for i in first_build.images]
+    assert not any((tmp_path / "work").iterdir())
+
+
+def test_code_only_change_rebuilds_only_the_repository_layer(
+    builder: OciBuilder, first_build: BuiltImages, tmp_path: Path
+) -> None:
+    # Prepare: the same repository with an edited model_manager.py
+    path = copy_example(tmp_path / "edited")
+    model_manager = path / "model_manager.py"
+    model_manager.write_text(model_manager.read_text() + "\n# tuned\n", encoding="utf-8")
+
+    # Execute
+    edited = builder.build(str(path), None, tmp_path / "work", flavor="sklearn")
+    print(f"\ncode-only rebuild of both images: {edited.seconds:.1f} s")
+
+    # Assert
+    assert not edited.cache_hit and edited.key != first_build.key
+    for before, after in zip(first_build.images, edited.images, strict=True):
+        old_layers = _inspect(before.ref)["Layers"]
+        new_layers = _inspect(after.ref)["Layers"]
+        assert isinstance(old_layers, list) and isinstance(new_layers, list)
+        assert new_layers[:-1] == old_layers[:-1]
+        assert new_layers[-1] != old_layers[-1]
+    assert edited.seconds < 60
+
+
+def test_uninstallable_dependency_is_a_clean_error(builder: OciBuilder, tmp_path: Path) -> None:
+    # Prepare
+    path = copy_example(tmp_path / "plain")
+    (path / "conda.yaml").unlink()
+    (path / "requirements.txt").write_text(
+        "scikit-learn>=1.5\nthis-package-does-not-exist-flops==1.0\n"
+    )
+
+    # Execute
+    with pytest.raises(DependencyInstallError) as caught:
+        builder.build(str(path), None, tmp_path / "work", flavor="sklearn")
+
+    # Assert
+    message = caught.value.message
+    assert caught.value.code == "dependency_install_failed"
+    assert "this-package-does-not-exist-flops" in message
+    assert "\n" not in message and len(message) < 600
+    assert message.endswith("Fix the requirement in the repository's dependency file.")
+
+
+def test_failed_build_step_reports_its_last_lines(
+    oci_registry: str, oci_base_image: str, oci_cache: Path, example_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: a base image interpreter that does not exist
+    builder = OciBuilder(
+        oci_cache, oci_registry, oci_base_image, tls_verify=False, python="/usr/bin/python9"
+    )
+
+    # Execute
+    with pytest.raises(ImageBuildError) as caught:
+        builder.build(str(example_dir), None, tmp_path / "work", flavor="sklearn")
+
+    # Assert
+    message = caught.value.message
+    assert caught.value.code == "image_build_failed"
+    assert message.startswith("Building the learner image failed at step 4/13 (RUN ")
+    assert "python9" in message and "The full log is " in message
+    assert "\n" not in message and len(message) < 800
+    assert Path(message.rsplit("The full log is ", 1)[1].rstrip(".")).is_file()
+
+
+def test_unreachable_registry_is_a_clean_error(
+    oci_base_image: str, example_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: nothing listens on the target registry's port
+    dead = f"127.0.0.1:{find_free_port()}"
+    builder = OciBuilder(tmp_path / "cache", dead, oci_base_image, tls_verify=False)
+
+    # Execute
+    with pytest.raises(RegistryUnreachableError) as caught:
+        builder.build(str(example_dir), None, tmp_path / "work", flavor="sklearn")
+
+    # Assert
+    assert caught.value.code == "registry_unreachable"
+    assert dead in caught.value.message and "connection refused" in caught.value.message
+    assert "\n" not in caught.value.message
+
+
+def test_missing_base_image_is_a_clean_error(
+    oci_registry: str, example_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare
+    base = f"{oci_registry}/flops/base:no-such-tag"
+    builder = OciBuilder(tmp_path / "cache", oci_registry, base, tls_verify=False)
+
+    # Execute
+    with pytest.raises(BaseImageError) as caught:
+        builder.build(str(example_dir), None, tmp_path / "work", flavor="sklearn")
+
+    # Assert
+    assert base in caught.value.message
+
+
+# -- no build needed -------------------------------------------------------------------------
+@pytest.fixture
+def no_tools_on_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    yield
+
+
+@pytest.mark.usefixtures("no_tools_on_path")
+def test_missing_buildah_names_the_install_line(tmp_path: Path) -> None:
+    # Prepare
+    builder = OciBuilder(tmp_path / "cache", "127.0.0.1:5000", "127.0.0.1:5000/flops/base:x")
+
+    # Execute
+    with pytest.raises(BuildToolMissingError) as caught:
+        builder.build(str(tmp_path), None, tmp_path / "work")
+
+    # Assert
+    assert caught.value.code == "build_tool_missing"
+    assert "buildah and skopeo are not installed" in caught.value.message
+    assert "apt-get install buildah skopeo" in caught.value.message
+
+
+@pytest.mark.skipif(
+    shutil.which("buildah") is None or shutil.which("skopeo") is None,
+    reason="needs buildah and skopeo on PATH",
+)
+def test_other_platform_is_refused_before_any_work(tmp_path: Path) -> None:
+    # Prepare
+    builder = OciBuilder(tmp_path / "cache", "127.0.0.1:5000", "127.0.0.1:5000/flops/base:x")
+
+    # Execute
+    with pytest.raises(ImageBuildError) as caught:
+        builder.build(str(tmp_path), None, tmp_path / "work", platform="linux/riscv64")
+
+    # Assert
+    assert "linux/riscv64" in caught.value.message and "not supported yet" in caught.value.message
+
+
+def test_containerfile_puts_dependencies_before_code_and_labels_last() -> None:
+    # Execute
+    text = render_containerfile(
+        "aggregator",
+        "reg:5000/flops/base@sha256:abc",
+        "python3",
+        {"org.opencontainers.image.source": 'https://h/r "x" $HOME\\y'},
+    )
+
+    # Assert
+    order = [
+        text.index("FROM reg:5000/flops/base@sha256:abc"),
+        text.index("RUN useradd"),
+        text.index("install.sh python3 /opt/flops/build/requirements.txt"),
+        text.index("install.sh python3 /opt/flops/build/aggregator/requirements.txt"),
+        text.index("COPY aggregator-runtime/ /opt/flops/runtime/"),
+        text.index("COPY --chown=10001:10001 repo/ /opt/flops/repo/"),
+        text.index("LABEL "),
+        text.index('ENTRYPOINT ["/opt/flops/venv/bin/python", "-m", "aggregator"]'),
+    ]
+    assert order == sorted(order)
+    assert 'org.opencontainers.image.source="https://h/r \\"x\\" \\$HOME\\\\y"' in text
+    assert 'org.opencontainers.image.title="flops-aggregator"' in text
+    assert "$" not in text.replace("\\$HOME", "")
+
+
+def test_build_failure_output_is_condensed(tmp_path: Path) -> None:
+    # Prepare: buildah output of a failed RUN step and of a failed dependency install
+    failed_run = (
+        "STEP 3/13: COPY build/ /opt/flops/build/\n--> 0e34ab67bf1\n"
+        "STEP 4/13: RUN --mount=type=bind,source=tools,target=/flops-tools sh install.sh\n"
+        "error: No interpreter found for executable name `python9` in search path\n"
+        "subprocess exited with status 1\n"
+        'Error: building at STEP "RUN --mount=type=bind": exit status 1\n'
+    )
+    failed_install = (
+        "STEP 4/13: RUN sh install.sh\n##flops-uv-attempt offline\n"
+        "  \u00d7 No solution found when resolving dependencies:\n"
+        "  \u2570\u2500\u25b6 Because nope was not found in the cache and you require "
+        "nope==1, we can conclude that your requirements are unsatisfiable.\n##flops-uv-end\n"
+        "##flops-uv-attempt online\n"
+        "  \u00d7 No solution found when resolving dependencies:\n"
+        "  \u2570\u2500\u25b6 Because nope was not found in the package registry and you "
+        "require nope==1, we can conclude that your requirements are unsatisfiable.\n"
+        "##flops-uv-end\n"
+        "subprocess exited with status 42\n"
+    )
+
+    # Execute
+    step, tail = failing_step(failed_run)
+    build_error = build_failure("learner", failed_run, tmp_path / "x.log")
+    install_error = build_failure("learner", failed_install, tmp_path / "x.log")
+
+    # Assert
+    assert step.startswith("4/13 (RUN --mount=type=bind,source=tools,") and step.endswith("...)")
+    assert tail == "error: No interpreter found for executable name `python9` in search path"
+    assert isinstance(build_error, ImageBuildError)
+    assert isinstance(install_error, DependencyInstallError)
+    assert "not found in the package registry" in install_error.message
+
+
+def test_skopeo_errors_are_condensed() -> None:
+    # Prepare
+    stderr = (
+        'time="2026-11-25T13:59:10Z" level=fatal msg="Error parsing image name '
+        '\\"docker://127.0.0.1:1/flops/x:y\\": pinging container registry 127.0.0.1:1: Get '
+        '\\"http://127.0.0.1:1/v2/\\": dial tcp 127.0.0.1:1: connect: connection refused"\n'
+    )
+
+    # Execute
+    condensed = condense_tool_error(stderr)
+
+    # Assert
+    assert condensed == (
+        'pinging container registry 127.0.0.1:1: Get "http://127.0.0.1:1/v2/": dial tcp '
+        "127.0.0.1:1: connect: connection refused"
+    )
+
+
+@pytest.mark.parametrize(
+    ("image", "name"),
+    [
+        ("127.0.0.1:5000/flops/base:bookworm", "127.0.0.1:5000/flops/base"),
+        ("127.0.0.1:5000/flops/base", "127.0.0.1:5000/flops/base"),
+        ("reg.example/base@sha256:0123", "reg.example/base"),
+        ("reg.example/base:1@sha256:0123", "reg.example/base"),
+    ],
+)
+def test_strip_tag(image: str, name: str) -> None:
+    assert strip_tag(image) == name
+
+
+def test_image_key_changes_with_every_input(tmp_path: Path) -> None:
+    # Prepare
+    builder = OciBuilder(tmp_path, "r:5000", "r:5000/base:1")
+    inputs = ("c" * 40, "d" * 64, "sha256:" + "b" * 64, "sklearn", "linux/amd64", {"learner": "x"})
+
+    # Execute
+    key = builder.image_key(*inputs)
+    variants = [
+        builder.image_key(*inputs[:i], changed, *inputs[i + 1 :])
+        for i, changed in enumerate(
+            ("e" * 40, "f" * 64, "sha256:" + "a" * 64, "pytorch", "linux/arm64", {"learner": "y"})
+        )
+    ]
+
+    # Assert
+    assert len(key) == 32 and key == builder.image_key(*inputs)
+    assert len({key, *variants}) == 7
