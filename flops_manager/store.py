@@ -7,6 +7,7 @@ kept in memory, loaded at start and updated by every write, so that listing and 
 many projects never loads their event logs (one manager process owns a store).
 """
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -51,16 +52,23 @@ class ProjectStore:
             client = MongitaClientDisk(db_url)
         self._db = client["flops"]
         self._lock = threading.RLock()
-        self._summaries: dict[str, dict[str, Any]] = {
-            str(doc["_id"]): _summary(doc) for doc in self._db[PROJECTS].find({})
-        }
+        docs = sorted(self._db[PROJECTS].find({}), key=lambda d: d.get("created_at", 0.0))
+        self._summaries: dict[str, dict[str, Any]] = {str(d["_id"]): _summary(d) for d in docs}
+        """Project id → summary, oldest first (dict order = creation order)."""
 
     # projects -------------------------------------------------------------------------
     def insert_project(self, project: dict[str, Any]) -> None:
         """Store a new project document (its ``_id`` is the project id)."""
         with self._lock:
             self._db[PROJECTS].insert_one(dict(project))
-            self._summaries[str(project["_id"])] = _summary(project)
+            summary = _summary(project)
+            newest = next(reversed(self._summaries.values()), None)
+            self._summaries[str(project["_id"])] = summary
+            if newest is not None and newest.get("created_at", 0.0) > summary.get(
+                "created_at", 0.0
+            ):
+                ordered = sorted(self._summaries.items(), key=lambda i: i[1].get("created_at", 0.0))
+                self._summaries = dict(ordered)
 
     def get_project(self, project_id: str) -> dict[str, Any] | None:
         """Return the project document or ``None``."""
@@ -84,10 +92,12 @@ class ProjectStore:
         how many match in all.
         """
         with self._lock:
+            if not query:
+                page = itertools.islice(self._summaries.values(), offset, offset + limit)
+                return [dict(d) for d in page], len(self._summaries)
             docs = [
                 d for d in self._summaries.values() if all(d.get(k) == v for k, v in query.items())
             ]
-        docs.sort(key=lambda d: d.get("created_at", 0.0))
         return [dict(d) for d in docs[offset : offset + limit]], len(docs)
 
     def update_project(
