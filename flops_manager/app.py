@@ -65,6 +65,9 @@ PATTERN_HINTS = {
 }
 """Readable messages for fields whose rule is a regular expression (by field name)."""
 
+ADMIN_ONLY_FIELDS = ("service_handles",)
+"""Project fields only the admin sees: process ids and log paths of the services."""
+
 SSE_POLL_S = 0.25
 SSE_HEARTBEAT_S = 15.0
 SSE_MAX_S = 24 * 3600.0
@@ -249,7 +252,11 @@ def create_app(
     @api.get("/projects/<project_id>", tags=[projects_tag], responses={200: Project})
     def get_project(path: ProjectPath) -> dict[str, Any]:
         """One project: status, phase timings, events, environment, MLflow ids, metrics."""
-        return _public(visible_project(path.project_id))
+        project = _public(visible_project(path.project_id))
+        if not caller().admin:
+            for field in ADMIN_ONLY_FIELDS:
+                project.pop(field, None)
+        return project
 
     @api.get("/projects/<project_id>/events", tags=[projects_tag], responses={200: _EVENTS})
     def project_events(path: ProjectPath, query: EventQuery) -> Any:
