@@ -193,7 +193,7 @@ class ManagerSuite:
         A start that fails stops like this too, leaving components it found running as they were.
         """
         if self._server is not None:
-            _close_server(self._server)
+            _close_server(self._server, self._thread)
             self._server = None
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -240,19 +240,26 @@ class ManagerSuite:
         self.stop()
 
 
-def _close_server(server: BaseWSGIServer | MultiSocketServer) -> None:
+def _close_server(
+    server: BaseWSGIServer | MultiSocketServer, thread: threading.Thread | None
+) -> None:
     """Stop waitress: let the requests being served finish (up to ``API_STOP_TIMEOUT_S``),
-    then close every connection and the listening socket, which ends its loop thread.
+    end its loop thread, then close every connection and the listening socket.
 
-    (``server.close()`` alone closes only the listening socket: requests still in flight then
-    fail writing to the closed wake-up pipe.)
+    The loop ends by itself once its socket map is empty (within one loop timeout, 1 s);
+    the sockets are closed only after that, since closing them while the loop waits in
+    ``select`` on them fails that call with "Bad file descriptor".
     """
     server.task_dispatcher.shutdown(timeout=API_STOP_TIMEOUT_S)
     connections = getattr(server, "_map", None)
     if connections is None:
         server.close()
-    else:
-        wasyncore.close_all(connections)
+        return
+    sockets = dict(connections)
+    connections.clear()
+    if thread is not None:
+        thread.join(timeout=API_STOP_TIMEOUT_S)
+    wasyncore.close_all(sockets)
 
 
 def _make_builder(name: str, cache_dir: Any) -> Any:

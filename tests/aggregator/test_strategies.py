@@ -33,8 +33,15 @@ FEDAVG = (1.0 * 1 + 2.0 * 1 + 9.0 * 2) / 4
 """FedAvg of :data:`LEARNERS` (weighted by samples); the global model starts at 0."""
 
 
+_DECODE_LOCK = threading.Lock()
+"""Serialises the learner threads' parameter decoding: ``np.load`` parses each array header
+with ``ast.literal_eval``, and CPython 3.11 can fail with "AST constructor recursion depth
+mismatch" when threads of one process compile at the same time (separate learner processes,
+as FLOps runs them, never share that state)."""
+
+
 class _FixedClient:
-    """A Flower NumPyClient whose fit returns ``value`` everywhere; records fit configs."""
+    """A Flower client whose fit returns ``value`` everywhere; records fit configs."""
 
     def __init__(self, value: float, samples: int, fail: bool = False) -> None:
         self.value, self.samples, self.fail = value, samples, fail
@@ -42,21 +49,42 @@ class _FixedClient:
         self.error: Exception | None = None
 
     def client(self) -> Any:
-        from flwr.client import NumPyClient
+        from flwr.client import Client
+        from flwr.common import (
+            Code,
+            EvaluateRes,
+            FitRes,
+            Status,
+            ndarrays_to_parameters,
+            parameters_to_ndarrays,
+        )
 
         outer = self
 
-        class Client(NumPyClient):
-            def fit(self, parameters: list[Any], config: dict[str, Any]) -> Any:
-                outer.fit_configs.append(dict(config))
+        class _Client(Client):
+            def fit(self, ins: Any) -> Any:
+                with _DECODE_LOCK:
+                    parameters = parameters_to_ndarrays(ins.parameters)
+                outer.fit_configs.append(dict(ins.config))
                 if outer.fail:
                     raise ValueError("boom")
-                return [np.full_like(p, outer.value) for p in parameters], outer.samples, {}
+                fitted = [np.full_like(p, outer.value) for p in parameters]
+                return FitRes(
+                    status=Status(code=Code.OK, message=""),
+                    parameters=ndarrays_to_parameters(fitted),
+                    num_examples=outer.samples,
+                    metrics={},
+                )
 
-            def evaluate(self, parameters: list[Any], config: dict[str, Any]) -> Any:
-                return 0.5, outer.samples, {"accuracy": 0.75}
+            def evaluate(self, ins: Any) -> Any:
+                return EvaluateRes(
+                    status=Status(code=Code.OK, message=""),
+                    loss=0.5,
+                    num_examples=outer.samples,
+                    metrics={"accuracy": 0.75},
+                )
 
-        return Client().to_client()
+        return _Client()
 
 
 def _run(
