@@ -205,7 +205,8 @@ class ProjectLifecycle:
         """Accept a validated SLA, persist the project as ``pending`` and start working on it.
 
         Returns the project document. Raises ``Conflict`` when fewer nodes hold the SLA's data
-        tags than ``min_available_clients`` (details list every node's tags).
+        tags than ``min_available_clients`` (details list every node's tags). With
+        ``max_clients``, the learners go to that many eligible nodes, most rows first.
         """
         training = sla.training_configuration
         nodes = self.store.list_nodes()
@@ -217,6 +218,11 @@ class ProjectLifecycle:
                 "nodes with that data (e.g. POST /api/flops/mocks) or lower min_available_clients.",
                 details=[{"node_id": n["node_id"], "tags": n.get("tags", {})} for n in nodes],
             )
+        if training.max_clients is not None:
+            rows = {
+                n["node_id"]: sum(n["tags"].get(t, 0) for t in training.data_tags) for n in eligible
+            }
+            eligible = sorted(eligible, key=lambda n: -rows[n["node_id"]])[: training.max_clients]
         project_id = uuid.uuid4().hex[:12]
         now = time.time()
         project: dict[str, Any] = {

@@ -255,6 +255,9 @@ class TrainingConfiguration(_Strict):
     min_fit_clients: int = Field(default=1, ge=1, le=10000)
     min_evaluate_clients: int = Field(default=1, ge=1, le=10000)
     round_timeout_s: float | None = Field(default=None, gt=0, le=86400)
+    max_clients: int | None = Field(default=None, ge=1, le=10000)
+    """An extension: at most this many learners (the eligible nodes with the most rows under
+    the SLA's tags); every eligible node when missing."""
     strategy: StrategyConfig = DEFAULT_STRATEGY
 
     @model_validator(mode="after")
@@ -265,6 +268,11 @@ class TrainingConfiguration(_Strict):
                     f"{name} ({getattr(self, name)}) exceeds min_available_clients "
                     f"({self.min_available_clients}); raise min_available_clients or lower it"
                 )
+        if self.max_clients is not None and self.max_clients < self.min_available_clients:
+            raise ValueError(
+                f"max_clients ({self.max_clients}) is below min_available_clients "
+                f"({self.min_available_clients}); raise max_clients or lower the minimum"
+            )
         return self
 
 

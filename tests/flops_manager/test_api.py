@@ -251,3 +251,18 @@ def test_mocks_for_unknown_nodes_get_404(api: Api) -> None:
 
 def test_tracking_returns_the_mlflow_url(api: Api) -> None:
     assert api("GET", "/tracking").json() == {"url": UNUSED_MLFLOW}
+
+
+def test_max_clients_picks_the_nodes_with_the_most_data(api: Api) -> None:
+    for node_id, rows in (("few-a", 10), ("many-b", 30), ("mid-c", 20)):
+        register(api, node_id, {"fewmax": rows})
+
+    created = api("POST", "/projects", json=sla(data_tags=["fewmax"], max_clients=2))
+    too_low = api(
+        "POST", "/projects", json=sla(data_tags=["fewmax"], max_clients=1, min_available_clients=2)
+    )
+
+    project = api("GET", f"/projects/{created.json()['project_id']}").json()
+    assert project["nodes"] == ["many-b", "mid-c"]
+    assert too_low.status_code == 422
+    assert "max_clients (1) is below min_available_clients (2)" in too_low.text
