@@ -14,11 +14,10 @@ import pwd
 import shutil
 import subprocess
 from pathlib import Path
-from types import TracebackType
 
 from flops_utils.errors import FlopsError
 from flops_utils.net import find_free_port, wait_for_port
-from flops_utils.processes import stop_process_groups
+from flops_utils.processes import StartStop, stop_process_groups
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
@@ -46,7 +45,7 @@ def find_mosquitto() -> str:
     return found
 
 
-class MosquittoBroker:
+class MosquittoBroker(StartStop):
     """A Mosquitto broker on ``host:port`` (port 0 picks a free one), stopped on exit.
 
     Args:
@@ -119,14 +118,3 @@ class MosquittoBroker:
         """Forget the broker without stopping it: it keeps running after this process exits
         (a later manager re-uses it, see ``flops_manager.embedded``)."""
         self._process = None
-
-    def __enter__(self) -> "MosquittoBroker":
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -18,7 +18,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import waitress
@@ -35,6 +34,7 @@ from flops_manager.projects import ProjectLifecycle
 from flops_manager.store import ProjectStore
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
+from flops_utils.processes import StartStop
 
 BUILDERS: dict[str, str] = {"venv": "image_builder.venv_builder:VenvBuilder"}
 """Builder name → ``module:class``; the ``oci`` builder joins with the image issue."""
@@ -62,7 +62,7 @@ class HomeInUse(FlopsError):
     code = "home_in_use"
 
 
-class ManagerSuite:
+class ManagerSuite(StartStop):
     """Starts and stops the manager with its broker, tracking server, store and orchestrator.
 
     Args:
@@ -227,17 +227,6 @@ class ManagerSuite:
             with contextlib.suppress(OSError):
                 os.close(self._home_lock)  # releases the flock
             self._home_lock = None
-
-    def __enter__(self) -> "ManagerSuite":
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _close_server(

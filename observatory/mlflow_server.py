@@ -14,12 +14,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 from flops_utils.net import find_free_port
-from flops_utils.processes import stop_process_groups
+from flops_utils.processes import StartStop, stop_process_groups
 
 START_TIMEOUT_S = 90.0
 """Seconds to wait for ``GET /health`` to answer after starting the server."""
@@ -46,7 +45,7 @@ class MlflowServerError(FlopsError):
     code = "mlflow_unavailable"
 
 
-class MlflowServer:
+class MlflowServer(StartStop):
     """An MLflow tracking server on ``host:port`` (port 0 picks a free one).
 
     Args:
@@ -200,14 +199,3 @@ class MlflowServer:
         except OSError:
             return "(no log)"
         return text[-LOG_TAIL_CHARS:].strip() or "(empty log)"
-
-    def __enter__(self) -> "MlflowServer":
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -29,13 +29,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 import requests
 import yaml
 
 from flops_utils.net import find_free_port, wait_for_port
-from flops_utils.processes import stop_process_groups
+from flops_utils.processes import StartStop, stop_process_groups
 from image_builder.python_env import file_lock
 
 CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flops"
@@ -87,7 +86,7 @@ def missing_requirements() -> list[str]:
     return problems
 
 
-class LocalRegistry:
+class LocalRegistry(StartStop):
     """A registry v2 (``docker-registry serve``) on ``127.0.0.1:<free port>``, plain HTTP.
 
     ``workdir``: holds the generated ``config.yml``, the storage (``storage/``) and the log.
@@ -148,17 +147,6 @@ class LocalRegistry:
         if self._process is not None:
             stop_process_groups([self._process])
             self._process = None
-
-    def __enter__(self) -> LocalRegistry:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def use_test_storage(root: Path = CACHE_ROOT / "containers") -> Path:

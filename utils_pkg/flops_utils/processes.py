@@ -9,8 +9,10 @@ import contextlib
 import os
 import signal
 import subprocess
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 STOP_TIMEOUT_S = 10.0
 
@@ -36,3 +38,28 @@ def stop_process_groups(
             signal_group(process.pid, signal.SIGKILL)
             process.wait(timeout=timeout_s)
         signal_group(process.pid, signal.SIGKILL)
+
+
+class StartStop(ABC):
+    """A component with ``start()`` and ``stop()`` that is also a context manager:
+    ``with Component(...) as running:`` starts it and stops it on exit."""
+
+    @abstractmethod
+    def start(self) -> object:
+        """Start the component (and wait until it is ready)."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop the component; a no-op when it is not running."""
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
