@@ -31,7 +31,16 @@ class ManagerConfig(BaseModel):
         mlflow_public_url: the MLflow GUI address a user's browser can reach
             (``FLOPS_MLFLOW_PUBLIC_URL``); defaults to ``mlflow_url``.
         orchestrator: orchestrator backend name (``FLOPS_ORCHESTRATOR``, default ``local``).
-        builder: builder backend name (``FLOPS_BUILDER``, default ``venv``).
+        builder: builder backend name (``FLOPS_BUILDER``, default ``venv``; ``oci`` for
+            orchestrators that pull images).
+        registry: ``host[:port]`` of the OCI registry the ``oci`` builder pushes to
+            (``FLOPS_REGISTRY``).
+        registry_namespace: path under the registry (``FLOPS_REGISTRY_NAMESPACE``, default
+            ``flops``).
+        registry_tls_verify: ``false`` for a plain-HTTP registry (``FLOPS_REGISTRY_TLS_VERIFY``,
+            default true).
+        base_image: the Python 3.11 base image the ``oci`` builder builds from
+            (``FLOPS_BASE_IMAGE``).
         auth: ``token`` (one API token in ``<home>/api-token``, created at first start) or
             ``oakestra`` (Oakestra RS256 access tokens) (``FLOPS_AUTH``, default ``token``).
         jwt_public_key_file: PEM file of the Oakestra root orchestrator's public key, needed
@@ -49,6 +58,10 @@ class ManagerConfig(BaseModel):
     mlflow_public_url: str = ""
     orchestrator: str = "local"
     builder: str = "venv"
+    registry: str = ""
+    registry_namespace: str = "flops"
+    registry_tls_verify: bool = True
+    base_image: str = ""
     auth: Literal["token", "oakestra"] = "token"
     jwt_public_key_file: str = ""
 
@@ -89,6 +102,10 @@ class ManagerConfig(BaseModel):
             "mlflow_public_url": "FLOPS_MLFLOW_PUBLIC_URL",
             "orchestrator": "FLOPS_ORCHESTRATOR",
             "builder": "FLOPS_BUILDER",
+            "registry": "FLOPS_REGISTRY",
+            "registry_namespace": "FLOPS_REGISTRY_NAMESPACE",
+            "registry_tls_verify": "FLOPS_REGISTRY_TLS_VERIFY",
+            "base_image": "FLOPS_BASE_IMAGE",
             "auth": "FLOPS_AUTH",
             "jwt_public_key_file": "FLOPS_JWT_PUBLIC_KEY_FILE",
         }

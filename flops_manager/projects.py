@@ -29,8 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from flops_manager.builds import BuildResult, ProjectBuilder
 from flops_manager.errors import Conflict, NotFound
 from flops_manager.orchestrators.base import (
     Deployment,
@@ -115,29 +116,6 @@ class _Recovery:
     failures: list[str] = field(default_factory=list)
 
 
-class BuiltEnvironment(Protocol):
-    """What a builder hands to the orchestrator (see ``image_builder.venv_builder``)."""
-
-    @property
-    def python(self) -> Path: ...
-    @property
-    def repo_dir(self) -> Path: ...
-    @property
-    def commit(self) -> str: ...
-    @property
-    def key(self) -> str: ...
-    @property
-    def cache_hit(self) -> bool: ...
-    @property
-    def seconds(self) -> float: ...
-
-
-class EnvironmentBuilder(Protocol):
-    """Builds the learner/aggregator environment of an ML repository."""
-
-    def build(self, ml_repo_url: str, ref: str | None, workdir: Path) -> BuiltEnvironment: ...
-
-
 NODE_TTL_S = 120.0
 """A node whose data server has not registered for this many seconds is not used."""
 
@@ -178,7 +156,7 @@ class ProjectLifecycle:
     def __init__(
         self,
         store: ProjectStore,
-        builder: EnvironmentBuilder,
+        builder: ProjectBuilder,
         orchestrator: Orchestrator,
         workdir: Path,
         mqtt_url: str,
@@ -433,18 +411,8 @@ class ProjectLifecycle:
                 project_id, ProjectStatus.BUILDING, "building the environment"
             ):
                 return
-            env = self.builder.build(
-                sla.ml_repo_url, sla.ml_repo_ref, self.workdir / project_id / "build"
-            )
-            env_doc = {
-                "python": str(env.python),
-                "repo_dir": str(env.repo_dir),
-                "commit": env.commit,
-                "key": env.key,
-                "cache_hit": env.cache_hit,
-                "seconds": round(env.seconds, 3),
-            }
-            self.store.update_project(project_id, {"environment": env_doc})
+            env = self.builder.build(project_id, sla, self.workdir / project_id / "build")
+            self.store.update_project(project_id, {"environment": env.document()})
             cached = "reused from the cache" if env.cache_hit else f"built in {env.seconds:.1f} s"
             if not self._transition(
                 project_id, ProjectStatus.DEPLOYING, f"environment {env.key[:12]} {cached}"
@@ -476,15 +444,16 @@ class ProjectLifecycle:
         return record
 
     def _deployment(
-        self, project_id: str, sla: ProjectSLA, env: BuiltEnvironment, nodes: list[dict[str, Any]]
+        self, project_id: str, sla: ProjectSLA, env: BuildResult, nodes: list[dict[str, Any]]
     ) -> Deployment:
         address = f"127.0.0.1:{find_free_port()}"
         common = {
             env_vars.PROJECT_ID: project_id,
             env_vars.MQTT_URL: self.mqtt_url,
-            env_vars.ML_REPO_DIR: str(env.repo_dir),
             env_vars.AGGREGATOR_ADDRESS: address,
         }
+        if env.repo_dir is not None:  # an image sets its own FLOPS_ML_REPO_DIR
+            common[env_vars.ML_REPO_DIR] = str(env.repo_dir)
         aggregator = ServiceSpec(
             name=AGGREGATOR,
             module="aggregator",
@@ -509,7 +478,10 @@ class ProjectLifecycle:
         )
         self.store.update_project(project_id, {"aggregator_address": address})
         return Deployment(
-            project_id=project_id, python=env.python, services=(aggregator, *learners)
+            project_id=project_id,
+            services=(aggregator, *learners),
+            python=env.python,
+            images=dict(env.images),
         )
 
     # -- inputs from the running services -------------------------------------------------

@@ -18,13 +18,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import waitress
 from waitress import wasyncore
 from waitress.server import BaseWSGIServer, MultiSocketServer
 
 from flops_manager.app import create_app
+from flops_manager.builds import make_builder
 from flops_manager.config import ManagerConfig
 from flops_manager.embedded import EmbeddedComponent, EmbeddedState, start_broker, start_mlflow
 from flops_manager.errors import ConfigurationError
@@ -35,9 +35,6 @@ from flops_manager.store import ProjectStore
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 from flops_utils.processes import StartStop
-
-BUILDERS: dict[str, str] = {"venv": "image_builder.venv_builder:VenvBuilder"}
-"""Builder name → ``module:class``; the ``oci`` builder joins with the image issue."""
 
 API_THREADS = 16
 """waitress worker threads; each event-stream follower holds one while it listens."""
@@ -108,16 +105,21 @@ class ManagerSuite(StartStop):
                     if future is not None:
                         future.result()
             store = ProjectStore(self.config.store_url)
-            builder = _make_builder(self.config.builder, home / "envs")
+            builder = make_builder(self.config, home, self.mqtt_url)
             orchestrator = make_orchestrator(
                 self.config.orchestrator,
                 home / "services",
                 lambda *args: self.lifecycle.on_service_exit(*args),
             )
-            if orchestrator.needs_images and not getattr(builder, "produces_images", False):
+            if orchestrator.needs_images != builder.produces_images:
+                orchestrator.close()
                 raise ConfigurationError(
                     f"The {self.config.orchestrator!r} orchestrator runs OCI images, but the "
                     f"{self.config.builder!r} builder makes none; set FLOPS_BUILDER=oci."
+                    if orchestrator.needs_images
+                    else f"The {self.config.orchestrator!r} orchestrator runs virtualenvs on "
+                    f"this machine, but the {self.config.builder!r} builder makes images; set "
+                    "FLOPS_BUILDER=venv."
                 )
             self._lifecycle = ProjectLifecycle(
                 store, builder, orchestrator, home / "projects", self.mqtt_url, self.mlflow_url
@@ -249,15 +251,3 @@ def _close_server(
     if thread is not None:
         thread.join(timeout=API_STOP_TIMEOUT_S)
     wasyncore.close_all(sockets)
-
-
-def _make_builder(name: str, cache_dir: Any) -> Any:
-    """Instantiate the builder backend ``name``; ``ConfigurationError`` lists valid names."""
-    import importlib
-
-    if name not in BUILDERS:
-        raise ConfigurationError(
-            f"Unknown builder {name!r}; set FLOPS_BUILDER to one of {sorted(BUILDERS)}."
-        )
-    module_name, class_name = BUILDERS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)(cache_dir)

@@ -38,13 +38,15 @@ class ServiceSpec:
 class Deployment:
     """Everything an orchestrator needs to run a project.
 
-    ``python``: interpreter of the built environment (venv builder); ``services``: the
-    aggregator first, then one learner per eligible node.
+    ``services``: the aggregator first, then one learner per eligible node. ``python``:
+    interpreter of the built virtualenv (``venv`` builder), else ``None``. ``images``: role
+    (``learner``, ``aggregator``) → pinned image reference (``oci`` builder), else empty.
     """
 
     project_id: str
-    python: Path
     services: tuple[ServiceSpec, ...]
+    python: Path | None = None
+    images: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,8 @@ class LocalOrchestrator(Orchestrator):
 
         ``on_started`` gets ``{"name", "pid", "start_ticks", "boot", "log_path"}`` per service.
         """
+        if deployment.python is None:
+            raise ValueError("the local orchestrator runs virtualenvs: Deployment.python is unset")
         log_dir = self.workdir / deployment.project_id
         log_dir.mkdir(parents=True, exist_ok=True)
         for spec in deployment.services:

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
+from mqtt_testing import MqttRecorder
 
 from data_server.mock_provider import provide_mock_data
 from data_server.server import DataServer
@@ -31,35 +30,6 @@ EXAMPLE_REPO = Path(__file__).resolve().parents[2] / "examples" / "mnist_sklearn
 PYTHON = str(Path(sys.executable))
 TRAINING_TIMEOUT_S = 150
 """Seconds a project may take before its processes are killed."""
-
-
-class MqttRecorder:
-    """Records every message under ``flops/<project_id>/#`` (a real paho subscriber)."""
-
-    def __init__(self, broker: MosquittoBroker, project_id: str) -> None:
-        self.messages: list[tuple[str, dict[str, Any]]] = []
-        self._lock = threading.Lock()
-        subscribed = threading.Event()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        self._client.on_message = self._on_message
-        self._client.on_subscribe = lambda *_: subscribed.set()
-        self._client.on_connect = lambda c, *_: c.subscribe(f"flops/{project_id}/#", qos=1)
-        self._client.connect(broker.host, broker.port)
-        self._client.loop_start()
-        assert subscribed.wait(10), "could not subscribe to the broker"
-
-    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append((message.topic, json.loads(message.payload)))
-
-    def find(self, suffix: str) -> list[dict[str, Any]]:
-        """Payloads of the messages whose topic ends with ``suffix``, in arrival order."""
-        with self._lock:
-            return [payload for topic, payload in self.messages if topic.endswith(suffix)]
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
 
 
 class _Process:

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
+from flops_manager.builds import VenvProjectBuilder
 from flops_manager.orchestrators.local import LocalOrchestrator
 from flops_manager.projects import ProjectLifecycle, ProjectStatus, eligible_nodes
 from flops_manager.store import ProjectStore
 from flops_utils.mqtt_topics import parse_status_topic
-from image_builder.venv_builder import VenvBuilder
 
 
 @pytest.fixture
@@ -22,7 +22,12 @@ def lifecycle(tmp_path: Path) -> Iterator[ProjectLifecycle]:
         tmp_path / "services", lambda *args: holder[0].on_service_exit(*args)
     )
     running = ProjectLifecycle(
-        store, VenvBuilder(tmp_path / "envs"), orchestrator, tmp_path, "mqtt://127.0.0.1:9", ""
+        store,
+        VenvProjectBuilder(tmp_path / "envs"),
+        orchestrator,
+        tmp_path,
+        "mqtt://127.0.0.1:9",
+        "",
     )
     holder.append(running)
     yield running

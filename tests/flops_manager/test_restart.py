@@ -23,6 +23,7 @@ import requests
 from paho.mqtt.enums import CallbackAPIVersion
 
 from flops_manager.broker import MosquittoBroker
+from flops_manager.builds import VenvProjectBuilder
 from flops_manager.client import ManagerClient
 from flops_manager.demo import example_sla, local_nodes
 from flops_manager.orchestrators.local import LocalOrchestrator
@@ -32,7 +33,6 @@ from flops_manager.store import ProjectStore
 from flops_manager.suite import STOPPED_REASON
 from flops_utils.mqtt_topics import parse_status_topic
 from flops_utils.net import find_free_port
-from image_builder.venv_builder import VenvBuilder
 
 ROUNDS = 8
 START_TIMEOUT_S = 120.0
@@ -361,7 +361,7 @@ def lifecycle(tmp_path: Path) -> Iterator[ProjectLifecycle]:
     )
     running = ProjectLifecycle(
         store,
-        VenvBuilder(tmp_path / "envs"),
+        VenvProjectBuilder(tmp_path / "envs"),
         orchestrator,
         tmp_path,
         "mqtt://127.0.0.1:9",

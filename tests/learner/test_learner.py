@@ -9,15 +9,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
+from mqtt_testing import MqttRecorder
 
 from flops_manager.broker import MosquittoBroker
 from flops_utils import env_vars
@@ -70,43 +68,6 @@ class ModelManager(ModelManagerTemplate):
     def evaluate_model(self):
         return 0.5, 0.9, 10
 """
-
-
-class MqttRecorder:
-    """Records every message under ``flops/<project_id>/#`` (a real paho subscriber)."""
-
-    def __init__(self, broker: MosquittoBroker, project_id: str) -> None:
-        self.messages: list[tuple[str, dict[str, Any]]] = []
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        self._client.on_message = self._on_message
-        self._client.on_subscribe = lambda *_: self._subscribed.set()
-        self._client.on_connect = lambda c, *_: c.subscribe(f"flops/{project_id}/#", qos=1)
-        self._client.connect(broker.host, broker.port)
-        self._client.loop_start()
-        assert self._subscribed.wait(10), "could not subscribe to the broker"
-
-    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append((message.topic, json.loads(message.payload)))
-
-    def find(self, suffix: str) -> list[dict[str, Any]]:
-        """Payloads of the messages whose topic ends with ``suffix`` (e.g. ``learner/failed``)."""
-        with self._lock:
-            return [payload for topic, payload in self.messages if topic.endswith(suffix)]
-
-    def wait_for(self, suffix: str, timeout_s: float = 10) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if found := self.find(suffix):
-                return found
-            time.sleep(0.05)
-        raise AssertionError(f"no {suffix} message; got {[t for t, _ in self.messages]}")
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
 
 
 @pytest.fixture

@@ -38,3 +38,39 @@ for ``min_available_clients`` learners to connect. Defaults: learner 60, aggrega
 MANAGER_TOKEN = "FLOPS_MANAGER_TOKEN"
 """The manager's API token, for processes that call its REST API (e.g. a data server
 registering its node)."""
+
+# -- the image builder service (``flops-image-builder``, see ``image_builder.main``) ----------
+
+ML_REPO_URL = "FLOPS_ML_REPO_URL"
+"""The SLA's ``ml_repo_url``: git URL, ``file://`` URL or local path."""
+
+ML_REPO_REF = "FLOPS_ML_REPO_REF"
+"""Optional. Branch, tag or commit of the ML repository (default: its default branch)."""
+
+ML_MODEL_FLAVOR = "FLOPS_ML_MODEL_FLAVOR"
+"""The SLA's ``ml_model_flavor`` (``sklearn``, ``pytorch``, ...)."""
+
+PLATFORMS = "FLOPS_PLATFORMS"
+"""Optional. Comma-separated ``os/arch`` platforms to build for, e.g. ``linux/amd64,linux/arm64``
+(default: the building machine's)."""
+
+REGISTRY = "FLOPS_REGISTRY"
+"""``host[:port]`` of the OCI registry images are pushed to and pulled from."""
+
+REGISTRY_NAMESPACE = "FLOPS_REGISTRY_NAMESPACE"
+"""Optional. Path under the registry for FLOps' images (default ``flops``)."""
+
+REGISTRY_TLS_VERIFY = "FLOPS_REGISTRY_TLS_VERIFY"
+"""Optional. ``false`` for a plain-HTTP registry (default ``true``)."""
+
+BASE_IMAGE = "FLOPS_BASE_IMAGE"
+"""Reference of the base image with Python 3.11 the images are built from."""
+
+BUILD_CACHE_DIR = "FLOPS_BUILD_CACHE_DIR"
+"""Optional. The image builder's locks and build logs."""
+
+BUILD_WORKDIR = "FLOPS_BUILD_WORKDIR"
+"""Optional. Scratch directory for the clone and the build context."""
+
+BUILD_RESULT_FILE = "FLOPS_BUILD_RESULT_FILE"
+"""Optional. Where the image builder writes its outcome as JSON."""

@@ -1,0 +1,136 @@
+"""OCI image builds of the example repository: how long they take and how big the learner is.
+
+Prints, for ``examples/mnist_sklearn`` (a scikit-learn learner) built with the ``oci`` builder
+against the test base image (Debian 12 minbase + python3, made with debootstrap; see
+``tests/oci_testing.py``) and a loopback registry:
+
+- cold build + push of the learner and aggregator images (empty buildah layer cache in a
+  storage of its own; uv's download cache is the machine's, so no package is downloaded twice);
+- the rebuild after a code-only change of the repository (``model_manager.py``);
+- the no-op "build" when nothing changed (the registry already has the tag);
+- the learner image's uncompressed size (sum of its layers, per layer too) next to the original
+  FLOps' approach, whose miniconda-based base image alone is 611 MB (FLOps paper and repository,
+  ``flops_learner`` base images), with the ratio (goal ≤ 1/3).
+
+With ``--platforms linux/amd64,linux/arm64`` the same for a multi-platform build (one manifest
+list per role; the arm64 image is assembled from arm64 wheels without running arm64 code).
+
+Usage: ``uv run python benchmarks/image_build.py [--platforms ...]``. Needs root, buildah,
+skopeo, docker-registry and debootstrap (``scripts/bootstrap``); the first run also makes the
+base image (1-2 minutes, cached under ``~/.cache/flops``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from oci_testing import (
+    LocalRegistry,
+    base_image_archive,
+    missing_requirements,
+    push_archive,
+)
+
+from flops_manager.demo import EXAMPLE_REPO
+from image_builder.oci_builder import BuiltImage, BuiltImages, OciBuilder
+
+ORIGINAL_BASE_MB = 611.0
+"""The original FLOps learner's miniconda-based base image alone, MB (uncompressed)."""
+
+
+def layer_sizes(image: BuiltImage) -> list[tuple[str, int]]:
+    """``[(created_by, bytes)]`` of ``image``'s layers in local storage (uncompressed)."""
+    history = json.loads(
+        subprocess.run(
+            ["buildah", "inspect", "--type", "image", "--format", "{{json .History}}", image.ref],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout
+    )  # fmt: skip
+    manifest = json.loads(
+        subprocess.run(
+            ["buildah", "inspect", "--type", "image", "--format", "{{.Manifest}}", image.ref],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout
+    )  # fmt: skip
+    steps = [h.get("created_by", "") for h in history if not h.get("empty_layer")]
+    sizes = [int(layer["size"]) for layer in manifest["layers"]]
+    if len(steps) != len(sizes):
+        steps = [f"layer {n}" for n in range(len(sizes))]
+    return list(zip(steps, sizes, strict=True))
+
+
+def empty_storage(root: Path) -> None:
+    """Point buildah and skopeo (this process and its children) at a new, empty storage."""
+    root.mkdir(parents=True)
+    conf = root / "storage.conf"
+    conf.write_text(
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{root / "storage"}"\n'
+        f'runroot = "{root / "run"}"\n',
+        encoding="utf-8",
+    )
+    os.environ["CONTAINERS_STORAGE_CONF"] = str(conf)
+
+
+def timed_build(builder: OciBuilder, repo: Path, platforms: list[str], work: Path) -> BuiltImages:
+    return builder.build(str(repo), None, work, flavor="sklearn", platforms=platforms)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--platforms", default="", help="comma-separated, default: this machine")
+    args = parser.parse_args()
+    platforms = [p for p in args.platforms.split(",") if p]
+    if problems := missing_requirements():
+        raise SystemExit(f"needs {', '.join(problems)}; run scripts/bootstrap")
+    scratch = Path(tempfile.mkdtemp(prefix="flops-image-bench-"))
+    try:
+        archive = base_image_archive()  # made and cached in the machine's test storage
+        empty_storage(scratch / "containers")  # an empty layer cache for the cold build
+        with LocalRegistry(scratch / "registry") as registry:
+            base = push_archive(archive, registry.address)
+            builder = OciBuilder(scratch / "cache", registry.address, base, tls_verify=False)
+            repo = scratch / "repo"
+            shutil.copytree(EXAMPLE_REPO, repo)
+
+            cold = timed_build(builder, repo, platforms, scratch / "work")
+            with (repo / "model_manager.py").open("a") as source:
+                source.write("\n# a code-only change\n")
+            code_only = timed_build(builder, repo, platforms, scratch / "work")
+            started = time.monotonic()
+            noop = timed_build(builder, repo, platforms, scratch / "work")
+            noop_s = time.monotonic() - started
+            assert noop.cache_hit and not code_only.cache_hit
+
+            what = ", ".join(platforms) or "this machine's platform"
+            print(f"example repository (scikit-learn learner), {what}")
+            print(f"  cold build + push (both images)      {cold.seconds:7.1f} s")
+            print(f"  rebuild after a code-only change     {code_only.seconds:7.1f} s")
+            print(f"  no-op (nothing changed)              {noop_s:7.2f} s")
+            for image in (code_only.learner, code_only.aggregator):
+                layers = layer_sizes(image)
+                total_mb = sum(size for _, size in layers) / 1e6
+                print(f"  {image.role} image {total_mb:.0f} MB uncompressed:")
+                for step, size in layers:
+                    print(f"    {size / 1e6:8.1f} MB  {' '.join(step.split())[:80]}")
+                if image.role == "learner":
+                    ratio = total_mb / ORIGINAL_BASE_MB
+                    print(
+                        f"  learner {total_mb:.0f} MB vs the original FLOps' base image alone "
+                        f"{ORIGINAL_BASE_MB:.0f} MB: ratio {ratio:.2f} (goal <= 0.33)"
+                    )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

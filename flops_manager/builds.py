@@ -1,0 +1,292 @@
+"""The builder backends as the project lifecycle sees them: a project's SLA in, a
+:class:`BuildResult` out.
+
+- ``venv`` (:class:`VenvProjectBuilder`): a virtualenv on this machine
+  (:class:`image_builder.venv_builder.VenvBuilder`), for the ``local`` orchestrator.
+- ``oci`` (:class:`ImageBuildService`): learner and aggregator images in a registry, built by
+  the image builder service (``python -m image_builder.main``, :mod:`image_builder.main`) run
+  as a child process; it reports ``flops/<project>/builder/...`` over MQTT, which the manager's
+  listener records as project events, and writes its outcome to a result file read here. For
+  orchestrators that pull images (``oakestra``).
+
+:data:`BUILDERS` maps the ``FLOPS_BUILDER`` names to factories; :func:`make_builder` checks the
+settings each one needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from flops_manager.errors import ConfigurationError
+from flops_utils import env_vars
+from flops_utils.logging import logger
+from flops_utils.processes import stop_process_groups
+from image_builder.errors import BuilderError
+
+if TYPE_CHECKING:
+    from flops_manager.config import ManagerConfig
+    from flops_manager.sla import ProjectSLA
+
+DEFAULT_BUILD_TIMEOUT_S = 3600.0
+"""How long :class:`ImageBuildService` lets one image build run (cold multi-platform builds of
+large repositories take tens of minutes on small machines)."""
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What a builder hands to the orchestrator.
+
+    ``commit``: git SHA (40 hex) or content hash (64 hex). ``key``: the environment or image
+    key (32 hex). ``cache_hit``: nothing was built. ``seconds``: wall time of the build.
+    ``python``/``repo_dir``: the virtualenv's interpreter and the repository copy (``venv``;
+    ``None`` for images). ``images``: role (``learner``, ``aggregator``) → pinned reference
+    ``registry/namespace/role@sha256:...`` (``oci``; empty for a virtualenv).
+    """
+
+    commit: str
+    key: str
+    cache_hit: bool
+    seconds: float
+    python: Path | None = None
+    repo_dir: Path | None = None
+    images: Mapping[str, str] = field(default_factory=dict)
+
+    def document(self) -> dict[str, Any]:
+        """The JSON form stored in the project document's ``environment`` field."""
+        doc: dict[str, Any] = {
+            "commit": self.commit,
+            "key": self.key,
+            "cache_hit": self.cache_hit,
+            "seconds": round(self.seconds, 3),
+        }
+        if self.python is not None:
+            doc["python"] = str(self.python)
+        if self.repo_dir is not None:
+            doc["repo_dir"] = str(self.repo_dir)
+        if self.images:
+            doc["images"] = dict(self.images)
+        return doc
+
+
+class ProjectBuilder(Protocol):
+    """A builder backend: turns a project's ML repository into something runnable."""
+
+    produces_images: bool
+    """True when :meth:`build` returns OCI images (``BuildResult.images``)."""
+
+    def build(self, project_id: str, sla: ProjectSLA, workdir: Path) -> BuildResult:
+        """Build (or reuse) what runs ``sla``'s repository; ``workdir`` is scratch space.
+        Raises :class:`~flops_utils.errors.FlopsError` subclasses naming cause and fix."""
+        ...
+
+
+class VenvProjectBuilder:
+    """The ``venv`` backend: :class:`~image_builder.venv_builder.VenvBuilder` under
+    ``cache_dir``."""
+
+    produces_images = False
+
+    def __init__(self, cache_dir: Path) -> None:
+        from image_builder.venv_builder import VenvBuilder
+
+        self.venv = VenvBuilder(cache_dir)
+
+    def build(self, project_id: str, sla: ProjectSLA, workdir: Path) -> BuildResult:
+        """The cached virtualenv of ``sla.ml_repo_url`` at ``sla.ml_repo_ref`` (built if
+        missing). Raises the errors of :meth:`VenvBuilder.build`."""
+        env = self.venv.build(sla.ml_repo_url, sla.ml_repo_ref, workdir)
+        return BuildResult(
+            commit=env.commit,
+            key=env.key,
+            cache_hit=env.cache_hit,
+            seconds=env.seconds,
+            python=env.python,
+            repo_dir=env.repo_dir,
+        )
+
+
+class ImageBuildFailed(BuilderError):
+    """The image builder service reported a failure (its message says why and what to do) or
+    ended without an outcome."""
+
+    code = "image_build_service_failed"
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """Where images go and what they are built from.
+
+    ``registry``: ``host[:port]``; ``base_image``: reference of a Python 3.11 image;
+    ``namespace``: path under the registry; ``tls_verify``: ``False`` for plain HTTP.
+    """
+
+    registry: str
+    base_image: str
+    namespace: str = "flops"
+    tls_verify: bool = True
+
+    def environment(self) -> dict[str, str]:
+        """The image builder's ``FLOPS_*`` variables for these settings."""
+        return {
+            env_vars.REGISTRY: self.registry,
+            env_vars.BASE_IMAGE: self.base_image,
+            env_vars.REGISTRY_NAMESPACE: self.namespace,
+            env_vars.REGISTRY_TLS_VERIFY: str(self.tls_verify).lower(),
+        }
+
+
+class ImageBuildService:
+    """The ``oci`` backend: runs ``python -m image_builder.main`` per project on this machine.
+
+    ``settings``: the registry and base image. ``cache_dir``: the builder's locks and logs.
+    ``mqtt_url``: the broker the service reports to. ``timeout_s``: seconds one build may run
+    (default :data:`DEFAULT_BUILD_TIMEOUT_S`). ``python``: interpreter that runs the service
+    (default: the manager's own).
+    """
+
+    produces_images = True
+
+    def __init__(
+        self,
+        settings: RegistrySettings,
+        cache_dir: Path,
+        mqtt_url: str,
+        *,
+        timeout_s: float = DEFAULT_BUILD_TIMEOUT_S,
+        python: str = sys.executable,
+    ) -> None:
+        self.settings = settings
+        self.cache_dir = Path(cache_dir)
+        self.mqtt_url = mqtt_url
+        self.timeout_s = timeout_s
+        self.python = python
+
+    def environment(self, project_id: str, sla: ProjectSLA, workdir: Path) -> dict[str, str]:
+        """The service's ``FLOPS_*`` variables for one project (see :mod:`image_builder.main`)."""
+        env = {
+            env_vars.PROJECT_ID: project_id,
+            env_vars.MQTT_URL: self.mqtt_url,
+            env_vars.ML_REPO_URL: sla.ml_repo_url,
+            env_vars.ML_MODEL_FLAVOR: sla.ml_model_flavor.value,
+            env_vars.PLATFORMS: ",".join(p.value for p in sla.supported_platforms),
+            env_vars.BUILD_CACHE_DIR: str(self.cache_dir),
+            env_vars.BUILD_WORKDIR: str(workdir),
+            env_vars.BUILD_RESULT_FILE: str(workdir / "result.json"),
+            **self.settings.environment(),
+        }
+        if sla.ml_repo_ref:
+            env[env_vars.ML_REPO_REF] = sla.ml_repo_ref
+        return env
+
+    def build(self, project_id: str, sla: ProjectSLA, workdir: Path) -> BuildResult:
+        """Run the image builder service for ``sla`` and return its images.
+
+        Its output goes to ``workdir/image-builder.log``. Raises :class:`ImageBuildFailed` with
+        the service's own message (e.g. the resolver's) when it fails, does not finish within
+        :attr:`timeout_s` seconds, or ends without writing an outcome.
+        """
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        settings = self.environment(project_id, sla, workdir)
+        result_file = Path(settings[env_vars.BUILD_RESULT_FILE])
+        result_file.unlink(missing_ok=True)
+        log_path = workdir / "image-builder.log"
+        started = time.monotonic()
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [self.python, "-m", "image_builder.main"],
+                env={**os.environ, **settings},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                returncode = process.wait(timeout=self.timeout_s)
+            except subprocess.TimeoutExpired:
+                stop_process_groups([process])
+                raise ImageBuildFailed(
+                    f"The image build did not finish within {self.timeout_s:.0f} s; see "
+                    f"{log_path}, or raise the build timeout."
+                ) from None
+        outcome = _read_outcome(result_file)
+        if outcome.get("status") == "success":
+            images = {role: str(image["ref"]) for role, image in outcome["images"].items()}
+            logger.info(
+                "project %s: images %s in %.1f s", project_id, outcome["key"][:12],
+                time.monotonic() - started,
+            )  # fmt: skip
+            return BuildResult(
+                commit=str(outcome["commit"]),
+                key=str(outcome["key"]),
+                cache_hit=bool(outcome["cache_hit"]),
+                seconds=float(outcome["seconds"]),
+                images=images,
+            )
+        if outcome.get("message"):
+            raise ImageBuildFailed(
+                str(outcome["message"]),
+                details=[f"error: {outcome.get('error')}", *outcome.get("details", [])],
+            )
+        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+        raise ImageBuildFailed(
+            f"The image builder exited with status {returncode} without an outcome; see "
+            f"{log_path}.",
+            details=tail,
+        )
+
+
+def _read_outcome(path: Path) -> dict[str, Any]:
+    """The service's result document, or ``{}`` when it wrote none (or an unreadable one)."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+BuilderFactory = Callable[["ManagerConfig", Path, str], ProjectBuilder]
+"""``(config, home, mqtt_url) → builder``."""
+
+
+def _venv(config: ManagerConfig, home: Path, mqtt_url: str) -> ProjectBuilder:
+    return VenvProjectBuilder(home / "envs")
+
+
+def _oci(config: ManagerConfig, home: Path, mqtt_url: str) -> ProjectBuilder:
+    needed = {"FLOPS_REGISTRY": config.registry, "FLOPS_BASE_IMAGE": config.base_image}
+    missing = [name for name, value in needed.items() if not value]
+    if missing:
+        raise ConfigurationError(
+            f"FLOPS_BUILDER=oci needs {' and '.join(missing)}: the registry images are pushed "
+            "to (host:port) and a Python 3.11 base image in it."
+        )
+    settings = RegistrySettings(
+        registry=config.registry,
+        base_image=config.base_image,
+        namespace=config.registry_namespace,
+        tls_verify=config.registry_tls_verify,
+    )
+    return ImageBuildService(settings, home / "images", mqtt_url)
+
+
+BUILDERS: dict[str, BuilderFactory] = {"venv": _venv, "oci": _oci}
+"""``FLOPS_BUILDER`` name → factory."""
+
+
+def make_builder(config: ManagerConfig, home: Path, mqtt_url: str) -> ProjectBuilder:
+    """The builder ``config.builder`` names. Raises ``ConfigurationError`` for an unknown name
+    (listing the valid ones) or missing settings."""
+    factory = BUILDERS.get(config.builder)
+    if factory is None:
+        raise ConfigurationError(
+            f"Unknown builder {config.builder!r}; set FLOPS_BUILDER to one of {sorted(BUILDERS)}."
+        )
+    return factory(config, home, mqtt_url)

@@ -1,0 +1,260 @@
+"""The image builder as a service: ``flops-image-builder`` (``python -m image_builder.main``).
+
+One process builds one project's learner and aggregator images with
+:class:`~image_builder.oci_builder.OciBuilder` and reports over MQTT, so that an orchestrator can
+run it on any machine with buildah (the manager's own, or a worker). Configured by environment
+variables (set by the manager):
+
+=================================  ============================================================
+variable                           meaning
+=================================  ============================================================
+``FLOPS_PROJECT_ID``               the project (required)
+``FLOPS_MQTT_URL``                 ``mqtt://HOST:PORT`` status messages go to (required)
+``FLOPS_ML_REPO_URL``              the ML repository (required)
+``FLOPS_ML_REPO_REF``              branch, tag or commit (default: the default branch)
+``FLOPS_ML_MODEL_FLAVOR``          the SLA's ``ml_model_flavor`` (default ``pytorch``)
+``FLOPS_PLATFORMS``                comma-separated ``os/arch`` (default: this machine's)
+``FLOPS_REGISTRY``                 ``host[:port]`` the images are pushed to (required)
+``FLOPS_REGISTRY_NAMESPACE``       path under the registry (default ``flops``)
+``FLOPS_REGISTRY_TLS_VERIFY``      ``false`` for a plain-HTTP registry (default ``true``)
+``FLOPS_BASE_IMAGE``               reference of the Python 3.11 base image (required)
+``FLOPS_BUILD_CACHE_DIR``          build locks and logs (default ``~/.cache/flops/oci``)
+``FLOPS_BUILD_WORKDIR``            scratch space for the clone (default: a temporary directory)
+``FLOPS_BUILD_RESULT_FILE``        where the outcome is written as JSON (optional)
+=================================  ============================================================
+
+Messages on ``flops/<project_id>/builder/<status>``: ``started`` (data: the inputs),
+``success`` (data: :func:`result_document` of the images) or ``failed`` (message: the error in
+a sentence or two; data ``{"error": code, "exit_code"}``). The outcome is also written to
+``FLOPS_BUILD_RESULT_FILE`` (``{"status": "success", ...}`` or ``{"status": "failed", "error",
+"message", "details"}``), for a caller on the same machine. Exit codes: :class:`ExitCode`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from flops_utils import env_vars
+from flops_utils.errors import FlopsError
+from flops_utils.logging import logger
+from flops_utils.notifications import StatusNotifier, parse_mqtt_url
+from flops_utils.types import Component, ComponentStatus, MLModelFlavor
+from image_builder.errors import BuilderError
+from image_builder.oci_builder import BuiltImages, OciBuilder
+
+
+class ExitCode(IntEnum):
+    """Exit codes of ``flops-image-builder``."""
+
+    OK = 0
+    BUILD_FAILED = 1
+    """The repository, its dependencies, the registry or a build step failed (see the message)."""
+    CONFIG_ERROR = 2
+    """A ``FLOPS_*`` variable is missing or malformed."""
+    INTERNAL_ERROR = 5
+
+
+class BuilderConfigError(FlopsError):
+    """The image builder's environment is incomplete or malformed."""
+
+    code = "image_builder_config_error"
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """One build, read from the environment by :meth:`from_env`.
+
+    ``platforms``: ``("linux/amd64", ...)``, empty for this machine's. ``tls_verify``:
+    ``False`` for a plain-HTTP registry. ``workdir``/``result_file``: ``None`` when unset.
+    """
+
+    project_id: str
+    mqtt_url: str
+    ml_repo_url: str
+    ml_repo_ref: str | None
+    flavor: str
+    platforms: tuple[str, ...]
+    registry: str
+    namespace: str
+    tls_verify: bool
+    base_image: str
+    cache_dir: Path
+    workdir: Path | None
+    result_file: Path | None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> BuildRequest:
+        """Read and check the variables of the module docstring. Raises
+        :class:`BuilderConfigError` naming the variable and what it should hold."""
+        mqtt_url = _required(env, env_vars.MQTT_URL)
+        try:
+            parse_mqtt_url(mqtt_url)
+        except ValueError as exc:
+            raise BuilderConfigError(f"{env_vars.MQTT_URL}: {exc}.") from exc
+        flavor = env.get(env_vars.ML_MODEL_FLAVOR) or MLModelFlavor.PYTORCH.value
+        flavors = [member.value for member in MLModelFlavor]
+        if flavor not in flavors:
+            raise BuilderConfigError(
+                f"{env_vars.ML_MODEL_FLAVOR}={flavor!r} is not a flavor; use one of "
+                f"{', '.join(flavors)}."
+            )
+        tls = (env.get(env_vars.REGISTRY_TLS_VERIFY) or "true").strip().lower()
+        if tls not in {"true", "false", "1", "0"}:
+            raise BuilderConfigError(
+                f"{env_vars.REGISTRY_TLS_VERIFY}={tls!r}; set it to true or false."
+            )
+        platforms = tuple(
+            p.strip() for p in (env.get(env_vars.PLATFORMS) or "").split(",") if p.strip()
+        )
+        cache = env.get(env_vars.BUILD_CACHE_DIR) or str(Path.home() / ".cache" / "flops" / "oci")
+        workdir = env.get(env_vars.BUILD_WORKDIR)
+        result_file = env.get(env_vars.BUILD_RESULT_FILE)
+        return cls(
+            project_id=_required(env, env_vars.PROJECT_ID),
+            mqtt_url=mqtt_url,
+            ml_repo_url=_required(env, env_vars.ML_REPO_URL),
+            ml_repo_ref=env.get(env_vars.ML_REPO_REF) or None,
+            flavor=flavor,
+            platforms=platforms,
+            registry=_required(env, env_vars.REGISTRY),
+            namespace=env.get(env_vars.REGISTRY_NAMESPACE) or "flops",
+            tls_verify=tls in {"true", "1"},
+            base_image=_required(env, env_vars.BASE_IMAGE),
+            cache_dir=Path(cache),
+            workdir=Path(workdir) if workdir else None,
+            result_file=Path(result_file) if result_file else None,
+        )
+
+    def inputs(self) -> dict[str, Any]:
+        """What is built, for the ``started`` message."""
+        return {
+            "ml_repo_url": self.ml_repo_url,
+            "ml_repo_ref": self.ml_repo_ref,
+            "flavor": self.flavor,
+            "platforms": list(self.platforms),
+            "registry": self.registry,
+            "base_image": self.base_image,
+        }
+
+
+def _required(env: Mapping[str, str], name: str) -> str:
+    value = (env.get(name) or "").strip()
+    if not value:
+        raise BuilderConfigError(
+            f"{name} is not set; the manager sets it when it starts the image builder."
+        )
+    return value
+
+
+def result_document(built: BuiltImages) -> dict[str, Any]:
+    """The JSON outcome of a successful build.
+
+    ``{"status": "success", "key", "commit", "cache_hit", "seconds", "images": {role:
+    {"repository", "tag", "digest", "ref" (pinned ``repository@digest``), "reused",
+    "seconds"}}}``; seconds are wall time.
+    """
+    return {
+        "status": "success",
+        "key": built.key,
+        "commit": built.commit,
+        "cache_hit": built.cache_hit,
+        "seconds": round(built.seconds, 3),
+        "images": {
+            image.role: {
+                "repository": image.repository,
+                "tag": image.tag,
+                "digest": image.digest,
+                "ref": image.pinned_ref,
+                "reused": image.reused,
+                "seconds": round(image.seconds, 3),
+            }
+            for image in built.images
+        },
+    }
+
+
+def run(request: BuildRequest, notifier: StatusNotifier) -> ExitCode:
+    """Build and push the images of ``request``, publishing ``started`` then ``success`` or
+    ``failed`` and writing the outcome to ``request.result_file``. Never raises."""
+    notifier.notify(
+        ComponentStatus.STARTED, f"building images of {request.ml_repo_url}", request.inputs()
+    )
+    started = time.monotonic()
+    builder = OciBuilder(
+        request.cache_dir,
+        request.registry,
+        request.base_image,
+        namespace=request.namespace,
+        tls_verify=request.tls_verify,
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="flops-image-build-", dir=request.workdir) as tmp:
+            built = builder.build(
+                request.ml_repo_url,
+                request.ml_repo_ref,
+                Path(tmp),
+                flavor=request.flavor,
+                platforms=request.platforms or None,
+            )
+    except Exception as exc:
+        code = ExitCode.BUILD_FAILED if isinstance(exc, BuilderError) else ExitCode.INTERNAL_ERROR
+        error = exc.code if isinstance(exc, FlopsError) else "internal_error"
+        message = exc.message if isinstance(exc, FlopsError) else f"internal error: {exc}"
+        details = list(exc.details) if isinstance(exc, FlopsError) else []
+        if code is ExitCode.INTERNAL_ERROR:
+            logger.exception("the image build failed")
+        logger.error("image build failed (%s): %s", error, message)
+        _write_result(
+            request.result_file,
+            {"status": "failed", "error": error, "message": message, "details": details[-40:]},
+        )
+        notifier.notify(ComponentStatus.FAILED, message, {"error": error, "exit_code": int(code)})
+        return code
+    document = result_document(built)
+    _write_result(request.result_file, document)
+    how = "reused" if built.cache_hit else f"built in {time.monotonic() - started:.1f} s"
+    notifier.notify(ComponentStatus.SUCCESS, f"images {built.key[:12]} {how}", document)
+    return ExitCode.OK
+
+
+def _write_result(path: Path | None, document: Mapping[str, Any]) -> None:
+    """Write ``document`` to ``path`` atomically (temporary file, then rename)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(document, indent=2), encoding="utf-8")
+    partial.replace(path)
+
+
+def main(env: Mapping[str, str] | None = None) -> int:
+    """Entry point of ``flops-image-builder``; returns the :class:`ExitCode`."""
+    env = os.environ if env is None else env
+    try:
+        request = BuildRequest.from_env(env)
+    except BuilderConfigError as exc:
+        logger.error("%s", exc.message)
+        result_file = env.get(env_vars.BUILD_RESULT_FILE)
+        _write_result(
+            Path(result_file) if result_file else None,
+            {"status": "failed", "error": exc.code, "message": exc.message, "details": []},
+        )
+        return ExitCode.CONFIG_ERROR
+    notifier = StatusNotifier(request.mqtt_url, request.project_id, Component.BUILDER)
+    try:
+        return run(request, notifier)
+    finally:
+        notifier.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The image builder as a service (``python -m image_builder.main``), driven by the manager's
+``oci`` backend (:class:`flops_manager.builds.ImageBuildService`): a real child process,
+a real Mosquitto broker, buildah, a loopback registry and the local Debian base image."""
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from builder_testing import copy_example
+from mqtt_testing import MqttRecorder
+
+from flops_manager.broker import MosquittoBroker
+from flops_manager.builds import (
+    BUILDERS,
+    ImageBuildFailed,
+    ImageBuildService,
+    RegistrySettings,
+    make_builder,
+)
+from flops_manager.config import ManagerConfig
+from flops_manager.errors import ConfigurationError
+from flops_manager.sla import ProjectSLA
+from flops_manager.suite import ManagerSuite
+from flops_utils import env_vars
+from image_builder.main import ExitCode, main
+from observatory.mlflow_server import MlflowServer
+
+
+@pytest.fixture
+def project_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def recorder(mqtt_broker: MosquittoBroker, project_id: str) -> Iterator[MqttRecorder]:
+    rec = MqttRecorder(mqtt_broker, project_id)
+    yield rec
+    rec.close()
+
+
+@pytest.fixture(scope="module")
+def service(
+    oci_registry: str,
+    oci_base_image: str,
+    mqtt_broker: MosquittoBroker,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> ImageBuildService:
+    settings = RegistrySettings(oci_registry, oci_base_image, tls_verify=False)
+    return ImageBuildService(settings, tmp_path_factory.mktemp("image-cache"), mqtt_broker.url)
+
+
+def _sla(repo: Path) -> ProjectSLA:
+    return ProjectSLA.model_validate(
+        {"ml_repo_url": str(repo), "ml_model_flavor": "sklearn", "training_configuration": {}}
+    )
+
+
+def _registry_digest(ref: str) -> str:
+    result = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", f"docker://{ref}"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    return str(json.loads(result.stdout)["Digest"])
+
+
+def test_service_builds_pushes_and_reports_over_mqtt(
+    service: ImageBuildService, recorder: MqttRecorder, project_id: str, tmp_path: Path
+) -> None:
+    # Setup
+    repo = copy_example(tmp_path / "mnist")
+
+    # Execute
+    result = service.build(project_id, _sla(repo), tmp_path / "work")
+
+    # Assert: pinned references of both roles, present in the registry with that digest
+    assert set(result.images) == {"learner", "aggregator"}
+    for role, ref in result.images.items():
+        name, _, digest = ref.partition("@")
+        assert name.endswith(f"/flops/{role}") and digest.startswith("sha256:")
+        assert _registry_digest(f"{name}:{result.key}") == digest
+    assert result.python is None and result.repo_dir is None
+    assert result.document()["images"] == dict(result.images)
+    # the service announced itself and its outcome, with the same images
+    started = recorder.wait_for("builder/started")[0]
+    assert started["data"]["ml_repo_url"] == str(repo)
+    assert started["data"]["platforms"] == ["linux/amd64"]
+    success = recorder.wait_for("builder/success")[0]
+    assert success["data"]["key"] == result.key
+    assert {r: i["ref"] for r, i in success["data"]["images"].items()} == dict(result.images)
+    assert recorder.find("builder/failed") == []
+    assert (tmp_path / "work" / "image-builder.log").is_file()
+
+
+def test_uninstallable_dependency_fails_with_the_resolvers_message(
+    service: ImageBuildService, recorder: MqttRecorder, project_id: str, tmp_path: Path
+) -> None:
+    # Setup: a requirement no index has
+    repo = copy_example(tmp_path / "broken")
+    (repo / "conda.yaml").unlink()
+    (repo / "requirements.txt").write_text("flops-no-such-package-4711==1.0\n")
+
+    # Execute
+    with pytest.raises(ImageBuildFailed) as caught:
+        service.build(project_id, _sla(repo), tmp_path / "work")
+
+    # Assert: the manager gets the service's own sentence, and so does MQTT
+    assert "flops-no-such-package-4711" in caught.value.message
+    assert "error: dependency_install_failed" in caught.value.details
+    failed = recorder.wait_for("builder/failed")[0]
+    assert failed["message"] == caught.value.message
+    assert failed["data"] == {"error": "dependency_install_failed", "exit_code": 1}
+
+
+def test_missing_settings_are_a_config_error_with_an_outcome(tmp_path: Path) -> None:
+    # Setup: no registry, no base image
+    result_file = tmp_path / "result.json"
+    env = {
+        env_vars.PROJECT_ID: "p1",
+        env_vars.MQTT_URL: "mqtt://127.0.0.1:1",
+        env_vars.ML_REPO_URL: str(tmp_path),
+        env_vars.BUILD_RESULT_FILE: str(result_file),
+    }
+
+    # Execute
+    code = main(env)
+
+    # Assert
+    assert code == ExitCode.CONFIG_ERROR
+    outcome = json.loads(result_file.read_text())
+    assert outcome["status"] == "failed"
+    assert outcome["error"] == "image_builder_config_error"
+    assert "FLOPS_REGISTRY is not set" in outcome["message"]
+
+
+def test_bad_flavor_and_tls_values_name_the_variable(tmp_path: Path) -> None:
+    base = {
+        env_vars.PROJECT_ID: "p1",
+        env_vars.MQTT_URL: "mqtt://127.0.0.1:1",
+        env_vars.ML_REPO_URL: str(tmp_path),
+        env_vars.REGISTRY: "127.0.0.1:5000",
+        env_vars.BASE_IMAGE: "127.0.0.1:5000/base:1",
+        env_vars.BUILD_RESULT_FILE: str(tmp_path / "r.json"),
+    }
+    for extra, expected in (
+        ({env_vars.ML_MODEL_FLAVOR: "caffe"}, "FLOPS_ML_MODEL_FLAVOR='caffe' is not a flavor"),
+        ({env_vars.REGISTRY_TLS_VERIFY: "maybe"}, "FLOPS_REGISTRY_TLS_VERIFY='maybe'"),
+        ({env_vars.MQTT_URL: "http://x"}, "FLOPS_MQTT_URL"),
+    ):
+        assert main({**base, **extra}) == ExitCode.CONFIG_ERROR
+        assert expected in json.loads((tmp_path / "r.json").read_text())["message"]
+
+
+def test_service_without_an_outcome_is_a_clean_error(tmp_path: Path) -> None:
+    # Setup: an "interpreter" that exits at once without writing anything
+    fake_python = tmp_path / "python"
+    fake_python.write_text("#!/bin/sh\necho 'Illegal instruction' >&2\nexit 132\n")
+    fake_python.chmod(0o755)
+    service = ImageBuildService(
+        RegistrySettings("127.0.0.1:1", "127.0.0.1:1/base:x"),
+        tmp_path / "cache",
+        "mqtt://127.0.0.1:1",
+        python=str(fake_python),
+    )
+
+    # Execute
+    with pytest.raises(ImageBuildFailed) as caught:
+        service.build("p1", _sla(tmp_path), tmp_path / "work")
+
+    # Assert
+    assert "exited with status 132 without an outcome" in caught.value.message
+    assert caught.value.details == ["Illegal instruction"]
+
+
+def test_oci_builder_needs_a_registry_and_a_base_image(tmp_path: Path) -> None:
+    config = ManagerConfig(home=tmp_path, builder="oci", registry="127.0.0.1:5000")
+    with pytest.raises(ConfigurationError, match="needs FLOPS_BASE_IMAGE"):
+        make_builder(config, tmp_path, "mqtt://127.0.0.1:1883")
+    with pytest.raises(ConfigurationError, match=r"one of \['oci', 'venv'\]"):
+        make_builder(ManagerConfig(home=tmp_path, builder="docker"), tmp_path, "")
+    assert sorted(BUILDERS) == ["oci", "venv"]
+
+
+def test_manager_config_reads_the_registry_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOPS_BUILDER", "oci")
+    monkeypatch.setenv("FLOPS_REGISTRY", "registry.local:5000")
+    monkeypatch.setenv("FLOPS_REGISTRY_TLS_VERIFY", "false")
+    monkeypatch.setenv("FLOPS_BASE_IMAGE", "registry.local:5000/python:3.11-slim")
+    config = ManagerConfig.from_env(home=Path("/tmp/x"))
+    builder = make_builder(config, Path("/tmp/x"), "mqtt://127.0.0.1:1883")
+    assert isinstance(builder, ImageBuildService)
+    assert builder.produces_images
+    assert builder.settings == RegistrySettings(
+        "registry.local:5000", "registry.local:5000/python:3.11-slim", "flops", False
+    )
+    assert sys.executable == builder.python
+
+
+def test_local_orchestrator_refuses_the_oci_builder_at_start(
+    mqtt_broker: MosquittoBroker, mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    config = ManagerConfig(
+        home=tmp_path,
+        port=0,
+        mqtt_url=mqtt_broker.url,
+        mlflow_url=mlflow_server.url,
+        builder="oci",
+        registry="127.0.0.1:5000",
+        base_image="127.0.0.1:5000/flops/base:1",
+    )
+    with pytest.raises(ConfigurationError, match="runs virtualenvs on this machine") as caught:
+        ManagerSuite(config).start()
+    assert "set FLOPS_BUILDER=venv" in caught.value.message
