@@ -3,8 +3,8 @@
 Usage::
 
     flops-data-server --data-dir DIR --node-id ID [--host 127.0.0.1] [--port 8815]
-        [--cluster local] [--manager-url http://HOST:PORT] [--register-interval-s 30]
-        [--advertise-host HOST]
+        [--cluster local] [--hostname NAME] [--manager-url http://HOST:PORT]
+        [--register-interval-s 30] [--advertise-host HOST]
 
 With ``--manager-url`` the node registers with the manager at start, every
 ``--register-interval-s`` seconds and shortly after its data changed (see
@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--node-id", required=True, help="this worker node's id")
     parser.add_argument("--cluster", default="local", help="cluster of the node (default local)")
+    parser.add_argument(
+        "--hostname",
+        help="the node's worker hostname in its Oakestra cluster (default: the node id)",
+    )
     parser.add_argument("--manager-url", help="register with the manager at http://HOST:PORT")
     parser.add_argument(
         "--manager-token",
@@ -135,7 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             registrar = NodeRegistrar(
                 args.manager_url,
                 lambda: registration_payload(
-                    args.node_id, location, args.cluster, server.storage.tags()
+                    args.node_id,
+                    location,
+                    args.cluster,
+                    server.storage.tags(),
+                    hostname=args.hostname,
                 ),
                 interval_s=args.register_interval_s,
                 token=args.manager_token,

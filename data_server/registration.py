@@ -3,7 +3,8 @@
 The data server POSTs to ``{manager_url}/api/flops/nodes`` the JSON::
 
     {"node_id": "node-1", "data_server": "grpc://10.0.0.5:8815",
-     "architecture": "linux/amd64", "cluster": "local", "tags": {"mnist": 5000}}
+     "architecture": "linux/amd64", "cluster": "local", "hostname": "worker-1",
+     "tags": {"mnist": 5000}}
 
 at start, every ``interval_s`` seconds after, and soon after its data changed. A failed
 registration (manager down, timeout, non-2xx answer) is logged and retried with backoff
@@ -60,15 +61,23 @@ def registration_payload(
     cluster: str,
     tags: dict[str, int],
     architecture: str | None = None,
+    hostname: str | None = None,
 ) -> dict[str, Any]:
-    """Build the registration JSON body (see the module docstring); ``tags`` is ``{tag: rows}``."""
-    return {
+    """Build the registration JSON body (see the module docstring); ``tags`` is ``{tag: rows}``.
+
+    ``hostname``: the node's name in its Oakestra cluster (the manager uses ``node_id`` when
+    it is ``None``).
+    """
+    payload = {
         "node_id": node_id,
         "data_server": data_server,
         "architecture": architecture or node_architecture(),
         "cluster": cluster,
         "tags": dict(tags),
     }
+    if hostname:
+        payload["hostname"] = hostname
+    return payload
 
 
 def nodes_url(manager_url: str) -> str:

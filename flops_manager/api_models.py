@@ -120,7 +120,10 @@ class NodePath(BaseModel):
 class NodeRegistration(_Body):
     """A worker node and its data server, as a data server registers it.
 
-    ``tags`` maps each data tag the node holds to its row count.
+    ``tags`` maps each data tag the node holds to its row count. ``cluster`` and ``hostname``
+    are the Oakestra cluster name and worker hostname the node runs under (the ``oakestra``
+    orchestrator places the node's learner there with a ``direct`` constraint); ``hostname``
+    defaults to ``node_id``.
     """
 
     node_id: str = Field(pattern=NODE_ID_PATTERN)
@@ -129,6 +132,7 @@ class NodeRegistration(_Body):
     )
     architecture: Platform = Platform.LINUX_AMD64
     cluster: str = Field(default="local", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    hostname: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,253}$")
     tags: dict[DataTag, RowCount] = Field(
         default_factory=dict, max_length=1000, json_schema_extra={"additionalProperties": False}
     )
@@ -141,6 +145,7 @@ class Node(BaseModel):
     data_server: str
     architecture: Platform
     cluster: str
+    hostname: str
     tags: dict[str, int]
     last_seen: float
 

@@ -289,13 +289,16 @@ def create_app(
         """Register a worker node (or refresh its tags); data servers call this periodically."""
         caller().require_admin("register worker nodes")
         node = {**body.model_dump(mode="json"), "last_seen": time.time()}
+        node["hostname"] = body.hostname or body.node_id
         store.upsert_node(node)
         return _public(node)
 
     @api.get("/nodes", tags=[nodes_tag], responses={200: NodeList})
     def list_nodes() -> dict[str, Any]:
-        """Every registered node with its data server, architecture, cluster and tags."""
-        return {"nodes": [_public(n) for n in store.list_nodes()]}
+        """Every registered node with its data server, architecture, cluster, hostname and
+        tags."""
+        nodes = store.list_nodes()
+        return {"nodes": [_public({"hostname": n["node_id"], **n}) for n in nodes]}
 
     @api.delete("/nodes/<node_id>", tags=[nodes_tag], responses={200: NodeDeleted})
     def delete_node(path: NodePath) -> dict[str, Any]:

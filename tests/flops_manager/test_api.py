@@ -164,15 +164,21 @@ def test_nodes_register_list_delete_and_reject_a_bad_address(api: Api) -> None:
     }
 
     registered = api("POST", "/nodes", json=node)
+    on_worker = api("POST", "/nodes", json={**node, "node_id": "edge-b", "hostname": "rpi-7"})
     listed = api("GET", "/nodes/").json()["nodes"]
     bad = api("POST", "/nodes", json={**node, "data_server": "http://x"})
     deleted = api("DELETE", "/nodes/edge-a")
     deleted_again = api("DELETE", "/nodes/edge-a")
+    api("DELETE", "/nodes/edge-b")
 
     assert registered.status_code == 200
     assert {"node_id": "edge-a", "tags": {"cifar10": 50}}.items() <= {
         k: v for n in listed if n["node_id"] == "edge-a" for k, v in n.items()
     }.items()
+    # the Oakestra worker hostname defaults to the node id
+    assert registered.json()["hostname"] == "edge-a"
+    assert on_worker.json()["hostname"] == "rpi-7"
+    assert {n["node_id"]: n["hostname"] for n in listed} >= {"edge-a": "edge-a", "edge-b": "rpi-7"}
     assert bad.status_code == 422
     assert bad.json()["details"][0]["field"] == "data_server"
     assert deleted.json() == {"node_id": "edge-a", "deleted": True}
