@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,10 +86,17 @@ class ProjectBuilder(Protocol):
         Raises :class:`~flops_utils.errors.FlopsError` subclasses naming cause and fix."""
         ...
 
+    def build_model_image(
+        self, project_id: str, model_uri: str, mlflow_url: str, workdir: Path
+    ) -> ModelImageResult:
+        """Build (or reuse) the image serving the MLflow model ``model_uri``; only called
+        when :attr:`produces_images`."""
+        ...
+
 
 class VenvProjectBuilder:
     """The ``venv`` backend: :class:`~image_builder.venv_builder.VenvBuilder` under
-    ``cache_dir``."""
+    ``cache_dir``. It makes no images (no trained-model image either)."""
 
     produces_images = False
 
@@ -110,6 +116,14 @@ class VenvProjectBuilder:
             seconds=env.seconds,
             python=env.python,
             repo_dir=env.repo_dir,
+        )
+
+    def build_model_image(
+        self, project_id: str, model_uri: str, mlflow_url: str, workdir: Path
+    ) -> ModelImageResult:
+        """Raises :class:`ImageBuildFailed`: virtualenvs are not images."""
+        raise ImageBuildFailed(
+            "The venv builder makes no images; use FLOPS_BUILDER=oci for trained-model images."
         )
 
 
@@ -194,12 +208,53 @@ class ImageBuildService:
         :attr:`timeout_s` seconds, or ends without writing an outcome.
         """
         workdir = Path(workdir)
+        outcome = self._run_service(self.environment(project_id, sla, workdir), workdir)
+        images = {role: str(image["ref"]) for role, image in outcome["images"].items()}
+        return BuildResult(
+            commit=str(outcome["commit"]),
+            key=str(outcome["key"]),
+            cache_hit=bool(outcome["cache_hit"]),
+            seconds=float(outcome["seconds"]),
+            images=images,
+        )
+
+    def build_model_image(
+        self, project_id: str, model_uri: str, mlflow_url: str, workdir: Path
+    ) -> ModelImageResult:
+        """Run the image builder service for the trained-model image of ``model_uri`` (an
+        MLflow model URI such as ``models:/<name>/<version>``) held by the tracking server at
+        ``mlflow_url``. Raises :class:`ImageBuildFailed` as :meth:`build` does."""
+        workdir = Path(workdir)
+        settings = {
+            env_vars.PROJECT_ID: project_id,
+            env_vars.MQTT_URL: self.mqtt_url,
+            env_vars.MODEL_URI: model_uri,
+            env_vars.MLFLOW_URL: mlflow_url,
+            env_vars.BUILD_CACHE_DIR: str(self.cache_dir),
+            env_vars.BUILD_WORKDIR: str(workdir),
+            env_vars.BUILD_RESULT_FILE: str(workdir / "result.json"),
+            **self.settings.environment(),
+        }
+        outcome = self._run_service(settings, workdir)
+        image = outcome["images"]["model"]
+        return ModelImageResult(
+            ref=str(image["ref"]),
+            model_uri=str(outcome["model_uri"]),
+            port=int(outcome["port"]),
+            reused=bool(image["reused"]),
+            seconds=float(outcome["seconds"]),
+        )
+
+    def _run_service(self, settings: dict[str, str], workdir: Path) -> dict[str, Any]:
+        """Run ``python -m image_builder.main`` with ``settings``; its successful outcome.
+
+        Output goes to ``workdir/image-builder.log``; the outcome is read from
+        ``settings[FLOPS_BUILD_RESULT_FILE]``. Raises :class:`ImageBuildFailed`.
+        """
         workdir.mkdir(parents=True, exist_ok=True)
-        settings = self.environment(project_id, sla, workdir)
         result_file = Path(settings[env_vars.BUILD_RESULT_FILE])
         result_file.unlink(missing_ok=True)
         log_path = workdir / "image-builder.log"
-        started = time.monotonic()
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 [self.python, "-m", "image_builder.main"],
@@ -218,18 +273,11 @@ class ImageBuildService:
                 ) from None
         outcome = _read_outcome(result_file)
         if outcome.get("status") == "success":
-            images = {role: str(image["ref"]) for role, image in outcome["images"].items()}
             logger.info(
-                "project %s: images %s in %.1f s", project_id, outcome["key"][:12],
-                time.monotonic() - started,
+                "project %s: images %s in %.1f s",
+                settings[env_vars.PROJECT_ID], str(outcome["key"])[:12], outcome["seconds"],
             )  # fmt: skip
-            return BuildResult(
-                commit=str(outcome["commit"]),
-                key=str(outcome["key"]),
-                cache_hit=bool(outcome["cache_hit"]),
-                seconds=float(outcome["seconds"]),
-                images=images,
-            )
+            return outcome
         if outcome.get("message"):
             raise ImageBuildFailed(
                 str(outcome["message"]),
@@ -241,6 +289,20 @@ class ImageBuildService:
             f"{log_path}.",
             details=tail,
         )
+
+
+@dataclass(frozen=True)
+class ModelImageResult:
+    """A trained-model image: ``ref`` pinned (``registry/namespace/model@sha256:...``),
+    ``model_uri`` the version-pinned MLflow URI it serves, ``port`` the port its server
+    listens on (``POST /invocations``, ``GET /ping``), ``reused`` nothing was built,
+    ``seconds`` wall time of the build."""
+
+    ref: str
+    model_uri: str
+    port: int
+    reused: bool
+    seconds: float
 
 
 def _read_outcome(path: Path) -> dict[str, Any]:

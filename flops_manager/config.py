@@ -41,6 +41,16 @@ class ManagerConfig(BaseModel):
             default true).
         base_image: the Python 3.11 base image the ``oci`` builder builds from
             (``FLOPS_BASE_IMAGE``).
+        oakestra_url: the Oakestra root orchestrator's system manager, e.g.
+            ``http://oakestra-root:10000`` (``FLOPS_OAKESTRA_URL``; ``oakestra`` orchestrator).
+        oakestra_user / oakestra_password: the Oakestra account projects are deployed with
+            (``FLOPS_OAKESTRA_USER`` / ``FLOPS_OAKESTRA_PASSWORD``, default ``Admin``/``Admin``,
+            Oakestra's default account).
+        oakestra_namespace: namespace of the applications and services
+            (``FLOPS_OAKESTRA_NAMESPACE``, default ``flops``).
+        oakestra_mqtt_url / oakestra_mlflow_url: the broker and MLflow addresses the services
+            on the workers reach (``FLOPS_OAKESTRA_MQTT_URL`` / ``FLOPS_OAKESTRA_MLFLOW_URL``;
+            default: ``mqtt_url`` / ``mlflow_url``).
         auth: ``token`` (one API token in ``<home>/api-token``, created at first start) or
             ``oakestra`` (Oakestra RS256 access tokens) (``FLOPS_AUTH``, default ``token``).
         jwt_public_key_file: PEM file of the Oakestra root orchestrator's public key, needed
@@ -62,6 +72,12 @@ class ManagerConfig(BaseModel):
     registry_namespace: str = "flops"
     registry_tls_verify: bool = True
     base_image: str = ""
+    oakestra_url: str = ""
+    oakestra_user: str = "Admin"
+    oakestra_password: str = Field(default="Admin", repr=False)
+    oakestra_namespace: str = Field(default="flops", pattern=r"^[a-zA-Z0-9]{1,30}$")
+    oakestra_mqtt_url: str = ""
+    oakestra_mlflow_url: str = ""
     auth: Literal["token", "oakestra"] = "token"
     jwt_public_key_file: str = ""
 
@@ -106,6 +122,12 @@ class ManagerConfig(BaseModel):
             "registry_namespace": "FLOPS_REGISTRY_NAMESPACE",
             "registry_tls_verify": "FLOPS_REGISTRY_TLS_VERIFY",
             "base_image": "FLOPS_BASE_IMAGE",
+            "oakestra_url": "FLOPS_OAKESTRA_URL",
+            "oakestra_user": "FLOPS_OAKESTRA_USER",
+            "oakestra_password": "FLOPS_OAKESTRA_PASSWORD",
+            "oakestra_namespace": "FLOPS_OAKESTRA_NAMESPACE",
+            "oakestra_mqtt_url": "FLOPS_OAKESTRA_MQTT_URL",
+            "oakestra_mlflow_url": "FLOPS_OAKESTRA_MLFLOW_URL",
             "auth": "FLOPS_AUTH",
             "jwt_public_key_file": "FLOPS_JWT_PUBLIC_KEY_FILE",
         }

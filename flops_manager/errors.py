@@ -1,8 +1,17 @@
 """The manager's exception tree and the one table mapping each error to an HTTP status."""
 
+from typing import Any
+
 from flops_manager.auth import Forbidden, Unauthorized
 from flops_utils.data_client import DataServerUnavailable
 from flops_utils.errors import FlopsError
+from image_builder.errors import (
+    ModelFetchError,
+    ModelNotFoundError,
+    ModelNotServableError,
+    ModelUriError,
+    TrackingServerUnreachableError,
+)
 
 
 class NotFound(FlopsError):
@@ -29,6 +38,52 @@ class ConfigurationError(FlopsError):
     code = "configuration_error"
 
 
+class OakestraError(FlopsError):
+    """The Oakestra root orchestrator refused a request or reported a failure.
+
+    ``status`` is Oakestra's HTTP status (``None`` when there was no answer) and ``body``
+    its response body (text, at most 2000 characters).
+    """
+
+    code = "oakestra_error"
+
+    def __init__(
+        self,
+        message: str,
+        details: list[Any] | None = None,
+        *,
+        status: int | None = None,
+        body: str = "",
+    ) -> None:
+        super().__init__(message, details)
+        self.status = status
+        self.body = body
+
+
+class OakestraUnavailable(OakestraError):
+    """The Oakestra root orchestrator did not answer, or kept answering 5xx, after retries."""
+
+    code = "oakestra_unavailable"
+
+
+class OakestraAuthFailed(OakestraError):
+    """Oakestra rejected the configured username and password."""
+
+    code = "oakestra_auth_failed"
+
+
+class OakestraConflict(OakestraError):
+    """Oakestra already has an application with the same name and namespace."""
+
+    code = "oakestra_conflict"
+
+
+class OakestraNotFound(OakestraError):
+    """The Oakestra application or service does not exist (any more)."""
+
+    code = "oakestra_not_found"
+
+
 HTTP_STATUS: dict[type[FlopsError], int] = {
     Unauthorized: 401,
     Forbidden: 403,
@@ -36,6 +91,14 @@ HTTP_STATUS: dict[type[FlopsError], int] = {
     Conflict: 409,
     ServiceUnavailable: 503,
     DataServerUnavailable: 503,
+    OakestraConflict: 409,
+    OakestraUnavailable: 503,
+    OakestraError: 502,
+    ModelFetchError: 502,
+    ModelUriError: 422,
+    ModelNotFoundError: 404,
+    TrackingServerUnreachableError: 503,
+    ModelNotServableError: 422,
     FlopsError: 400,
 }
 """Exception type → HTTP status; the most specific class in an error's MRO wins."""

@@ -20,6 +20,7 @@ then a project with a service that is gone without having reported success, or t
 failure, fails with a reason naming the service and its last log line.
 """
 
+import dataclasses
 import json
 import threading
 import time
@@ -36,6 +37,7 @@ from flops_manager.errors import Conflict, NotFound
 from flops_manager.orchestrators.base import (
     Deployment,
     Orchestrator,
+    Placement,
     ServiceHandle,
     ServiceSpec,
 )
@@ -121,12 +123,17 @@ NODE_TTL_S = 120.0
 
 
 def eligible_nodes(
-    nodes: list[dict[str, Any]], data_tags: list[str], now: float | None = None
+    nodes: list[dict[str, Any]],
+    data_tags: list[str],
+    platforms: list[str] | None = None,
+    now: float | None = None,
 ) -> list[dict[str, Any]]:
-    """The live nodes whose data server holds rows under at least one of ``data_tags``.
+    """The live nodes whose data server holds rows under at least one of ``data_tags`` and
+    whose ``architecture`` is one of ``platforms`` (``None``: any).
 
-    ``nodes`` are node documents (``tags``: ``{tag: rows}``, ``last_seen``: seconds since the
-    epoch); a node not seen for ``NODE_TTL_S`` seconds is left out. The result keeps the order.
+    ``nodes`` are node documents (``tags``: ``{tag: rows}``, ``architecture``: ``linux/amd64``
+    …, ``last_seen``: seconds since the epoch); a node not seen for ``NODE_TTL_S`` seconds is
+    left out. The result keeps the order.
     """
     now = time.time() if now is None else now
     wanted = set(data_tags)
@@ -134,6 +141,7 @@ def eligible_nodes(
         n
         for n in nodes
         if any(n.get("tags", {}).get(t, 0) > 0 for t in wanted)
+        and (platforms is None or n.get("architecture", "linux/amd64") in platforms)
         and now - n.get("last_seen", now) <= NODE_TTL_S
     ]
 
@@ -188,13 +196,23 @@ class ProjectLifecycle:
         """
         training = sla.training_configuration
         nodes = self.store.list_nodes()
-        eligible = eligible_nodes(nodes, training.data_tags)
+        platforms = [p.value for p in sla.supported_platforms]
+        eligible = eligible_nodes(nodes, training.data_tags, platforms)
         if len(eligible) < training.min_available_clients:
             raise Conflict(
-                f"{len(eligible)} worker node(s) hold data tagged {training.data_tags}, but "
-                f"min_available_clients is {training.min_available_clients}. Register more "
-                "nodes with that data (e.g. POST /api/flops/mocks) or lower min_available_clients.",
-                details=[{"node_id": n["node_id"], "tags": n.get("tags", {})} for n in nodes],
+                f"{len(eligible)} worker node(s) of {'/'.join(platforms)} hold data tagged "
+                f"{training.data_tags}, but min_available_clients is "
+                f"{training.min_available_clients}. Register more nodes with that data (e.g. "
+                "POST /api/flops/mocks), add their platform to supported_platforms, or lower "
+                "min_available_clients.",
+                details=[
+                    {
+                        "node_id": n["node_id"],
+                        "architecture": n.get("architecture"),
+                        "tags": n.get("tags", {}),
+                    }
+                    for n in nodes
+                ],
             )
         if training.max_clients is not None:
             rows = {
@@ -473,6 +491,11 @@ class ProjectLifecycle:
                     env_vars.DATA_TAGS: ",".join(sla.training_configuration.data_tags),
                     env_vars.LEARNER_NAME: str(node["node_id"]),
                 },
+                placement=Placement(
+                    cluster=str(node.get("cluster") or "local"),
+                    hostname=str(node.get("hostname") or node["node_id"]),
+                    platform=str(node.get("architecture") or "linux/amd64"),
+                ),
             )
             for node in nodes
         )
@@ -482,6 +505,7 @@ class ProjectLifecycle:
             services=(aggregator, *learners),
             python=env.python,
             images=dict(env.images),
+            resources=sla.resource_constraints.model_dump(),
         )
 
     # -- inputs from the running services -------------------------------------------------
@@ -513,6 +537,8 @@ class ProjectLifecycle:
                 self.store.update_project(
                     project_id, {}, event=_event("component", "failed", reason, component=instance)
                 )
+                return
+            if self._learner_lost(project_id, service, reason):
                 return
             # Persisted here, before the broker gets its acknowledgement; services stop later.
             self._finish(project_id, ProjectStatus.FAILED, reason, stop_in_background=True)
@@ -552,9 +578,52 @@ class ProjectLifecycle:
             _later(self.exit_grace_s, self._check_gone, project_id, service, last)
         elif returncode != 0:
             reason = f"{service} exited with code {returncode}" + (f": {last}" if last else "")
-            self._finish(project_id, ProjectStatus.FAILED, reason)
+            if not self._learner_lost(project_id, service, reason):
+                self._finish(project_id, ProjectStatus.FAILED, reason)
         elif service == AGGREGATOR:
             _later(self.exit_grace_s, self._check_finished, project_id)
+
+    def _learner_lost(self, project_id: str, service: str, reason: str) -> bool:
+        """Whether training goes on without the failed learner ``service``.
+
+        It does while the project is ``training`` and the learners left number at least
+        ``max(min_fit_clients, min_evaluate_clients, min_available_clients)`` (Flower waits
+        for ``min_available_clients`` connected clients before each round, so fewer would
+        stall it); the loss is then recorded (``lost_learners`` and an event) and ``True``
+        returned. A learner already recorded as lost (its ``failed`` message and its exit both
+        arrive) is ``True`` again; anything else is ``False``.
+        """
+        if service == AGGREGATOR:
+            return False
+        with self._lock:
+            project = self.get(project_id)
+            if ProjectStatus(project["status"]) is not ProjectStatus.TRAINING:
+                return False
+            lost = set(project.get("lost_learners") or [])
+            if service in lost:
+                return True
+            learners = [s for s in project.get("services") or [] if s != AGGREGATOR]
+            if service not in learners:
+                return False
+            training = ProjectSLA.model_validate(project["sla"]).training_configuration
+            needed = max(
+                training.min_fit_clients,
+                training.min_evaluate_clients,
+                training.min_available_clients,
+            )
+            remaining = len(learners) - len(lost) - 1
+            if remaining < needed:
+                return False
+            text = (
+                f"{reason}; training goes on with {remaining} learner(s) (at least {needed} needed)"
+            )
+            self.store.update_project(
+                project_id,
+                {"lost_learners": sorted(lost | {service})},
+                event=_event("component", "failed", text, component=service),
+            )
+        logger.warning("project %s: %s", project_id, text)
+        return True
 
     def _check_finished(self, project_id: str) -> None:
         project = self.store.get_project(project_id)
@@ -642,8 +711,18 @@ class ProjectLifecycle:
         elif status is not ProjectStatus.POST_TRAINING:
             return
         sla = ProjectSLA.model_validate(self.get(project_id)["sla"])
+        model_uri = str(mlflow["registered_model_uri"] or mlflow["model_uri"])
         for step in sla.post_training_steps:
-            self._skip_step(project_id, step)
+            try:
+                self._post_training_step(project_id, step, model_uri)
+            except FlopsError as exc:
+                self._finish(
+                    project_id,
+                    ProjectStatus.FAILED,
+                    f"training completed and the model is in MLflow as {model_uri}, but "
+                    f"{step.value} failed: {exc.message}",
+                )
+                return
         accuracy = _fmt(result.get("accuracy"))
         self._finish(
             project_id,
@@ -652,12 +731,45 @@ class ProjectLifecycle:
             f"{mlflow['registered_model_uri'] or mlflow['model_uri']}",
         )
 
-    def _skip_step(self, project_id: str, step: PostTrainingStep) -> None:
-        text = (
-            f"skipped {step.value}: the '{type(self.orchestrator).__name__}' backend runs "
-            "environments, not images; use the oci builder for trained-model images"
+    def _post_training_step(self, project_id: str, step: PostTrainingStep, model_uri: str) -> None:
+        """Run one of the SLA's ``post_training_steps`` for the trained model ``model_uri``.
+
+        ``build_image_for_trained_model`` builds (or reuses) the image serving the model with
+        the ``oci`` builder and records it as ``model_image`` (``ref``, ``model_uri``, ``port``,
+        ``reused``, ``seconds``); with the ``venv`` builder it is skipped (an event says so).
+        ``deploy_trained_model_image`` is not supported yet and is skipped with an event.
+        Raises the builder's ``FlopsError``.
+        """
+        if step is PostTrainingStep.DEPLOY_TRAINED_MODEL_IMAGE:
+            self._post_training_event(
+                project_id,
+                "skipped",
+                f"skipped {step.value}: deploying the trained-model image is not supported "
+                "yet; run the model image (see model_image) on a machine of your choice",
+            )
+            return
+        if not self.builder.produces_images:
+            self._post_training_event(
+                project_id,
+                "skipped",
+                f"skipped {step.value}: the venv builder makes environments, not images; use "
+                "FLOPS_BUILDER=oci (with the oakestra orchestrator) for trained-model images",
+            )
+            return
+        built = self.builder.build_model_image(
+            project_id, model_uri, self.mlflow_url, self.workdir / project_id / "model-build"
         )
-        self.store.update_project(project_id, {}, event=_event("post_training", "skipped", text))
+        self.store.update_project(project_id, {"model_image": dataclasses.asdict(built)})
+        how = "reused" if built.reused else f"built in {built.seconds:.1f} s"
+        self._post_training_event(
+            project_id,
+            "built",
+            f"trained-model image {built.ref} {how}; it serves {built.model_uri} on port "
+            f"{built.port} (POST /invocations)",
+        )
+
+    def _post_training_event(self, project_id: str, status: str, text: str) -> None:
+        self.store.update_project(project_id, {}, event=_event("post_training", status, text))
 
     # -- state machine ------------------------------------------------------------------
     def _transition(self, project_id: str, status: ProjectStatus, message: str) -> bool:

@@ -107,7 +107,7 @@ class ManagerSuite(StartStop):
             store = ProjectStore(self.config.store_url)
             builder = make_builder(self.config, home, self.mqtt_url)
             orchestrator = make_orchestrator(
-                self.config.orchestrator,
+                self.config,
                 home / "services",
                 lambda *args: self.lifecycle.on_service_exit(*args),
             )

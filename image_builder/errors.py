@@ -78,3 +78,38 @@ class ImagePushError(BuilderError):
     """A built image could not be pushed, or the registry holds another digest after the push."""
 
     code = "image_push_failed"
+
+
+class ModelFetchError(BuilderError):
+    """A trained model cannot be fetched from the MLflow tracking server (a reason other than
+    the ones of the subclasses, e.g. the server answered with an error)."""
+
+    code = "model_fetch_failed"
+
+
+class ModelUriError(ModelFetchError):
+    """A model URI is not of a form the model image builder takes (``models:/<name>/<version>``,
+    ``models:/<name>@<alias>``, ``models:/<name>/latest``, ``models:/<model_id>``,
+    ``runs:/<run_id>/<path>``)."""
+
+    code = "model_uri_invalid"
+
+
+class ModelNotFoundError(ModelFetchError):
+    """The model URI names no model in the tracking server (unknown registered model, version,
+    alias, logged model, run or artifact path)."""
+
+    code = "model_not_found"
+
+
+class TrackingServerUnreachableError(ModelFetchError):
+    """The MLflow tracking server holding the model cannot be reached."""
+
+    code = "tracking_server_unreachable"
+
+
+class ModelNotServableError(BuilderError):
+    """The artifacts a model URI names are not an MLflow model MLflow's scoring server can serve
+    (no ``MLmodel`` file, or no ``python_function`` flavor)."""
+
+    code = "model_not_servable"

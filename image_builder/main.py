@@ -21,6 +21,10 @@ variable                           meaning
 ``FLOPS_BUILD_CACHE_DIR``          build locks and logs (default ``~/.cache/flops/oci``)
 ``FLOPS_BUILD_WORKDIR``            scratch space for the clone (default: a temporary directory)
 ``FLOPS_BUILD_RESULT_FILE``        where the outcome is written as JSON (optional)
+``FLOPS_MODEL_URI``                build the trained-model image of this MLflow model instead
+                                   (``models:/<name>/<version>``; the repository variables are
+                                   then not needed)
+``FLOPS_MLFLOW_URL``               the tracking server holding that model
 =================================  ============================================================
 
 Messages on ``flops/<project_id>/builder/<status>``: ``started`` (data: the inputs),
@@ -49,6 +53,7 @@ from flops_utils.logging import logger
 from flops_utils.notifications import StatusNotifier, parse_mqtt_url
 from flops_utils.types import Component, ComponentStatus, MLModelFlavor
 from image_builder.errors import BuilderError
+from image_builder.model_image import ModelImage, ModelImageBuilder
 from image_builder.oci_builder import BuiltImages, OciBuilder
 
 
@@ -81,6 +86,8 @@ class BuildRequest:
     mqtt_url: str
     ml_repo_url: str
     ml_repo_ref: str | None
+    model_uri: str
+    mlflow_url: str
     flavor: str
     platforms: tuple[str, ...]
     registry: str
@@ -118,11 +125,14 @@ class BuildRequest:
         cache = env.get(env_vars.BUILD_CACHE_DIR) or str(Path.home() / ".cache" / "flops" / "oci")
         workdir = env.get(env_vars.BUILD_WORKDIR)
         result_file = env.get(env_vars.BUILD_RESULT_FILE)
+        model_uri = (env.get(env_vars.MODEL_URI) or "").strip()
         return cls(
             project_id=_required(env, env_vars.PROJECT_ID),
             mqtt_url=mqtt_url,
-            ml_repo_url=_required(env, env_vars.ML_REPO_URL),
+            ml_repo_url="" if model_uri else _required(env, env_vars.ML_REPO_URL),
             ml_repo_ref=env.get(env_vars.ML_REPO_REF) or None,
+            model_uri=model_uri,
+            mlflow_url=_required(env, env_vars.MLFLOW_URL) if model_uri else "",
             flavor=flavor,
             platforms=platforms,
             registry=_required(env, env_vars.REGISTRY),
@@ -136,6 +146,12 @@ class BuildRequest:
 
     def inputs(self) -> dict[str, Any]:
         """What is built, for the ``started`` message."""
+        if self.model_uri:
+            return {
+                "model_uri": self.model_uri,
+                "registry": self.registry,
+                "base_image": self.base_image,
+            }
         return {
             "ml_repo_url": self.ml_repo_url,
             "ml_repo_ref": self.ml_repo_ref,
@@ -182,12 +198,36 @@ def result_document(built: BuiltImages) -> dict[str, Any]:
     }
 
 
+def model_result_document(built: ModelImage) -> dict[str, Any]:
+    """The JSON outcome of a trained-model image build: as :func:`result_document` with the
+    one image under ``"model"``, plus ``"model_uri"`` (the resolved, version-pinned URI) and
+    ``"port"`` (the port the server listens on)."""
+    return {
+        "status": "success",
+        "key": built.tag,
+        "commit": "",
+        "cache_hit": built.reused,
+        "seconds": round(built.seconds, 3),
+        "model_uri": built.resolved.uri,
+        "port": built.port,
+        "images": {
+            "model": {
+                "repository": built.repository,
+                "tag": built.tag,
+                "digest": built.digest,
+                "ref": built.pinned_ref,
+                "reused": built.reused,
+                "seconds": round(built.image.seconds, 3),
+            }
+        },
+    }
+
+
 def run(request: BuildRequest, notifier: StatusNotifier) -> ExitCode:
     """Build and push the images of ``request``, publishing ``started`` then ``success`` or
     ``failed`` and writing the outcome to ``request.result_file``. Never raises."""
-    notifier.notify(
-        ComponentStatus.STARTED, f"building images of {request.ml_repo_url}", request.inputs()
-    )
+    what = request.model_uri or request.ml_repo_url
+    notifier.notify(ComponentStatus.STARTED, f"building images of {what}", request.inputs())
     started = time.monotonic()
     builder = OciBuilder(
         request.cache_dir,
@@ -198,13 +238,20 @@ def run(request: BuildRequest, notifier: StatusNotifier) -> ExitCode:
     )
     try:
         with tempfile.TemporaryDirectory(prefix="flops-image-build-", dir=request.workdir) as tmp:
-            built = builder.build(
-                request.ml_repo_url,
-                request.ml_repo_ref,
-                Path(tmp),
-                flavor=request.flavor,
-                platforms=request.platforms or None,
-            )
+            if request.model_uri:
+                model = ModelImageBuilder(builder).build(
+                    request.model_uri, request.mlflow_url, Path(tmp)
+                )
+                document, key, cache_hit = model_result_document(model), model.tag, model.reused
+            else:
+                built = builder.build(
+                    request.ml_repo_url,
+                    request.ml_repo_ref,
+                    Path(tmp),
+                    flavor=request.flavor,
+                    platforms=request.platforms or None,
+                )
+                document, key, cache_hit = result_document(built), built.key, built.cache_hit
     except Exception as exc:
         code = ExitCode.BUILD_FAILED if isinstance(exc, BuilderError) else ExitCode.INTERNAL_ERROR
         error = exc.code if isinstance(exc, FlopsError) else "internal_error"
@@ -219,10 +266,9 @@ def run(request: BuildRequest, notifier: StatusNotifier) -> ExitCode:
         )
         notifier.notify(ComponentStatus.FAILED, message, {"error": error, "exit_code": int(code)})
         return code
-    document = result_document(built)
     _write_result(request.result_file, document)
-    how = "reused" if built.cache_hit else f"built in {time.monotonic() - started:.1f} s"
-    notifier.notify(ComponentStatus.SUCCESS, f"images {built.key[:12]} {how}", document)
+    how = "reused" if cache_hit else f"built in {time.monotonic() - started:.1f} s"
+    notifier.notify(ComponentStatus.SUCCESS, f"images {key[:12]} {how}", document)
     return ExitCode.OK
 
 

@@ -25,13 +25,26 @@ started, so that a manager that dies during a deployment still knows what it sta
 
 
 @dataclass(frozen=True)
+class Placement:
+    """The worker node a service must run on: its ``cluster`` and ``hostname`` (an Oakestra
+    ``direct`` constraint) and its ``platform`` (``linux/amd64``, ``linux/arm64``)."""
+
+    cluster: str
+    hostname: str
+    platform: str
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
-    """One FL service: ``name`` unique within the project, ``module`` run with ``python -m``,
-    ``env`` the environment variables it gets (see ``flops_utils.env_vars``)."""
+    """One FL service: ``name`` unique within the project, ``module`` run with ``python -m``
+    (also the role: ``aggregator``, ``learner``), ``env`` the environment variables it gets
+    (see ``flops_utils.env_vars``), ``placement`` the node it must run on (learners: the node
+    holding the data) or ``None`` for anywhere."""
 
     name: str
     module: str
     env: dict[str, str] = field(default_factory=dict)
+    placement: Placement | None = None
 
 
 @dataclass(frozen=True)
@@ -41,12 +54,15 @@ class Deployment:
     ``services``: the aggregator first, then one learner per eligible node. ``python``:
     interpreter of the built virtualenv (``venv`` builder), else ``None``. ``images``: role
     (``learner``, ``aggregator``) → pinned image reference (``oci`` builder), else empty.
+    ``resources``: the SLA's per-service ``resource_constraints`` (``memory`` and ``storage``
+    in MB, ``vcpus`` a count).
     """
 
     project_id: str
     services: tuple[ServiceSpec, ...]
     python: Path | None = None
     images: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -212,3 +212,10 @@ def _service_environment(extra: dict[str, str]) -> dict[str, str]:
     """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     return {**env, **extra}
+
+
+def from_config(
+    config: object, workdir: Path, on_service_exit: ServiceExitCallback
+) -> Orchestrator:
+    """The ``local`` orchestrator (it needs no settings beyond ``workdir``, where logs go)."""
+    return LocalOrchestrator(workdir, on_service_exit)

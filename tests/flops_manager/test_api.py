@@ -193,8 +193,9 @@ def test_too_few_eligible_nodes_gets_409_listing_each_nodes_tags(api: Api) -> No
 
     assert response.status_code == 409
     body = response.json()
-    assert "1 worker node(s) hold data tagged ['cifar100']" in body["message"]
-    assert {"node_id": "edge-b", "tags": {"cifar100": 10}} in body["details"]
+    assert "1 worker node(s) of linux/amd64 hold data tagged ['cifar100']" in body["message"]
+    edge_b = {"node_id": "edge-b", "architecture": "linux/amd64", "tags": {"cifar100": 10}}
+    assert edge_b in body["details"]
 
 
 def test_paths_work_with_and_without_trailing_slash_without_redirects(api: Api) -> None:

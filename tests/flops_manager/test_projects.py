@@ -154,13 +154,19 @@ def test_cancel_ends_a_running_project_and_is_idempotent(lifecycle: ProjectLifec
     assert [e["status"] for e in second["events"]] == ["cancelled"]
 
 
-def test_eligible_nodes_hold_a_tag_and_are_live() -> None:
+def test_eligible_nodes_hold_a_tag_run_a_supported_platform_and_are_live() -> None:
     now = 1000.0
     nodes = [
         {"node_id": "a", "tags": {"mnist": 10}, "last_seen": now},
         {"node_id": "b", "tags": {"cifar10": 10}, "last_seen": now},
         {"node_id": "c", "tags": {"mnist": 0}, "last_seen": now},
         {"node_id": "d", "tags": {"mnist": 10}, "last_seen": now - 3600},
+        {"node_id": "e", "tags": {"mnist": 10}, "last_seen": now, "architecture": "linux/arm64"},
     ]
 
-    assert [n["node_id"] for n in eligible_nodes(nodes, ["mnist"], now)] == ["a"]
+    def ids(platforms: list[str] | None) -> list[str]:
+        return [n["node_id"] for n in eligible_nodes(nodes, ["mnist"], platforms, now=now)]
+
+    assert ids(None) == ["a", "e"]
+    assert ids(["linux/amd64"]) == ["a"]
+    assert ids(["linux/amd64", "linux/arm64"]) == ["a", "e"]

@@ -74,3 +74,7 @@ BUILD_WORKDIR = "FLOPS_BUILD_WORKDIR"
 
 BUILD_RESULT_FILE = "FLOPS_BUILD_RESULT_FILE"
 """Optional. Where the image builder writes its outcome as JSON."""
+
+MODEL_URI = "FLOPS_MODEL_URI"
+"""Optional. An MLflow model URI (``models:/<name>/<version>``): the image builder then builds
+the trained-model (inference) image of that model."""

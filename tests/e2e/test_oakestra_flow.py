@@ -1,0 +1,229 @@
+"""The whole FLOps flow through the ``oakestra`` orchestrator, against the faithful double of
+Oakestra's root orchestrator (``tests/oakestra_double``) whose workers really run the images.
+
+Real components (DESIGN.md §4): Mosquitto, an MLflow server, Arrow Flight data servers, the
+``oci`` builder (buildah, a loopback registry, the debootstrapped base image), the image
+builder service, and Flower training between containers (``buildah run --isolation chroot``,
+host network) started by the double.
+"""
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from oakestra_double import OakestraDouble, WorkerSpec
+
+from flops_manager.auth import read_api_token
+from flops_manager.client import ManagerClient
+from flops_manager.config import ManagerConfig
+from flops_manager.demo import EXAMPLE_REPO, example_sla, local_nodes, run_project
+from flops_manager.orchestrators.oakestra_client import OakestraClient
+from flops_manager.suite import ManagerSuite
+
+ROUNDS = 3
+NODES = 3
+PROJECT_TIMEOUT_S = 600
+WORKERS = tuple(WorkerSpec("local", f"node-{n}") for n in range(1, NODES + 1))
+"""One Oakestra worker per data-server node: cluster ``local``, hostname = the node id (what
+``flops-data-server`` registers by default)."""
+
+
+@pytest.fixture(scope="module")
+def double(oci_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OakestraDouble]:
+    workdir = Path(tmp_path_factory.mktemp("oakestra"))
+    with OakestraDouble(workdir, workers=WORKERS, report_delay_s=0.5) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def suite(
+    tmp_path_factory: pytest.TempPathFactory,
+    mqtt_broker: Any,
+    mlflow_server: Any,
+    double: OakestraDouble,
+    oci_registry: str,
+    oci_base_image: str,
+) -> Iterator[ManagerSuite]:
+    config = ManagerConfig(
+        home=Path(tmp_path_factory.mktemp("flops-home")),
+        port=0,
+        mqtt_url=mqtt_broker.url,
+        mlflow_url=mlflow_server.url,
+        orchestrator="oakestra",
+        oakestra_url=double.url,
+        builder="oci",
+        registry=oci_registry,
+        registry_tls_verify=False,
+        base_image=oci_base_image,
+    )
+    with ManagerSuite(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(
+    suite: ManagerSuite, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ManagerClient]:
+    """A manager client with three nodes holding IID MNIST partitions (tag ``mnist``)."""
+    token = read_api_token(suite.config.home)
+    api = ManagerClient(suite.url, token=token)
+    with local_nodes(NODES, Path(tmp_path_factory.mktemp("nodes")), suite.url, token):
+        api.wait_for_nodes(NODES, timeout_s=30)
+        api.provide_mocks(dataset="mnist", tag="mnist")
+        yield api
+
+
+@pytest.fixture
+def oakestra(double: OakestraDouble) -> Iterator[OakestraClient]:
+    """A client of the double, to look at what FLOps left there."""
+    client = OakestraClient(double.url, "Admin", "Admin")
+    yield client
+    client.close()
+
+
+def sla(learners: int = NODES, minimum: int = 2, **extra: Any) -> dict[str, Any]:
+    document = example_sla(
+        ROUNDS, min_available_clients=minimum, min_fit_clients=minimum, min_evaluate_clients=minimum
+    )
+    document["ml_repo_url"] = str(EXAMPLE_REPO)
+    document["training_configuration"]["max_clients"] = learners
+    document.update(extra)
+    return document
+
+
+def wait_for_status(client: ManagerClient, project_id: str, status: str) -> dict[str, Any]:
+    deadline = time.monotonic() + PROJECT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        project = client.project(project_id)
+        if project["status"] == status:
+            return project
+        assert project["status"] not in ("failed", "cancelled", "completed"), project
+        time.sleep(0.2)
+    raise AssertionError(f"{project_id} never reached {status}")
+
+
+def assert_nothing_left(oakestra: OakestraClient, double: OakestraDouble) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not oakestra.list_applications() and not double.instances():
+            return
+        time.sleep(0.2)
+    raise AssertionError(
+        f"left in Oakestra: {oakestra.list_applications()} / instances {double.instances()}"
+    )
+
+
+def test_project_trains_on_the_workers_holding_the_data_and_cleans_up(
+    client: ManagerClient,
+    double: OakestraDouble,
+    oakestra: OakestraClient,
+    mlflow_server: Any,
+) -> None:
+    # Execute: watch Oakestra while the project trains
+    project_id = client.create_project(sla())
+    wait_for_status(client, project_id, "training")
+    running = double.instances()
+    project = client.wait_for_project(project_id, PROJECT_TIMEOUT_S, poll_s=0.2)
+
+    # Assert: trained to completion with every round in MLflow
+    assert project["status"] == "completed", project["status_message"]
+    assert [r["round"] for r in project["rounds"]] == list(range(1, ROUNDS + 1))
+    assert project["metrics"]["accuracy"] >= 0.8
+    images = project["environment"]["images"]
+    assert set(images) == {"learner", "aggregator"} and "@sha256:" in images["learner"]
+    import mlflow
+
+    tracking = mlflow.MlflowClient(mlflow_server.url)
+    steps = [m.step for m in tracking.get_metric_history(project["mlflow"]["run_id"], "accuracy")]
+    assert sorted(steps) == list(range(1, ROUNDS + 1))
+    # the learners ran from the learner image, one on each node's worker
+    learner_workers = sorted(i["worker"] for i in running if "learner" in i["image"])
+    assert learner_workers == [f"node-{n}" for n in range(1, NODES + 1)]
+    # the builder reported over MQTT, recorded as project events
+    builder_events = [e for e in project["events"] if e.get("component") == "builder"]
+    assert [e["status"] for e in builder_events][:1] == ["started"]
+    # nothing is left in Oakestra
+    assert_nothing_left(oakestra, double)
+
+
+def test_failed_services_answer_fails_the_project_with_oakestras_reason(
+    client: ManagerClient, double: OakestraDouble, oakestra: OakestraClient
+) -> None:
+    # Setup: the network manager refuses the next service (the aggregator)
+    double.refuse_services(1, "no free subnet for the service")
+
+    # Execute
+    project = run_project(client, sla(), PROJECT_TIMEOUT_S)
+
+    # Assert
+    assert project["status"] == "failed"
+    assert "no free subnet for the service" in project["status_message"]
+    assert_nothing_left(oakestra, double)
+
+
+def test_failed_learner_with_enough_learners_left_lets_training_go_on(
+    client: ManagerClient, double: OakestraDouble, oakestra: OakestraClient
+) -> None:
+    # Setup: three learners, two needed
+    project_id = client.create_project(sla(learners=3, minimum=2))
+    wait_for_status(client, project_id, "training")
+    victim = _learner_instance(double, "node-3")
+
+    # Execute
+    double.kill_instance(victim["service_id"], victim["instance_number"])
+    project = client.wait_for_project(project_id, PROJECT_TIMEOUT_S, poll_s=0.2)
+
+    # Assert
+    assert project["status"] == "completed", project["status_message"]
+    lost = [e for e in project["events"] if "training goes on with 2 learner(s)" in e["message"]]
+    assert lost and lost[0]["component"].endswith("node-3")
+    assert project["lost_learners"] == ["learner-node-3"]
+    assert_nothing_left(oakestra, double)
+
+
+def test_failed_learner_without_enough_learners_left_fails_the_project(
+    client: ManagerClient, double: OakestraDouble, oakestra: OakestraClient
+) -> None:
+    # Setup: two learners, two needed
+    project_id = client.create_project(sla(learners=2, minimum=2))
+    wait_for_status(client, project_id, "training")
+    victim = _learner_instance(double, None)
+
+    # Execute
+    double.kill_instance(victim["service_id"], victim["instance_number"])
+    project = client.wait_for_project(project_id, PROJECT_TIMEOUT_S, poll_s=0.2)
+
+    # Assert
+    assert project["status"] == "failed"
+    assert "learner-node-" in project["status_message"]
+    assert_nothing_left(oakestra, double)
+
+
+def test_cancelling_mid_training_deletes_everything(
+    client: ManagerClient, double: OakestraDouble, oakestra: OakestraClient
+) -> None:
+    # Setup
+    project_id = client.create_project(sla())
+    wait_for_status(client, project_id, "training")
+    assert oakestra.list_applications()
+
+    # Execute
+    cancelled = client.request("DELETE", f"/projects/{project_id}")
+
+    # Assert
+    assert cancelled["status"] == "cancelled"
+    assert_nothing_left(oakestra, double)
+
+
+def _learner_instance(double: OakestraDouble, worker: str | None) -> dict[str, Any]:
+    """A running learner instance (on ``worker``, or any), once the worker runs it."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for instance in double.instances():
+            wanted = worker is None or instance["worker"] == worker
+            if "learner" in instance["image"] and instance.get("alive") and wanted:
+                return instance
+        time.sleep(0.2)
+    raise AssertionError(f"no running learner instance: {double.instances()}")
