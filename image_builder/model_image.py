@@ -580,9 +580,16 @@ def download_model(model_uri: str, tracking_uri: str, destination: Path) -> Path
     :class:`TrackingServerUnreachableError`, :class:`ModelFetchError`, or
     :class:`ModelNotServableError` when the URI names a single file.
     """
+    import mlflow
     import mlflow.artifacts
 
     staging = Path(tempfile.mkdtemp(prefix="download-", dir=destination.parent))
+    # download_artifacts resolves models:/ URIs through the process-wide tracking and registry
+    # URIs, whatever registry_uri says (MLflow 3.17: it fell back to ./mlruns in a process that
+    # had not called set_tracking_uri); point them at the server for the download.
+    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     try:
         try:
             local = mlflow.artifacts.download_artifacts(
@@ -593,6 +600,9 @@ def download_model(model_uri: str, tracking_uri: str, destination: Path) -> Path
             )
         except Exception as exc:
             raise fetch_error(model_uri, tracking_uri, exc) from exc
+        finally:
+            mlflow.set_tracking_uri(previous[0])
+            mlflow.set_registry_uri(previous[1])
         path = Path(local)  # staging itself (models:/) or staging/<path> (runs:/<id>/<path>)
         if not path.is_dir():
             raise ModelNotServableError(

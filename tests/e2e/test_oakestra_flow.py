@@ -7,6 +7,7 @@ builder service, and Flower training between containers (``buildah run --isolati
 host network) started by the double.
 """
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,7 +123,7 @@ def test_project_trains_on_the_workers_holding_the_data_and_cleans_up(
     mlflow_server: Any,
 ) -> None:
     # Execute: watch Oakestra while the project trains
-    project_id = client.create_project(sla())
+    project_id = client.create_project(sla(post_training_steps=["build_image_for_trained_model"]))
     wait_for_status(client, project_id, "training")
     running = double.instances()
     project = client.wait_for_project(project_id, PROJECT_TIMEOUT_S, poll_s=0.2)
@@ -144,6 +145,11 @@ def test_project_trains_on_the_workers_holding_the_data_and_cleans_up(
     # the builder reported over MQTT, recorded as project events
     builder_events = [e for e in project["events"] if e.get("component") == "builder"]
     assert [e["status"] for e in builder_events][:1] == ["started"]
+    # the trained-model image serves the registered model version
+    model_image = project["model_image"]
+    assert model_image["model_uri"] == project["mlflow"]["registered_model_uri"]
+    assert "/flops/model@sha256:" in model_image["ref"] and model_image["port"] == 8080
+    assert _registry_has(model_image["ref"])
     # nothing is left in Oakestra
     assert_nothing_left(oakestra, double)
 
@@ -217,13 +223,22 @@ def test_cancelling_mid_training_deletes_everything(
     assert_nothing_left(oakestra, double)
 
 
+def _registry_has(pinned_ref: str) -> bool:
+    result = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{pinned_ref}"],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    return result.returncode == 0
+
+
 def _learner_instance(double: OakestraDouble, worker: str | None) -> dict[str, Any]:
-    """A running learner instance (on ``worker``, or any), once the worker runs it."""
+    """A learner instance (on ``worker``, or any) once its process runs (after the pull)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for instance in double.instances():
             wanted = worker is None or instance["worker"] == worker
-            if "learner" in instance["image"] and instance.get("alive") and wanted:
+            running = instance["status"] == "RUNNING" and instance["pid"]
+            if "learner" in instance["image"] and running and wanted:
                 return instance
         time.sleep(0.2)
     raise AssertionError(f"no running learner instance: {double.instances()}")
