@@ -580,30 +580,19 @@ def download_model(model_uri: str, tracking_uri: str, destination: Path) -> Path
     :class:`TrackingServerUnreachableError`, :class:`ModelFetchError`, or
     :class:`ModelNotServableError` when the URI names a single file.
     """
-    import mlflow
     import mlflow.artifacts
 
     staging = Path(tempfile.mkdtemp(prefix="download-", dir=destination.parent))
-    # download_artifacts resolves models:/ URIs through the process-wide tracking and registry
-    # URIs, whatever registry_uri says (MLflow 3.17: it fell back to ./mlruns in a process that
-    # had not called set_tracking_uri); point them at the server for the download.
-    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     try:
         try:
             local = mlflow.artifacts.download_artifacts(
-                artifact_uri=model_uri,
+                artifact_uri=artifact_location(model_uri, tracking_uri),
                 dst_path=str(staging),
                 tracking_uri=tracking_uri,
-                registry_uri=tracking_uri,
             )
         except Exception as exc:
             raise fetch_error(model_uri, tracking_uri, exc) from exc
-        finally:
-            mlflow.set_tracking_uri(previous[0])
-            mlflow.set_registry_uri(previous[1])
-        path = Path(local)  # staging itself (models:/) or staging/<path> (runs:/<id>/<path>)
+        path = Path(local)  # staging/<last part of the artifact location>
         if not path.is_dir():
             raise ModelNotServableError(
                 f"{model_uri} is a single file, not an MLflow model directory; pass the URI "
@@ -613,6 +602,26 @@ def download_model(model_uri: str, tracking_uri: str, destination: Path) -> Path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return destination
+
+
+def artifact_location(model_uri: str, tracking_uri: str) -> str:
+    """Where the artifacts of ``model_uri`` live, as a URI the tracking server at
+    ``tracking_uri`` serves (``mlflow-artifacts:/...``); ``runs:/`` URIs as they are.
+
+    ``models:/`` URIs are resolved here with an explicit client: MLflow 3.17's
+    ``download_artifacts`` resolves them through the process-wide registry URI whatever its
+    ``registry_uri`` argument says (in a process that never called ``set_tracking_uri`` it
+    looked in ``./mlflow.db`` and found nothing). Raises MLflow's exceptions.
+    """
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    parts = model_uri.removeprefix("models:/").strip("/").split("/")
+    if len(parts) == 2:
+        return str(client.get_model_version_download_uri(parts[0], parts[1]))
+    return str(client.get_logged_model(parts[0]).artifact_location)
 
 
 def fetch_error(model_uri: str, tracking_uri: str, exc: Exception) -> ModelFetchError:
