@@ -125,7 +125,7 @@ def test_project_trains_on_the_workers_holding_the_data_and_cleans_up(
     # Execute: watch Oakestra while the project trains
     project_id = client.create_project(sla(post_training_steps=["build_image_for_trained_model"]))
     wait_for_status(client, project_id, "training")
-    running = double.instances()
+    running = _wait_for_learners(double, NODES)
     project = client.wait_for_project(project_id, PROJECT_TIMEOUT_S, poll_s=0.2)
 
     # Assert: trained to completion with every round in MLflow
@@ -221,6 +221,17 @@ def test_cancelling_mid_training_deletes_everything(
     # Assert
     assert cancelled["status"] == "cancelled"
     assert_nothing_left(oakestra, double)
+
+
+def _wait_for_learners(double: OakestraDouble, count: int) -> list[dict[str, Any]]:
+    """The double's instances once ``count`` learner instances are scheduled on workers."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        instances = double.instances()
+        if sum("learner" in i["image"] for i in instances) >= count:
+            return instances
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {count} learner instances: {double.instances()}")
 
 
 def _registry_has(pinned_ref: str) -> bool:
