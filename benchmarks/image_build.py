@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -48,20 +49,19 @@ ORIGINAL_BASE_MB = 611.0
 """The original FLOps learner's miniconda-based base image alone, MB (uncompressed)."""
 
 
+def inspect_image(ref: str, template: str) -> Any:
+    """``buildah inspect --type image --format TEMPLATE ref``, parsed as JSON."""
+    result = subprocess.run(
+        ["buildah", "inspect", "--type", "image", "--format", template, ref],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    return json.loads(result.stdout)
+
+
 def layer_sizes(image: BuiltImage) -> list[tuple[str, int]]:
     """``[(created_by, bytes)]`` of ``image``'s layers in local storage (uncompressed)."""
-    history = json.loads(
-        subprocess.run(
-            ["buildah", "inspect", "--type", "image", "--format", "{{json .History}}", image.ref],
-            capture_output=True, text=True, timeout=120, check=True,
-        ).stdout
-    )  # fmt: skip
-    manifest = json.loads(
-        subprocess.run(
-            ["buildah", "inspect", "--type", "image", "--format", "{{.Manifest}}", image.ref],
-            capture_output=True, text=True, timeout=120, check=True,
-        ).stdout
-    )  # fmt: skip
+    history = inspect_image(image.ref, "{{json .History}}")
+    manifest = inspect_image(image.ref, "{{.Manifest}}")
     steps = [h.get("created_by", "") for h in history if not h.get("empty_layer")]
     sizes = [int(layer["size"]) for layer in manifest["layers"]]
     if len(steps) != len(sizes):

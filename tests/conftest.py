@@ -2,10 +2,12 @@
 
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mqtt_testing import MqttRecorder
 from oci_testing import (
     LocalRegistry,
     base_image_archive,
@@ -74,3 +76,17 @@ def oci_registry(oci_tools: None, tmp_path_factory: pytest.TempPathFactory) -> I
 def oci_base_image(oci_registry: str) -> str:
     """The local Debian 12 + python3 base image, pushed to the session's registry; its ref."""
     return push_archive(base_image_archive(), oci_registry)
+
+
+@pytest.fixture
+def project_id() -> str:
+    """A fresh project id (12 hex), as the manager makes them."""
+    return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def recorder(mqtt_broker: MosquittoBroker, project_id: str) -> Iterator[MqttRecorder]:
+    """Every status message of ``project_id`` on the session's broker."""
+    rec = MqttRecorder(mqtt_broker, project_id)
+    yield rec
+    rec.close()

@@ -5,8 +5,6 @@ a real Mosquitto broker, buildah, a loopback registry and the local Debian base 
 import json
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,18 +26,6 @@ from flops_manager.suite import ManagerSuite
 from flops_utils import env_vars
 from image_builder.main import ExitCode, main
 from observatory.mlflow_server import MlflowServer
-
-
-@pytest.fixture
-def project_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-@pytest.fixture
-def recorder(mqtt_broker: MosquittoBroker, project_id: str) -> Iterator[MqttRecorder]:
-    rec = MqttRecorder(mqtt_broker, project_id)
-    yield rec
-    rec.close()
 
 
 @pytest.fixture(scope="module")

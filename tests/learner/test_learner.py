@@ -10,8 +10,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,18 +66,6 @@ class ModelManager(ModelManagerTemplate):
     def evaluate_model(self):
         return 0.5, 0.9, 10
 """
-
-
-@pytest.fixture
-def project_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-@pytest.fixture
-def recorder(mqtt_broker: MosquittoBroker, project_id: str) -> Iterator[MqttRecorder]:
-    rec = MqttRecorder(mqtt_broker, project_id)
-    yield rec
-    rec.close()
 
 
 @pytest.fixture
