@@ -8,7 +8,8 @@
 - uv installs everything (:func:`uv_command` runs it on this machine, :func:`uv_binary` is the
   executable an image build mounts); builders try offline first (uv's cache), then online with
   the constraints, then online without them, and report the most telling failure in a sentence
-  or two (:func:`dependency_install_error`, :func:`condense_uv_error`).
+  or two (:func:`dependency_install_error`, :func:`condense_uv_error`);
+  :func:`run_uv_with_fallbacks` runs that sequence for a uv command on this machine.
 - The FLOps source roots (:func:`default_source_roots`) and the per-key build lock
   (:func:`file_lock`).
 """
@@ -23,7 +24,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -207,6 +208,35 @@ def dependency_install_error(errors: Sequence[tuple[str, str]]) -> DependencyIns
         + ". Fix the requirement in the repository's dependency file.",
         details=[condense_uv_error(text) for _, text in errors],
     )
+
+
+def run_uv_with_fallbacks(
+    run: Callable[[list[str]], tuple[int, str]], args: Sequence[str], constraints: Path
+) -> tuple[str | None, list[tuple[str, str]]]:
+    """Run a uv command the way every builder installs: offline with ``constraints`` (uv's
+    cache only), online with them, online without them (the manager's versions may clash with
+    what the repository needs).
+
+    ``run(arguments)`` runs uv with ``arguments`` (``args`` plus the attempt's options) and
+    returns ``(exit status, stderr)``. Stops early when the index is unreachable or does not know a
+    name (more attempts cannot help). Returns ``(mode of the attempt that succeeded, or None;
+    [(mode, stderr)] of the failed attempts])``; modes are ``"offline"`` / ``"online"``, as
+    :func:`dependency_install_error` takes them.
+    """
+    constrained = [*args, "-c", str(constraints)]
+    attempts = [("offline", [*constrained, "--offline"]), ("online", constrained)]
+    attempts.append(("online", list(args)))
+    errors: list[tuple[str, str]] = []
+    for mode, arguments in attempts:
+        if errors and errors[-1][0] == "online" and NETWORK_ERROR.search(errors[-1][1]):
+            break  # the index is unreachable (offline, uv says "failed to download" anyway)
+        if len(errors) == 2 and MISSING_PACKAGE.search(errors[-1][1]):
+            break
+        returncode, stderr = run(arguments)
+        if returncode == 0:
+            return mode, errors
+        errors.append((mode, stderr))
+    return None, errors
 
 
 def uv_command() -> list[str]:

@@ -5,9 +5,15 @@
 - :func:`base_image_archive`: a small Debian 12 image with ``python3`` (3.11, as the manager) and
   ``ca-certificates``, made with ``debootstrap --variant=minbase`` from the machine's apt mirror
   and imported with buildah; cached as an OCI archive under ``~/.cache/flops/base-images/``
-  keyed by :data:`BASE_RECIPE`, so only the first run pays (70-120 s here).
-  :func:`push_archive` copies it into a registry with skopeo. Nothing is pulled from public
-  registries.
+  keyed by :data:`BASE_RECIPE` and the architecture, so only the first run pays (70-120 s
+  here). For another architecture (``arch="arm64"``, which this machine cannot run) the same
+  packages are fetched with ``debootstrap --foreign`` and unpacked with ``dpkg-deb`` without
+  running any of their code (:func:`_make_foreign_base_archive`, about 35 s here).
+  :func:`push_archive` copies an archive into a registry with skopeo, and
+  :func:`push_manifest_list` joins pushed images into one multi-platform reference. Nothing is
+  pulled from public registries.
+- :func:`layer_sizes`: the uncompressed size of each layer of a local image;
+  :func:`skopeo_json`, :func:`run_in_image` and :func:`mounted_image` look at pushed images.
 - :func:`use_test_storage`: points buildah and skopeo at a containers storage of their own
   (``~/.cache/flops/containers``, via ``CONTAINERS_STORAGE_CONF``), so the tests' images and
   layer cache stay apart from the machine's and can be pruned.
@@ -28,6 +34,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -45,6 +53,7 @@ TOOLS = {
     "skopeo": "skopeo",
     "docker-registry": "docker-registry",
     "debootstrap": "debootstrap",
+    "dpkg-deb": "dpkg",
 }
 """Executable → Debian package the OCI tests need."""
 
@@ -70,6 +79,11 @@ BASE_RECIPE = {
     "version": 1,
 }
 """What the test base image is made of; its hash names the cached archive."""
+
+FOREIGN_METHOD = "debootstrap-foreign+dpkg-deb-x"
+"""How a base image of another architecture is made (part of its recipe key)."""
+
+_DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64", "amd64": "amd64"}
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 START_TIMEOUT_S = 15.0
@@ -194,6 +208,47 @@ def prune_other_registries(keep_address: str) -> list[str]:
     return removed
 
 
+def skopeo_json(*args: str) -> dict[str, object]:
+    """``skopeo ARGS`` (e.g. ``inspect --tls-verify=false docker://REF``) parsed as JSON."""
+    result = _run(["skopeo", *args], 120)
+    parsed: dict[str, object] = json.loads(result.stdout)
+    return parsed
+
+
+def run_in_image(ref: str, code: str) -> dict[str, object]:
+    """Run ``python -c code`` as the image's user in a container of the pushed image ``ref``
+    (pulled; from a manifest list, this machine's platform) with ``buildah run --isolation
+    chroot``; return the JSON object its last output line holds. Raises ``RuntimeError`` with
+    stderr's tail if the code fails."""
+    container = _run(
+        ["buildah", "from", "--quiet", "--tls-verify=false", f"docker://{ref}"], TOOL_TIMEOUT_S
+    ).stdout.strip()
+    try:
+        result = _run(
+            ["buildah", "run", "--isolation", "chroot", container, "--", "python", "-c", code],
+            TOOL_TIMEOUT_S,
+        )
+    finally:
+        _run(["buildah", "rm", container], 120, check=False)
+    parsed: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+    return parsed
+
+
+@contextmanager
+def mounted_image(ref: str, arch: str) -> Iterator[Path]:
+    """The root file system of the pushed image ``ref`` for ``arch`` (``arm64``; from a
+    manifest list, that entry), pulled and mounted read-write in a working container that is
+    removed afterwards. Nothing in it runs."""
+    container = _run(
+        ["buildah", "from", "--quiet", "--arch", arch, "--tls-verify=false", f"docker://{ref}"],
+        TOOL_TIMEOUT_S,
+    ).stdout.strip()
+    try:
+        yield Path(_run(["buildah", "mount", container], 120).stdout.strip())
+    finally:
+        _run(["buildah", "rm", container], 120, check=False)
+
+
 def _listening(port: int) -> bool:
     """True if something accepts TCP connections on ``127.0.0.1:port``."""
     try:
@@ -225,36 +280,100 @@ def debian_mirror() -> str:
     return DEFAULT_MIRROR
 
 
-def recipe_key() -> str:
-    """16-hex hash of :data:`BASE_RECIPE` and this machine's architecture."""
-    material = json.dumps({**BASE_RECIPE, "arch": platform.machine()}, sort_keys=True)
-    return hashlib.sha256(material.encode()).hexdigest()[:16]
+def host_arch() -> str:
+    """This machine's Debian/OCI architecture (``amd64``, ``arm64``)."""
+    machine = platform.machine().lower()
+    return _DEBIAN_ARCH.get(machine, machine)
 
 
-def base_image_archive(cache_root: Path = CACHE_ROOT) -> Path:
-    """The test base image as an OCI archive, made once per :data:`BASE_RECIPE` and cached.
+def recipe_key(arch: str | None = None) -> str:
+    """16-hex hash of :data:`BASE_RECIPE` and the architecture (``None``: this machine's).
 
-    Path: ``cache_root/base-images/debian-bookworm-python3-<recipe key>.oci.tar``. Concurrent
-    sessions wait on a lock. Raises ``RuntimeError`` with the failing command's output.
+    This machine's key is unchanged from when only it was supported (the architecture as
+    ``platform.machine()`` names it); another architecture's also names the foreign method.
+    """
+    if arch is None or arch == host_arch():
+        material = {**BASE_RECIPE, "arch": platform.machine()}
+    else:
+        material = {**BASE_RECIPE, "arch": arch, "method": FOREIGN_METHOD}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def base_image_archive(cache_root: Path = CACHE_ROOT, arch: str | None = None) -> Path:
+    """The test base image as an OCI archive, made once per :data:`BASE_RECIPE` and
+    architecture and cached.
+
+    ``arch``: Debian architecture (``arm64``); ``None`` for this machine's. Path:
+    ``cache_root/base-images/debian-bookworm-python3-<recipe key>.oci.tar`` (another
+    architecture: ``...-python3-<arch>-<recipe key>.oci.tar``). Concurrent sessions wait on a
+    lock. Raises ``RuntimeError`` with the failing command's output.
     """
     directory = cache_root / "base-images"
     directory.mkdir(parents=True, exist_ok=True)
-    archive = directory / f"debian-bookworm-python3-{recipe_key()}.oci.tar"
+    foreign = arch is not None and arch != host_arch()
+    label = f"{arch}-" if foreign else ""
+    archive = directory / f"debian-bookworm-python3-{label}{recipe_key(arch)}.oci.tar"
     with file_lock(directory / ".lock", timeout_s=DEBOOTSTRAP_TIMEOUT_S):
         if not archive.is_file():
-            _make_base_archive(archive)
+            if foreign:
+                assert arch is not None
+                _make_foreign_base_archive(archive, arch)
+            else:
+                _make_base_archive(archive)
     return archive
 
 
-def push_archive(archive: Path, registry: str, name: str = "flops/base") -> str:
-    """Copy ``archive`` into ``registry`` (plain HTTP) as ``name:<recipe key>``; return the ref."""
-    ref = f"{registry}/{name}:{recipe_key()}"
+def push_archive(
+    archive: Path, registry: str, name: str = "flops/base", arch: str | None = None
+) -> str:
+    """Copy ``archive`` into ``registry`` (plain HTTP) as ``name:<recipe key of arch>``;
+    return the ref."""
+    ref = f"{registry}/{name}:{recipe_key(arch)}"
     _run(
         ["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
          f"oci-archive:{archive}", f"docker://{ref}"],
         TOOL_TIMEOUT_S,
     )  # fmt: skip
     return ref
+
+
+def push_manifest_list(refs: list[str], ref: str) -> str:
+    """Push one manifest list ``ref`` (``host/name:tag``, plain HTTP) of the images ``refs``,
+    which must be in the same repository of that registry already; return ``ref``.
+
+    Each entry's platform is its image's (``buildah manifest add`` reads the config).
+    """
+    local = f"localhost/flops-test-list:{hashlib.sha256(ref.encode()).hexdigest()[:12]}"
+    if _run(["buildah", "manifest", "exists", local], 60, check=False).returncode == 0:
+        _run(["buildah", "manifest", "rm", local], 60)
+    _run(["buildah", "manifest", "create", local], 60)
+    try:
+        for image in refs:
+            _run(
+                ["buildah", "manifest", "add", "--tls-verify=false", local, f"docker://{image}"],
+                TOOL_TIMEOUT_S,
+            )
+        _run(
+            ["buildah", "manifest", "push", "--tls-verify=false", local, f"docker://{ref}"],
+            TOOL_TIMEOUT_S,
+        )
+    finally:
+        _run(["buildah", "manifest", "rm", local], 60, check=False)
+    return ref
+
+
+def layer_sizes(image: str) -> list[int]:
+    """Uncompressed size in bytes of each layer of the local image ``image`` (a name in the
+    storage buildah uses), base first: the ``diff-size`` its containers storage records for
+    each of the config's ``rootfs.diff_ids``."""
+    inspected = json.loads(_run(["buildah", "inspect", "--type", "image", image], 60).stdout)
+    diff_ids = inspected["OCIv1"]["rootfs"]["diff_ids"]
+    info = json.loads(_run(["buildah", "info"], 60).stdout)
+    graph_root = Path(info["store"]["GraphRoot"])
+    driver = info["store"]["GraphDriverName"]
+    layers = json.loads((graph_root / f"{driver}-layers" / "layers.json").read_text())
+    sizes = {layer.get("diff-digest"): int(layer.get("diff-size", 0)) for layer in layers}
+    return [sizes[diff_id] for diff_id in diff_ids]
 
 
 def _make_base_archive(archive: Path) -> None:
@@ -269,29 +388,9 @@ def _make_base_archive(archive: Path) -> None:
              BASE_SUITE, str(rootfs), debian_mirror()],
             DEBOOTSTRAP_TIMEOUT_S,
         )  # fmt: skip
-        for pattern in BASE_TRIM:
-            for path in rootfs.glob(pattern):
-                if path.name == "locale.alias":
-                    continue
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
+        _trim(rootfs)
         container = _run(["buildah", "from", "scratch"], 60).stdout.strip()
-        mount = _run(["buildah", "mount", container], 60).stdout.strip()
-        # tar keeps owners, modes, setuid bits and device nodes exactly as debootstrap made them
-        pack = subprocess.Popen(["tar", "-C", str(rootfs), "-cf", "-", "."], stdout=subprocess.PIPE)
-        unpack = subprocess.run(
-            ["tar", "-C", mount, "-xpf", "-"],
-            stdin=pack.stdout,
-            timeout=TOOL_TIMEOUT_S,
-            check=False,
-        )
-        assert pack.stdout is not None
-        pack.stdout.close()
-        if pack.wait(timeout=TOOL_TIMEOUT_S) != 0 or unpack.returncode != 0:
-            raise RuntimeError("copying the debootstrap rootfs into the buildah container failed")
-        _run(["buildah", "umount", container], 60)
+        _copy_rootfs(rootfs, container)
         _run(
             ["buildah", "config", "--env", "LANG=C.UTF-8", "--env",
              "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -310,6 +409,115 @@ def _make_base_archive(archive: Path) -> None:
             _run(["buildah", "rm", container], 60, check=False)
         _run(["buildah", "rmi", local], 60, check=False)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _make_foreign_base_archive(archive: Path, arch: str) -> None:
+    """The base image for ``arch`` (a Debian architecture this machine cannot run), made
+    without running any of its code.
+
+    ``debootstrap --foreign`` downloads the packages (its first stage; the second, which runs
+    the maintainer scripts, needs the target CPU); every ``.deb`` is unpacked into the rootfs
+    as ``debootstrap`` does (``dpkg-deb --fsys-tarfile | tar --keep-directory-symlink``, so
+    the merged ``/usr`` symlinks stay). What the maintainer scripts would have made is made
+    here: ``/etc/passwd`` and ``/etc/group`` from ``base-passwd``'s masters, the CA bundle
+    from ``/usr/share/ca-certificates`` (as ``update-ca-certificates``), a real ``/proc``
+    directory. The interpreter (``/usr/bin/python3.11``, an ``arch`` ELF binary) and its
+    standard library are all the oci builder reads. Imported with buildah as an ``arch``
+    image and saved as an OCI archive.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="flops-base-", dir=archive.parent))
+    rootfs = scratch / "rootfs"
+    local = f"localhost/flops-test-base:{recipe_key(arch)}"
+    container = ""
+    try:
+        _run(
+            ["debootstrap", "--foreign", f"--arch={arch}", f"--variant={BASE_VARIANT}",
+             f"--include={','.join(BASE_PACKAGES)}", BASE_SUITE, str(rootfs), debian_mirror()],
+            DEBOOTSTRAP_TIMEOUT_S,
+        )  # fmt: skip
+        for deb in sorted((rootfs / "var/cache/apt/archives").glob("*.deb")):
+            _unpack_deb(deb, rootfs)
+        shutil.rmtree(rootfs / "debootstrap", ignore_errors=True)
+        proc = rootfs / "proc"
+        if proc.is_symlink():  # the first stage links the host's /proc
+            proc.unlink()
+            proc.mkdir(mode=0o555)
+        for name in ("passwd", "group"):
+            master = rootfs / "usr/share/base-passwd" / f"{name}.master"
+            if not (rootfs / "etc" / name).exists() and master.is_file():
+                shutil.copyfile(master, rootfs / "etc" / name)
+        certificates = sorted((rootfs / "usr/share/ca-certificates").rglob("*.crt"))
+        bundle = rootfs / "etc/ssl/certs/ca-certificates.crt"
+        bundle.parent.mkdir(parents=True, exist_ok=True)
+        bundle.write_bytes(b"".join(path.read_bytes() for path in certificates))
+        for path in (rootfs / "etc/hostname", rootfs / "etc/resolv.conf"):
+            path.unlink(missing_ok=True)  # the host's, copied by debootstrap
+        _trim(rootfs)
+        container = _run(
+            ["buildah", "from", "--arch", arch, "--os", "linux", "scratch"], 60
+        ).stdout.strip()
+        _copy_rootfs(rootfs, container)
+        _run(
+            ["buildah", "config", "--arch", arch, "--os", "linux", "--env", "LANG=C.UTF-8",
+             "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+             "--cmd", "python3", "--label", "org.opencontainers.image.title=flops-test-base",
+             "--label", f"org.flops.recipe={recipe_key(arch)}", container],
+            60,
+        )  # fmt: skip
+        _run(["buildah", "commit", "--quiet", "--rm", container, local], TOOL_TIMEOUT_S)
+        container = ""
+        partial = archive.with_suffix(".partial")
+        partial.unlink(missing_ok=True)
+        _run(["buildah", "push", "--quiet", local, f"oci-archive:{partial}"], TOOL_TIMEOUT_S)
+        partial.rename(archive)
+    finally:
+        if container:
+            _run(["buildah", "rm", container], 60, check=False)
+        _run(["buildah", "rmi", local], 60, check=False)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _unpack_deb(deb: Path, rootfs: Path) -> None:
+    """Unpack the files of ``deb`` into ``rootfs`` (owners and modes kept), no scripts run."""
+    extract = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    unpack = subprocess.run(
+        ["tar", "-C", str(rootfs), "--keep-directory-symlink", "--numeric-owner", "-xpf", "-"],
+        stdin=extract.stdout,
+        capture_output=True,
+        timeout=TOOL_TIMEOUT_S,
+        check=False,
+    )
+    assert extract.stdout is not None
+    extract.stdout.close()
+    if extract.wait(timeout=TOOL_TIMEOUT_S) != 0 or unpack.returncode != 0:
+        raise RuntimeError(f"unpacking {deb.name} failed: {unpack.stderr.decode()[-2000:]}")
+
+
+def _trim(rootfs: Path) -> None:
+    """Remove :data:`BASE_TRIM` from ``rootfs`` (``locale.alias`` is kept)."""
+    for pattern in BASE_TRIM:
+        for path in rootfs.glob(pattern):
+            if path.name == "locale.alias":
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def _copy_rootfs(rootfs: Path, container: str) -> None:
+    """Copy ``rootfs`` into the mounted buildah ``container`` with tar (owners, modes,
+    setuid bits and device nodes exactly as they are), then unmount it."""
+    mount = _run(["buildah", "mount", container], 60).stdout.strip()
+    pack = subprocess.Popen(["tar", "-C", str(rootfs), "-cf", "-", "."], stdout=subprocess.PIPE)
+    unpack = subprocess.run(
+        ["tar", "-C", mount, "-xpf", "-"], stdin=pack.stdout, timeout=TOOL_TIMEOUT_S, check=False
+    )
+    assert pack.stdout is not None
+    pack.stdout.close()
+    if pack.wait(timeout=TOOL_TIMEOUT_S) != 0 or unpack.returncode != 0:
+        raise RuntimeError("copying the rootfs into the buildah container failed")
+    _run(["buildah", "umount", container], 60)
 
 
 def _which(tool: str) -> str | None:

@@ -1,10 +1,12 @@
 #!/bin/sh
 # Installs Python requirements into /opt/flops/venv during an image build (FLOps oci builder).
 #
-# Usage: install.sh PYTHON REQUIREMENTS CONSTRAINTS
+# Usage: install.sh PYTHON REQUIREMENTS CONSTRAINTS EXCLUDES
 #   PYTHON        the base image's interpreter (name on PATH or absolute path)
 #   REQUIREMENTS  a pip requirements file; an empty file installs nothing
 #   CONSTRAINTS   a pip constraints file (the manager's versions)
+#   EXCLUDES      distribution names, one a line, left out of the resolution (`uv pip install
+#                 --excludes`): what Flower pulls in that no FLOps role imports; may be empty
 #
 # uv (and the host's CA bundle, if it has one set) comes from /flops-tools (a RUN --mount of the
 # build context) and its cache is the host's uv cache mounted at /mnt as an overlay: none of
@@ -12,14 +14,20 @@
 # with the constraints (uv's cache only), online with them, online without them. The stderr of
 # every failed attempt is printed between "##flops-uv-attempt MODE" and "##flops-uv-end"; when
 # all fail the script exits with 42, from which the builder reports the resolver's message.
+# After an install, slim_site_packages.py (next to this script) removes the test suites of big
+# packages, in the same step, so they never reach a layer.
 set -u
 python=$1
 requirements=$2
 constraints=$3
+excludes=$4
 uv=/flops-tools/uv
 venv=/opt/flops/venv
+slim="$(dirname "$0")/slim_site_packages.py"
+# SOURCE_DATE_EPOCH makes the bytecode hash-checked (PEP 552) instead of timestamp-checked:
+# still valid when a layer tool rounds file times (a COPY does, to the nearest second).
 export UV_CACHE_DIR=/mnt UV_LINK_MODE=copy UV_COMPILE_BYTECODE=1 UV_NO_PROGRESS=1 NO_COLOR=1 \
-    UV_PYTHON_DOWNLOADS=never UV_PYTHON_PREFERENCE=only-system
+    UV_PYTHON_DOWNLOADS=never UV_PYTHON_PREFERENCE=only-system SOURCE_DATE_EPOCH=315532800
 if [ -f /flops-tools/ca-certificates.crt ]; then
     # the CA bundle uv trusts on the build host (SSL_CERT_FILE there), for a TLS-inspecting proxy
     export SSL_CERT_FILE=/flops-tools/ca-certificates.crt
@@ -31,6 +39,11 @@ fi
 if [ ! -s "$requirements" ]; then
     exit 0
 fi
+if [ -s "$excludes" ]; then
+    set -- --excludes "$excludes"
+else
+    set --
+fi
 
 errors=$(mktemp)
 attempt() {
@@ -39,14 +52,15 @@ attempt() {
     if "$uv" pip install --python "$venv/bin/python" -r "$requirements" "$@" 2>"$errors"; then
         cat "$errors"
         rm -f "$errors"
+        "$venv/bin/python" -I -B "$slim" "$venv" || exit 1
         exit 0
     fi
     echo "##flops-uv-attempt $mode"
     cat "$errors"
     echo "##flops-uv-end"
 }
-attempt offline --offline -c "$constraints"
-attempt online -c "$constraints"
-attempt online
+attempt offline "$@" --offline -c "$constraints"
+attempt online "$@" -c "$constraints"
+attempt online "$@"
 rm -f "$errors"
 exit 42

@@ -56,8 +56,10 @@ def _registry_digest(ref: str) -> str:
 def test_service_builds_pushes_and_reports_over_mqtt(
     service: ImageBuildService, recorder: MqttRecorder, project_id: str, tmp_path: Path
 ) -> None:
-    # Setup
+    # Setup: the example with a file of its own, so that its images are not those of other
+    # modules' builds of the same content (their source label names their own copy)
     repo = copy_example(tmp_path / "mnist")
+    (repo / "BUILT_BY_SERVICE.md").write_text("built by the image builder service test\n")
 
     # Execute
     result = service.build(project_id, _sla(repo), tmp_path / "work")
