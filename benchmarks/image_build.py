@@ -31,39 +31,41 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from oci_testing import (
     LocalRegistry,
     base_image_archive,
+    layer_sizes,
     missing_requirements,
     push_archive,
+    push_manifest_list,
 )
 
 from flops_manager.demo import EXAMPLE_REPO
-from image_builder.oci_builder import BuiltImage, BuiltImages, OciBuilder
+from image_builder.oci_builder import BuiltImages, OciBuilder, host_platform
 
 ORIGINAL_BASE_MB = 611.0
 """The original FLOps learner's miniconda-based base image alone, MB (uncompressed)."""
 
 
-def inspect_image(ref: str, template: str) -> Any:
-    """``buildah inspect --type image --format TEMPLATE ref``, parsed as JSON."""
-    result = subprocess.run(
-        ["buildah", "inspect", "--type", "image", "--format", template, ref],
-        capture_output=True, text=True, timeout=120, check=True,
+def pulled_layers(pinned_ref: str, arch: str) -> list[tuple[str, int]]:
+    """``[(created_by, bytes)]`` of the ``arch`` image of ``pinned_ref`` (a manifest list or
+    an image in the registry): pulled into the local storage, sizes uncompressed."""
+    image_id = subprocess.run(
+        ["buildah", "pull", "--quiet", "--arch", arch, "--tls-verify=false",
+         f"docker://{pinned_ref}"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout.strip().splitlines()[-1]  # fmt: skip
+    history = json.loads(
+        subprocess.run(
+            ["buildah", "inspect", "--type", "image", "--format", "{{json .History}}", image_id],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout
     )  # fmt: skip
-    return json.loads(result.stdout)
-
-
-def layer_sizes(image: BuiltImage) -> list[tuple[str, int]]:
-    """``[(created_by, bytes)]`` of ``image``'s layers in local storage (uncompressed)."""
-    history = inspect_image(image.ref, "{{json .History}}")
-    manifest = inspect_image(image.ref, "{{.Manifest}}")
+    sizes = layer_sizes(image_id)
     steps = [h.get("created_by", "") for h in history if not h.get("empty_layer")]
-    sizes = [int(layer["size"]) for layer in manifest["layers"]]
     if len(steps) != len(sizes):
         steps = [f"layer {n}" for n in range(len(sizes))]
     return list(zip(steps, sizes, strict=True))
@@ -94,10 +96,14 @@ def main() -> None:
         raise SystemExit(f"needs {', '.join(problems)}; run scripts/bootstrap")
     scratch = Path(tempfile.mkdtemp(prefix="flops-image-bench-"))
     try:
-        archive = base_image_archive()  # made and cached in the machine's test storage
+        arches = [p.split("/", 1)[1] for p in platforms] or [host_platform().split("/", 1)[1]]
+        archives = {arch: base_image_archive(arch=arch) for arch in arches}  # cached
         empty_storage(scratch / "containers")  # an empty layer cache for the cold build
         with LocalRegistry(scratch / "registry") as registry:
-            base = push_archive(archive, registry.address)
+            refs = [push_archive(a, registry.address, arch=arch) for arch, a in archives.items()]
+            base = refs[0]
+            if len(refs) > 1:
+                base = push_manifest_list(refs, f"{registry.address}/flops/base:multi")
             builder = OciBuilder(scratch / "cache", registry.address, base, tls_verify=False)
             repo = scratch / "repo"
             shutil.copytree(EXAMPLE_REPO, repo)
@@ -117,17 +123,18 @@ def main() -> None:
             print(f"  rebuild after a code-only change     {code_only.seconds:7.1f} s")
             print(f"  no-op (nothing changed)              {noop_s:7.2f} s")
             for image in (code_only.learner, code_only.aggregator):
-                layers = layer_sizes(image)
-                total_mb = sum(size for _, size in layers) / 1e6
-                print(f"  {image.role} image {total_mb:.0f} MB uncompressed:")
-                for step, size in layers:
-                    print(f"    {size / 1e6:8.1f} MB  {' '.join(step.split())[:80]}")
-                if image.role == "learner":
-                    ratio = total_mb / ORIGINAL_BASE_MB
-                    print(
-                        f"  learner {total_mb:.0f} MB vs the original FLOps' base image alone "
-                        f"{ORIGINAL_BASE_MB:.0f} MB: ratio {ratio:.2f} (goal <= 0.33)"
-                    )
+                for arch in arches:
+                    layers = pulled_layers(image.pinned_ref, arch)
+                    total_mb = sum(size for _, size in layers) / 1e6
+                    print(f"  {image.role} image ({arch}) {total_mb:.0f} MB uncompressed:")
+                    for step, size in layers:
+                        print(f"    {size / 1e6:8.1f} MB  {' '.join(step.split())[:80]}")
+                    if image.role == "learner":
+                        ratio = total_mb / ORIGINAL_BASE_MB
+                        print(
+                            f"  learner {total_mb:.0f} MB vs the original FLOps' base image "
+                            f"alone {ORIGINAL_BASE_MB:.0f} MB: ratio {ratio:.2f} (goal <= 0.33)"
+                        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
