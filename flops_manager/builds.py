@@ -343,12 +343,16 @@ BUILDERS: dict[str, BuilderFactory] = {"venv": _venv, "oci": _oci}
 """``FLOPS_BUILDER`` name → factory."""
 
 
-def make_builder(config: ManagerConfig, home: Path, mqtt_url: str) -> ProjectBuilder:
-    """The builder ``config.builder`` names. Raises ``ConfigurationError`` for an unknown name
-    (listing the valid ones) or missing settings."""
-    factory = BUILDERS.get(config.builder)
+def make_builder(
+    config: ManagerConfig, home: Path, mqtt_url: str, *, needs_images: bool = False
+) -> ProjectBuilder:
+    """The builder ``config.builder`` names; when it names none, ``oci`` if the orchestrator
+    ``needs_images``, else ``venv``. Raises ``ConfigurationError`` for an unknown name (listing
+    the valid ones) or missing settings."""
+    name = config.builder or ("oci" if needs_images else "venv")
+    factory = BUILDERS.get(name)
     if factory is None:
         raise ConfigurationError(
-            f"Unknown builder {config.builder!r}; set FLOPS_BUILDER to one of {sorted(BUILDERS)}."
+            f"Unknown builder {name!r}; set FLOPS_BUILDER to one of {sorted(BUILDERS)}."
         )
     return factory(config, home, mqtt_url)

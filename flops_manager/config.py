@@ -31,8 +31,9 @@ class ManagerConfig(BaseModel):
         mlflow_public_url: the MLflow GUI address a user's browser can reach
             (``FLOPS_MLFLOW_PUBLIC_URL``); defaults to ``mlflow_url``.
         orchestrator: orchestrator backend name (``FLOPS_ORCHESTRATOR``, default ``local``).
-        builder: builder backend name (``FLOPS_BUILDER``, default ``venv``; ``oci`` for
-            orchestrators that pull images).
+        builder: builder backend name (``FLOPS_BUILDER``): ``venv`` or ``oci``; empty (the
+            default) picks what the orchestrator runs: ``oci`` for orchestrators that pull
+            images (``oakestra``), else ``venv``.
         registry: ``host[:port]`` of the OCI registry the ``oci`` builder pushes to
             (``FLOPS_REGISTRY``).
         registry_namespace: path under the registry (``FLOPS_REGISTRY_NAMESPACE``, default
@@ -67,7 +68,7 @@ class ManagerConfig(BaseModel):
     mlflow_url: str = ""
     mlflow_public_url: str = ""
     orchestrator: str = "local"
-    builder: str = "venv"
+    builder: str = ""
     registry: str = ""
     registry_namespace: str = "flops"
     registry_tls_verify: bool = True

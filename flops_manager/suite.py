@@ -105,12 +105,18 @@ class ManagerSuite(StartStop):
                     if future is not None:
                         future.result()
             store = ProjectStore(self.config.store_url)
-            builder = make_builder(self.config, home, self.mqtt_url)
             orchestrator = make_orchestrator(
                 self.config,
                 home / "services",
                 lambda *args: self.lifecycle.on_service_exit(*args),
             )
+            try:
+                builder = make_builder(
+                    self.config, home, self.mqtt_url, needs_images=orchestrator.needs_images
+                )
+            except ConfigurationError:
+                orchestrator.close()
+                raise
             if orchestrator.needs_images != builder.produces_images:
                 orchestrator.close()
                 raise ConfigurationError(

@@ -53,8 +53,7 @@ def suite(
         mqtt_url=mqtt_broker.url,
         mlflow_url=mlflow_server.url,
         orchestrator="oakestra",
-        oakestra_url=double.url,
-        builder="oci",
+        oakestra_url=double.url,  # FLOPS_BUILDER unset: the oakestra backend implies oci
         registry=oci_registry,
         registry_tls_verify=False,
         base_image=oci_base_image,

@@ -17,6 +17,7 @@ from flops_manager.builds import (
     ImageBuildFailed,
     ImageBuildService,
     RegistrySettings,
+    VenvProjectBuilder,
     make_builder,
 )
 from flops_manager.config import ManagerConfig
@@ -170,6 +171,15 @@ def test_oci_builder_needs_a_registry_and_a_base_image(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"one of \['oci', 'venv'\]"):
         make_builder(ManagerConfig(home=tmp_path, builder="docker"), tmp_path, "")
     assert sorted(BUILDERS) == ["oci", "venv"]
+
+
+def test_builder_defaults_to_what_the_orchestrator_runs(tmp_path: Path) -> None:
+    config = ManagerConfig(home=tmp_path, registry="r:5000", base_image="r:5000/base:1")
+    assert config.builder == ""
+    for_images = make_builder(config, tmp_path, "mqtt://127.0.0.1:1883", needs_images=True)
+    for_venvs = make_builder(config, tmp_path, "mqtt://127.0.0.1:1883")
+    assert isinstance(for_images, ImageBuildService) and for_images.produces_images
+    assert isinstance(for_venvs, VenvProjectBuilder) and not for_venvs.produces_images
 
 
 def test_manager_config_reads_the_registry_settings(monkeypatch: pytest.MonkeyPatch) -> None:
