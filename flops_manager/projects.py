@@ -253,10 +253,18 @@ class ProjectLifecycle:
         return project
 
     def cancel(self, project_id: str) -> dict[str, Any]:
-        """Stop every service of the project and mark it ``cancelled`` (no-op when finished)."""
+        """Stop every service of the project and mark it ``cancelled``; a finished project
+        keeps its status, but its trained-model server (``inference_url``) is stopped."""
         project = self.get(project_id)
         if not ProjectStatus(project["status"]).is_terminal:
             self._finish(project_id, ProjectStatus.CANCELLED, "cancelled by the user")
+        elif project.get("inference_url"):
+            self.orchestrator.stop_inference(project_id)
+            self.store.update_project(
+                project_id,
+                {"inference_url": None},
+                event=_event("post_training", "stopped", "trained-model server stopped"),
+            )
         return self.get(project_id)
 
     def close(self) -> None:
@@ -716,6 +724,8 @@ class ProjectLifecycle:
             try:
                 self._post_training_step(project_id, step, model_uri)
             except FlopsError as exc:
+                if step is PostTrainingStep.DEPLOY_TRAINED_MODEL_IMAGE:
+                    self._stop_inference_quietly(project_id)
                 self._finish(
                     project_id,
                     ProjectStatus.FAILED,
@@ -737,17 +747,11 @@ class ProjectLifecycle:
         ``build_image_for_trained_model`` builds (or reuses) the image serving the model with
         the ``oci`` builder and records it as ``model_image`` (``ref``, ``model_uri``, ``port``,
         ``reused``, ``seconds``); with the ``venv`` builder it is skipped (an event says so).
-        ``deploy_trained_model_image`` is not supported yet and is skipped with an event.
-        Raises the builder's ``FlopsError``.
+        ``deploy_trained_model_image`` builds that image if no step did, runs it through the
+        orchestrator (:meth:`Orchestrator.deploy_inference`, on a free port) and records
+        ``inference_url``; skipped with an event when the orchestrator runs no images.
+        Raises the builder's and the orchestrator's ``FlopsError``.
         """
-        if step is PostTrainingStep.DEPLOY_TRAINED_MODEL_IMAGE:
-            self._post_training_event(
-                project_id,
-                "skipped",
-                f"skipped {step.value}: deploying the trained-model image is not supported "
-                "yet; run the model image (see model_image) on a machine of your choice",
-            )
-            return
         if not self.builder.produces_images:
             self._post_training_event(
                 project_id,
@@ -756,17 +760,53 @@ class ProjectLifecycle:
                 "FLOPS_BUILDER=oci (with the oakestra orchestrator) for trained-model images",
             )
             return
-        built = self.builder.build_model_image(
-            project_id, model_uri, self.mlflow_url, self.workdir / project_id / "model-build"
+        image = self.get(project_id).get("model_image")
+        if image is None:  # deploying needs the image: build it first if no step did
+            built = self.builder.build_model_image(
+                project_id, model_uri, self.mlflow_url, self.workdir / project_id / "model-build"
+            )
+            image = dataclasses.asdict(built)
+            self.store.update_project(project_id, {"model_image": image})
+            how = "reused" if built.reused else f"built in {built.seconds:.1f} s"
+            self._post_training_event(
+                project_id,
+                "built",
+                f"trained-model image {built.ref} {how}; it serves {built.model_uri} on port "
+                f"{built.port} (POST /invocations)",
+            )
+        if step is not PostTrainingStep.DEPLOY_TRAINED_MODEL_IMAGE:
+            return
+        if not self.orchestrator.serves_models:
+            self._post_training_event(
+                project_id,
+                "skipped",
+                f"skipped {step.value}: the '{self.orchestrator_name}' orchestrator does not "
+                "run images; run the model image (see model_image) yourself",
+            )
+            return
+        sla = ProjectSLA.model_validate(self.get(project_id)["sla"])
+        url = self.orchestrator.deploy_inference(
+            project_id, image["ref"], find_free_port(), sla.resource_constraints.model_dump()
         )
-        self.store.update_project(project_id, {"model_image": dataclasses.asdict(built)})
-        how = "reused" if built.reused else f"built in {built.seconds:.1f} s"
+        self.store.update_project(project_id, {"inference_url": url})
         self._post_training_event(
             project_id,
-            "built",
-            f"trained-model image {built.ref} {how}; it serves {built.model_uri} on port "
-            f"{built.port} (POST /invocations)",
+            "deployed",
+            f"trained-model server at {url} (POST {url}/invocations); DELETE the project to "
+            "stop it",
         )
+
+    def _stop_inference_quietly(self, project_id: str) -> None:
+        """Remove what a failed trained-model deployment left; failures only logged."""
+        try:
+            self.orchestrator.stop_inference(project_id)
+        except Exception:
+            logger.exception("project %s: removing the trained-model server failed", project_id)
+
+    @property
+    def orchestrator_name(self) -> str:
+        """The orchestrator backend's class name, for messages."""
+        return type(self.orchestrator).__name__
 
     def _post_training_event(self, project_id: str, status: str, text: str) -> None:
         self.store.update_project(project_id, {}, event=_event("post_training", status, text))

@@ -84,6 +84,9 @@ class Orchestrator(ABC):
     needs_images: bool = False
     """True when the backend pulls OCI images (then the ``oci`` builder is required)."""
 
+    serves_models: bool = False
+    """True when the backend can run a trained-model image (:meth:`deploy_inference`)."""
+
     def __init__(self, on_service_exit: ServiceExitCallback) -> None:
         self.on_service_exit = on_service_exit
 
@@ -111,6 +114,19 @@ class Orchestrator(ABC):
     @abstractmethod
     def running_services(self, project_id: str) -> list[str]:
         """Names of the project's services that are still running."""
+
+    def deploy_inference(
+        self, project_id: str, image: str, port: int, resources: dict[str, int]
+    ) -> str:
+        """Run the trained-model image ``image`` (serving MLflow's scoring protocol on
+        ``port``, its ``PORT``) for the project, apart from its FL services: it outlives the
+        project's end and runs until :meth:`stop_inference`. Returns its base URL
+        (``http://HOST:PORT``). Only backends with :attr:`serves_models` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not run trained-model images")
+
+    def stop_inference(self, project_id: str) -> bool:
+        """Stop the project's trained-model server; ``False`` when none runs."""
+        return False
 
     @abstractmethod
     def close(self, stop_services: bool = True) -> None:

@@ -117,6 +117,7 @@ class OakestraOrchestrator(Orchestrator):
     """
 
     needs_images = True
+    serves_models = True
 
     def __init__(
         self,
@@ -146,6 +147,12 @@ class OakestraOrchestrator(Orchestrator):
     def application_name(project_id: str) -> str:
         """The Oakestra application name of a project (letters and digits, ≤ 30)."""
         return oakestra_name("flops", project_id)
+
+    @staticmethod
+    def inference_application_name(project_id: str) -> str:
+        """The Oakestra application of a project's trained-model server: apart from the FL
+        services' application, so that it outlives the project's end."""
+        return oakestra_name("flopsmodel", project_id)
 
     # -- deploy ------------------------------------------------------------------------
     def deploy(
@@ -224,6 +231,49 @@ class OakestraOrchestrator(Orchestrator):
         if on_started is not None:
             on_started(service.handle())
         return service
+
+    def deploy_inference(
+        self, project_id: str, image: str, port: int, resources: dict[str, int]
+    ) -> str:
+        """Run ``image`` as the one service of the application
+        :meth:`inference_application_name` (``PORT`` set to ``port``, published as
+        ``"port:port"``, not one-shot) and return ``http://<host_ip>:<port>`` once its
+        instance runs. Raises :class:`OakestraError` as :meth:`deploy` does."""
+        app_id = self.client.create_application(
+            application(
+                self.inference_application_name(project_id),
+                self.namespace,
+                description=f"FLOps trained model of project {project_id}",
+            )
+        )
+        service_id = self.client.create_service(
+            app_id,
+            microservice(
+                oakestra_name("model", project_id),
+                self.namespace,
+                image,
+                env={"PORT": str(port)},
+                memory_mb=int(resources.get("memory", 100)),
+                vcpus=int(resources.get("vcpus", 1)),
+                storage_mb=int(resources.get("storage", 0)),
+                port=f"{port}:{port}",
+                one_shot=False,
+            ),
+        )
+        self.client.deploy_instance(service_id)
+        host = self._wait_running(project_id, _Service("trained-model server", app_id, service_id))
+        logger.info("project %s: trained-model server on %s:%d", project_id, host, port)
+        return f"http://{host}:{port}"
+
+    def stop_inference(self, project_id: str) -> bool:
+        """Delete the application of the project's trained-model server, if there is one."""
+        name = self.inference_application_name(project_id)
+        found = self.client.find_application(name, self.namespace)
+        if found is None:
+            return False
+        self.client.delete_application(str(found.get("applicationID")))
+        logger.info("project %s: deleted the trained-model server", project_id)
+        return True
 
     def _wait_running(self, project_id: str, service: _Service) -> str:
         """The ``host_ip`` of ``service``'s instance once it runs. Raises

@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import requests
 from oakestra_double import OakestraDouble, WorkerSpec
 
 from flops_manager.auth import read_api_token
@@ -122,7 +124,8 @@ def test_project_trains_on_the_workers_holding_the_data_and_cleans_up(
     mlflow_server: Any,
 ) -> None:
     # Execute: watch Oakestra while the project trains
-    project_id = client.create_project(sla(post_training_steps=["build_image_for_trained_model"]))
+    steps = ["build_image_for_trained_model", "deploy_trained_model_image"]
+    project_id = client.create_project(sla(post_training_steps=steps))
     wait_for_status(client, project_id, "training")
     running = _wait_for_learners(double, NODES)
     project = client.wait_for_project(project_id, PROJECT_TIMEOUT_S, poll_s=0.2)
@@ -149,6 +152,12 @@ def test_project_trains_on_the_workers_holding_the_data_and_cleans_up(
     assert model_image["model_uri"] == project["mlflow"]["registered_model_uri"]
     assert "/flops/model@sha256:" in model_image["ref"] and model_image["port"] == 8080
     assert _registry_has(model_image["ref"])
+    # ... and runs on a worker as the project's trained-model server, until the project is
+    # deleted: it predicts digits from real MNIST rows
+    predictions = _predict(project["inference_url"], mnist_rows(50))
+    assert (predictions == mnist_labels(50)).mean() >= 0.8
+    client.request("DELETE", f"/projects/{project_id}")
+    assert client.project(project_id)["inference_url"] is None
     # nothing is left in Oakestra
     assert_nothing_left(oakestra, double)
 
@@ -220,6 +229,35 @@ def test_cancelling_mid_training_deletes_everything(
     # Assert
     assert cancelled["status"] == "cancelled"
     assert_nothing_left(oakestra, double)
+
+
+def mnist_rows(count: int) -> np.ndarray:
+    """The first ``count`` MNIST test images as float rows in [0, 1] (the example's input)."""
+    from data_server.mnist import load_mnist
+
+    digits = load_mnist().select(range(count)).with_format("numpy")
+    return np.asarray(digits["image"][:], dtype=np.float32).reshape(count, -1) / 255.0
+
+
+def mnist_labels(count: int) -> np.ndarray:
+    from data_server.mnist import load_mnist
+
+    return np.asarray(load_mnist().select(range(count)).with_format("numpy")["label"][:])
+
+
+def _predict(url: str, rows: np.ndarray) -> np.ndarray:
+    """POST ``rows`` to the scoring server at ``url`` once it answers ``/ping``."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    response = requests.post(f"{url}/invocations", json={"inputs": rows.tolist()}, timeout=30)
+    assert response.status_code == 200, response.text
+    return np.asarray(response.json()["predictions"]).astype(int)
 
 
 def _wait_for_learners(double: OakestraDouble, count: int) -> list[dict[str, Any]]:
