@@ -23,6 +23,8 @@ from flops_manager.errors import (
     OakestraNotFound,
     OakestraUnavailable,
 )
+from flops_manager.orchestrators.base import Deployment, Placement, ServiceSpec
+from flops_manager.orchestrators.oakestra import OakestraOrchestrator
 from flops_manager.orchestrators.oakestra_client import (
     NAME_PATTERN,
     TERMINAL_STATUSES,
@@ -658,3 +660,78 @@ def test_deleting_the_application_stops_its_running_instances(
     assert not pid_alive(worker_view["pid"])
     with pytest.raises(OakestraNotFound):
         runner_client.get_service(service_id)
+
+
+# ---- the oakestra orchestrator backend on top of the client --------------------------------
+
+
+def test_orchestrator_reattaches_after_a_manager_restart_and_stop_deletes_everything(
+    images: dict[str, str], runner: OakestraDouble, runner_client: OakestraClient
+) -> None:
+    # Setup: a "project" whose aggregator and learner are the sleeper image
+    exits: list[tuple[str, str, int | None, str]] = []
+    first = OakestraOrchestrator(
+        OakestraClient(runner.url, "Admin", "Admin"), lambda *a: exits.append(a)
+    )
+    placement = Placement("cluster2", "worker2", f"linux/{HOST_ARCH}")
+    deployment = Deployment(
+        project_id="restart1",
+        services=(
+            ServiceSpec("aggregator", "aggregator", {"FLOPS_AGGREGATOR_ADDRESS": "0.0.0.0:1"}),
+            ServiceSpec("learner-n1", "learner", {"GREETING": "hi"}, placement),
+        ),
+        images={"aggregator": images["sleeper"], "learner": images["sleeper"]},
+        resources={"memory": 200, "vcpus": 1, "storage": 0},
+    )
+    handles: list[dict[str, Any]] = []
+    first.deploy(deployment, handles.append)
+
+    # Execute: the manager stops without stopping the services; a new one re-attaches
+    first.close(stop_services=False)
+    second = OakestraOrchestrator(
+        OakestraClient(runner.url, "Admin", "Admin"), lambda *a: exits.append(a)
+    )
+    gone = {**handles[1], "name": "learner-gone", "service_id": "0" * 24}
+    states = second.reattach("restart1", [*handles, gone])
+    running = wait_for(lambda: second.running_services("restart1") or None, 30)
+    second.stop("restart1")
+
+    # Assert
+    assert [h["name"] for h in handles] == ["aggregator", "learner-n1"]
+    assert [(s.name, s.running) for s in states] == [
+        ("aggregator", True),
+        ("learner-n1", True),
+        ("learner-gone", False),
+    ]
+    assert states[2].last_output == "the Oakestra service is gone"
+    assert sorted(running) == ["aggregator", "learner-n1"]
+    assert runner_client.list_applications() == []
+    wait_for(lambda: not runner.instances(), 30)
+    assert exits == []  # stopping is not a service ending on its own
+    second.close()
+
+
+def test_orchestrator_reports_a_failed_instance_as_an_exit(
+    images: dict[str, str], runner: OakestraDouble, runner_client: OakestraClient
+) -> None:
+    exits: list[tuple[str, str, int | None, str]] = []
+    orchestrator = OakestraOrchestrator(
+        OakestraClient(runner.url, "Admin", "Admin"), lambda *a: exits.append(a),
+        poll_interval_s=0.2,
+    )  # fmt: skip
+    deployment = Deployment(
+        project_id="fails1",
+        services=(
+            ServiceSpec("aggregator", "aggregator", {"FLOPS_AGGREGATOR_ADDRESS": "0.0.0.0:1"}),
+            ServiceSpec("learner-n1", "learner", {}, Placement("cluster2", "worker2", "")),
+        ),
+        images={"aggregator": images["sleeper"], "learner": images["failer"]},
+    )
+
+    orchestrator.deploy(deployment)
+    wait_for(lambda: exits, 30)
+    orchestrator.close()
+
+    assert exits[0][:3] == ("fails1", "learner-n1", 1)
+    assert exits[0][3].startswith("Oakestra reports the instance FAILED")
+    assert runner_client.list_applications() == []
