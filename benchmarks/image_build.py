@@ -44,7 +44,8 @@ from oci_testing import (
 )
 
 from flops_manager.demo import EXAMPLE_REPO
-from image_builder.oci_builder import BuiltImages, OciBuilder, host_platform
+from image_builder.cross_platform import host_platform
+from image_builder.oci_builder import BuiltImages, OciBuilder
 
 ORIGINAL_BASE_MB = 611.0
 """The original FLOps learner's miniconda-based base image alone, MB (uncompressed)."""

@@ -27,11 +27,14 @@ variable                           meaning
 ``FLOPS_MLFLOW_URL``               the tracking server holding that model
 =================================  ============================================================
 
-Messages on ``flops/<project_id>/builder/<status>``: ``started`` (data: the inputs),
-``success`` (data: :func:`result_document` of the images) or ``failed`` (message: the error in
-a sentence or two; data ``{"error": code, "exit_code"}``). The outcome is also written to
-``FLOPS_BUILD_RESULT_FILE`` (``{"status": "success", ...}`` or ``{"status": "failed", "error",
-"message", "details"}``), for a caller on the same machine. Exit codes: :class:`ExitCode`.
+Messages on ``flops/<project_id>/builder/<status>``: ``started`` (data: the inputs), then a
+``progress`` message per milestone of the build (message: what happened in a sentence; data:
+``{"step": ...}`` and the step's data, :class:`~image_builder.oci_builder.BuildStep`, seconds
+rounded to milliseconds), then ``success`` (data: :func:`result_document` of the images) or
+``failed`` (message: the error in a sentence or two; data ``{"error": code, "exit_code"}``).
+The outcome is also written to ``FLOPS_BUILD_RESULT_FILE`` (``{"status": "success", ...}`` or
+``{"status": "failed", "error", "message", "details"}``), for a caller on the same machine.
+Exit codes: :class:`ExitCode`.
 """
 
 from __future__ import annotations
@@ -54,7 +57,18 @@ from flops_utils.notifications import StatusNotifier, parse_mqtt_url
 from flops_utils.types import Component, ComponentStatus, MLModelFlavor
 from image_builder.errors import BuilderError
 from image_builder.model_image import ModelImage, ModelImageBuilder
-from image_builder.oci_builder import BuiltImages, OciBuilder
+from image_builder.oci_builder import BuildStep, BuiltImages, OciBuilder, ProgressCallback
+
+PROGRESS_MESSAGES: Mapping[str, str] = {
+    BuildStep.BASE_RESOLVED: "base image {base_image} resolved in {seconds:.1f} s",
+    BuildStep.REPOSITORY_FETCHED: "repository fetched at {commit:.12} in {seconds:.1f} s",
+    BuildStep.MODEL_DOWNLOADED: "model {model_uri} downloaded in {seconds:.1f} s",
+    BuildStep.DEPENDENCIES_PREPARED: "dependencies prepared in {seconds:.1f} s",
+    BuildStep.IMAGE_REUSED: "{role} image reused: {ref}",
+    BuildStep.IMAGE_BUILT: "{role} image for {platform} built in {seconds:.1f} s",
+    BuildStep.IMAGE_PUSHED: "{role} image pushed in {seconds:.1f} s: {ref}",
+}
+"""The ``message`` of each ``progress`` message, formatted with the step's data."""
 
 
 class ExitCode(IntEnum):
@@ -174,9 +188,10 @@ def _required(env: Mapping[str, str], name: str) -> str:
 def result_document(built: BuiltImages) -> dict[str, Any]:
     """The JSON outcome of a successful build.
 
-    ``{"status": "success", "key", "commit", "cache_hit", "seconds", "images": {role:
-    {"repository", "tag", "digest", "ref" (pinned ``repository@digest``), "reused",
-    "seconds"}}}``; seconds are wall time.
+    ``{"status": "success", "key", "commit", "cache_hit", "seconds", "platforms" (``os/arch``
+    values, sorted), "images": {role: {"repository", "tag", "digest", "ref" (pinned
+    ``repository@digest``), "reused", "seconds", "platform_digests" (``{os/arch: digest}`` of
+    each platform's image; for one platform its own digest)}}}``; seconds are wall time.
     """
     return {
         "status": "success",
@@ -184,6 +199,7 @@ def result_document(built: BuiltImages) -> dict[str, Any]:
         "commit": built.commit,
         "cache_hit": built.cache_hit,
         "seconds": round(built.seconds, 3),
+        "platforms": list(built.platforms),
         "images": {
             image.role: {
                 "repository": image.repository,
@@ -192,6 +208,7 @@ def result_document(built: BuiltImages) -> dict[str, Any]:
                 "ref": image.pinned_ref,
                 "reused": image.reused,
                 "seconds": round(image.seconds, 3),
+                "platform_digests": dict(image.platform_digests),
             }
             for image in built.images
         },
@@ -223,11 +240,28 @@ def model_result_document(built: ModelImage) -> dict[str, Any]:
     }
 
 
+def progress_publisher(notifier: StatusNotifier) -> ProgressCallback:
+    """The ``on_progress`` of a build: publishes each step as a ``progress`` message (message
+    from :data:`PROGRESS_MESSAGES`; data ``{"step", ...the step's data}``, seconds rounded to
+    milliseconds)."""
+
+    def publish(step: str, data: dict[str, Any]) -> None:
+        document = {"step": str(step), **data}
+        if "seconds" in document:
+            document["seconds"] = round(float(document["seconds"]), 3)
+        template = PROGRESS_MESSAGES.get(step, str(step))
+        notifier.notify(ComponentStatus.PROGRESS, template.format(**document), document)
+
+    return publish
+
+
 def run(request: BuildRequest, notifier: StatusNotifier) -> ExitCode:
-    """Build and push the images of ``request``, publishing ``started`` then ``success`` or
-    ``failed`` and writing the outcome to ``request.result_file``. Never raises."""
+    """Build and push the images of ``request``, publishing ``started``, ``progress`` per
+    milestone, then ``success`` or ``failed``, and writing the outcome to
+    ``request.result_file``. Never raises."""
     what = request.model_uri or request.ml_repo_url
     notifier.notify(ComponentStatus.STARTED, f"building images of {what}", request.inputs())
+    on_progress = progress_publisher(notifier)
     started = time.monotonic()
     builder = OciBuilder(
         request.cache_dir,
@@ -240,7 +274,7 @@ def run(request: BuildRequest, notifier: StatusNotifier) -> ExitCode:
         with tempfile.TemporaryDirectory(prefix="flops-image-build-", dir=request.workdir) as tmp:
             if request.model_uri:
                 model = ModelImageBuilder(builder).build(
-                    request.model_uri, request.mlflow_url, Path(tmp)
+                    request.model_uri, request.mlflow_url, Path(tmp), on_progress=on_progress
                 )
                 document, key, cache_hit = model_result_document(model), model.tag, model.reused
             else:
@@ -250,6 +284,7 @@ def run(request: BuildRequest, notifier: StatusNotifier) -> ExitCode:
                     Path(tmp),
                     flavor=request.flavor,
                     platforms=request.platforms or None,
+                    on_progress=on_progress,
                 )
                 document, key, cache_hit = result_document(built), built.key, built.cache_hit
     except Exception as exc:

@@ -83,6 +83,17 @@ import yaml
 from packaging.utils import canonicalize_name
 
 from flops_utils.logging import logger
+from image_builder.build_context import (
+    INSTALLER_FILES,
+    TEMPLATES,
+    label_arguments,
+    stage_installer,
+    stage_tools,
+    templates_hash,
+    write_lines,
+)
+from image_builder.buildah import Buildah, uv_attempts
+from image_builder.cross_platform import host_platform
 from image_builder.dependencies import (
     read_requirements,
     requirement_name,
@@ -100,23 +111,17 @@ from image_builder.errors import (
 from image_builder.oci_builder import (
     IMAGE_UID,
     LABEL_INPUTS_HASH,
-    TEMPLATES,
+    BuildStep,
     BuiltImage,
     OciBuilder,
-    _link_or_copy,
-    _quote,
-    _require_tools,
-    _write_lines,
-    host_platform,
-    uv_attempts,
+    ProgressCallback,
+    no_progress,
 )
 from image_builder.python_env import (
     condense_uv_error,
-    file_lock,
     pick_error,
     plan_install,
     runtime_pins,
-    uv_binary,
 )
 from image_builder.repo import content_hash
 
@@ -147,13 +152,9 @@ SERVING_EXTRAS = ("numpy", "pandas")
 """Distributions ``mlflow.pyfunc`` imports that ``mlflow-skinny`` does not require; added
 unpinned (the constraints pin them to the manager's versions) unless the model names them."""
 
-INSTALL_FILES = ("install.sh", "slim_site_packages.py")
-"""The dependency installer shared with the learner and aggregator images, copied into
-``build/``: ``install.sh`` and, where the templates have it, the helper it runs after an install
-(``slim_site_packages.py``, which removes the test suites of big packages)."""
-
-TEMPLATE_FILES = ("Containerfile.model.in", "serve_model.py", *INSTALL_FILES)
-"""The templates of a model image (all in :data:`~image_builder.oci_builder.TEMPLATES`)."""
+TEMPLATE_FILES = ("Containerfile.model.in", "serve_model.py", *INSTALLER_FILES)
+"""The templates of a model image (all in :data:`~image_builder.build_context.TEMPLATES`; the
+installer is the learner's and aggregator's)."""
 
 MODEL_MOUNT = Path("/opt/flops/build/model")
 """Where the install step sees the model's artifacts (requirements naming files in the model)."""
@@ -275,12 +276,8 @@ class ModelImageBuilder:
 
     @cached_property
     def templates_hash(self) -> str:
-        """SHA-256 (hex) of :data:`TEMPLATE_FILES` (those present)."""
-        digest = hashlib.sha256()
-        for name in TEMPLATE_FILES:
-            if (TEMPLATES / name).is_file():
-                digest.update(name.encode() + b"\0" + (TEMPLATES / name).read_bytes())
-        return digest.hexdigest()
+        """SHA-256 (hex) of :data:`TEMPLATE_FILES`."""
+        return templates_hash(TEMPLATE_FILES)
 
     def image_key(
         self,
@@ -326,6 +323,7 @@ class ModelImageBuilder:
         *,
         port: int = DEFAULT_PORT,
         platform: str | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> ModelImage:
         """Return the image serving ``model_uri``, building and pushing it if the registry
         lacks it.
@@ -336,7 +334,10 @@ class ModelImageBuilder:
         serves the registry and the artifacts). ``workdir``: scratch directory for the download
         and the build context (created if missing; left empty). ``port``: the default ``PORT``
         of the image (1-65535). ``platform``: ``os/arch``; default and only supported value:
-        this machine's.
+        this machine's. ``on_progress``: called at each
+        :class:`~image_builder.oci_builder.BuildStep` with its data (``base_resolved``,
+        ``model_downloaded``, then ``image_reused`` or ``image_built`` and ``image_pushed``);
+        default: nobody hears.
 
         Raises ``ValueError`` for a bad ``port``, :class:`~image_builder.errors.ModelUriError`
         (a URI of another form), ``TrackingServerUnreachableError``, ``ModelNotFoundError``,
@@ -346,10 +347,11 @@ class ModelImageBuilder:
         message condensed), ``ImageBuildError`` and ``ImagePushError``.
         """
         started = time.monotonic()
+        report = on_progress or no_progress
         if not 1 <= port <= 65535:
             raise ValueError(f"port {port} is not a TCP port (1-65535)")
         _check_uri_form(model_uri)
-        buildah, skopeo = _require_tools()
+        tools = self.oci.tools()
         platform = platform or host_platform()
         if platform != host_platform():
             raise ImageBuildError(
@@ -358,7 +360,14 @@ class ModelImageBuilder:
             )
         tracking_uri = tracking_uri.rstrip("/")
         check_tracking_server(tracking_uri)
-        base_name, base_digest = self.oci._resolve_base(skopeo)
+        step = time.monotonic()
+        base_name, base_digest = self.oci.resolve_base(tools)
+        report(
+            BuildStep.BASE_RESOLVED,
+            {"base_image": self.oci.base_image, "digest": base_digest, "platforms": [platform],
+             "seconds": time.monotonic() - step},
+        )  # fmt: skip
+        step = time.monotonic()
         resolved = resolve_model(model_uri, tracking_uri)
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -367,6 +376,10 @@ class ModelImageBuilder:
             download_model(resolved.uri, tracking_uri, context / "model")
             run_id = resolved.run_id or _mlmodel_run_id(context / "model")
             resolved = ResolvedModel(resolved.uri, resolved.name, resolved.version, run_id)
+            report(
+                BuildStep.MODEL_DOWNLOADED,
+                {"model_uri": resolved.uri, "run_id": run_id, "seconds": time.monotonic() - step},
+            )
             artifacts_hash = content_hash(context / "model")
             build_hash = self._stage_context(context, artifacts_hash)
             labels = {
@@ -383,8 +396,8 @@ class ModelImageBuilder:
             key = self.image_key(artifacts_hash, build_hash, base_digest, platform, port, labels)
             labels[LABEL_INPUTS_HASH] = key
             image = self._reuse_or_build(
-                buildah, skopeo, context, key, f"{base_name}@{base_digest}", labels, port,
-                platform, resolved.uri,
+                tools, context, key, f"{base_name}@{base_digest}", labels, port, platform,
+                resolved.uri, report,
             )  # fmt: skip
         finally:
             shutil.rmtree(context, ignore_errors=True)
@@ -404,8 +417,7 @@ class ModelImageBuilder:
 
     def _reuse_or_build(
         self,
-        buildah: str,
-        skopeo: str,
+        tools: Buildah,
         context: Path,
         key: str,
         base_ref: str,
@@ -413,45 +425,36 @@ class ModelImageBuilder:
         port: int,
         platform: str,
         model_uri: str,
+        report: ProgressCallback,
     ) -> BuiltImage:
         """The registry's image tagged ``key``, else build and push it under the key's lock."""
-        reused = self.oci._find_reusable(skopeo, ROLE, key)
+        reused = self.oci.find_reusable(tools, ROLE, key, [platform], report)
         if reused is not None:
             return reused
-        locks = self.oci.cache_dir / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        (self.oci.cache_dir / "logs").mkdir(parents=True, exist_ok=True)
-        with file_lock(locks / f"{key}.lock", self.oci.lock_timeout_s, error=ImageBuildError):
-            reused = self.oci._find_reusable(skopeo, ROLE, key)  # built meanwhile by another
+        with self.oci.key_lock(key):
+            reused = self.oci.find_reusable(tools, ROLE, key, [platform], report)  # built meanwhile
             if reused is not None:
                 return reused
-            started = time.monotonic()
             containerfile = context / "Containerfile.model"
             containerfile.write_text(
                 render_model_containerfile(base_ref, self.oci.python, labels, port),
                 encoding="utf-8",
             )
             try:
-                self.oci._buildah_build(buildah, context, containerfile, ROLE, key, platform)
+                return self.oci.build_and_push(
+                    tools, context, ROLE, key, {platform: containerfile}, report
+                )
             except DependencyInstallError as exc:
                 raise self._install_error(key, model_uri, exc) from None
-            digest = self.oci._push(buildah, skopeo, ROLE, key)
-            return BuiltImage(
-                role=ROLE,
-                repository=self.oci.repository(ROLE),
-                tag=key,
-                digest=digest,
-                reused=False,
-                seconds=time.monotonic() - started,
-            )
 
     def _install_error(
         self, key: str, model_uri: str, exc: DependencyInstallError
     ) -> DependencyInstallError:
         """``exc`` reworded for a model: uv's condensed message and the model to fix."""
-        log_path = self.oci.cache_dir / "logs" / f"{key}-{ROLE}.log"
         try:
-            attempts = uv_attempts(log_path.read_text(encoding="utf-8", errors="replace"))
+            attempts = uv_attempts(
+                self.oci.log_path(key, ROLE).read_text(encoding="utf-8", errors="replace")
+            )
         except OSError:
             attempts = []
         if not attempts:
@@ -470,10 +473,10 @@ class ModelImageBuilder:
     def _stage_context(self, context: Path, artifacts_hash: str) -> str:
         """Write the build context around ``context/model``; return the content hash of
         ``build/`` (``requirements.txt``, ``constraints.txt``, an empty ``excludes.txt`` and
-        :data:`INSTALL_FILES`).
+        :data:`~image_builder.build_context.INSTALLER_FILES`).
 
         Layout: ``build/``, ``serve_model.py``, ``model/`` (permissions made world-readable),
-        ``tools/uv`` and, when ``SSL_CERT_FILE`` names a file, ``tools/ca-certificates.crt``.
+        ``tools/`` (:func:`~image_builder.build_context.stage_tools`).
         Raises :class:`ModelNotServableError` when ``model/`` is not a servable MLflow model.
         """
         model_dir = context / "model"
@@ -492,19 +495,13 @@ class ModelImageBuilder:
             # does not see mounted files: key the dependency layer by the model's artifacts.
             header.append(f"# names files of the model with artifacts {artifacts_hash}")
         build = context / "build"
-        _write_lines(build / "requirements.txt", [*header, *install_lines, *self.serving_pins])
-        _write_lines(build / "constraints.txt", constraints)
-        _write_lines(build / "excludes.txt", [])  # install.sh's EXCLUDES: none for a model
-        for name in INSTALL_FILES:
-            if (TEMPLATES / name).is_file():
-                shutil.copyfile(TEMPLATES / name, build / name)
+        write_lines(build / "requirements.txt", [*header, *install_lines, *self.serving_pins])
+        write_lines(build / "constraints.txt", constraints)
+        write_lines(build / "excludes.txt", [])  # install.sh's EXCLUDES: none for a model
+        stage_installer(build)
         build_hash = content_hash(build)
         shutil.copyfile(TEMPLATES / "serve_model.py", context / "serve_model.py")
-        (context / "tools").mkdir()
-        _link_or_copy(uv_binary(), context / "tools" / "uv")
-        ca_bundle = os.environ.get("SSL_CERT_FILE", "")
-        if ca_bundle and Path(ca_bundle).is_file():
-            shutil.copyfile(ca_bundle, context / "tools" / "ca-certificates.crt")
+        stage_tools(context)
         return build_hash
 
 
@@ -720,14 +717,13 @@ def render_model_containerfile(
     base image. ``labels``: OCI labels, written as one ``LABEL`` (values quoted and escaped).
     ``port``: the default ``PORT`` and the ``EXPOSE``d port. ``uid``: of the ``flops`` user.
     """
-    label_text = " \\\n      ".join(f"{name}={_quote(value)}" for name, value in labels.items())
     template = string.Template((TEMPLATES / "Containerfile.model.in").read_text(encoding="utf-8"))
     return template.substitute(
         base_image=base_ref,
         uid=uid,
         python=shlex.quote(python),
         port=int(port),
-        labels=label_text,
+        labels=label_arguments(labels),
     )
 
 

@@ -5,6 +5,7 @@ a real Mosquitto broker, buildah, a loopback registry and the local Debian base 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,10 @@ from flops_manager.errors import ConfigurationError
 from flops_manager.sla import ProjectSLA
 from flops_manager.suite import ManagerSuite
 from flops_utils import env_vars
-from image_builder.main import ExitCode, main
+from flops_utils.notifications import StatusNotifier
+from flops_utils.types import Component
+from image_builder.main import ExitCode, main, progress_publisher
+from image_builder.oci_builder import BuildStep
 from observatory.mlflow_server import MlflowServer
 
 
@@ -79,8 +83,30 @@ def test_service_builds_pushes_and_reports_over_mqtt(
     assert started["data"]["platforms"] == ["linux/amd64"]
     success = recorder.wait_for("builder/success")[0]
     assert success["data"]["key"] == result.key
-    assert {r: i["ref"] for r, i in success["data"]["images"].items()} == dict(result.images)
+    assert success["data"]["platforms"] == ["linux/amd64"]
+    for role, image in success["data"]["images"].items():
+        assert image["ref"] == result.images[role]
+        assert image["platform_digests"] == {"linux/amd64": image["digest"]}
     assert recorder.find("builder/failed") == []
+    # and each milestone in between, in order, with its timing
+    statuses = [topic.rsplit("/", 1)[1] for topic in recorder.topics()]
+    assert statuses == ["started", *["progress"] * (len(statuses) - 2), "success"]
+    progress = [message["data"] for message in recorder.find("builder/progress")]
+    assert [(data["step"], data.get("role")) for data in progress] == [
+        ("base_resolved", None),
+        ("repository_fetched", None),
+        ("dependencies_prepared", None),
+        ("image_built", "learner"),
+        ("image_pushed", "learner"),
+        ("image_built", "aggregator"),
+        ("image_pushed", "aggregator"),
+    ]
+    assert all(isinstance(data["seconds"], float) and data["seconds"] >= 0 for data in progress)
+    assert progress[1]["commit"] == success["data"]["commit"]
+    pushed = {data["role"]: data["ref"] for data in progress if data["step"] == "image_pushed"}
+    assert pushed == dict(result.images)
+    messages = [message["message"] for message in recorder.find("builder/progress")]
+    assert messages[3].startswith("learner image for linux/amd64 built in ")
     assert (tmp_path / "work" / "image-builder.log").is_file()
 
 
@@ -102,6 +128,55 @@ def test_uninstallable_dependency_fails_with_the_resolvers_message(
     failed = recorder.wait_for("builder/failed")[0]
     assert failed["message"] == caught.value.message
     assert failed["data"] == {"error": "dependency_install_failed", "exit_code": 1}
+
+
+def test_every_build_step_is_published_with_a_sentence(
+    mqtt_broker: MosquittoBroker, recorder: MqttRecorder, project_id: str
+) -> None:
+    # Prepare: each step with the data its BuildStep documents
+    ref = "reg:5000/flops/learner@sha256:12"
+    samples: dict[str, dict[str, object]] = {
+        BuildStep.BASE_RESOLVED: {
+            "base_image": "reg:5000/flops/base:1", "digest": "sha256:ab",
+            "platforms": ["linux/amd64"], "seconds": 0.12345,
+        },
+        BuildStep.REPOSITORY_FETCHED: {"commit": "c" * 40, "seconds": 1.0},
+        BuildStep.MODEL_DOWNLOADED: {"model_uri": "models:/m/1", "run_id": "r1", "seconds": 2.0},
+        BuildStep.DEPENDENCIES_PREPARED: {"platforms": ["linux/amd64"], "seconds": 3.0},
+        BuildStep.IMAGE_REUSED: {
+            "role": "learner", "ref": ref, "digest": "sha256:12", "seconds": 0.1,
+        },
+        BuildStep.IMAGE_BUILT: {"role": "learner", "platform": "linux/arm64", "seconds": 4.0},
+        BuildStep.IMAGE_PUSHED: {
+            "role": "learner", "ref": ref, "digest": "sha256:12",
+            "platform_digests": {"linux/amd64": "sha256:12"}, "seconds": 5.0,
+        },
+    }  # fmt: skip
+    assert set(samples) == set(BuildStep)
+    notifier = StatusNotifier(mqtt_broker.url, project_id, Component.BUILDER)
+
+    # Execute
+    try:
+        publish = progress_publisher(notifier)
+        for step, data in samples.items():
+            publish(step, dict(data))
+    finally:
+        notifier.close()
+
+    # Assert: one progress message per step, in order, its data with the step's name
+    deadline = time.monotonic() + 10
+    while len(recorder.find("builder/progress")) < len(samples) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    progress = recorder.find("builder/progress")
+    assert [message["data"] for message in progress] == [
+        {"step": str(step), **data, "seconds": round(float(str(data["seconds"])), 3)}
+        for step, data in samples.items()
+    ]
+    messages = [message["message"] for message in progress]
+    assert messages[0] == "base image reg:5000/flops/base:1 resolved in 0.1 s"
+    assert messages[1] == "repository fetched at cccccccccccc in 1.0 s"
+    assert messages[5] == "learner image for linux/arm64 built in 4.0 s"
+    assert messages[6] == f"learner image pushed in 5.0 s: {ref}"
 
 
 def test_missing_settings_are_a_config_error_with_an_outcome(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ their times (``pytest -s``).
 import importlib.metadata
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from builder_testing import copy_example
@@ -15,6 +16,7 @@ from oci_testing import layer_sizes, run_in_image, skopeo_json
 from packaging.utils import canonicalize_name
 
 from flops_utils.net import find_free_port
+from image_builder.buildah import build_failure, condense_tool_error, failing_step, strip_tag
 from image_builder.errors import (
     BaseImageError,
     BuildToolMissingError,
@@ -29,11 +31,7 @@ from image_builder.oci_builder import (
     BuiltImage,
     BuiltImages,
     OciBuilder,
-    build_failure,
-    condense_tool_error,
-    failing_step,
     render_containerfile,
-    strip_tag,
 )
 from image_builder.repo import content_hash
 
@@ -155,8 +153,12 @@ def builder(oci_registry: str, oci_base_image: str, oci_cache: Path) -> OciBuild
 
 @pytest.fixture(scope="module")
 def example_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example repository as a plain directory (module-wide)."""
-    return copy_example(tmp_path_factory.mktemp("repos") / "mnist")
+    """The example repository as a plain directory (module-wide), with a file of its own: the
+    same content built by other tests of the session (the Oakestra flow) would be reused,
+    labelled with their copy's path as its source."""
+    path = copy_example(tmp_path_factory.mktemp("repos") / "mnist")
+    (path / "OCI_BUILDER_TEST.md").write_text("built by tests/image_builder/test_oci_builder.py\n")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +285,11 @@ def test_same_inputs_again_reuse_the_pushed_images(
     builder: OciBuilder, first_build: BuiltImages, example_dir: Path, tmp_path: Path
 ) -> None:
     # Execute
-    again = builder.build(str(example_dir), None, tmp_path / "work", flavor="sklearn")
+    steps: list[tuple[str, dict[str, Any]]] = []
+    again = builder.build(
+        str(example_dir), None, tmp_path / "work", flavor="sklearn",
+        on_progress=lambda step, data: steps.append((step, data)),
+    )  # fmt: skip
     print(f"\nno-op build: {again.seconds:.2f} s")
 
     # Assert
@@ -292,6 +298,12 @@ def test_same_inputs_again_reuse_the_pushed_images(
     assert again.key == first_build.key
     assert [i.digest for i in again.images] == [i.digest for i in first_build.images]
     assert not any((tmp_path / "work").iterdir())
+    # the milestones: nothing built, both images reused
+    assert [step for step, _ in steps] == [
+        "base_resolved", "repository_fetched", "image_reused", "image_reused",
+    ]  # fmt: skip
+    assert steps[1][1]["commit"] == again.commit
+    assert [data["ref"] for _, data in steps[2:]] == [i.pinned_ref for i in again.images]
 
 
 def test_code_only_change_rebuilds_only_the_repository_layer(

@@ -23,24 +23,25 @@ import pytest
 from builder_testing import copy_example
 from oci_testing import layer_sizes, mounted_image, run_in_image, skopeo_json
 
+from image_builder.buildah import manifest_digest, manifest_entries
+from image_builder.cross_platform import (
+    PLATFORMS,
+    add_passwd_user,
+    elf_machine,
+    foreign_elf_files,
+    platform_install_error,
+    read_base_facts,
+    resolve_in_root,
+)
 from image_builder.errors import BaseImageError, DependencyInstallError, ImageBuildError
 from image_builder.oci_builder import (
     IMAGE_UID,
     LABEL_INPUTS_HASH,
-    PLATFORMS,
     UNUSED_DEPENDENCIES,
     BuiltImages,
     OciBuilder,
-    add_passwd_user,
-    elf_machine,
-    foreign_elf_files,
-    manifest_digest,
-    manifest_entries,
-    platform_install_error,
-    read_base_facts,
     render_containerfile,
     render_cross_containerfile,
-    resolve_in_root,
 )
 
 BOTH = ["linux/amd64", "linux/arm64"]
