@@ -59,12 +59,13 @@ def pulled_layers(pinned_ref: str, arch: str) -> list[tuple[str, int]]:
          f"docker://{pinned_ref}"],
         capture_output=True, text=True, timeout=600, check=True,
     ).stdout.strip().splitlines()[-1]  # fmt: skip
-    history = json.loads(
-        subprocess.run(
-            ["buildah", "inspect", "--type", "image", "--format", "{{json .History}}", image_id],
-            capture_output=True, text=True, timeout=120, check=True,
-        ).stdout
+    inspected = subprocess.run(
+        ["buildah", "inspect", "--type", "image", image_id],
+        capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
+    if inspected.returncode != 0:
+        raise SystemExit(f"buildah inspect {image_id}: {inspected.stderr}")
+    history = json.loads(inspected.stdout)["OCIv1"].get("history", [])
     sizes = layer_sizes(image_id)
     steps = [h.get("created_by", "") for h in history if not h.get("empty_layer")]
     if len(steps) != len(sizes):
@@ -85,7 +86,7 @@ def empty_storage(root: Path) -> None:
 
 
 def timed_build(builder: OciBuilder, repo: Path, platforms: list[str], work: Path) -> BuiltImages:
-    return builder.build(str(repo), None, work, flavor="sklearn", platforms=platforms)
+    return builder.build(str(repo), None, work, flavor="sklearn", platforms=platforms or None)
 
 
 def main() -> None:
