@@ -48,8 +48,6 @@ from flops_utils.logging import logger
 from image_builder.dependencies import resolve_local_paths
 from image_builder.errors import EnvironmentBuildError
 from image_builder.python_env import (
-    MISSING_PACKAGE,
-    NETWORK_ERROR,
     RUNTIME_PACKAGES,
     base_interpreter,
     condense_uv_error,
@@ -58,6 +56,7 @@ from image_builder.python_env import (
     file_lock,
     manager_versions,
     plan_install,
+    run_uv_with_fallbacks,
     runtime_pins,
     uv_command,
 )
@@ -280,25 +279,18 @@ class VenvBuilder:
         (staging / "constraints.txt").write_text("\n".join(constraints) + "\n")
         install = ["pip", "install", "--python", str(venv / "bin" / "python"),
                    "-r", str(staging / "requirements.txt")]  # fmt: skip
-        constrained = [*install, "-c", str(staging / "constraints.txt")]
-        attempts = [
-            ("offline", [*constrained, "--offline"]),
-            ("online", constrained),
-            ("online", install),  # the manager's versions may clash with the repo's needs
-        ]
-        errors: list[tuple[str, str]] = []
-        for mode, args in attempts:
-            if errors and mode == "online" and NETWORK_ERROR.search(errors[-1][1]):
-                break  # no index reachable: further online attempts cannot help
-            if len(errors) == 2 and MISSING_PACKAGE.search(errors[-1][1]):
-                break  # a name the index does not know: constraints are not the cause
+
+        def run(args: list[str]) -> tuple[int, str]:
             result = self._uv(args, cwd=staging, check=False)
-            if result.returncode == 0:
-                logger.info("installed requirements %s", mode)
-                return mode
-            errors.append((mode, result.stderr))
-            logger.debug("uv pip install (%s) failed: %s", mode, result.stderr)
-        raise dependency_install_error(errors)
+            if result.returncode != 0:
+                logger.debug("uv pip install failed: %s", result.stderr)
+            return result.returncode, result.stderr
+
+        mode, errors = run_uv_with_fallbacks(run, install, staging / "constraints.txt")
+        if mode is None:
+            raise dependency_install_error(errors)
+        logger.info("installed requirements %s", mode)
+        return mode
 
     def _plan(self, requirements: list[str]) -> tuple[list[str], list[str]]:
         """Split into (repository lines to install, constraint lines); see

@@ -9,13 +9,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import git
 import pytest
 from builder_testing import ExampleRepo, commit_all, copy_example
 
 from image_builder.errors import DependencyInstallError, EnvironmentBuildError, RepoLayoutError
-from image_builder.python_env import condense_uv_error, file_lock, uv_command
+from image_builder.python_env import condense_uv_error, file_lock, run_uv_with_fallbacks, uv_command
 from image_builder.venv_builder import BuiltEnvironment, VenvBuilder
 
 IMPORT_CHECK = (
@@ -271,3 +272,43 @@ def test_build_lock_wait_is_bounded(tmp_path: Path) -> None:
     # Assert
     assert 0.3 <= time.monotonic() - started < 2
     assert "retry" in caught.value.message
+
+
+def _scripted_uv(outcomes: list[tuple[int, str]]) -> tuple[Any, list[list[str]]]:
+    """A ``run`` for :func:`run_uv_with_fallbacks` answering ``outcomes`` in order; the second
+    item lists the arguments of every call."""
+    calls: list[list[str]] = []
+
+    def run(args: list[str]) -> tuple[int, str]:
+        calls.append(list(args))
+        return outcomes[len(calls) - 1]
+
+    return run, calls
+
+
+OFFLINE_MISS = (
+    "error: Failed to download `tinydep==1.0`\n"
+    "  Caused by: Network connectivity is disabled, but the requested data wasn't found in "
+    "the cache"
+)
+
+
+def test_a_package_missing_from_the_cache_is_fetched_online(tmp_path: Path) -> None:
+    # uv's offline miss mentions a failed download: that is no network outage
+    run, calls = _scripted_uv([(2, OFFLINE_MISS), (0, "")])
+
+    mode, errors = run_uv_with_fallbacks(run, ["pip", "install"], tmp_path / "c.txt")
+
+    assert mode == "online"
+    assert calls[0][-1] == "--offline" and "--offline" not in calls[1]
+    assert errors == [("offline", OFFLINE_MISS)]
+
+
+def test_an_unreachable_index_stops_after_the_first_online_attempt(tmp_path: Path) -> None:
+    unreachable = "error: Failed to fetch: `https://pypi.org/simple/tinydep/`: dns error"
+    run, calls = _scripted_uv([(2, OFFLINE_MISS), (2, unreachable), (0, "")])
+
+    mode, errors = run_uv_with_fallbacks(run, ["pip", "install"], tmp_path / "c.txt")
+
+    assert mode is None and len(calls) == 2
+    assert [m for m, _ in errors] == ["offline", "online"]
