@@ -53,11 +53,12 @@ from aggregator.flower_server import (
 from aggregator.tracking import MlflowTracker, ModelLoggingError, TrackingError
 from flops_manager.sla import DEFAULT_STRATEGY, STRATEGY_ADAPTER, StrategyConfig
 from flops_utils import env_vars
+from flops_utils.env_config import EnvReader
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 from flops_utils.ml_repo_files_proxy import get_model_manager
 from flops_utils.ml_repo_templates import ModelManagerTemplate
-from flops_utils.notifications import StatusNotifier, notify_once, parse_mqtt_url
+from flops_utils.notifications import StatusNotifier, notify_once
 from flops_utils.types import Component, ComponentStatus, MLModelFlavor
 from flops_utils.user_code import (
     UserCodeError,
@@ -179,30 +180,19 @@ class AggregatorConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "AggregatorConfig":
         """Read and check the ``FLOPS_*`` variables and the SLA. Raises :class:`ConfigError`."""
-        project_id = _required(env, env_vars.PROJECT_ID)
-        mqtt_url = _required(env, env_vars.MQTT_URL)
-        try:
-            parse_mqtt_url(mqtt_url)
-        except ValueError as exc:
-            raise ConfigError(f"{env_vars.MQTT_URL}: {exc}.") from exc
-        address = _required(env, env_vars.AGGREGATOR_ADDRESS)
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(
-                f"{env_vars.AGGREGATOR_ADDRESS}={address!r} is not HOST:PORT; set it to the "
-                "address the Flower server should bind, e.g. 0.0.0.0:8080."
-            )
-        mlflow_url = _required(env, env_vars.MLFLOW_URL)
+        read = EnvReader(env, ConfigError, "the orchestrator sets it when it starts an aggregator")
+        project_id = read.required(env_vars.PROJECT_ID)
+        mqtt_url = read.mqtt_url()
+        address = read.host_port(
+            env_vars.AGGREGATOR_ADDRESS,
+            "the address the Flower server should bind, e.g. 0.0.0.0:8080",
+        )
+        mlflow_url = read.required(env_vars.MLFLOW_URL)
         if not mlflow_url.startswith(("http://", "https://")):
             raise ConfigError(f"{env_vars.MLFLOW_URL}={mlflow_url!r} is not http://HOST:PORT.")
-        repo_dir = Path(env.get(env_vars.ML_REPO_DIR) or os.getcwd())
-        if not (repo_dir / "model_manager.py").is_file():
-            raise ConfigError(
-                f"{repo_dir} has no model_manager.py; point {env_vars.ML_REPO_DIR} at the ML "
-                "repository's root."
-            )
+        repo_dir = read.repo_dir()
         try:
-            sla = json.loads(_required(env, env_vars.SLA))
+            sla = json.loads(read.required(env_vars.SLA))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{env_vars.SLA} is not valid JSON ({exc}).") from exc
         if not isinstance(sla, dict):
@@ -237,13 +227,7 @@ class AggregatorConfig:
             )
         strategy = _strategy(training)
         training = {**training, "strategy": strategy.model_dump(mode="json")}
-        connect_raw = env.get(env_vars.CONNECT_TIMEOUT_S) or str(DEFAULT_CONNECT_TIMEOUT_S)
-        try:
-            connect_timeout_s = float(connect_raw)
-        except ValueError as exc:
-            raise ConfigError(
-                f"{env_vars.CONNECT_TIMEOUT_S}={connect_raw!r} is not a number of seconds."
-            ) from exc
+        connect_timeout_s = read.seconds(env_vars.CONNECT_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S)
         return cls(
             project_id=project_id,
             mqtt_url=mqtt_url,
@@ -273,15 +257,6 @@ class AggregatorConfig:
             connect_timeout_s=self.connect_timeout_s,
             strategy=self.strategy,
         )
-
-
-def _required(env: Mapping[str, str], name: str) -> str:
-    value = env.get(name, "").strip()
-    if not value:
-        raise ConfigError(
-            f"{name} is not set; the orchestrator sets it when it starts an aggregator."
-        )
-    return value
 
 
 def _strategy(training: Mapping[str, Any]) -> StrategyConfig:

@@ -51,9 +51,10 @@ from pathlib import Path
 from typing import Any
 
 from flops_utils import env_vars
+from flops_utils.env_config import EnvReader
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
-from flops_utils.notifications import StatusNotifier, parse_mqtt_url
+from flops_utils.notifications import StatusNotifier
 from flops_utils.types import Component, ComponentStatus, MLModelFlavor
 from image_builder.errors import BuilderError
 from image_builder.model_image import ModelImage, ModelImageBuilder
@@ -116,11 +117,10 @@ class BuildRequest:
     def from_env(cls, env: Mapping[str, str]) -> BuildRequest:
         """Read and check the variables of the module docstring. Raises
         :class:`BuilderConfigError` naming the variable and what it should hold."""
-        mqtt_url = _required(env, env_vars.MQTT_URL)
-        try:
-            parse_mqtt_url(mqtt_url)
-        except ValueError as exc:
-            raise BuilderConfigError(f"{env_vars.MQTT_URL}: {exc}.") from exc
+        read = EnvReader(
+            env, BuilderConfigError, "the manager sets it when it starts the image builder"
+        )
+        mqtt_url = read.mqtt_url()
         flavor = env.get(env_vars.ML_MODEL_FLAVOR) or MLModelFlavor.PYTORCH.value
         flavors = [member.value for member in MLModelFlavor]
         if flavor not in flavors:
@@ -141,18 +141,18 @@ class BuildRequest:
         result_file = env.get(env_vars.BUILD_RESULT_FILE)
         model_uri = (env.get(env_vars.MODEL_URI) or "").strip()
         return cls(
-            project_id=_required(env, env_vars.PROJECT_ID),
+            project_id=read.required(env_vars.PROJECT_ID),
             mqtt_url=mqtt_url,
-            ml_repo_url="" if model_uri else _required(env, env_vars.ML_REPO_URL),
+            ml_repo_url="" if model_uri else read.required(env_vars.ML_REPO_URL),
             ml_repo_ref=env.get(env_vars.ML_REPO_REF) or None,
             model_uri=model_uri,
-            mlflow_url=_required(env, env_vars.MLFLOW_URL) if model_uri else "",
+            mlflow_url=read.required(env_vars.MLFLOW_URL) if model_uri else "",
             flavor=flavor,
             platforms=platforms,
-            registry=_required(env, env_vars.REGISTRY),
+            registry=read.required(env_vars.REGISTRY),
             namespace=env.get(env_vars.REGISTRY_NAMESPACE) or "flops",
             tls_verify=tls in {"true", "1"},
-            base_image=_required(env, env_vars.BASE_IMAGE),
+            base_image=read.required(env_vars.BASE_IMAGE),
             cache_dir=Path(cache),
             workdir=Path(workdir) if workdir else None,
             result_file=Path(result_file) if result_file else None,
@@ -174,15 +174,6 @@ class BuildRequest:
             "registry": self.registry,
             "base_image": self.base_image,
         }
-
-
-def _required(env: Mapping[str, str], name: str) -> str:
-    value = (env.get(name) or "").strip()
-    if not value:
-        raise BuilderConfigError(
-            f"{name} is not set; the manager sets it when it starts the image builder."
-        )
-    return value
 
 
 def result_document(built: BuiltImages) -> dict[str, Any]:

@@ -24,11 +24,12 @@ from enum import IntEnum
 from pathlib import Path
 
 from flops_utils import env_vars
+from flops_utils.env_config import EnvReader
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 from flops_utils.ml_repo_files_proxy import get_model_manager
 from flops_utils.ml_repo_templates import ModelManagerTemplate
-from flops_utils.notifications import StatusNotifier, notify_once, parse_mqtt_url
+from flops_utils.notifications import StatusNotifier, notify_once
 from flops_utils.types import Component, ComponentStatus
 from flops_utils.user_code import UserCodeError, describe_exception, one_line
 from learner.flower_client import (
@@ -114,32 +115,14 @@ class LearnerConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "LearnerConfig":
         """Read and check the ``FLOPS_*`` variables. Raises :class:`ConfigError`."""
-        project_id = _required(env, env_vars.PROJECT_ID)
-        mqtt_url = _required(env, env_vars.MQTT_URL)
-        try:
-            parse_mqtt_url(mqtt_url)
-        except ValueError as exc:
-            raise ConfigError(f"{env_vars.MQTT_URL}: {exc}.") from exc
-        address = _required(env, env_vars.AGGREGATOR_ADDRESS)
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(
-                f"{env_vars.AGGREGATOR_ADDRESS}={address!r} is not HOST:PORT; set it to the "
-                "aggregator's address, e.g. 127.0.0.1:8080."
-            )
-        repo_dir = Path(env.get(env_vars.ML_REPO_DIR) or os.getcwd())
-        if not (repo_dir / "model_manager.py").is_file():
-            raise ConfigError(
-                f"{repo_dir} has no model_manager.py; point {env_vars.ML_REPO_DIR} at the ML "
-                "repository's root."
-            )
-        raw_timeout = env.get(env_vars.CONNECT_TIMEOUT_S) or str(DEFAULT_CONNECT_TIMEOUT_S)
-        try:
-            connect_timeout_s = float(raw_timeout)
-        except ValueError as exc:
-            raise ConfigError(
-                f"{env_vars.CONNECT_TIMEOUT_S}={raw_timeout!r} is not a number of seconds."
-            ) from exc
+        read = EnvReader(env, ConfigError, "the orchestrator sets it when it starts a learner")
+        project_id = read.required(env_vars.PROJECT_ID)
+        mqtt_url = read.mqtt_url()
+        address = read.host_port(
+            env_vars.AGGREGATOR_ADDRESS, "the aggregator's address, e.g. 127.0.0.1:8080"
+        )
+        repo_dir = read.repo_dir()
+        connect_timeout_s = read.seconds(env_vars.CONNECT_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S)
         tags = tuple(t.strip() for t in env.get(env_vars.DATA_TAGS, "").split(",") if t.strip())
         return cls(
             project_id=project_id,
@@ -150,13 +133,6 @@ class LearnerConfig:
             data_tags=tags,
             connect_timeout_s=connect_timeout_s,
         )
-
-
-def _required(env: Mapping[str, str], name: str) -> str:
-    value = env.get(name, "").strip()
-    if not value:
-        raise ConfigError(f"{name} is not set; the orchestrator sets it when it starts a learner.")
-    return value
 
 
 def run(config: LearnerConfig, notifier: StatusNotifier) -> ExitCode:
