@@ -380,8 +380,6 @@ def _make_base_archive(archive: Path) -> None:
     """debootstrap a minbase rootfs, trim it, import it with buildah, save it as OCI archive."""
     scratch = Path(tempfile.mkdtemp(prefix="flops-base-", dir=archive.parent))
     rootfs = scratch / "rootfs"
-    local = f"localhost/flops-test-base:{recipe_key()}"
-    container = ""
     try:
         _run(
             ["debootstrap", f"--variant={BASE_VARIANT}", f"--include={','.join(BASE_PACKAGES)}",
@@ -389,25 +387,8 @@ def _make_base_archive(archive: Path) -> None:
             DEBOOTSTRAP_TIMEOUT_S,
         )  # fmt: skip
         _trim(rootfs)
-        container = _run(["buildah", "from", "scratch"], 60).stdout.strip()
-        _copy_rootfs(rootfs, container)
-        _run(
-            ["buildah", "config", "--env", "LANG=C.UTF-8", "--env",
-             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-             "--cmd", "python3", "--label", "org.opencontainers.image.title=flops-test-base",
-             "--label", f"org.flops.recipe={recipe_key()}", container],
-            60,
-        )  # fmt: skip
-        _run(["buildah", "commit", "--quiet", "--rm", container, local], TOOL_TIMEOUT_S)
-        container = ""
-        partial = archive.with_suffix(".partial")
-        partial.unlink(missing_ok=True)
-        _run(["buildah", "push", "--quiet", local, f"oci-archive:{partial}"], TOOL_TIMEOUT_S)
-        partial.rename(archive)
+        _archive_rootfs(rootfs, archive, None)
     finally:
-        if container:
-            _run(["buildah", "rm", container], 60, check=False)
-        _run(["buildah", "rmi", local], 60, check=False)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -427,8 +408,6 @@ def _make_foreign_base_archive(archive: Path, arch: str) -> None:
     """
     scratch = Path(tempfile.mkdtemp(prefix="flops-base-", dir=archive.parent))
     rootfs = scratch / "rootfs"
-    local = f"localhost/flops-test-base:{recipe_key(arch)}"
-    container = ""
     try:
         _run(
             ["debootstrap", "--foreign", f"--arch={arch}", f"--variant={BASE_VARIANT}",
@@ -453,12 +432,21 @@ def _make_foreign_base_archive(archive: Path, arch: str) -> None:
         for path in (rootfs / "etc/hostname", rootfs / "etc/resolv.conf"):
             path.unlink(missing_ok=True)  # the host's, copied by debootstrap
         _trim(rootfs)
-        container = _run(
-            ["buildah", "from", "--arch", arch, "--os", "linux", "scratch"], 60
-        ).stdout.strip()
+        _archive_rootfs(rootfs, archive, arch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _archive_rootfs(rootfs: Path, archive: Path, arch: str | None) -> None:
+    """Import ``rootfs`` with buildah as the test base image (for ``arch``; ``None``: this
+    machine's) and save it as the OCI archive ``archive`` (written whole, then renamed)."""
+    platform_options = [] if arch is None else ["--arch", arch, "--os", "linux"]
+    local = f"localhost/flops-test-base:{recipe_key(arch)}"
+    container = _run(["buildah", "from", *platform_options, "scratch"], 60).stdout.strip()
+    try:
         _copy_rootfs(rootfs, container)
         _run(
-            ["buildah", "config", "--arch", arch, "--os", "linux", "--env", "LANG=C.UTF-8",
+            ["buildah", "config", *platform_options, "--env", "LANG=C.UTF-8",
              "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
              "--cmd", "python3", "--label", "org.opencontainers.image.title=flops-test-base",
              "--label", f"org.flops.recipe={recipe_key(arch)}", container],
@@ -474,7 +462,6 @@ def _make_foreign_base_archive(archive: Path, arch: str) -> None:
         if container:
             _run(["buildah", "rm", container], 60, check=False)
         _run(["buildah", "rmi", local], 60, check=False)
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _unpack_deb(deb: Path, rootfs: Path) -> None:
