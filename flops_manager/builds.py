@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from flops_manager.errors import ConfigurationError
 from flops_utils import env_vars
 from flops_utils.logging import logger
-from flops_utils.processes import stop_process_groups
+from flops_utils.processes import run_to_log
 from image_builder.errors import BuilderError
 
 if TYPE_CHECKING:
@@ -255,22 +254,18 @@ class ImageBuildService:
         result_file = Path(settings[env_vars.BUILD_RESULT_FILE])
         result_file.unlink(missing_ok=True)
         log_path = workdir / "image-builder.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [self.python, "-m", "image_builder.main"],
-                env={**os.environ, **settings},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+        log_path.unlink(missing_ok=True)
+        returncode = run_to_log(
+            [self.python, "-m", "image_builder.main"],
+            log_path,
+            self.timeout_s,
+            env={**os.environ, **settings},
+        )
+        if returncode is None:
+            raise ImageBuildFailed(
+                f"The image build did not finish within {self.timeout_s:.0f} s; see "
+                f"{log_path}, or raise the build timeout."
             )
-            try:
-                returncode = process.wait(timeout=self.timeout_s)
-            except subprocess.TimeoutExpired:
-                stop_process_groups([process])
-                raise ImageBuildFailed(
-                    f"The image build did not finish within {self.timeout_s:.0f} s; see "
-                    f"{log_path}, or raise the build timeout."
-                ) from None
         outcome = _read_outcome(result_file)
         if outcome.get("status") == "success":
             logger.info(

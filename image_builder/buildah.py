@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from flops_utils.logging import logger
-from flops_utils.processes import stop_process_groups
+from flops_utils.processes import run_to_log
 from image_builder.errors import (
     BaseImageError,
     BuilderError,
@@ -183,20 +183,15 @@ class Buildah:
         ]  # fmt: skip
         started = time.monotonic()
         logger.info("building the %s image %s for %s", role, tag, platform)
-        with log_path.open("w", encoding="utf-8") as log:
-            log.write(f"$ {shlex.join(command)}\n")
-            log.flush()
-            process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        log_path.unlink(missing_ok=True)
+        returncode = run_to_log(
+            command, log_path, self.build_timeout_s, header=f"$ {shlex.join(command)}\n"
+        )
+        if returncode is None:
+            raise ImageBuildError(
+                f"Building the {role} image did not finish within "
+                f"{self.build_timeout_s:.0f} s; see {log_path}, or raise build_timeout_s."
             )
-            try:
-                returncode = process.wait(timeout=self.build_timeout_s)
-            except subprocess.TimeoutExpired:
-                stop_process_groups([process])
-                raise ImageBuildError(
-                    f"Building the {role} image did not finish within "
-                    f"{self.build_timeout_s:.0f} s; see {log_path}, or raise build_timeout_s."
-                ) from None
         output = log_path.read_text(encoding="utf-8", errors="replace")
         if returncode != 0:
             raise build_failure(role, output, log_path)

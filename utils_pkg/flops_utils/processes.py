@@ -40,6 +40,32 @@ def stop_process_groups(
         signal_group(process.pid, signal.SIGKILL)
 
 
+def run_to_log(
+    command: Sequence[str],
+    log_path: "os.PathLike[str] | str",
+    timeout_s: float,
+    *,
+    env: dict[str, str] | None = None,
+    header: str = "",
+) -> int | None:
+    """Run ``command`` in its own session with stdout and stderr appended to ``log_path``
+    (after ``header``, if given) and return its exit status; ``None`` when it did not end
+    within ``timeout_s`` seconds (its process group is then stopped). A file, not a pipe, so
+    that a long build cannot block on a full pipe."""
+    with open(log_path, "ab") as log:
+        if header:
+            log.write(header.encode())
+            log.flush()
+        process = subprocess.Popen(
+            list(command), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            return process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            stop_process_groups([process])
+            return None
+
+
 class StartStop(ABC):
     """A component with ``start()`` and ``stop()`` that is also a context manager:
     ``with Component(...) as running:`` starts it and stops it on exit."""
