@@ -9,7 +9,7 @@ from flops_utils.processes import run_to_log
 
 def test_exit_status_and_output_land_in_the_log(tmp_path: Path) -> None:
     log = tmp_path / "child.log"
-    code = "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"
+    code = "import sys; print('out', flush=True); print('err', file=sys.stderr); sys.exit(3)"
 
     status = run_to_log([sys.executable, "-c", code], log, 30, header="$ child\n")
 
