@@ -30,6 +30,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,14 +51,24 @@ from aggregator.flower_server import (
     TrainingSettings,
     run_server,
 )
-from aggregator.tracking import MlflowTracker, ModelLoggingError, TrackingError
+from aggregator.tracking import (
+    MODEL_NAME,
+    LoggedModel,
+    MlflowTracker,
+    ModelLoggingError,
+    TrackingError,
+)
 from flops_manager.sla import DEFAULT_STRATEGY, STRATEGY_ADAPTER, StrategyConfig
 from flops_utils import env_vars
 from flops_utils.env_config import EnvReader
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
-from flops_utils.ml_repo_files_proxy import get_model_manager
-from flops_utils.ml_repo_templates import ModelManagerTemplate
+from flops_utils.model_worker_client import (
+    ModelSaveFailed,
+    ModelWorker,
+    ModelWorkerStartError,
+    RemoteUserCodeError,
+)
 from flops_utils.notifications import StatusNotifier, notify_once
 from flops_utils.types import Component, ComponentStatus, MLModelFlavor
 from flops_utils.user_code import (
@@ -134,6 +145,7 @@ class ConfigError(FlopsError):
 ERROR_EXIT_CODES: dict[type[FlopsError], ExitCode] = {
     UserCodeError: ExitCode.USER_CODE_ERROR,
     ConfigError: ExitCode.CONFIG_ERROR,
+    ModelWorkerStartError: ExitCode.CONFIG_ERROR,
     AddressUnavailable: ExitCode.CONFIG_ERROR,
     TrainingFailed: ExitCode.TRAINING_FAILED,
     TrackingError: ExitCode.TRACKING_UNAVAILABLE,
@@ -324,39 +336,25 @@ def run(config: AggregatorConfig, notifier: StatusNotifier) -> ExitCode:
     _stop_cleanly_on_sigterm(tracker, notifier)
     try:
         tracker.check_reachable()
-        model_manager: ModelManagerTemplate = call_user_code(
-            "ModelManager()", lambda: get_model_manager(str(config.repo_dir))
-        )
-        initial = call_user_code(
-            "ModelManager.get_model_parameters",
-            lambda: [np.asarray(p) for p in model_manager.get_model_parameters()],
-        )
-        customer = str(config.sla.get("customerID", ""))
-        run_id = tracker.start_run(config.sla, tags={"flops.customer_id": customer})
-        result = run_server(config.training_settings(), initial, on_round, on_listening)
-        last = result.rounds[-1] if result.rounds else None
-        notifier.notify(
-            ComponentStatus.PROGRESS,
-            f"training done after {len(result.rounds)} rounds; logging the model",
-            {
-                "stage": STAGE_TRAINING_DONE,
-                "rounds": len(result.rounds),
-                "loss": last.loss if last else None,
-                "accuracy": last.accuracy if last else None,
-            },
-        )
-        call_user_code(
-            "ModelManager.set_model_parameters",
-            lambda: model_manager.set_model_parameters(result.parameters),
-        )
-        model = call_user_code("ModelManager.get_model", model_manager.get_model)
-        example_fn = getattr(model_manager, "get_input_example", None)
-        example = (
-            call_user_code("ModelManager.get_input_example", example_fn) if example_fn else None
-        )
-        logged = tracker.log_model(
-            model, config.flavor, step=config.training_rounds, input_example=example
-        )
+        with ModelWorker(config.repo_dir) as model_manager:
+            initial = call_user_code(
+                "ModelManager.get_model_parameters", model_manager.get_model_parameters
+            )
+            customer = str(config.sla.get("customerID", ""))
+            run_id = tracker.start_run(config.sla, tags={"flops.customer_id": customer})
+            result = run_server(config.training_settings(), initial, on_round, on_listening)
+            last = result.rounds[-1] if result.rounds else None
+            notifier.notify(
+                ComponentStatus.PROGRESS,
+                f"training done after {len(result.rounds)} rounds; logging the model",
+                {
+                    "stage": STAGE_TRAINING_DONE,
+                    "rounds": len(result.rounds),
+                    "loss": last.loss if last else None,
+                    "accuracy": last.accuracy if last else None,
+                },
+            )
+            logged = _log_final_model(model_manager, tracker, config, result.parameters)
         data = {
             "experiment_id": tracker.experiment_id,
             "run_id": run_id,
@@ -393,6 +391,32 @@ def run(config: AggregatorConfig, notifier: StatusNotifier) -> ExitCode:
         data,
     )
     return ExitCode.OK
+
+
+def _log_final_model(
+    model_manager: ModelWorker,
+    tracker: MlflowTracker,
+    config: AggregatorConfig,
+    parameters: list[np.ndarray[Any, Any]],
+) -> LoggedModel:
+    """Save the final model in the model worker (the repository's environment, with its
+    MLflow) and upload and register it with this process's MLflow client.
+
+    Raises :class:`UserCodeError` when ``set_model_parameters``/``get_model`` raised,
+    :class:`ModelLoggingError` when the model cannot be saved with the SLA's flavor, and
+    :class:`TrackingError` when the tracking server fails.
+    """
+    with tempfile.TemporaryDirectory(prefix="flops-model-") as scratch:
+        model_dir = Path(scratch) / MODEL_NAME
+        try:
+            saved = model_manager.save_model(config.flavor.value, model_dir, parameters)
+        except RemoteUserCodeError as exc:  # the message names the method
+            raise UserCodeError(str(exc)) from None
+        except ModelSaveFailed as exc:
+            raise ModelLoggingError(exc.message) from None
+        return tracker.log_saved_model(
+            model_dir, config.flavor, step=config.training_rounds, saved_with=saved
+        )
 
 
 def _stop_cleanly_on_sigterm(tracker: MlflowTracker, notifier: StatusNotifier) -> None:

@@ -11,9 +11,6 @@ over HTTP only (the server proxies artifacts), and telemetry is switched off so 
 tries the internet.
 """
 
-import importlib
-import importlib.util
-import inspect
 import json
 import os
 import time
@@ -22,9 +19,8 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, Literal
-
-import numpy as np
 
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
@@ -71,24 +67,6 @@ class ModelLoggingError(FlopsError):
 
 
 @dataclass(frozen=True)
-class FlavorSpec:
-    """How to log one :class:`MLModelFlavor`: the MLflow module and the library it needs."""
-
-    mlflow_module: str
-    library: str
-    pip_package: str
-
-
-FLAVORS: dict[MLModelFlavor, FlavorSpec] = {
-    MLModelFlavor.SKLEARN: FlavorSpec("mlflow.sklearn", "sklearn", "scikit-learn"),
-    MLModelFlavor.PYTORCH: FlavorSpec("mlflow.pytorch", "torch", "torch"),
-    MLModelFlavor.TENSORFLOW: FlavorSpec("mlflow.tensorflow", "tensorflow", "tensorflow"),
-    MLModelFlavor.KERAS: FlavorSpec("mlflow.keras", "keras", "keras"),
-}
-"""SLA flavor → MLflow flavor module and the library that module imports."""
-
-
-@dataclass(frozen=True)
 class LoggedModel:
     """Where the final model went: ``model_uri`` (``models:/m-...``, loadable with
     ``mlflow.pyfunc.load_model``), the registered model's name and version, and
@@ -131,26 +109,6 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def sklearn_input_example(model: Any) -> Any:
-    """A two-row all-zero ``pandas.DataFrame`` input for a scikit-learn model, or ``None``.
-
-    The feature count comes from ``n_features_in_`` or, for linear models whose
-    coefficients were set by hand (as FedAvg does), from ``coef_.shape[-1]``. MLflow derives
-    the logged model's signature from it. A DataFrame gives a column-based signature
-    (``double`` columns), which accepts NumPy arrays and DataFrames of any numeric dtype;
-    a NumPy example would give a tensor signature that rejects every other dtype (a float64
-    example rejects the float32 arrays most repositories train on).
-    """
-    import pandas as pd
-
-    n_features = getattr(model, "n_features_in_", None)
-    if n_features is None and getattr(model, "coef_", None) is not None:
-        n_features = np.asarray(model.coef_).shape[-1]
-    if n_features is None:
-        return None
-    return pd.DataFrame(np.zeros((2, int(n_features)), dtype=np.float64))
-
-
 class MlflowTracker:
     """Logs one project's training to an MLflow tracking server.
 
@@ -159,7 +117,7 @@ class MlflowTracker:
         project_id: the project; names the experiment, the run and the registered model.
 
     Call :meth:`check_reachable`, :meth:`start_run`, :meth:`log_round` per round,
-    :meth:`log_model`, then :meth:`end_run`. Every method raises :class:`TrackingError` when
+    :meth:`log_saved_model`, then :meth:`end_run`. Every method raises :class:`TrackingError` when
     the server fails (the message names the URL).
     """
 
@@ -240,73 +198,64 @@ class MlflowTracker:
         except Exception as exc:
             raise self._error(f"log round {server_round}", exc) from exc
 
-    def log_model(
+    def log_saved_model(
         self,
-        model: Any,
+        model_dir: Path,
         flavor: MLModelFlavor,
         step: int = 0,
-        input_example: Any = None,
+        saved_with: Mapping[str, Any] | None = None,
     ) -> LoggedModel:
-        """Log ``model`` with ``flavor``'s MLflow module and register it as ``flops-<id>``.
+        """Upload a model directory saved by MLflow and register it as ``flops-<id>``.
+
+        The model worker saved ``model_dir`` (an ``MLmodel`` file and the flavor's files) with
+        the MLflow of the repository's environment; this uploads it as a logged model of the
+        run (MLflow 3's ``LoggedModel``: created with the run as its source, artifacts
+        uploaded, finalized ``READY``, the way ``mlflow.<flavor>.log_model`` does it) and
+        registers a new version of the registered model.
 
         Args:
-            model: the trained model object (``ModelManager.get_model()``).
-            flavor: the SLA's ``ml_model_flavor``.
-            step: the round the model belongs to (links the model to that round's metrics).
-            input_example: a small model input; MLflow stores it and derives the signature.
-                For sklearn it defaults to :func:`sklearn_input_example`.
+            model_dir: the saved model directory.
+            flavor: the SLA's ``ml_model_flavor`` (a tag of the logged model).
+            step: the round the model belongs to (a tag, linking it to that round's metrics).
+            saved_with: what the worker reported (e.g. ``{"mlflow_version": "2.12.1"}``),
+                kept as ``flops.saved_with.*`` tags.
 
-        Returns the :class:`LoggedModel`. Pip requirements are the flavor's defaults (no
-        requirement inference). A flavor whose ``log_model`` takes no ``run_id`` (Keras 3) is
-        logged inside the run as the active run, which ends the run as ``FINISHED``.
-
-        Raises :class:`ModelLoggingError` when the flavor's library is not installed (the
-        message has the ``pip install`` line) or the model cannot be saved, and
-        :class:`TrackingError` when the server fails.
+        Returns the :class:`LoggedModel`. Raises :class:`ModelLoggingError` when
+        ``model_dir`` holds no ``MLmodel`` and :class:`TrackingError` when the server fails.
         """
-        spec = FLAVORS[flavor]
-        if importlib.util.find_spec(spec.library) is None:
+        if not (model_dir / "MLmodel").is_file():
             raise ModelLoggingError(
-                f"ml_model_flavor {flavor.value!r} needs the {spec.pip_package} library, which "
-                f"is not installed here; add it to the repository's dependencies (pip install "
-                f"{spec.pip_package}) or fix ml_model_flavor in the SLA."
+                "The model worker reported the model saved, but it wrote no MLmodel file; "
+                "check the MLflow installed in the repository's environment."
             )
         run_id = self._require_run()
-        self._mlflow_client()
-        module: Any = importlib.import_module(spec.mlflow_module)
-        kwargs: dict[str, Any] = {}
-        if flavor is MLModelFlavor.SKLEARN:
-            if input_example is None:
-                input_example = sklearn_input_example(model)
-            # Explicit requirements skip MLflow's slow import-tracing requirement inference.
-            kwargs["pip_requirements"] = module.get_default_pip_requirements(include_skops=True)
-        else:
-            kwargs["pip_requirements"] = module.get_default_pip_requirements()
-        if input_example is not None:
-            kwargs["input_example"] = input_example
-        kwargs.update(name=MODEL_NAME, registered_model_name=self.name, step=step)
+        client = self._mlflow_client()
+        tags = {
+            "flops.flavor": flavor.value,
+            "flops.round": str(step),
+            **{f"flops.saved_with.{k}": str(v) for k, v in (saved_with or {}).items()},
+        }
         try:
-            if _accepts_run_id(module.log_model):
-                info = module.log_model(model, run_id=run_id, **kwargs)
-            else:  # e.g. mlflow.keras: attach through the active run (ended on exit)
-                import mlflow
+            import mlflow
 
-                with mlflow.start_run(run_id=run_id):
-                    info = module.log_model(model, **kwargs)
+            model = client.create_logged_model(
+                str(self.experiment_id), name=MODEL_NAME, source_run_id=run_id, tags=tags
+            )
+            try:
+                client.log_model_artifacts(model.model_id, str(model_dir))
+            except Exception:
+                client.finalize_logged_model(model.model_id, "FAILED")
+                raise
+            client.finalize_logged_model(model.model_id, "READY")
+            model_uri = f"models:/{model.model_id}"
+            version = mlflow.register_model(model_uri, self.name, await_registration_for=60)
         except Exception as exc:
-            if _is_server_error(exc):
-                raise self._error("log the model", exc) from exc
-            raise ModelLoggingError(
-                f"Logging the model with the {flavor.value} flavor failed "
-                f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); check that "
-                "ModelManager.get_model() returns a model of the SLA's ml_model_flavor."
-            ) from exc
-        version = int(info.registered_model_version or 0)
+            raise self._error("log the model", exc) from exc
         logged = LoggedModel(
-            model_uri=str(info.model_uri),
+            model_uri=model_uri,
             registered_model=self.name,
-            version=version,
-            registered_model_uri=f"models:/{self.name}/{version}",
+            version=int(version.version),
+            registered_model_uri=f"models:/{self.name}/{version.version}",
         )
         logger.info(
             "model logged as %s, registered %s", logged.model_uri, logged.registered_model_uri
@@ -338,20 +287,3 @@ class MlflowTracker:
             f"Could not {action} on the MLflow tracking server {self.tracking_url} "
             f"({type(exc).__name__}: {detail}); check that the server runs and is reachable."
         )
-
-
-def _accepts_run_id(log_model: Any) -> bool:
-    """Whether a flavor's ``log_model`` takes ``run_id`` (directly or via ``**kwargs``)."""
-    parameters = inspect.signature(log_model).parameters.values()
-    return any(p.name == "run_id" or p.kind is p.VAR_KEYWORD for p in parameters)
-
-
-def _is_server_error(exc: Exception) -> bool:
-    """Whether ``exc`` came from talking to the tracking server (not from saving the model)."""
-    from mlflow.exceptions import MlflowException, RestException
-
-    if isinstance(exc, RestException):
-        return True
-    if isinstance(exc, MlflowException) and "API request" in str(exc):
-        return True
-    return isinstance(exc, ConnectionError | TimeoutError)

@@ -44,9 +44,14 @@ class BuildResult:
 
     ``commit``: git SHA (40 hex) or content hash (64 hex). ``key``: the environment or image
     key (32 hex). ``cache_hit``: nothing was built. ``seconds``: wall time of the build.
-    ``python``/``repo_dir``: the virtualenv's interpreter and the repository copy (``venv``;
-    ``None`` for images). ``images``: role (``learner``, ``aggregator``) → pinned reference
-    ``registry/namespace/role@sha256:...`` (``oci``; empty for a virtualenv).
+    ``python``: the interpreter that runs the learner and aggregator (FLOps' own environment,
+    the manager's; ``venv``; ``None`` for images). ``user_python``: the interpreter of the
+    repository's own environment, where the model worker runs the repository's code
+    (``FLOPS_USER_PYTHON``). ``repo_dir``: the repository copy (``venv``). ``images``: role
+    (``learner``, ``aggregator``) → pinned reference ``registry/namespace/role@sha256:...``
+    (``oci``; empty for a virtualenv). ``notes``: sentences for the user about the build (e.g.
+    another Python version asked for). ``versions``: key distributions of the repository's
+    environment and their versions.
     """
 
     commit: str
@@ -56,6 +61,9 @@ class BuildResult:
     python: Path | None = None
     repo_dir: Path | None = None
     images: Mapping[str, str] = field(default_factory=dict)
+    user_python: Path | None = None
+    notes: tuple[str, ...] = ()
+    versions: Mapping[str, str] = field(default_factory=dict)
 
     def document(self) -> dict[str, Any]:
         """The JSON form stored in the project document's ``environment`` field."""
@@ -67,8 +75,14 @@ class BuildResult:
         }
         if self.python is not None:
             doc["python"] = str(self.python)
+        if self.user_python is not None:
+            doc["user_python"] = str(self.user_python)
         if self.repo_dir is not None:
             doc["repo_dir"] = str(self.repo_dir)
+        if self.versions:
+            doc["versions"] = dict(self.versions)
+        if self.notes:
+            doc["notes"] = list(self.notes)
         if self.images:
             doc["images"] = dict(self.images)
         return doc
@@ -105,16 +119,20 @@ class VenvProjectBuilder:
         self.venv = VenvBuilder(cache_dir)
 
     def build(self, project_id: str, sla: ProjectSLA, workdir: Path) -> BuildResult:
-        """The cached virtualenv of ``sla.ml_repo_url`` at ``sla.ml_repo_ref`` (built if
-        missing). Raises the errors of :meth:`VenvBuilder.build`."""
+        """The cached environment of ``sla.ml_repo_url`` at ``sla.ml_repo_ref`` (built if
+        missing) as ``user_python``; the roles run with this process's interpreter. Raises the
+        errors of :meth:`VenvBuilder.build`."""
         env = self.venv.build(sla.ml_repo_url, sla.ml_repo_ref, workdir)
         return BuildResult(
             commit=env.commit,
             key=env.key,
             cache_hit=env.cache_hit,
             seconds=env.seconds,
-            python=env.python,
+            python=Path(sys.executable),
             repo_dir=env.repo_dir,
+            user_python=env.python,
+            notes=env.notes,
+            versions=env.versions,
         )
 
     def build_model_image(

@@ -439,6 +439,10 @@ class ProjectLifecycle:
                 return
             env = self.builder.build(project_id, sla, self.workdir / project_id / "build")
             self.store.update_project(project_id, {"environment": env.document()})
+            for note in env.notes:
+                self.store.update_project(
+                    project_id, {}, event=_event("builder", "note", note, component="builder")
+                )
             cached = "reused from the cache" if env.cache_hit else f"built in {env.seconds:.1f} s"
             if not self._transition(
                 project_id, ProjectStatus.DEPLOYING, f"environment {env.key[:12]} {cached}"
@@ -480,6 +484,8 @@ class ProjectLifecycle:
         }
         if env.repo_dir is not None:  # an image sets its own FLOPS_ML_REPO_DIR
             common[env_vars.ML_REPO_DIR] = str(env.repo_dir)
+        if env.user_python is not None:  # an image holds one environment for both
+            common[env_vars.USER_PYTHON] = str(env.user_python)
         aggregator = ServiceSpec(
             name=AGGREGATOR,
             module="aggregator",

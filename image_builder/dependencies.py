@@ -17,8 +17,14 @@ conda translation (:func:`conda_to_requirements`):
   and the like) are dropped, as is any plain entry whose version is not a PEP 440 version
   (a conda-only package FLOps does not know, logged).
 
-In every format, ``mlflow`` requirements (:data:`FLOPS_MANAGED_PACKAGES`) are dropped: FLOps
-installs the MLflow version its aggregator and tracking server use.
+``mlflow`` requirements (:data:`FLOPS_MANAGED_PACKAGES`) are the repository's own in the
+``venv`` builder's environment of the repository (the model worker saves the model with that
+MLflow); the ``oci`` builder's one-environment images and the trained-model image drop them
+(``read_requirements(..., keep_mlflow=False)``, the default): they run the manager's MLflow.
+
+:func:`requested_python` reads the Python version a dependency file asks for (conda
+``python=3.10.14``, pyproject ``requires-python``), for the note a builder records when its
+interpreter differs.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 
 import yaml
 from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
 
 from flops_utils.logging import logger
@@ -96,14 +103,14 @@ def find_dependency_file(repo_dir: Path) -> Path | None:
     return next((repo_dir / name for name in DEPENDENCY_FILES if (repo_dir / name).is_file()), None)
 
 
-def read_requirements(path: Path) -> list[str]:
+def read_requirements(path: Path, keep_mlflow: bool = False) -> list[str]:
     """Return the pip requirement lines ``path`` (one of :data:`DEPENDENCY_FILES`) asks for.
 
     Comments and blank lines are dropped; mlflow requirements are dropped
-    (:data:`FLOPS_MANAGED_PACKAGES`). Relative paths stay as written (so the dependency hash does
-    not depend on where the repository was cloned); :func:`resolve_local_paths` makes them
-    absolute for an install. Raises :class:`DependencyFileError` if the file cannot be read or
-    parsed.
+    (:data:`FLOPS_MANAGED_PACKAGES`) unless ``keep_mlflow``. Relative paths stay as written
+    (so the dependency hash does not depend on where the repository was cloned);
+    :func:`resolve_local_paths` makes them absolute for an install. Raises
+    :class:`DependencyFileError` if the file cannot be read or parsed.
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -115,7 +122,64 @@ def read_requirements(path: Path) -> list[str]:
         lines = pyproject_requirements(text)
     else:
         lines = requirements_txt_lines(text)
-    return drop_managed(lines)
+    return lines if keep_mlflow else drop_managed(lines)
+
+
+def requested_python(path: Path) -> str | None:
+    """The Python version spec a dependency file asks for, or ``None`` if it names none.
+
+    conda: the ``python`` entry of plain ``dependencies`` as written after the name
+    (``python=3.10.14`` → ``"=3.10.14"``, ``python>=3.9`` → ``">=3.9"``); ``pyproject.toml``:
+    ``[project].requires-python``; ``requirements.txt`` has no such field. Never raises: an
+    unreadable file gives ``None`` (:func:`read_requirements` reports it).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.name in ("conda.yaml", "conda.yml"):
+            env = _load_conda(text, path.name)
+            for entry in env.get("dependencies") or []:
+                if not isinstance(entry, str):
+                    continue
+                spec = entry.split("::", 1)[-1].strip()
+                match = _CONDA_SPEC.match(spec)
+                if match and match.group("name").lower() == "python":
+                    return match.group("rest").strip() or None
+            return None
+        if path.name == "pyproject.toml":
+            value = tomllib.loads(text).get("project", {}).get("requires-python")
+            return str(value) if value else None
+    except (OSError, UnicodeDecodeError, DependencyFileError, tomllib.TOMLDecodeError):
+        return None
+    except AttributeError:  # a malformed [project] table
+        return None
+    return None
+
+
+def python_mismatch_note(spec: str | None, version: str) -> str | None:
+    """A one-sentence note when the Python ``spec`` (:func:`requested_python`) excludes
+    ``version`` (``"3.11.7"``), else ``None``.
+
+    conda's ``=3.10.14`` / ``=3.10`` means that release or series (fuzzy match, conda's
+    match-spec semantics); a PEP 440 spec (``>=3.9,<3.11``) is checked with ``packaging``.
+    """
+    if not spec:
+        return None
+    text = spec.strip()
+    if text.startswith("=") and not text.startswith("=="):
+        wanted = text[1:].split("=", 1)[0].strip().rstrip(".*")
+        if version == wanted or version.startswith(wanted + "."):
+            return None
+    else:
+        try:
+            if SpecifierSet(text.replace(" ", "")).contains(version, prereleases=True):
+                return None
+        except InvalidSpecifier:
+            return None
+    shown = text.lstrip("=")
+    return (
+        f"The repository asks for Python {shown}; FLOps runs it with Python {version}, the "
+        "interpreter of its runtime (its pins are installed for that version)."
+    )
 
 
 def conda_to_requirements(

@@ -123,7 +123,7 @@ from image_builder.cross_platform import (
     host_platform,
     read_base_facts,
 )
-from image_builder.dependencies import resolve_local_paths
+from image_builder.dependencies import drop_managed, resolve_local_paths
 from image_builder.errors import BaseImageError, ImageBuildError
 from image_builder.python_env import (
     RUNTIME_PACKAGES,
@@ -649,7 +649,7 @@ class OciBuilder:
         ``tools/`` (:func:`~image_builder.build_context.stage_tools`).
         """
         user_lines, constraints = plan_install(
-            checked_out.requirements,
+            drop_managed(checked_out.requirements),  # the images run the manager's MLflow
             (*RUNTIME_PACKAGES, *AGGREGATOR_EXTRA_PACKAGES),
             self.installed_versions,
         )

@@ -48,6 +48,18 @@ RUNTIME_PACKAGES = (
 """Distributions the learner, the aggregator and ``flops_utils`` import, pinned to the
 manager's installed versions."""
 
+USER_ENV_REQUIREMENTS = ("numpy>=1.24", "pyarrow>=14", "datasets>=2.14")
+"""What ``flops_utils`` needs in the repository's own environment (the model worker and
+``load_dataset()``): wide ranges, so that the resolver fits them to the repository's pins.
+The model worker and ``flops_utils.data_client`` are tested at both ends of these ranges."""
+
+USER_ENV_MLFLOW = "mlflow-skinny>=2.12"
+"""Added to the repository's environment when it requires no MLflow itself: the model worker
+saves the final model with it (``mlflow.<flavor>.save_model``)."""
+
+MLFLOW_DISTRIBUTIONS = frozenset({"mlflow", "mlflow-skinny"})
+"""Distributions that provide the ``mlflow`` package (a repository pinning one keeps it)."""
+
 NETWORK_ERROR = re.compile(
     r"failed to fetch|error sending request|dns error|could not connect|connection refused|"
     r"network is unreachable|timed out|failed to download",
@@ -58,6 +70,7 @@ NETWORK_ERROR = re.compile(
 MISSING_PACKAGE = re.compile(r"not found in the package registry", re.IGNORECASE)
 """uv stderr that means the index does not know a requested name."""
 
+_FIX_SENTENCE = " Fix the requirement in the repository's dependency file."
 _EXCLUDED_FROM_CONSTRAINTS = frozenset({"flops", "flops-utils"})
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _BOX_CHARS = re.compile("[\u00d7\u2500-\u257f\u25b6]+")
@@ -205,9 +218,80 @@ def dependency_install_error(errors: Sequence[tuple[str, str]]) -> DependencyIns
             if offline_only
             else ""
         )
-        + ". Fix the requirement in the repository's dependency file.",
+        + "." + _FIX_SENTENCE,
         details=[condense_uv_error(text) for _, text in errors],
     )
+
+
+def attributed_install_error(
+    errors: Sequence[tuple[str, str]], flops_lines: Sequence[str], dependency_file: str
+) -> DependencyInstallError:
+    """:func:`dependency_install_error` with the requirements sorted by whose they are.
+
+    ``flops_lines``: what FLOps added to the repository's requirements (e.g. ``numpy>=1.24``);
+    those whose names the resolver's message mentions are named as FLOps', everything else as
+    the repository's own, from ``dependency_file``. The fix stays the repository's: FLOps'
+    ranges are as wide as ``flops_utils`` allows.
+    """
+    error = dependency_install_error(errors)
+    _, stderr = pick_error(errors)
+    lowered = stderr.lower()
+    mentioned = [
+        line
+        for line in flops_lines
+        if (name := requirement_name(line))
+        and re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", lowered.replace("_", "-"))
+    ]
+    if mentioned:
+        whose = (
+            f"FLOps added {', '.join(mentioned)} (what flops_utils needs in the repository's "
+            f"environment, as wide as it allows); every other requirement named is the "
+            f"repository's own, from {dependency_file}"
+        )
+    else:
+        whose = f"every requirement named is the repository's own, from {dependency_file}"
+    message = error.message.removesuffix(
+        " Fix the requirement in the repository's dependency file."
+    )
+    return DependencyInstallError(
+        f"{message} ({whose}). Fix the requirement in {dependency_file}.",
+        details=error.details,
+    )
+
+
+def redact_paths(text: str, hidden: dict[str, str]) -> str:
+    """``text`` with every path of ``hidden`` (longest first) replaced by its label, so that
+    installer output shown to users names no directory of the manager's host."""
+    for path in sorted(hidden, key=len, reverse=True):
+        text = text.replace(path, hidden[path])
+    return text
+
+
+def find_links() -> list[str]:
+    """Local wheel directories or pages to search besides the index: ``UV_FIND_LINKS``, else
+    ``PIP_FIND_LINKS`` (pip's variable; space- or comma-separated), existing entries only."""
+    raw = os.environ.get("UV_FIND_LINKS") or os.environ.get("PIP_FIND_LINKS") or ""
+    entries = [entry for entry in re.split(r"[\s,]+", raw) if entry]
+    return [e for e in entries if "://" in e or Path(e).exists()]
+
+
+REPORTED_DISTRIBUTIONS = frozenset(
+    {"numpy", "pandas", "pyarrow", "datasets", "mlflow", "mlflow-skinny", "scikit-learn",
+     "scipy", "torch", "tensorflow", "keras", "flwr"}
+)  # fmt: skip
+"""Distributions :func:`installed_versions` reports."""
+
+
+def installed_versions(venv: Path) -> dict[str, str]:
+    """``{normalized name: version}`` of :data:`REPORTED_DISTRIBUTIONS` installed in ``venv``
+    (read from the ``*.dist-info`` directory names, without running its interpreter)."""
+    versions: dict[str, str] = {}
+    for info in sorted((venv / "lib").glob("python*/site-packages/*.dist-info")):
+        name, _, version = info.name.removesuffix(".dist-info").partition("-")
+        normalized = canonicalize_name(name)
+        if normalized in REPORTED_DISTRIBUTIONS:
+            versions[normalized] = version
+    return versions
 
 
 def run_uv_with_fallbacks(

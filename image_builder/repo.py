@@ -104,8 +104,8 @@ class CheckedOutRepo:
     """A fetched, validated ML repository and what it asks to install: every builder's input.
 
     ``requirements``: pip lines read from the dependency file
-    (:func:`~image_builder.dependencies.read_requirements`); ``dependencies_hash``: their
-    64-hex :func:`~image_builder.dependencies.dependency_hash`.
+    (:func:`~image_builder.dependencies.read_requirements`, mlflow pins kept);
+    ``dependencies_hash``: their 64-hex :func:`~image_builder.dependencies.dependency_hash`.
     """
 
     fetched: FetchedRepo
@@ -142,7 +142,7 @@ def checked_out_repo(
             exclude=[workdir.resolve(), *exclude],
         )
         layout = validate_repo(fetched.path, fetched.source)
-        requirements = read_requirements(layout.dependency_file)
+        requirements = read_requirements(layout.dependency_file, keep_mlflow=True)
         yield CheckedOutRepo(fetched, layout, requirements, dependency_hash(requirements))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,17 +1,24 @@
-"""The ``venv`` builder: one cached virtualenv per (repository commit, dependencies, runtime).
+"""The ``venv`` builder: one cached virtualenv per (repository commit, dependencies).
 
 :meth:`VenvBuilder.build` fetches and validates the ML repository (:mod:`image_builder.repo`),
-reads its requirements (:mod:`image_builder.dependencies`) and returns a virtualenv that holds
+reads its requirements (:mod:`image_builder.dependencies`) and returns the repository's own
+environment: a virtualenv that holds
 
-- the repository's requirements (mlflow requirements dropped, FLOps pins it);
-- the packages the FLOps learner and aggregator need (:data:`RUNTIME_PACKAGES`) pinned to the
-  versions installed in the manager's own environment (read with ``importlib.metadata``), so
-  the manager, learners and aggregators run identical versions; every other distribution of
-  the manager's environment is passed as a constraint, so shared transitive dependencies
-  (protobuf, grpcio, ...) match too unless the repository asks for other versions;
-- the FLOps source (``learner``, ``aggregator``, ``flops_utils``, ...) made importable by a
-  ``.pth`` file pointing at the FLOps checkout and ``utils_pkg`` (code changes there need no
-  rebuild), then at the environment's copy of the repository (so ``import model_manager`` works).
+- the repository's requirements exactly as pinned (conda ``dependencies`` and ``pip:``,
+  ``requirements.txt`` or ``pyproject.toml``; its MLflow pin included), for the manager's
+  Python (a note says so when the file asks for another one);
+- what ``flops_utils`` needs there, as wide ranges the resolver fits to those pins
+  (:data:`~image_builder.python_env.USER_ENV_REQUIREMENTS`, and ``mlflow-skinny`` when the
+  repository requires no MLflow): the model worker runs the repository's ``ModelManager`` in
+  this environment, while the learner and aggregator themselves (Flower, MQTT, the MLflow
+  tracking client) run in FLOps' own pinned environment, the manager's
+  (:mod:`flops_utils.model_worker_client`);
+- ``flops_utils`` made importable by a ``.pth`` file pointing at its source (code changes there
+  need no rebuild), then at the environment's copy of the repository (``import model_manager``).
+
+The manager's installed versions are passed as constraints on a first attempt (offline, then
+online), so that an environment whose pins allow it shares the manager's versions and uv's
+cache; the last attempt drops them and lets the repository's pins decide alone.
 
 Layout of ``cache_dir``::
 
@@ -21,11 +28,12 @@ Layout of ``cache_dir``::
     envs/.tmp-<key>-*/          an environment being built, renamed to ``envs/<key>`` when done
     locks/<key>.lock            ``flock`` held while ``<key>`` is built
 
-``key`` hashes the commit, the dependency hash, the runtime versions (the manager's whole
-environment), the Python interpreter, the FLOps source location and :data:`FORMAT_VERSION`. Two
-projects building the same key at once build it once: the second waits on the lock, then reuses
-the result. Installs go through uv's cache (hard links on the same file system); the builder
-tries ``uv pip install --offline`` first and goes online only if that fails.
+``key`` hashes the commit, the dependency hash, FLOps' additions, the manager's environment
+(the constraints), the Python interpreter, the ``flops_utils`` source location and
+:data:`FORMAT_VERSION`. Two projects building the same key at once build it once: the second
+waits on the lock, then reuses the result. Installs go through uv's cache (hard links on the
+same file system). Local wheel directories named by ``UV_FIND_LINKS`` or ``PIP_FIND_LINKS``
+(space-separated) are searched too, e.g. a CPU build of torch.
 """
 
 from __future__ import annotations
@@ -40,29 +48,38 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from flops_utils.logging import logger
-from image_builder.dependencies import resolve_local_paths
+from image_builder.dependencies import (
+    python_mismatch_note,
+    requested_python,
+    requirement_name,
+    resolve_local_paths,
+)
 from image_builder.errors import EnvironmentBuildError
 from image_builder.python_env import (
-    RUNTIME_PACKAGES,
+    MLFLOW_DISTRIBUTIONS,
+    USER_ENV_MLFLOW,
+    USER_ENV_REQUIREMENTS,
+    attributed_install_error,
     base_interpreter,
     condense_uv_error,
     default_source_roots,
-    dependency_install_error,
     file_lock,
+    find_links,
+    installed_versions,
     manager_versions,
     plan_install,
+    redact_paths,
     run_uv_with_fallbacks,
-    runtime_pins,
     uv_command,
 )
 from image_builder.repo import DEFAULT_GIT_TIMEOUT_S, FetchedRepo, checked_out_repo, copy_repo_files
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped when the environment layout changes, so old cache entries are not reused."""
 
 ENV_MARKER = "flops-env.json"
@@ -73,11 +90,15 @@ ENV_MARKER = "flops-env.json"
 class BuiltEnvironment:
     """A ready environment for one project.
 
-    ``python``: the virtualenv's interpreter (``envs/<key>/venv/bin/python``); run
-    ``python -m learner`` / ``python -m aggregator`` with it. ``repo_dir``: the environment's copy
-    of the repository (use as ``FLOPS_ML_REPO_DIR``). ``commit``: git SHA (40 hex) or content hash
-    (64 hex) of a plain directory. ``key``: the cache key (32 hex). ``cache_hit``: ``True`` if
-    the environment existed already. ``seconds``: wall time of :meth:`VenvBuilder.build`.
+    ``python``: the virtualenv's interpreter (``envs/<key>/venv/bin/python``), the
+    repository's environment: pass it as ``FLOPS_USER_PYTHON`` to a learner or aggregator run
+    with FLOps' own interpreter. ``repo_dir``: the environment's copy of the repository (use as
+    ``FLOPS_ML_REPO_DIR``). ``commit``: git SHA (40 hex) or content hash (64 hex) of a plain
+    directory. ``key``: the cache key (32 hex). ``cache_hit``: ``True`` if the environment
+    existed already. ``seconds``: wall time of :meth:`VenvBuilder.build`. ``notes``: sentences
+    for the user about how the dependency file was read (e.g. another Python version asked
+    for). ``versions``: ``{distribution: version}`` of the key packages installed (numpy,
+    datasets, pyarrow, mlflow, the frameworks).
     """
 
     python: Path
@@ -86,6 +107,8 @@ class BuiltEnvironment:
     key: str
     cache_hit: bool
     seconds: float
+    notes: tuple[str, ...] = ()
+    versions: dict[str, str] = field(default_factory=dict)
 
     @property
     def env_dir(self) -> Path:
@@ -94,15 +117,16 @@ class BuiltEnvironment:
 
 
 class VenvBuilder:
-    """Builds and caches project virtualenvs under ``cache_dir`` (created if missing).
+    """Builds and caches the repositories' environments under ``cache_dir`` (created if missing).
 
-    ``runtime_packages``: distributions pinned to the manager's versions (default
-    :data:`RUNTIME_PACKAGES`). ``source_roots``: directories the ``.pth`` file puts on
-    ``sys.path`` (default: the FLOps checkout holding ``image_builder`` and the directory holding
-    ``flops_utils``). ``base_python``: interpreter for ``uv venv`` (default: the manager's own
-    base interpreter). Timeouts are seconds: ``install_timeout_s`` per uv call (default 900),
-    ``lock_timeout_s`` to wait for a concurrent build of the same key (default 1800),
-    ``git_timeout_s`` per git command (default 300).
+    ``support_requirements``: what FLOps adds to every environment (default
+    :data:`~image_builder.python_env.USER_ENV_REQUIREMENTS`; ``mlflow-skinny`` is added too when
+    the repository requires no MLflow). ``source_roots``: directories the ``.pth`` file puts on
+    ``sys.path`` (default: the directory holding ``flops_utils``). ``base_python``: interpreter
+    for ``uv venv`` (default: the manager's own base interpreter). Timeouts are seconds:
+    ``install_timeout_s`` per uv call (default 900), ``lock_timeout_s`` to wait for a
+    concurrent build of the same key (default 1800), ``git_timeout_s`` per git command
+    (default 300).
     """
 
     produces_images = False
@@ -112,7 +136,7 @@ class VenvBuilder:
         self,
         cache_dir: Path,
         *,
-        runtime_packages: Sequence[str] = RUNTIME_PACKAGES,
+        support_requirements: Sequence[str] = USER_ENV_REQUIREMENTS,
         source_roots: Sequence[Path] | None = None,
         base_python: Path | None = None,
         install_timeout_s: float = 900.0,
@@ -120,9 +144,9 @@ class VenvBuilder:
         git_timeout_s: float = DEFAULT_GIT_TIMEOUT_S,
     ) -> None:
         self.cache_dir = Path(cache_dir).resolve()
-        self.runtime_packages = tuple(runtime_packages)
+        self.support_requirements = tuple(support_requirements)
         self.source_roots = tuple(
-            Path(root).resolve() for root in (source_roots or default_source_roots())
+            Path(root).resolve() for root in (source_roots or default_source_roots()[-1:])
         )
         self.base_python = Path(base_python or base_interpreter())
         self.install_timeout_s = install_timeout_s
@@ -136,26 +160,20 @@ class VenvBuilder:
         return manager_versions()
 
     @cached_property
-    def runtime_pins(self) -> list[str]:
-        """``["flwr==1.41.0", ...]``: :attr:`runtime_packages` at the manager's versions.
-
-        A runtime package missing from the manager's environment is listed unpinned (logged).
-        """
-        return runtime_pins(self.runtime_packages)
-
-    @cached_property
     def python_tag(self) -> str:
         """The interpreter identity in the key: implementation, version, machine, path."""
         impl = sys.implementation.name
         return f"{impl}-{platform.python_version()}-{platform.machine()}-{self.base_python}"
 
     def environment_key(self, commit: str, dependencies_hash: str) -> str:
-        """Return the 32-hex cache key of (commit, dependency hash, runtime, Python, source)."""
+        """Return the 32-hex cache key of (commit, dependency hash, FLOps' additions, the
+        manager's versions, local wheel directories, Python, source)."""
         material = {
             "format": FORMAT_VERSION,
             "commit": commit,
             "dependencies": dependencies_hash,
-            "runtime_pins": self.runtime_pins,
+            "support_requirements": self.support_requirements,
+            "find_links": find_links(),
             "runtime_env": sorted(f"{n}=={v}" for n, v in self.installed_versions.items()),
             "python": self.python_tag,
             "source_roots": [str(root) for root in self.source_roots],
@@ -187,10 +205,15 @@ class VenvBuilder:
             env_dir = self.cache_dir / "envs" / key
             cache_hit = _is_complete(env_dir)
             if not cache_hit:
+                note = python_mismatch_note(
+                    requested_python(checked_out.layout.dependency_file),
+                    platform.python_version(),
+                )
                 cache_hit = self._build_locked(
                     key, fetched, ref, checked_out.layout.dependency_file.name,
-                    checked_out.requirements,
+                    checked_out.requirements, [note] if note else [],
                 )  # fmt: skip
+        metadata = json.loads((env_dir / ENV_MARKER).read_text())
         seconds = time.monotonic() - started
         logger.info(
             "environment %s for %s@%s %s in %.2f s",
@@ -203,6 +226,8 @@ class VenvBuilder:
             key=key,
             cache_hit=cache_hit,
             seconds=seconds,
+            notes=tuple(metadata.get("notes", ())),
+            versions=dict(metadata.get("versions", {})),
         )
 
     def _build_locked(
@@ -212,6 +237,7 @@ class VenvBuilder:
         ref: str | None,
         dependency_file: str,
         requirements: list[str],
+        notes: list[str],
     ) -> bool:
         """Build ``envs/<key>`` under the key's lock; ``True`` if another build made it first."""
         envs = self.cache_dir / "envs"
@@ -231,7 +257,7 @@ class VenvBuilder:
             try:
                 started = time.monotonic()
                 copy_repo_files(fetched.path, staging / "repo")
-                mode = self._make_venv(staging, requirements)
+                mode = self._make_venv(staging, requirements, dependency_file)
                 metadata = {
                     "key": key,
                     "commit": fetched.commit,
@@ -239,8 +265,10 @@ class VenvBuilder:
                     "ref": ref,
                     "dependency_file": dependency_file,
                     "requirements": requirements,
-                    "runtime_pins": self.runtime_pins,
+                    "support_requirements": self.support_lines(requirements),
                     "python": self.python_tag,
+                    "notes": notes,
+                    "versions": installed_versions(staging / "venv"),
                     "install_mode": mode,
                     "build_seconds": round(time.monotonic() - started, 3),
                     "created_at": time.time(),
@@ -257,7 +285,15 @@ class VenvBuilder:
                     shutil.rmtree(staging, ignore_errors=True)
         return False
 
-    def _make_venv(self, staging: Path, requirements: list[str]) -> str:
+    def support_lines(self, requirements: Sequence[str]) -> list[str]:
+        """What FLOps adds to an environment with ``requirements``: :attr:`support_requirements`
+        and, when no line requires ``mlflow`` or ``mlflow-skinny``,
+        :data:`~image_builder.python_env.USER_ENV_MLFLOW`."""
+        names = {requirement_name(line) for line in requirements}
+        mlflow = [] if names & MLFLOW_DISTRIBUTIONS else [USER_ENV_MLFLOW]
+        return [*self.support_requirements, *mlflow]
+
+    def _make_venv(self, staging: Path, requirements: list[str], dependency_file: str) -> str:
         """Create ``staging/venv`` and install into it; return ``"offline"`` or ``"online"``."""
         venv = staging / "venv"
         self._uv(
@@ -267,35 +303,33 @@ class VenvBuilder:
         )  # fmt: skip
         site_packages = next((venv / "lib").glob("python*/site-packages"), None)
         if site_packages is None:
-            raise EnvironmentBuildError(f"uv venv made no site-packages under {venv}; retry.")
+            raise EnvironmentBuildError("uv venv made no site-packages; retry.")
         # .pth lines are joined with site-packages, so the relative repo entry survives renames.
         pth_lines = [str(root) for root in self.source_roots]
         pth_lines.append(os.path.relpath(staging / "repo", site_packages))
         (site_packages / "_flops_source.pth").write_text("\n".join(pth_lines) + "\n")
 
-        user_lines, constraints = self._plan(requirements)
-        install_lines = resolve_local_paths(user_lines, staging / "repo") + self.runtime_pins
+        support = self.support_lines(requirements)
+        _, constraints = plan_install(requirements, (), self.installed_versions)
+        install_lines = resolve_local_paths(requirements, staging / "repo") + support
         (staging / "requirements.txt").write_text("\n".join(install_lines) + "\n")
         (staging / "constraints.txt").write_text("\n".join(constraints) + "\n")
         install = ["pip", "install", "--python", str(venv / "bin" / "python"),
-                   "-r", str(staging / "requirements.txt")]  # fmt: skip
+                   "-r", str(staging / "requirements.txt"),
+                   *[arg for link in find_links() for arg in ("--find-links", link)]]  # fmt: skip
+        hidden = {str(staging / "repo"): "<repository>", str(staging): "<build directory>"}
 
         def run(args: list[str]) -> tuple[int, str]:
             result = self._uv(args, cwd=staging, check=False)
             if result.returncode != 0:
                 logger.debug("uv pip install failed: %s", result.stderr)
-            return result.returncode, result.stderr
+            return result.returncode, redact_paths(result.stderr, hidden)
 
         mode, errors = run_uv_with_fallbacks(run, install, staging / "constraints.txt")
         if mode is None:
-            raise dependency_install_error(errors)
+            raise attributed_install_error(errors, support, dependency_file)
         logger.info("installed requirements %s", mode)
         return mode
-
-    def _plan(self, requirements: list[str]) -> tuple[list[str], list[str]]:
-        """Split into (repository lines to install, constraint lines); see
-        :func:`~image_builder.python_env.plan_install`."""
-        return plan_install(requirements, self.runtime_packages, self.installed_versions)
 
     def _uv(
         self, args: list[str], *, cwd: Path, check: bool = True

@@ -8,6 +8,9 @@ environment variables (:mod:`flops_utils.env_vars`):
 - ``FLOPS_ML_REPO_DIR``: the ML repository root (defaults to the working directory).
 - ``FLOPS_LEARNER_NAME``: this learner's name in status messages (defaults to ``learner``).
 - ``FLOPS_DATA_SERVER``, ``FLOPS_DATA_TAGS``: read by the repository's ``load_dataset()``.
+- ``FLOPS_USER_PYTHON``: the interpreter of the repository's own environment; the
+  repository's ``ModelManager`` runs in a model worker process started with it
+  (:class:`flops_utils.model_worker_client.ModelWorker`; default: this interpreter).
 - ``FLOPS_CONNECT_TIMEOUT_S``: seconds to retry reaching the aggregator (defaults to 60).
 
 It publishes ``flops/<project_id>/learner/{started,success,failed}`` (instance = the learner
@@ -27,8 +30,11 @@ from flops_utils import env_vars
 from flops_utils.env_config import EnvReader
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
-from flops_utils.ml_repo_files_proxy import get_model_manager
-from flops_utils.ml_repo_templates import ModelManagerTemplate
+from flops_utils.model_worker_client import (
+    ModelWorker,
+    ModelWorkerDataError,
+    ModelWorkerStartError,
+)
 from flops_utils.notifications import StatusNotifier, notify_once
 from flops_utils.types import Component, ComponentStatus
 from flops_utils.user_code import UserCodeError, describe_exception, one_line
@@ -94,6 +100,7 @@ class DataUnavailable(FlopsError):
 ERROR_EXIT_CODES: dict[type[FlopsError], ExitCode] = {
     UserCodeError: ExitCode.USER_CODE_ERROR,
     ConfigError: ExitCode.CONFIG_ERROR,
+    ModelWorkerStartError: ExitCode.CONFIG_ERROR,
     AggregatorUnreachable: ExitCode.AGGREGATOR_UNREACHABLE,
     DataUnavailable: ExitCode.DATA_UNAVAILABLE,
 }
@@ -150,9 +157,9 @@ def run(config: LearnerConfig, notifier: StatusNotifier) -> ExitCode:
         {"aggregator": config.aggregator_address, "data_tags": list(config.data_tags)},
     )
     try:
-        model_manager = _load_model_manager(config.repo_dir)
-        _load_data(model_manager)
-        stats = run_client(model_manager, config.aggregator_address, config.connect_timeout_s)
+        with ModelWorker(config.repo_dir) as model_manager:
+            _load_data(model_manager)
+            stats = run_client(model_manager, config.aggregator_address, config.connect_timeout_s)
     except Exception as exc:
         code, message = _classify(exc)
         # The traceback first: the last line of output is what an orchestrator shows.
@@ -183,21 +190,13 @@ def run(config: LearnerConfig, notifier: StatusNotifier) -> ExitCode:
     return ExitCode.OK
 
 
-def _load_model_manager(repo_dir: Path) -> ModelManagerTemplate:
-    try:
-        return get_model_manager(str(repo_dir))
-    except Exception as exc:
-        raise UserCodeError(
-            f"Loading ModelManager from {repo_dir / 'model_manager.py'} raised "
-            f"{describe_exception(exc)}"
-        ) from exc
-
-
-def _load_data(model_manager: ModelManagerTemplate) -> None:
+def _load_data(model_manager: ModelWorker) -> None:
     try:
         model_manager.set_model_data()
-    except FlopsError as exc:
+    except ModelWorkerDataError as exc:
         raise DataUnavailable(f"Loading the local data failed: {exc.message}") from exc
+    except UserCodeError:
+        raise
     except Exception as exc:
         message = f"ModelManager.set_model_data raised {describe_exception(exc)}"
         raise UserCodeError(message) from exc

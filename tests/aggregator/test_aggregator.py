@@ -27,7 +27,6 @@ from aggregator.tracking import (
     ModelLoggingError,
     TrackingError,
     flatten_params,
-    sklearn_input_example,
 )
 from flops_manager.sla import FedAvgConfig, FedYogiConfig
 from flops_utils.net import find_free_port
@@ -166,22 +165,6 @@ def test_sla_is_flattened_within_mlflow_limits() -> None:
     assert params["note"].endswith("...")
 
 
-def test_sklearn_input_example_has_the_model_feature_count() -> None:
-    # Prepare
-    from sklearn.linear_model import LogisticRegression
-
-    model = LogisticRegression()
-    model.coef_ = np.zeros((10, 784))
-
-    # Execute
-    example = sklearn_input_example(model)
-
-    # Assert
-    assert example.shape == (2, 784)
-    assert (example.to_numpy() == 0).all()
-    assert sklearn_input_example(object()) is None
-
-
 def test_unreachable_tracking_server_is_a_tracking_error() -> None:
     # Prepare
     tracker = MlflowTracker(f"http://127.0.0.1:{find_free_port()}", "p")
@@ -191,16 +174,17 @@ def test_unreachable_tracking_server_is_a_tracking_error() -> None:
         tracker.check_reachable(timeout_s=2)
 
 
-def test_flavor_without_its_library_fails_with_the_install_line(
-    mlflow_server: MlflowServer,
+def test_a_model_directory_without_mlmodel_is_a_model_logging_error(
+    mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
-    # Prepare: torch is not installed here.
+    # Prepare: the worker "saved" a directory without MLflow's MLmodel file
     tracker = MlflowTracker(mlflow_server.url, uuid.uuid4().hex[:8])
     tracker.start_run({"ml_model_flavor": "pytorch", "training_configuration": {"x": 1}})
+    (tmp_path / "model.pkl").write_bytes(b"not a model")
 
     # Execute
-    with pytest.raises(ModelLoggingError, match="pip install torch"):
-        tracker.log_model(object(), MLModelFlavor.PYTORCH)
+    with pytest.raises(ModelLoggingError, match="no MLmodel file"):
+        tracker.log_saved_model(tmp_path, MLModelFlavor.PYTORCH)
     tracker.end_run("FAILED")
     tracker.end_run("FINISHED")  # a no-op: the run has ended
 
@@ -211,3 +195,39 @@ def test_flavor_without_its_library_fails_with_the_install_line(
     assert run.info.status == "FAILED"
     assert run.info.run_name == f"flops-{tracker.project_id}"
     assert run.data.params["training_configuration.x"] == "1"
+
+
+def test_a_saved_model_is_uploaded_registered_and_loads_back(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    # Prepare: a scikit-learn model saved the way the model worker saves it
+    import mlflow.pyfunc
+    import mlflow.sklearn
+    from sklearn.linear_model import LogisticRegression
+
+    rows = np.random.default_rng(0).normal(size=(40, 3))
+    labels = (rows[:, 0] > 0).astype(int)
+    model = LogisticRegression().fit(rows, labels)
+    mlflow.sklearn.save_model(model, tmp_path / "model")
+    tracker = MlflowTracker(mlflow_server.url, uuid.uuid4().hex[:8])
+    tracker.start_run({"ml_model_flavor": "sklearn"})
+
+    # Execute
+    logged = tracker.log_saved_model(
+        tmp_path / "model", MLModelFlavor.SKLEARN, step=3, saved_with={"mlflow_version": "x"}
+    )
+    tracker.end_run("FINISHED")
+
+    # Assert: a new version of the project's registered model, loadable by both URIs
+    assert logged.registered_model == f"flops-{tracker.project_id}"
+    assert logged.version == 1
+    assert logged.registered_model_uri == f"models:/{logged.registered_model}/1"
+    for uri in (logged.model_uri, logged.registered_model_uri):
+        loaded = mlflow.pyfunc.load_model(uri)
+        assert (np.asarray(loaded.predict(rows)) == labels).mean() > 0.9
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server.url)
+    logged_model = client.get_logged_model(logged.model_uri.removeprefix("models:/"))
+    assert logged_model.source_run_id == tracker.run_id
+    assert logged_model.tags["flops.saved_with.mlflow_version"] == "x"

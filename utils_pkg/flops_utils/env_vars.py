@@ -22,6 +22,12 @@ AGGREGATOR_ADDRESS = "FLOPS_AGGREGATOR_ADDRESS"
 ML_REPO_DIR = "FLOPS_ML_REPO_DIR"
 """Directory holding the user's ML repository (put on ``sys.path``)."""
 
+USER_PYTHON = "FLOPS_USER_PYTHON"
+"""Optional. The interpreter of the environment built from the ML repository's dependency
+file; the learner and the aggregator run the repository's code with it in a model worker
+process (:mod:`flops_utils.model_worker`). Default: the role's own interpreter (one
+environment holding both, as in the ``oci`` builder's images)."""
+
 LEARNER_NAME = "FLOPS_LEARNER_NAME"
 """A name for this learner instance (e.g. the node id), used in status messages."""
 
