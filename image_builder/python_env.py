@@ -218,7 +218,8 @@ def dependency_install_error(errors: Sequence[tuple[str, str]]) -> DependencyIns
             if offline_only
             else ""
         )
-        + "." + _FIX_SENTENCE,
+        + "."
+        + _FIX_SENTENCE,
         details=[condense_uv_error(text) for _, text in errors],
     )
 
@@ -292,6 +293,44 @@ def installed_versions(venv: Path) -> dict[str, str]:
         if normalized in REPORTED_DISTRIBUTIONS:
             versions[normalized] = version
     return versions
+
+
+UNDECLARED_CONFLICTS: tuple[tuple[str, str, str, str], ...] = (
+    (
+        "numpy",
+        "<2",
+        "pyarrow<25",
+        "pyarrow 25 imports only with NumPy 2 or newer but does not declare it "
+        "(ImportError: pyarrow requires NumPy 2.0 or newer); pyarrow 24 works with NumPy 1.26",
+    ),
+    (
+        "datasets",
+        "<3.6",
+        "pyarrow<20",
+        "datasets before 3.6 cannot read Array2D columns with pyarrow 20 or newer "
+        "(TypeError: ArrayExtensionArray.to_pylist() got an unexpected keyword argument "
+        "'maps_as_pydicts'); datasets 3.6 added it",
+    ),
+)
+"""Incompatibilities the packages' metadata does not declare, so no resolver can avoid them:
+``(distribution, installed version range, requirement to add, why)``. Measured here by
+importing each pair in a fresh environment."""
+
+
+def undeclared_conflicts(versions: dict[str, str]) -> dict[str, str]:
+    """``{requirement to add: why}`` for the :data:`UNDECLARED_CONFLICTS` that apply to an
+    environment with ``versions`` (``{normalized name: version}``, e.g.
+    :func:`installed_versions`) and that it violates."""
+    corrections: dict[str, str] = {}
+    for name, range_text, requirement, why in UNDECLARED_CONFLICTS:
+        installed = versions.get(name)
+        if installed is None or not satisfied_by(f"{name}{range_text}", installed):
+            continue
+        needed = Requirement(requirement)
+        current = versions.get(canonicalize_name(needed.name))
+        if current is not None and not needed.specifier.contains(current, prereleases=True):
+            corrections[requirement] = why
+    return corrections
 
 
 def run_uv_with_fallbacks(

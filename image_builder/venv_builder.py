@@ -74,6 +74,7 @@ from image_builder.python_env import (
     manager_versions,
     plan_install,
     redact_paths,
+    undeclared_conflicts,
     run_uv_with_fallbacks,
     uv_command,
 )
@@ -328,8 +329,44 @@ class VenvBuilder:
         mode, errors = run_uv_with_fallbacks(run, install, staging / "constraints.txt")
         if mode is None:
             raise attributed_install_error(errors, support, dependency_file)
+        corrections = undeclared_conflicts(installed_versions(venv))
+        if corrections:  # install again with the missing bounds as requirements
+            logger.info("adding %s: %s", ", ".join(corrections), "; ".join(corrections.values()))
+            lines = [*install_lines, *corrections]
+            (staging / "requirements.txt").write_text("\n".join(lines) + "\n")
+            mode, errors = run_uv_with_fallbacks(run, install, staging / "constraints.txt")
+            if mode is None:
+                raise attributed_install_error(errors, [*support, *corrections], dependency_file)
+        self._check_imports(venv)
         logger.info("installed requirements %s", mode)
         return mode
+
+    def _check_imports(self, venv: Path) -> None:
+        """Import what the model worker and ``load_dataset()`` need with the environment's
+        interpreter; :class:`EnvironmentBuildError` with the import error otherwise."""
+        code = "import numpy, pyarrow, pyarrow.flight, datasets, flops_utils.model_worker"
+        try:
+            result = subprocess.run(
+                [str(venv / "bin" / "python"), "-c", code],
+                cwd="/",
+                capture_output=True,
+                text=True,
+                timeout=self.install_timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise EnvironmentBuildError(
+                "Importing numpy, pyarrow and datasets in the repository's environment did not "
+                f"finish within {self.install_timeout_s:.0f} s; the machine may be overloaded."
+            ) from None
+        if result.returncode != 0:
+            lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+            last = lines[-1].strip() if lines else f"exit status {result.returncode}"
+            raise EnvironmentBuildError(
+                f"The repository's environment installed, but FLOps cannot use it: {last}. "
+                "Pin versions of numpy, pyarrow and datasets that work together in the "
+                "repository's dependency file."
+            )
 
     def _uv(
         self, args: list[str], *, cwd: Path, check: bool = True

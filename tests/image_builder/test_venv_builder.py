@@ -16,16 +16,24 @@ import pytest
 from builder_testing import ExampleRepo, commit_all, copy_example
 
 from image_builder.errors import DependencyInstallError, EnvironmentBuildError, RepoLayoutError
-from image_builder.python_env import condense_uv_error, file_lock, run_uv_with_fallbacks, uv_command
+from image_builder.python_env import (
+    condense_uv_error,
+    file_lock,
+    run_uv_with_fallbacks,
+    undeclared_conflicts,
+    uv_command,
+)
 from image_builder.venv_builder import BuiltEnvironment, VenvBuilder
 
 IMPORT_CHECK = (
-    "import json, flwr, mlflow, sklearn, numpy, learner, aggregator, flops_utils, model_manager, "
+    "import json, importlib.util, mlflow, sklearn, numpy, datasets, flops_utils, model_manager, "
     "data_manager; from flops_utils.ml_repo_templates import ModelManagerTemplate; "
-    "print(json.dumps({'flwr': flwr.__version__, 'mlflow': mlflow.__version__, "
-    "'numpy': numpy.__version__, 'model_manager': model_manager.__file__, "
-    "'learner': learner.__file__, 'is_template': issubclass(model_manager.ModelManager, "
-    "ModelManagerTemplate)}))"
+    "import flops_utils.model_worker; "
+    "print(json.dumps({'mlflow': mlflow.__version__, 'numpy': numpy.__version__, "
+    "'model_manager': model_manager.__file__, 'flops_utils': flops_utils.__file__, "
+    "'absent': [m for m in ('flwr', 'learner', 'aggregator', 'flops_manager', 'paho') "
+    "if importlib.util.find_spec(m) is not None], "
+    "'is_template': issubclass(model_manager.ModelManager, ModelManagerTemplate)}))"
 )
 
 
@@ -71,24 +79,26 @@ def cold_build(
     return env
 
 
-def test_cold_build_holds_runtime_repo_and_flops_source(
+def test_cold_build_holds_the_repository_and_flops_utils_only(
     cold_build: BuiltEnvironment, module_repo: ExampleRepo
 ) -> None:
     # Execute
     imported = _run_in_env(cold_build, IMPORT_CHECK)
 
-    # Assert
+    # Assert: the repository's requirements with flops_utils, and none of FLOps' runtime
     assert not cold_build.cache_hit
     assert cold_build.commit == module_repo.first
-    assert imported["flwr"] == importlib.metadata.version("flwr")
-    assert imported["mlflow"] == importlib.metadata.version("mlflow")
-    assert imported["numpy"] == importlib.metadata.version("numpy")
+    assert imported["absent"] == []
+    assert imported["numpy"] == cold_build.versions["numpy"]
+    assert imported["mlflow"] == importlib.metadata.version("mlflow")  # the manager's: cached
     assert imported["model_manager"] == str(cold_build.repo_dir / "model_manager.py")
-    assert imported["learner"] == str(Path(__file__).resolve().parents[2] / "learner/__init__.py")
+    utils_root = Path(__file__).resolve().parents[2] / "utils_pkg"
+    assert imported["flops_utils"] == str(utils_root / "flops_utils" / "__init__.py")
     assert imported["is_template"] is True
+    assert cold_build.notes == ()
     assert not (cold_build.repo_dir / ".git").exists()
     metadata = json.loads((cold_build.env_dir / "flops-env.json").read_text())
-    assert metadata["requirements"] == ["numpy>=2", "scikit-learn>=1.5"]
+    assert metadata["requirements"] == ["numpy>=2", "scikit-learn>=1.5", "mlflow"]
     assert metadata["commit"] == module_repo.first
     assert not list((cold_build.env_dir.parent).glob(".tmp-*"))
 
@@ -164,13 +174,17 @@ def test_concurrent_builds_of_one_key_build_once(cache_dir: Path, tmp_path: Path
     assert _run_in_env(results[0], "import threadpoolctl; print('{}')") == {}
 
 
-def test_repository_pin_of_a_runtime_package_yields_to_flops(
+def test_the_repository_pins_are_installed_exactly_as_written(
     cache_dir: Path, tmp_path: Path
 ) -> None:
-    # Prepare: the repository pins numpy below the version FLOps runs
+    # Prepare: pins of 2024 that FLOps' own runtime cannot share (flwr 1.41 needs
+    # pyyaml>=6.0.2, FLOps runs numpy 2), and a Python version FLOps does not have
     path = copy_example(tmp_path / "plain")
-    (path / "conda.yaml").unlink()
-    (path / "requirements.txt").write_text("scikit-learn>=1.5\nnumpy<2\nmlflow==2.9.2\n")
+    (path / "conda.yaml").write_text(
+        "name: mlflow-env\nchannels:\n  - conda-forge\ndependencies:\n  - python=3.10.14\n"
+        "  - pip<=24.0\n  - numpy=1.26.4\n  - pyyaml=6.0.1\n  - scikit-learn=1.5.2\n",
+        encoding="utf-8",
+    )
 
     # Execute
     env = VenvBuilder(cache_dir).build(str(path), None, tmp_path / "work")
@@ -178,9 +192,14 @@ def test_repository_pin_of_a_runtime_package_yields_to_flops(
     # Assert
     versions = _run_in_env(
         env,
-        "import json, numpy, mlflow; print(json.dumps([numpy.__version__, mlflow.__version__]))",
+        "import json, numpy, yaml, sklearn, datasets, flops_utils.data_client; "
+        "print(json.dumps([numpy.__version__, yaml.__version__, sklearn.__version__]))",
     )
-    assert versions == [importlib.metadata.version("numpy"), importlib.metadata.version("mlflow")]
+    assert versions == ["1.26.4", "6.0.1", "1.5.2"]
+    assert env.versions["numpy"] == "1.26.4"
+    assert "datasets" in env.versions and "mlflow-skinny" in env.versions
+    assert len(env.notes) == 1
+    assert "Python 3.10.14" in env.notes[0] and sys.version.split()[0] in env.notes[0]
 
 
 def test_uninstallable_requirement_is_a_clean_error(cache_dir: Path, tmp_path: Path) -> None:
@@ -199,7 +218,9 @@ def test_uninstallable_requirement_is_a_clean_error(cache_dir: Path, tmp_path: P
     message = caught.value.message
     assert caught.value.code == "dependency_install_failed"
     assert "this-package-does-not-exist-flops" in message
-    assert "\n" not in message and ".tmp-" not in message and len(message) < 600
+    assert "repository's own, from conda.yaml" in message
+    assert "\n" not in message and ".tmp-" not in message and len(message) < 800
+    assert str(cache_dir) not in message and str(tmp_path) not in message
     assert not list((cache_dir / "envs").glob(".tmp-*"))
 
 
@@ -312,3 +333,12 @@ def test_an_unreachable_index_stops_after_the_first_online_attempt(tmp_path: Pat
 
     assert mode is None and len(calls) == 2
     assert [m for m, _ in errors] == ["offline", "online"]
+
+
+def test_undeclared_conflicts_add_the_missing_bounds() -> None:
+    # Execute / Assert: the pairs measured here, and combinations that need nothing
+    assert list(undeclared_conflicts({"numpy": "1.26.4", "pyarrow": "25.0.1"})) == ["pyarrow<25"]
+    assert list(undeclared_conflicts({"datasets": "2.19.2", "pyarrow": "21.0.0"})) == ["pyarrow<20"]
+    assert undeclared_conflicts({"numpy": "1.26.4", "pyarrow": "24.0.0"}) == {}
+    assert undeclared_conflicts({"numpy": "2.4.6", "pyarrow": "25.0.1"}) == {}
+    assert undeclared_conflicts({"datasets": "4.0.0", "pyarrow": "25.0.1"}) == {}

@@ -19,7 +19,8 @@ How features survive storage and transfer: HuggingFace features live in the Arro
 metadata key ``huggingface``. Extension types (``Array2D`` is one, registered by ``datasets``)
 are replaced by their plain storage types before a table is sent or stored
 (:func:`to_storage_table`), and :func:`table_to_dataset` casts back to the features named in the
-metadata. The server therefore never needs ``datasets``.
+metadata. The server therefore never needs ``datasets``. :func:`load_dataset` also keeps the
+datasets 2.x/3.x column access on datasets >= 4 (:mod:`flops_utils.dataset_compat`).
 
 ``pyarrow.flight`` and ``datasets`` are imported lazily: importing this module is cheap.
 """
@@ -34,6 +35,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from flops_utils import env_vars
+from flops_utils.dataset_compat import with_materialized_columns
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 
@@ -476,6 +478,11 @@ def load_dataset(location: str, tags: str | Sequence[str]) -> datasets.Dataset:
     ``image`` ``Array2D((28, 28), "uint8")``, ``label`` ``ClassLabel`` '0'..'9'). Tags the
     server lacks are skipped with a warning.
 
+    Column access works as in datasets 2.x/3.x whatever datasets version is installed:
+    ``dataset["image"]`` is the whole column (a ``numpy.ndarray`` under
+    ``set_format("numpy")``, a list otherwise), also on datasets derived from it, not the lazy
+    ``Column`` of datasets >= 4 (see :mod:`flops_utils.dataset_compat`).
+
     Note: ``datasets`` formats integer columns as ``int64`` under ``set_format("numpy")``;
     pass ``dtype=numpy.uint8`` to ``set_format`` to get the stored ``uint8`` values.
 
@@ -501,7 +508,7 @@ def load_dataset(location: str, tags: str | Sequence[str]) -> datasets.Dataset:
         loaded = [tag for tag in wanted if tag in found]
         parts = [table_to_dataset(client.get_table(tag)) for tag in loaded]
     if len(parts) == 1:
-        return parts[0]
+        return with_materialized_columns(parts[0])
     import datasets
 
     mismatched = [
@@ -517,7 +524,7 @@ def load_dataset(location: str, tags: str | Sequence[str]) -> datasets.Dataset:
                 for tag, part in zip(loaded, parts, strict=True)
             ],
         )
-    return datasets.concatenate_datasets(parts)
+    return with_materialized_columns(datasets.concatenate_datasets(parts))
 
 
 def load_dataset_from_env() -> datasets.Dataset:
