@@ -74,8 +74,8 @@ from image_builder.python_env import (
     manager_versions,
     plan_install,
     redact_paths,
-    undeclared_conflicts,
     run_uv_with_fallbacks,
+    undeclared_conflicts,
     uv_command,
 )
 from image_builder.repo import DEFAULT_GIT_TIMEOUT_S, FetchedRepo, checked_out_repo, copy_repo_files
