@@ -1,7 +1,8 @@
 """``flops``: the user CLI (typer + rich).
 
 Commands: ``demo`` (the main job on the embedded default), ``submit`` (POST an SLA file),
-``status`` (one project), ``mock`` (push mock data to registered nodes).
+``status`` (one project), ``mock`` (push mock data to registered nodes), ``data put|ls|drop``
+(a node owner's own datasets on their node's data server).
 Exit codes: 0 success; 1 the project failed or the manager answered with an error.
 """
 
@@ -9,7 +10,7 @@ import json
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -189,8 +190,100 @@ def mock(
     console.print(rows)
 
 
-def _fail(exc: FlopsError) -> None:
+data_app = typer.Typer(help="A node's own datasets on its Arrow Flight data server.")
+app.add_typer(data_app, name="data")
+
+DataServer = Annotated[
+    str,
+    typer.Option(
+        "--data-server",
+        envvar="FLOPS_DATA_SERVER",
+        help="The node's data server, grpc://HOST:PORT.",
+    ),
+]
+
+
+@data_app.command("put")
+def data_put(
+    file: Annotated[Path, typer.Argument(help="A Parquet file, e.g. Dataset.to_parquet's.")],
+    tag: Annotated[str, typer.Option(help="The data tag SLAs select it by.")],
+    data_server: DataServer = "grpc://127.0.0.1:8815",
+) -> None:
+    """Store a Parquet file under a data tag, replacing what the tag held.
+
+    HuggingFace features written by ``datasets.Dataset.to_parquet`` (``Image``,
+    ``ClassLabel``, ``Array2D``, ...) travel in the file's schema metadata and come back from
+    ``load_dataset()`` on the learners.
+    """
+    from flops_utils.data_client import DataClient
+
+    table = _read_parquet(file)
+    try:
+        with DataClient(data_server) as client:
+            rows = client.put_table(tag, table)
+    except FlopsError as exc:
+        _fail(exc)
+    console.print(f"stored {rows} rows under tag {tag!r} on {data_server}")
+
+
+@data_app.command("ls")
+def data_ls(data_server: DataServer = "grpc://127.0.0.1:8815") -> None:
+    """List the node's data tags and their row counts."""
+    from flops_utils.data_client import DataClient
+
+    try:
+        with DataClient(data_server) as client:
+            tags = client.list_tags()
+    except FlopsError as exc:
+        _fail(exc)
+    for name, rows in sorted(tags.items()):
+        console.print(f"{name}\t{rows}")
+
+
+@data_app.command("drop")
+def data_drop(
+    tag: Annotated[str, typer.Argument(help="The data tag to delete.")],
+    data_server: DataServer = "grpc://127.0.0.1:8815",
+) -> None:
+    """Delete the dataset stored under a tag."""
+    from flops_utils.data_client import DataClient
+
+    try:
+        with DataClient(data_server) as client:
+            dropped = client.drop(tag)
+    except FlopsError as exc:
+        _fail(exc)
+    console.print(f"dropped {tag!r}" if dropped else f"no tag {tag!r} on {data_server}")
+
+
+def _read_parquet(file: Path) -> Any:
+    """The Parquet ``file`` as a ``pyarrow.Table``; exits 1 with a one-line reason otherwise."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not file.is_file():
+        _fail(FlopsError(f"{file.name}: no such file; give the path of a Parquet file."))
+    try:
+        return pq.read_table(file)
+    except (pa.ArrowException, OSError) as exc:
+        text = str(exc)
+        for shown in (str(file.resolve()), str(file.absolute()), str(file)):
+            text = text.replace(shown, file.name)
+        reason = " ".join(text.split())[:200]
+        _fail(
+            FlopsError(
+                f"{file.name} is not a readable Parquet file ({reason}); write it with "
+                "datasets.Dataset.to_parquet or pyarrow.parquet.write_table."
+            )
+        )
+
+
+def _fail(exc: FlopsError) -> NoReturn:
     console.print(f"[red]error:[/] {exc.message}")
     for detail in exc.details:
         console.print(f"  {detail}")
     raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()
