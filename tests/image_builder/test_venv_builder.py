@@ -15,6 +15,7 @@ import git
 import pytest
 from builder_testing import ExampleRepo, commit_all, copy_example
 
+from flops_utils.model_worker_client import ModelWorker
 from image_builder.errors import DependencyInstallError, EnvironmentBuildError, RepoLayoutError
 from image_builder.python_env import (
     condense_uv_error,
@@ -200,6 +201,13 @@ def test_the_repository_pins_are_installed_exactly_as_written(
     assert "datasets" in env.versions and "mlflow-skinny" in env.versions
     assert len(env.notes) == 1
     assert "Python 3.10.14" in env.notes[0] and sys.version.split()[0] in env.notes[0]
+    # The repository's code runs there; arrays cross between NumPy 1.26 and the runtime's 2.x
+    with ModelWorker(env.repo_dir, python=env.python) as worker:
+        assert worker.facts["versions"]["numpy"] == "1.26.4"
+        parameters = worker.get_model_parameters()
+        worker.set_model_parameters([p + 1 for p in parameters])
+        assert [p.shape for p in parameters] == [(10, 784), (10,)]
+        assert all((p == 1).all() for p in worker.get_model_parameters())
 
 
 def test_uninstallable_requirement_is_a_clean_error(cache_dir: Path, tmp_path: Path) -> None:

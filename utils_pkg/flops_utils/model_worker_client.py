@@ -290,7 +290,7 @@ class ModelWorker(ModelManagerTemplate):
         what: str = "",
     ) -> tuple[dict[str, Any], list[np.ndarray[Any, Any]]]:
         if self._stream is None:
-            raise ModelWorkerDied(f"The model worker is not running (before {what}).")
+            raise ModelWorkerDied(f"The model worker is not running (called: {what}).")
         self._current = what
         try:
             write_message(self._stream, {"v": PROTOCOL_VERSION, **header}, arrays)
@@ -298,7 +298,9 @@ class ModelWorker(ModelManagerTemplate):
         except TimeoutError:
             raise
         except (OSError, ProtocolError) as exc:
-            raise self._died(what) from exc
+            died = self._died(what)
+            self.close()
+            raise died from exc
         if reply.get("ok"):
             return reply, out
         kind, message = reply.get("kind"), str(reply.get("message") or "")
