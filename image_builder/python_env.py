@@ -278,7 +278,7 @@ def find_links() -> list[str]:
 
 REPORTED_DISTRIBUTIONS = frozenset(
     {"numpy", "pandas", "pyarrow", "datasets", "mlflow", "mlflow-skinny", "scikit-learn",
-     "scipy", "torch", "tensorflow", "keras", "flwr"}
+     "scipy", "torch", "tensorflow", "keras", "flwr", "setuptools"}
 )  # fmt: skip
 """Distributions :func:`installed_versions` reports."""
 
@@ -295,13 +295,18 @@ def installed_versions(venv: Path) -> dict[str, str]:
     return versions
 
 
+_PKG_RESOURCES = (
+    "MLflow before 2.16 imports pkg_resources, which uv's virtualenvs do not have and "
+    "setuptools 81 removed (ModuleNotFoundError: No module named 'pkg_resources')"
+)
+
 UNDECLARED_CONFLICTS: tuple[tuple[str, str, str, str], ...] = (
     (
         "numpy",
         "<2",
-        "pyarrow<25",
-        "pyarrow 25 imports only with NumPy 2 or newer but does not declare it "
-        "(ImportError: pyarrow requires NumPy 2.0 or newer); pyarrow 24 works with NumPy 1.26",
+        "pyarrow<26",
+        "pyarrow 26 imports only with NumPy 2 or newer but does not declare it "
+        "(ImportError: pyarrow requires NumPy 2.0 or newer); pyarrow 25 works with NumPy 1.26",
     ),
     (
         "datasets",
@@ -311,16 +316,19 @@ UNDECLARED_CONFLICTS: tuple[tuple[str, str, str, str], ...] = (
         "(TypeError: ArrayExtensionArray.to_pylist() got an unexpected keyword argument "
         "'maps_as_pydicts'); datasets 3.6 added it",
     ),
+    ("mlflow", "<2.16", "setuptools<81", _PKG_RESOURCES),
+    ("mlflow-skinny", "<2.16", "setuptools<81", _PKG_RESOURCES),
 )
 """Incompatibilities the packages' metadata does not declare, so no resolver can avoid them:
 ``(distribution, installed version range, requirement to add, why)``. Measured here by
-importing each pair in a fresh environment."""
+importing each combination in a fresh uv environment (pyarrow 25.0.1 and 26.0.1 with NumPy
+1.26.4; mlflow-skinny 2.12.1 to 2.16.2 without setuptools)."""
 
 
 def undeclared_conflicts(versions: dict[str, str]) -> dict[str, str]:
     """``{requirement to add: why}`` for the :data:`UNDECLARED_CONFLICTS` that apply to an
     environment with ``versions`` (``{normalized name: version}``, e.g.
-    :func:`installed_versions`) and that it violates."""
+    :func:`installed_versions`) and that it violates (a missing distribution violates)."""
     corrections: dict[str, str] = {}
     for name, range_text, requirement, why in UNDECLARED_CONFLICTS:
         installed = versions.get(name)
@@ -328,7 +336,7 @@ def undeclared_conflicts(versions: dict[str, str]) -> dict[str, str]:
             continue
         needed = Requirement(requirement)
         current = versions.get(canonicalize_name(needed.name))
-        if current is not None and not needed.specifier.contains(current, prereleases=True):
+        if current is None or not needed.specifier.contains(current, prereleases=True):
             corrections[requirement] = why
     return corrections
 
@@ -441,3 +449,19 @@ def file_lock(
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+USER_ENV_IMPORT_CHECK = "import numpy, pyarrow, pyarrow.flight, datasets"
+"""What must import in a repository's environment for the model worker and ``load_dataset()``
+(``flops_utils`` itself needs only the standard library and numpy)."""
+
+
+def user_env_support_lines(
+    requirements: Sequence[str], support: Sequence[str] = USER_ENV_REQUIREMENTS
+) -> list[str]:
+    """What FLOps adds to a repository's environment with ``requirements``: ``support``
+    (default :data:`USER_ENV_REQUIREMENTS`) and, when no line requires ``mlflow`` or
+    ``mlflow-skinny``, :data:`USER_ENV_MLFLOW` (what ``VenvBuilder.support_lines`` adds)."""
+    names = {requirement_name(line) for line in requirements}
+    mlflow = [] if names & MLFLOW_DISTRIBUTIONS else [USER_ENV_MLFLOW]
+    return [*support, *mlflow]

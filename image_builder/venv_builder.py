@@ -344,7 +344,7 @@ class VenvBuilder:
     def _check_imports(self, venv: Path) -> None:
         """Import what the model worker and ``load_dataset()`` need with the environment's
         interpreter; :class:`EnvironmentBuildError` with the import error otherwise."""
-        code = "import numpy, pyarrow, pyarrow.flight, datasets, flops_utils.model_worker"
+        code = "import numpy, pyarrow, pyarrow.flight, datasets, mlflow, flops_utils.model_worker"
         try:
             result = subprocess.run(
                 [str(venv / "bin" / "python"), "-c", code],
@@ -356,15 +356,15 @@ class VenvBuilder:
             )
         except subprocess.TimeoutExpired:
             raise EnvironmentBuildError(
-                "Importing numpy, pyarrow and datasets in the repository's environment did not "
-                f"finish within {self.install_timeout_s:.0f} s; the machine may be overloaded."
+                "Importing numpy, pyarrow, datasets and mlflow in the repository's environment "
+                f"did not finish within {self.install_timeout_s:.0f} s; the machine may be overloaded."
             ) from None
         if result.returncode != 0:
             lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
             last = lines[-1].strip() if lines else f"exit status {result.returncode}"
             raise EnvironmentBuildError(
                 f"The repository's environment installed, but FLOps cannot use it: {last}. "
-                "Pin versions of numpy, pyarrow and datasets that work together in the "
+                "Pin versions of numpy, pyarrow, datasets and mlflow that work together in the "
                 "repository's dependency file."
             )
 

@@ -344,9 +344,17 @@ def test_an_unreachable_index_stops_after_the_first_online_attempt(tmp_path: Pat
 
 
 def test_undeclared_conflicts_add_the_missing_bounds() -> None:
-    # Execute / Assert: the pairs measured here, and combinations that need nothing
-    assert list(undeclared_conflicts({"numpy": "1.26.4", "pyarrow": "25.0.1"})) == ["pyarrow<25"]
-    assert list(undeclared_conflicts({"datasets": "2.19.2", "pyarrow": "21.0.0"})) == ["pyarrow<20"]
-    assert undeclared_conflicts({"numpy": "1.26.4", "pyarrow": "24.0.0"}) == {}
-    assert undeclared_conflicts({"numpy": "2.4.6", "pyarrow": "25.0.1"}) == {}
+    # Execute / Assert: the combinations measured here, and those that need nothing
+    assert list(undeclared_conflicts({"numpy": "1.26.4", "pyarrow": "26.0.1"})) == ["pyarrow<26"]
+    assert list(undeclared_conflicts({"datasets": "2.19.2", "pyarrow": "21.0.0"})) == [
+        "pyarrow<20"
+    ]
+    assert list(undeclared_conflicts({"mlflow": "2.12.1"})) == ["setuptools<81"]
+    assert list(undeclared_conflicts({"mlflow-skinny": "2.15.1", "setuptools": "82.0"})) == [
+        "setuptools<81"
+    ]
+    assert undeclared_conflicts({"mlflow": "2.12.1", "setuptools": "80.10.2"}) == {}
+    assert undeclared_conflicts({"mlflow-skinny": "2.16.2"}) == {}
+    assert undeclared_conflicts({"numpy": "1.26.4", "pyarrow": "25.0.1"}) == {}
+    assert undeclared_conflicts({"numpy": "2.4.6", "pyarrow": "26.0.1"}) == {}
     assert undeclared_conflicts({"datasets": "4.0.0", "pyarrow": "25.0.1"}) == {}
