@@ -357,7 +357,8 @@ class VenvBuilder:
         except subprocess.TimeoutExpired:
             raise EnvironmentBuildError(
                 "Importing numpy, pyarrow, datasets and mlflow in the repository's environment "
-                f"did not finish within {self.install_timeout_s:.0f} s; the machine may be overloaded."
+                f"did not finish within {self.install_timeout_s:.0f} s; the machine may be "
+                "overloaded."
             ) from None
         if result.returncode != 0:
             lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
