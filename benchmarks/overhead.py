@@ -47,14 +47,18 @@ def flops_run(client: ManagerClient, sla: dict[str, Any]) -> tuple[float, float,
     return first_round - posted, project["phases"]["training"]["seconds"], project
 
 
-def plain_run(python: str, nodes: list[Any], rounds: int) -> float:
-    """Seconds from starting the plain Flower server and clients to the server's end."""
+def plain_run(
+    python: str, nodes: list[Any], rounds: int, repo: Path = EXAMPLE_REPO, tag: str = "mnist"
+) -> float:
+    """Seconds from starting the plain Flower server and clients (``python``, over ``repo``'s
+    ModelManager, data tag ``tag``) to the server's end."""
     address = f"127.0.0.1:{find_free_port()}"
-    env = {**os.environ, env_vars.ML_REPO_DIR: str(EXAMPLE_REPO), env_vars.DATA_TAGS: "mnist"}
+    env = {**os.environ, env_vars.ML_REPO_DIR: str(repo), env_vars.DATA_TAGS: tag}
     started = time.perf_counter()
     server = subprocess.Popen(
         [python, str(PLAIN), "server", address, str(rounds), str(len(nodes))],
         env=env,
+        cwd=repo,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -63,6 +67,7 @@ def plain_run(python: str, nodes: list[Any], rounds: int) -> float:
         subprocess.Popen(
             [python, str(PLAIN), "client", address],
             env={**env, env_vars.DATA_SERVER: node.location},
+            cwd=repo,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
