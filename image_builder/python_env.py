@@ -48,7 +48,7 @@ RUNTIME_PACKAGES = (
 """Distributions the learner, the aggregator and ``flops_utils`` import, pinned to the
 manager's installed versions."""
 
-USER_ENV_REQUIREMENTS = ("numpy>=1.24", "pyarrow>=14", "datasets>=2.14")
+USER_ENV_REQUIREMENTS = ("numpy>=1.22", "pyarrow>=14", "datasets>=2.14")
 """What ``flops_utils`` needs in the repository's own environment (the model worker and
 ``load_dataset()``): wide ranges, so that the resolver fits them to the repository's pins.
 The model worker and ``flops_utils.data_client`` are tested at both ends of these ranges."""
@@ -229,7 +229,7 @@ def attributed_install_error(
 ) -> DependencyInstallError:
     """:func:`dependency_install_error` with the requirements sorted by whose they are.
 
-    ``flops_lines``: what FLOps added to the repository's requirements (e.g. ``numpy>=1.24``);
+    ``flops_lines``: what FLOps added to the repository's requirements (e.g. ``numpy>=1.22``);
     those whose names the resolver's message mentions are named as FLOps', everything else as
     the repository's own, from ``dependency_file``. The fix stays the repository's: FLOps'
     ranges are as wide as ``flops_utils`` allows.
