@@ -255,7 +255,8 @@ def attributed_install_error(
         " Fix the requirement in the repository's dependency file."
     )
     return DependencyInstallError(
-        f"{message} ({whose}). Fix the requirement in {dependency_file}.",
+        f"{message.rstrip('.')}. {whose[0].upper()}{whose[1:]}. Fix the requirement in "
+        f"{dependency_file}.",
         details=error.details,
     )
 

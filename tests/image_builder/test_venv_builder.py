@@ -232,6 +232,26 @@ def test_uninstallable_requirement_is_a_clean_error(cache_dir: Path, tmp_path: P
     assert not list((cache_dir / "envs").glob(".tmp-*"))
 
 
+def test_a_pin_against_what_flops_utils_needs_names_both_sides(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: the repository pins a datasets release older than flops_utils supports
+    path = copy_example(tmp_path / "plain")
+    (path / "conda.yaml").unlink()
+    (path / "requirements.txt").write_text("scikit-learn>=1.5\ndatasets==2.10.0\n")
+
+    # Execute
+    with pytest.raises(DependencyInstallError) as caught:
+        VenvBuilder(cache_dir).build(str(path), None, tmp_path / "work")
+
+    # Assert: the resolver's reason, FLOps' line named as FLOps', the file as the fix
+    message = caught.value.message
+    assert "datasets==2.10.0" in message
+    assert "FLOps added datasets>=2.14" in message
+    assert "Fix the requirement in requirements.txt" in message
+    assert str(tmp_path) not in message
+
+
 def test_condense_uv_error_reads_tty_diagnostics() -> None:
     # Prepare: uv's diagnostic as printed on a terminal
     stderr = (
