@@ -70,7 +70,12 @@ def apparent_size_mb(path: Path) -> float:
 def plain_flower_env(env: BuiltEnvironment, scratch: Path) -> str:
     """A virtualenv with the environment's requirements plus ``flwr``; returns its python."""
     metadata = json.loads((env.env_dir / "flops-env.json").read_text())
-    lines = [*metadata["requirements"], *metadata["support_requirements"], "flwr"]
+    lines = [
+        *metadata["requirements"],
+        *metadata["support_requirements"],
+        *metadata["corrections"],
+        "flwr",
+    ]
     venv = scratch / "plain-venv"
     uv = uv_command()
     subprocess.run([*uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)

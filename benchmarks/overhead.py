@@ -73,8 +73,14 @@ def plain_run(
         )
         for node in nodes
     ]
-    out, _ = server.communicate(timeout=TIMEOUT_S)
+    deadline = time.monotonic() + TIMEOUT_S
+    while server.poll() is None:  # a client that dies leaves the server waiting: stop then
+        if any(c.poll() not in (None, 0) for c in clients) or time.monotonic() > deadline:
+            server.kill()
+            raise SystemExit("the plain Flower baseline failed: a client ended early")
+        time.sleep(0.05)
     elapsed = time.perf_counter() - started
+    out = server.stdout.read() if server.stdout else ""
     for process in clients:
         process.wait(timeout=60)
     if server.returncode != 0 or "accuracy" not in out:

@@ -258,7 +258,7 @@ class VenvBuilder:
             try:
                 started = time.monotonic()
                 copy_repo_files(fetched.path, staging / "repo")
-                mode = self._make_venv(staging, requirements, dependency_file)
+                mode, corrections = self._make_venv(staging, requirements, dependency_file)
                 metadata = {
                     "key": key,
                     "commit": fetched.commit,
@@ -267,6 +267,7 @@ class VenvBuilder:
                     "dependency_file": dependency_file,
                     "requirements": requirements,
                     "support_requirements": self.support_lines(requirements),
+                    "corrections": corrections,
                     "python": self.python_tag,
                     "notes": notes,
                     "versions": installed_versions(staging / "venv"),
@@ -294,8 +295,11 @@ class VenvBuilder:
         mlflow = [] if names & MLFLOW_DISTRIBUTIONS else [USER_ENV_MLFLOW]
         return [*self.support_requirements, *mlflow]
 
-    def _make_venv(self, staging: Path, requirements: list[str], dependency_file: str) -> str:
-        """Create ``staging/venv`` and install into it; return ``"offline"`` or ``"online"``."""
+    def _make_venv(
+        self, staging: Path, requirements: list[str], dependency_file: str
+    ) -> tuple[str, list[str]]:
+        """Create ``staging/venv`` and install into it; return (``"offline"`` or ``"online"``,
+        the requirements added for :func:`~image_builder.python_env.undeclared_conflicts`)."""
         venv = staging / "venv"
         self._uv(
             ["venv", "--relocatable", "--no-project", "--python", str(self.base_python),
@@ -339,7 +343,7 @@ class VenvBuilder:
                 raise attributed_install_error(errors, [*support, *corrections], dependency_file)
         self._check_imports(venv)
         logger.info("installed requirements %s", mode)
-        return mode
+        return mode, list(corrections)
 
     def _check_imports(self, venv: Path) -> None:
         """Import what the model worker and ``load_dataset()`` need with the environment's
