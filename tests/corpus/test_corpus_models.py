@@ -100,6 +100,7 @@ class CorpusRepo:
 REPOS = [
     CorpusRepo("sklearn_mlflow2024", "sklearn"),
     CorpusRepo("pytorch_mnist", "pytorch", pixel_mean=0.1307, pixel_std=0.3081),
+    CorpusRepo("keras_tf212", "keras"),
 ]
 
 
@@ -407,7 +408,11 @@ def test_corpus_repo_trains_saves_and_reloads_in_its_own_env(
     print(
         "  resolved:",
         {name: env.resolved.get(name) for name in ("numpy", "datasets", "pyarrow", "pandas")},
-        {name: v for name, v in env.resolved.items() if name.startswith(("mlflow", "torch"))},
+        {
+            name: v
+            for name, v in env.resolved.items()
+            if name.startswith(("mlflow", "torch", "tensorflow", "keras"))
+        },
     )
     repo_copy = tmp_path / "repo"
     shutil.copytree(repo.path, repo_copy)

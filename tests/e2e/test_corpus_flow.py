@@ -1,7 +1,8 @@
 """Real-world-style repositories, unchanged, from POST to ``completed`` on the embedded default.
 
 Each repository of ``tests/corpus`` (an MLflow-2024 ``conda.yaml`` with exact pins of its time,
-a PyTorch CNN pinning torch/pandas/tqdm/numpy 1.26) is trained by two learners on disjoint MNIST
+a PyTorch CNN pinning torch/pandas/tqdm/numpy 1.26, a Keras model pinning TensorFlow 2.12 and
+NumPy 1.23) is trained by two learners on disjoint MNIST
 shards; the registered model is downloaded and loaded with ``mlflow.pyfunc`` in the
 repository's own environment, where it must predict held-out digits far better than chance.
 """
@@ -88,6 +89,7 @@ def corpus_sla(name: str) -> dict[str, Any]:
     [
         ("sklearn_mlflow2024", {"numpy": "1.26.4", "scikit-learn": "1.4.2", "mlflow": "2.12.1"}),
         ("pytorch_mnist", {"numpy": "1.26.4", "torch": "2.13.0+cpu", "pandas": "2.2.1"}),
+        ("keras_tf212", {"numpy": "1.23.5", "tensorflow": "2.12.0", "keras": "2.12.0"}),
     ],
 )
 def test_a_corpus_repository_trains_unchanged_and_its_model_predicts(

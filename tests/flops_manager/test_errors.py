@@ -22,7 +22,7 @@ def all_error_classes() -> list[type[FlopsError]]:
         for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
             if not module.name.endswith(".__main__"):  # those run their process's main()
                 importlib.import_module(module.name)
-    for name in ("data_client", "user_code", "errors"):
+    for name in ("data_client", "user_code", "errors", "model_worker_client", "model_saving"):
         importlib.import_module(f"flops_utils.{name}")
     found: list[type[FlopsError]] = []
     pending = [FlopsError]

@@ -29,6 +29,14 @@ MLflow behaviour relied on (checked against MLflow 2.12.1, 3.17.2 and 3.18.0 sou
   from the example; with ``mlflow-skinny`` 3.18 and no scipy that inference fails
   ("Failed to infer the model signature ... No module named 'scipy'") and so does ``pt2``,
   hence the fallback to ``pickle`` (logged).
+- Keras: ``mlflow.keras`` is the Keras 3 flavor only when ``keras.__version__`` is 3 or
+  newer; with Keras 2 (TensorFlow <= 2.15, e.g. TensorFlow 2.12's ``keras`` 2.12) it re-exports
+  ``save_model``/``load_model`` of ``mlflow.tensorflow`` and nothing else, so its
+  ``get_default_pip_requirements`` is that of ``mlflow.tensorflow`` (the module defining the
+  ``save_model`` called) and the saved ``MLmodel`` has the ``tensorflow`` flavor.
+  ``mlflow.tensorflow.save_model`` saves ``tf.keras`` models (classes of the ``keras``
+  package, or of ``tf_keras``) and ``tf.Module`` objects (``mlflow/keras/__init__.py``,
+  ``mlflow/tensorflow/__init__.py``).
 - cloudpickle pickles classes of importable modules by reference; classes of modules
   registered with ``cloudpickle.register_pickle_by_value`` are pickled with their code, so
   the model loads where the repository's modules (``model_manager``, ``net``, ...) are not
@@ -99,6 +107,9 @@ _LIBRARY_FLAVORS = {
 }
 """Top-level module of a model's class → the flavor that model most likely needs."""
 
+_KERAS_FLAVORS = frozenset({"keras", "tensorflow"})
+"""Flavors that both save Keras models (``mlflow.tensorflow`` saves ``tf.keras`` models)."""
+
 _PIP_NAMES = {
     # setuptools 81 removed pkg_resources, which MLflow 2.x imports without declaring it
     "pkg_resources": "setuptools<81",
@@ -125,7 +136,8 @@ def save_model(
     Args:
         model: what ``ModelManager.get_model()`` returned: a scikit-learn estimator
             (``sklearn``), a ``torch.nn.Module`` (``pytorch``), a TensorFlow module or Keras
-            model (``tensorflow``), a Keras 3 model (``keras``).
+            model (``tensorflow``), a Keras model (``keras``; Keras 2 models are saved through
+            ``mlflow.tensorflow``, see above).
         flavor: ``sklearn``, ``pytorch``, ``tensorflow`` or ``keras`` (the SLA's
             ``ml_model_flavor``).
         path: a directory that does not exist yet (or is empty); created.
@@ -159,7 +171,7 @@ def save_model(
             f"Cannot save the model to {target}: it exists and is not an empty directory; "
             "pass a new directory."
         )
-    if _likely_flavor(model) not in (None, flavor):  # e.g. a torch model, flavor 'sklearn'
+    if not _may_fit(_likely_flavor(model), flavor):  # e.g. a torch model, flavor 'sklearn'
         raise _wrong_type(model, flavor, spec)
     library = _import_library(spec, flavor)
     if not _is_flavor_model(model, flavor):
@@ -180,7 +192,7 @@ def save_model(
         fmt = None
     if fmt is not None:
         kwargs["serialization_format"] = fmt
-    requirements = _default_pip_requirements(module, fmt)
+    requirements = _default_pip_requirements(_saving_module(module), fmt)
     if requirements is not None and "pip_requirements" in parameters:
         kwargs["pip_requirements"] = requirements
     if input_example is not None:
@@ -299,6 +311,13 @@ def _likely_flavor(model: Any) -> str | None:
     return _LIBRARY_FLAVORS.get(type(model).__module__.split(".")[0])
 
 
+def _may_fit(likely: str | None, flavor: str) -> bool:
+    """False if a model of the ``likely`` flavor cannot be saved with ``flavor``; Keras models
+    (``keras`` or ``tf_keras`` classes) may fit both ``keras`` and ``tensorflow``, which
+    :func:`_is_flavor_model` then decides."""
+    return likely is None or likely == flavor or {likely, flavor} <= _KERAS_FLAVORS
+
+
 def _wrong_type(model: Any, flavor: str, spec: FlavorSpec) -> ModelSavingError:
     """The error for a ``model`` that is not of the kind ``flavor`` saves, naming its type."""
     cls = type(model)
@@ -385,6 +404,18 @@ def _numpy_example(input_example: Any) -> Any:
     if input_example is not None and hasattr(input_example, "detach"):
         return input_example.detach().cpu().numpy()
     return input_example
+
+
+def _saving_module(module: Any) -> Any:
+    """``module`` itself, or the module defining its ``save_model`` if that one has
+    ``get_default_pip_requirements`` and ``module`` has not (``mlflow.keras`` with Keras 2
+    re-exports ``mlflow.tensorflow.save_model`` only)."""
+    if hasattr(module, "get_default_pip_requirements"):
+        return module
+    defining = sys.modules.get(getattr(module.save_model, "__module__", None) or "")
+    if defining is not None and hasattr(defining, "get_default_pip_requirements"):
+        return defining
+    return module
 
 
 def _default_pip_requirements(module: Any, fmt: str | None) -> list[str] | None:

@@ -71,7 +71,7 @@ class RemoteUserCodeError(Exception):
 class ModelWorkerDataError(FlopsError):
     """``load_dataset()`` in the user's code failed for a reason FLOps reported."""
 
-    code = "data_unavailable"
+    code = "model_worker_data_error"
 
 
 class ModelWorkerDied(UserCodeError):
@@ -92,7 +92,7 @@ class ModelWorkerStartError(FlopsError):
 class ModelSaveFailed(FlopsError):
     """The worker could not save the final model with the SLA's flavor."""
 
-    code = "model_logging_error"
+    code = "model_save_failed"
 
 
 _REMOTE_TYPES: dict[str, type[RemoteUserCodeError]] = {}
