@@ -107,8 +107,9 @@ EXIT_CODES: dict[ExitCode, tuple[str, str]] = {
         "ModelManager() must work without data.",
     ),
     ExitCode.CONFIG_ERROR: (
-        "A FLOPS_* variable is missing or malformed, the SLA JSON is invalid, or the Flower "
-        "address cannot be bound.",
+        "A FLOPS_* variable is missing or malformed, the SLA JSON is invalid, the Flower "
+        "address cannot be bound, or the repository's environment (FLOPS_USER_PYTHON) cannot "
+        "run the model worker.",
         "Start the aggregator through FLOps (the orchestrator sets these) or fix the value "
         "named in the message.",
     ),

@@ -68,8 +68,9 @@ EXIT_CODES: dict[ExitCode, tuple[str, str]] = {
         "Fix the repository; the failed message names the method and the exception.",
     ),
     ExitCode.CONFIG_ERROR: (
-        "A FLOPS_* environment variable is missing or malformed, or FLOPS_ML_REPO_DIR holds "
-        "no model_manager.py.",
+        "A FLOPS_* environment variable is missing or malformed, FLOPS_ML_REPO_DIR holds "
+        "no model_manager.py, or the repository's environment (FLOPS_USER_PYTHON) cannot run "
+        "the model worker.",
         "Start the learner through FLOps (the orchestrator sets these) or set them by hand.",
     ),
     ExitCode.AGGREGATOR_UNREACHABLE: (
