@@ -15,11 +15,15 @@ an image for another platform (``linux/arm64`` on an amd64 build host) of ``COPY
   a ``--target`` directory for the target (``--python-platform aarch64-manylinux_2_36
   --python-version 3.11 --only-binary :all:``); then the test suites are removed and every ELF
   file is checked to be of the target machine (:func:`foreign_elf_files`);
-- the virtual environment is laid out by hand: ``pyvenv.cfg``, ``bin/python`` a symlink to the
-  base image's interpreter, ``lib/python3.11/site-packages``, console scripts pointing at it;
-- :class:`PlatformEnvironments` keeps it in the builder's ``cache_dir/platforms/`` and
-  hard-links it into each build context, so that a code-only change reuses the very files and
-  so buildah's ``COPY`` layers and the registry's blobs.
+- each virtual environment is laid out by hand: ``pyvenv.cfg``, ``bin/python`` a symlink to the
+  base image's interpreter, ``lib/python3.11/site-packages``, console scripts pointing at it.
+  There are two, as in the images built natively: FLOps' runtime (``/opt/flops/venv``, the same
+  for every project; :meth:`PlatformEnvironments.link`) and the ML repository's own
+  (``/opt/flops/user-venv``; :meth:`PlatformEnvironments.link_user`);
+- :class:`PlatformEnvironments` keeps each in the builder's ``cache_dir/platforms/`` and
+  hard-links it into each build context, so that a code-only change (and, for the runtime, any
+  other project) reuses the very files and so buildah's ``COPY`` layers and the registry's
+  blobs.
 
 This covers dependencies that publish wheels for the target platform (manylinux ``aarch64``
 wheels: numpy, scipy, pandas, scikit-learn, pyarrow, torch, grpcio, ...) or pure-Python wheels.
@@ -42,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,10 +104,10 @@ second: measured, 55 % of the ``.pyc`` files of a learner environment went stale
 imports took 5.0 s instead of 1.9 s with all of them stale; hash checking cost no measurable
 time (1.91 s against 1.90 s)."""
 
-PLATFORM_TREES_KEPT = 4
-"""Environments of other platforms kept by :class:`PlatformEnvironments` (each about 150 MB of
-its own: bytecode and scripts; the packages are hard links into uv's cache where it shares the
-file system)."""
+PLATFORM_TREES_KEPT = 6
+"""Environments of other platforms kept by :class:`PlatformEnvironments` (a build uses two: the
+runtime and the repository's; each about 150 MB of its own: bytecode and scripts; the packages
+are hard links into uv's cache where it shares the file system)."""
 
 _MACHINE_TO_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64", 3: "i386", 40: "arm", 243: "riscv", 22: "s390"}
@@ -380,6 +384,22 @@ class HostUv:
         machine's). The resolutions are written next to ``requirements`` (``<stem>-<arch>.txt``).
         Raises :class:`DependencyInstallError` (:func:`install_failure`)."""
         names: set[str] = set()
+        for versions in self.resolved_versions(requirements, uv_platforms, constraints).values():
+            names.update(versions)
+        return names
+
+    def resolved_versions(
+        self,
+        requirements: Path,
+        uv_platforms: Mapping[str, str],
+        constraints: Path,
+        on_failure: Callable[[str, list[tuple[str, str]]], Exception] | None = None,
+    ) -> dict[str, dict[str, str]]:
+        """``{platform: {normalized name: version}}``: what ``requirements`` resolves to on
+        each platform, as :meth:`resolved_names` resolves it (written to
+        ``<stem>-<arch>.txt``). A failure raises ``on_failure(platform, [(mode, stderr)])``
+        (default :func:`install_failure`)."""
+        resolved: dict[str, dict[str, str]] = {}
         for platform, uv_platform in uv_platforms.items():
             output = requirements.with_name(f"{requirements.stem}-{PLATFORMS[platform].arch}.txt")
             args = [
@@ -388,12 +408,15 @@ class HostUv:
             ]  # fmt: skip
             mode, errors = run_uv_with_fallbacks(self.run, args, constraints)
             if mode is None:
-                raise install_failure(platform, errors)
+                raise (on_failure or install_failure)(platform, errors)
+            versions: dict[str, str] = {}
             for line in output.read_text(encoding="utf-8").splitlines():
-                name = requirement_name(line.split(";")[0].strip()) if line[:1].isalnum() else None
+                spec = line.split(";")[0].strip()
+                name = requirement_name(spec) if line[:1].isalnum() else None
                 if name:
-                    names.add(name)
-        return names
+                    versions[name] = spec.partition("==")[2].strip() if "==" in spec else ""
+            resolved[platform] = versions
+        return resolved
 
 
 def uv_target_options(uv_platform: str) -> list[str]:
@@ -413,10 +436,10 @@ def uv_target_options(uv_platform: str) -> list[str]:
 class EnvironmentFiles:
     """The files (on this machine) an environment of another platform is installed from.
 
-    ``learner``: requirements of the shared dependency layer (the repository's lines, local
-    paths absolute, and the learner's runtime pins); ``aggregator``: the aggregator's (``-r``
-    the learner's, plus its extras); ``learner_excludes``/``aggregator_excludes``: names left
-    out (``uv pip install --excludes``; may be empty); ``constraints``: the manager's versions.
+    ``learner``: requirements of FLOps' runtime environment (the learner's runtime pins, the
+    same for every project); ``aggregator``: the aggregator's (``-r`` the learner's, plus its
+    extras); ``learner_excludes``/``aggregator_excludes``: names left out (``uv pip install
+    --excludes``; may be empty); ``constraints``: the manager's versions.
     """
 
     learner: Path
@@ -431,11 +454,13 @@ class CrossEnvironment:
     """An environment in a build context: ``directory`` (``cross-arm64``) and whether the
     aggregator's image shares the learner's ``deps/`` layer (else it has ``aggregator-deps/``).
 
-    The directory holds ``deps/`` (the learner's ``/opt/flops/venv``: the shared dependency
+    The directory holds ``deps/`` (the learner's ``/opt/flops/venv``: FLOps' runtime, the shared
     layer), ``aggregator-extras/`` (the files the aggregator's install added) or, when that
     install removed files of the learner's, ``aggregator-deps/`` (its whole environment) and an
     empty ``aggregator-extras/``; ``learner-extras/`` (empty); ``etc/`` (``passwd`` and
-    ``group`` with the images' user) and ``home/<user>/``.
+    ``group`` with the images' user) and ``home/<user>/``; and, once
+    :meth:`PlatformEnvironments.link_user` added it, ``user/`` (``/opt/flops/user-venv``, the
+    repository's environment).
     """
 
     directory: str
@@ -497,8 +522,62 @@ class PlatformEnvironments:
         :class:`DependencyInstallError` (a requirement has no wheel for the target, or cannot
         be resolved) and :class:`ImageBuildError`.
         """
+
+        def assemble(root: Path, work: Path) -> dict[str, Any]:
+            return {"aggregator_shares_deps": self._assemble(root, work, target, facts, files)}
+
+        tree, metadata = self._cached("runtime", target, facts, inputs, assemble)
+        _link_tree(tree, dest)
+        self._evict_oldest()
+        return CrossEnvironment(
+            directory=dest.name, aggregator_shares_deps=bool(metadata["aggregator_shares_deps"])
+        )
+
+    def link_user(
+        self,
+        dest: Path,
+        target: TargetPlatform,
+        facts: BaseFacts,
+        requirements: Path,
+        constraints: Path,
+        inputs: Mapping[str, Any],
+        venv: str,
+    ) -> None:
+        """The ``target`` environment of the ML repository (``requirements``, local paths and
+        find-links absolute on this machine, with ``constraints`` on the first attempts)
+        hard-linked into ``dest/user`` (``dest``: the directory :meth:`link` made), from the
+        cache when the same ``inputs`` were assembled before; ``venv``: its path in the images
+        (``/opt/flops/user-venv``). Raises as :meth:`link` does."""
+
+        def assemble(root: Path, work: Path) -> dict[str, Any]:
+            started = time.monotonic()
+            self._install(work, requirements, None, constraints, target, facts, venv)
+            _link_tree(work, root / "user")
+            shutil.rmtree(work)
+            logger.info(
+                "assembled the %s repository environment in %.1f s",
+                target.name, time.monotonic() - started,
+            )  # fmt: skip
+            return {}
+
+        tree, _ = self._cached("user", target, facts, {**inputs, "venv": venv}, assemble)
+        _link_tree(tree / "user", dest / "user")
+        self._evict_oldest()
+
+    def _cached(
+        self,
+        kind: str,
+        target: TargetPlatform,
+        facts: BaseFacts,
+        inputs: Mapping[str, Any],
+        assemble: Callable[[Path, Path], dict[str, Any]],
+    ) -> tuple[Path, dict[str, Any]]:
+        """``(tree, metadata)`` of the cached ``kind`` environment of these inputs, made by
+        ``assemble(tree, scratch directory)`` (returning its metadata) unless cached; the entry
+        is marked most recently used. Its lock is held while it is made."""
         material = {
             **inputs,
+            "kind": kind,
             "platform": target.name,
             "wheels": facts.uv_platform(target),
             "base": [facts.python, facts.version, facts.glibc, facts.passwd, facts.group],
@@ -507,29 +586,25 @@ class PlatformEnvironments:
         }
         key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
         self.directory.mkdir(parents=True, exist_ok=True)
-        cached = self.directory / f"{target.arch}-{key}"
+        prefix = target.arch if kind == "runtime" else f"{target.arch}-{kind}"
+        cached = self.directory / f"{prefix}-{key}"
         lock = self.directory / f"{cached.name}.lock"
         with file_lock(lock, self.lock_timeout_s, error=ImageBuildError):
             if not (cached / "tree.json").is_file():
                 staging = Path(tempfile.mkdtemp(prefix=f".{cached.name}-", dir=self.directory))
                 try:
-                    shared = self._assemble(
-                        staging / "tree", staging / "work", target, facts, files
-                    )
-                    (staging / "tree.json").write_text(
-                        json.dumps({"aggregator_shares_deps": shared}), encoding="utf-8"
-                    )
+                    (staging / "tree").mkdir()
+                    metadata = assemble(staging / "tree", staging / "work")
+                    (staging / "tree.json").write_text(json.dumps(metadata), encoding="utf-8")
                     shutil.rmtree(cached, ignore_errors=True)
                     staging.rename(cached)
                 finally:
                     shutil.rmtree(staging, ignore_errors=True)
             else:
-                logger.info("reusing the assembled %s environment %s", target.name, key)
+                logger.info("reusing the assembled %s %s environment %s", target.name, kind, key)
             os.utime(cached / "tree.json")  # most recently used
-            shared = bool(json.loads((cached / "tree.json").read_text())["aggregator_shares_deps"])
-            _link_tree(cached / "tree", dest)
-        self._evict_oldest()
-        return CrossEnvironment(directory=dest.name, aggregator_shares_deps=shared)
+            metadata = json.loads((cached / "tree.json").read_text(encoding="utf-8"))
+        return cached / "tree", dict(metadata)
 
     def _assemble(
         self,
@@ -539,15 +614,20 @@ class PlatformEnvironments:
         facts: BaseFacts,
         files: EnvironmentFiles,
     ) -> bool:
-        """Assemble the :class:`CrossEnvironment` layout of the ``target`` images in ``root``,
-        using ``work``; returns whether the aggregator shares ``deps/``."""
+        """Assemble the :class:`CrossEnvironment` layout of the ``target`` images in ``root``
+        (FLOps' runtime, the user), using ``work``; returns whether the aggregator shares
+        ``deps/``."""
         started = time.monotonic()
         uv_platform = facts.uv_platform(target)
         constraints = files.constraints
-        self._install(work, files.learner, files.learner_excludes, constraints, target, facts)
+        self._install(
+            work, files.learner, files.learner_excludes, constraints, target, facts, self.venv
+        )
         _link_tree(work, root / "deps")
         before = _tree_snapshot(work)
-        self._install(work, files.aggregator, files.aggregator_excludes, constraints, target, facts)
+        self._install(
+            work, files.aggregator, files.aggregator_excludes, constraints, target, facts, self.venv
+        )
         changed, removed = _tree_changes(before, work)
         (root / "learner-extras").mkdir()
         (root / "aggregator-extras").mkdir()
@@ -568,7 +648,7 @@ class PlatformEnvironments:
         (root / home.lstrip("/")).mkdir(parents=True)
         shutil.rmtree(work)
         logger.info(
-            "assembled the %s environment (%s) in %.1f s",
+            "assembled the %s runtime environment (%s) in %.1f s",
             target.name, uv_platform, time.monotonic() - started,
         )  # fmt: skip
         return shared
@@ -577,26 +657,27 @@ class PlatformEnvironments:
         self,
         venv: Path,
         requirements: Path,
-        excludes: Path,
+        excludes: Path | None,
         constraints: Path,
         target: TargetPlatform,
         facts: BaseFacts,
+        image_venv: str,
     ) -> None:
         """Install ``requirements`` (with ``constraints``, without ``excludes``) into ``venv``
-        (laid out as :attr:`venv` will be) for ``target``, remove the test suites, point
-        console scripts and ``bin/python`` at the image's interpreter and check that every ELF
-        file is a ``target`` binary."""
+        (laid out as ``image_venv``, its path in the images, will be) for ``target``, remove
+        the test suites, point console scripts and ``bin/python`` at the image's interpreter and
+        check that every ELF file is a ``target`` binary."""
         site_packages = venv / "lib" / f"python{facts.version}" / "site-packages"
         args = [
             "pip", "install", "--quiet", "--target", str(site_packages),
             *uv_target_options(facts.uv_platform(target)), "-r", str(requirements),
         ]  # fmt: skip
-        if excludes.is_file() and excludes.stat().st_size:
+        if excludes is not None and excludes.is_file() and excludes.stat().st_size:
             args += ["--excludes", str(excludes)]
         mode, errors = run_uv_with_fallbacks(self.uv.run, args, constraints)
         if mode is None:
             raise install_failure(target.name, errors)
-        _move_scripts(site_packages / "bin", venv / "bin", f"{self.venv}/bin/python")
+        _move_scripts(site_packages / "bin", venv / "bin", f"{image_venv}/bin/python")
         _write_venv_skeleton(venv, facts)
         slim = run_tool(
             [sys.executable, "-I", "-B", str(TEMPLATES / "slim_site_packages.py"), str(venv)],

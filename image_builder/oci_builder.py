@@ -2,10 +2,16 @@
 
 :meth:`OciBuilder.build` runs the same fetch-and-validate step as the ``venv`` builder
 (:func:`image_builder.repo.checked_out_repo`) and plans the same installs
-(:mod:`image_builder.python_env`: the runtime packages pinned to the manager's versions, the
-manager's other distributions as constraints). For this machine's platform it builds, with
-buildah (:class:`~image_builder.buildah.Buildah`: ``buildah build --isolation chroot
---layers``, daemonless, no OCI runtime needed), from ``templates/Containerfile.in``:
+(:mod:`image_builder.python_env`). Like the local backend, each image holds two environments:
+FLOps' runtime (what ``python -m learner`` / ``python -m aggregator`` run: Flower, MQTT, the
+MLflow tracking client; pinned to the manager's versions) and the ML repository's own (its
+requirements exactly as pinned, MLflow pins included, plus what ``flops_utils`` needs there:
+:func:`~image_builder.python_env.user_env_support_lines`), in which the model worker runs the
+repository's ``ModelManager`` (:mod:`flops_utils.model_worker_client`, started with
+``$FLOPS_USER_PYTHON``). A repository pinning ``numpy==1.26.4`` or ``pyyaml==6.0.1`` (what MLflow
+2.12 wrote in 2024) thus builds next to Flower 1.41 and NumPy 2. For this machine's platform it
+builds, with buildah (:class:`~image_builder.buildah.Buildah`: ``buildah build --isolation
+chroot --layers``, daemonless, no OCI runtime needed), from ``templates/Containerfile.in``:
 
 =========================  =====================================================================
 layer                      content
@@ -13,33 +19,51 @@ layer                      content
 base image                 ``base_image``, pinned by digest (any image with Python 3 and
                            ``useradd``; tests use a debootstrapped Debian 12)
 user                       ``flops`` (uid :data:`IMAGE_UID`), the user the role runs as
-dependencies               ``/opt/flops/venv``: the repository's requirements + the learner's
-                           runtime pins, installed by uv (:file:`templates/install.sh`) from the
-                           host's uv cache (offline first); uv and its cache are mounted, not kept
-role extras                the aggregator's MLflow (and pydantic); empty for the learner
-FLOps runtime              ``/opt/flops/runtime``: ``flops_utils`` and the role's package (the
-                           aggregator also gets ``flops_manager/sla.py``), copied
+FLOps runtime environment  ``/opt/flops/venv``: :data:`LEARNER_PACKAGES` at the manager's
+                           versions (the manager's other versions as constraints), installed by
+                           uv (:file:`templates/install.sh`) from the host's uv cache (offline
+                           first); uv and its cache are mounted, not kept. Depends on nothing of
+                           the project: one layer for every project and both roles
+repository environment     ``/opt/flops/user-venv``: the repository's requirements as pinned +
+                           the support lines, the manager's versions as constraints on the first
+                           attempts only (as the venv builder), the local wheel directories of
+                           :func:`~image_builder.python_env.find_links` mounted (``--find-links``),
+                           bounds the packages' metadata omits added
+                           (:func:`~image_builder.python_env.undeclared_conflicts` of the
+                           resolution, :meth:`OciBuilder._resolve_user_environment`), numpy,
+                           pyarrow and datasets import-checked. Shared by the learner and the
+                           aggregator of a project
+role extras                the aggregator's :data:`AGGREGATOR_EXTRA_PACKAGES` (mlflow-skinny,
+                           pydantic) in ``/opt/flops/venv``; empty for the learner
+FLOps runtime code         ``/opt/flops/runtime``: ``flops_utils`` and the role's package (the
+                           aggregator also gets ``flops_manager/sla.py``), copied; both
+                           interpreters import ``flops_utils`` from it (``PYTHONPATH``)
 ML repository              ``/opt/flops/repo`` (no ``.git``), owned by the ``flops`` user
 =========================  =====================================================================
 
-plus ``ENV`` (``PYTHONPATH``, ``FLOPS_ML_REPO_DIR``), OCI labels (``org.opencontainers.image.
-source``/``.revision``, :data:`LABEL_INPUTS_HASH`, ...), ``USER`` and the entrypoint
-``python -m learner`` / ``python -m aggregator``. Only the last two layers depend on code, so a
-code-only change rebuilds in seconds; the dependency layers are shared between the learner and
-the aggregator and between projects through buildah's layer cache.
+plus ``ENV`` (``PYTHONPATH``, ``FLOPS_ML_REPO_DIR``, ``FLOPS_USER_PYTHON=/opt/flops/user-venv/
+bin/python``), OCI labels (``org.opencontainers.image.source``/``.revision``,
+:data:`LABEL_INPUTS_HASH`, ...), ``USER`` and the entrypoint ``python -m learner`` / ``python -m
+aggregator`` (FLOps' runtime's interpreter). Only the last two layers depend on code, so a
+code-only change rebuilds in seconds; the runtime layers are shared between projects, the
+repository's environment between the learner and the aggregator, through buildah's layer cache.
 
 Slim images: Flower 1.41 requires its server-side stack, which neither role imports (traced:
 the distributions in ``sys.modules`` of ``python -m learner`` and ``python -m aggregator``
-during a real two-learner training). The installs leave out :data:`UNUSED_DEPENDENCIES`
-(``uv pip install --excludes``): uv's 40 MB binary, uvicorn and its ``[standard]`` extras, the
-interactive CLI's prompt-toolkit, greenlet, hf-xet; every name the repository's own
-requirements need (and, for the aggregator, MLflow's: uvicorn, python-dotenv, wcwidth) is
-kept, found by resolving those alone (:meth:`OciBuilder._excludes`). Then
+during a real two-learner training). FLOps' runtime installs leave out
+:data:`UNUSED_DEPENDENCIES` (``uv pip install --excludes``): uv's 40 MB binary, uvicorn and its
+``[standard]`` extras, the interactive CLI's prompt-toolkit, greenlet, hf-xet; every name the
+aggregator's MLflow client needs (uvicorn, python-dotenv) is kept, found by resolving its extras
+alone (:meth:`OciBuilder._excludes`). The repository's environment gets all its requirements
+pull in (the repository's code may import anything of them). Then
 :file:`templates/slim_site_packages.py` removes the test suites of numpy, scipy, pandas,
-scikit-learn, pyarrow and matplotlib in the same step. Bytecode stays, hash-checked
-(:data:`~image_builder.cross_platform.BYTECODE_EPOCH`). Measured for ``examples/mnist_sklearn``
-(uncompressed): learner 892 MB to 696 MB, its dependency layer 770 MB to 573 MB (82 MB of
-left-out distributions, 108 MB of test suites); aggregator 1098 MB to 903 MB.
+scikit-learn, pyarrow and matplotlib from both environments in the same steps. Bytecode stays,
+hash-checked (:data:`~image_builder.cross_platform.BYTECODE_EPOCH`). Measured for
+``examples/mnist_sklearn`` (uncompressed, amd64): learner 1047 MB (base 123, FLOps' runtime
+186, the repository's environment 738: the example requires the full ``mlflow``, which the
+single merged environment of the previous layout replaced by the manager's, 696 MB in all),
+aggregator 1112 MB (its extras 65 MB; 903 MB before); cold build 147 s (96 s before), a
+code-only change 2.5 s, no-op 0.14 s.
 
 Multi-platform (``platforms=["linux/amd64", "linux/arm64"]``, the SLA's
 ``supported_platforms``): one image per platform and role, pushed as one manifest list per role
@@ -51,16 +75,22 @@ assembled without running any of its code (:mod:`image_builder.cross_platform`:
 ``templates/Containerfile.cross.in``, only ``COPY`` steps, the same layers, environment, labels,
 user and entrypoint as this machine's), which needs every dependency to publish a wheel for that
 platform (or a pure-Python one); otherwise the build fails before any image is made, with a
-:class:`~image_builder.errors.DependencyInstallError` naming the package. Measured here
-(2 cores, the example, warm uv cache): learner and aggregator for linux/amd64 + linux/arm64
-cold 89-140 s (the arm64 environment 17-26 s of it), code-only change 17 s, no-op 0.1 s; arm64
-learner 707 MB, aggregator 918 MB uncompressed.
+:class:`~image_builder.errors.DependencyInstallError` naming the package. Both environments are
+assembled so (FLOps' runtime and the repository's, cached apart, so that another project reuses
+the runtime's files and layers); the repository's is resolved for every platform before any
+build (:meth:`OciBuilder._resolve_user_environment`). Measured here (2 cores, the example):
+learner and aggregator for linux/amd64 + linux/arm64 cold 375 s with arm64 wheels partly
+downloaded (the arm64 runtime environment 47 s, the repository's 85 s of it; 89-140 s with one
+environment and a warm cache), a code-only change with both assembled environments reused
+75 s; arm64 learner 1061 MB, aggregator 1127 MB uncompressed (707 and 918 MB before).
 
 Images are pushed as ``<registry>/<namespace>/learner:<key>`` and ``.../aggregator:<key>``
 (:meth:`OciBuilder.image_key`: a hash of the commit, dependency hash, base image digest, ML
-model flavor, platforms, the runtime versions, the generated requirement and constraint files,
-the FLOps runtime code and the templates). A tag already in the registry with the same
-:data:`LABEL_INPUTS_HASH` (and, for a list, the same platforms) is reused without building.
+model flavor, platforms, the runtime versions, the generated requirement and constraint files
+of both environments (the repository's with FLOps' support lines and the listing of the local
+wheel directories it searches), the FLOps runtime code and the templates). A tag already in
+the registry with the same :data:`LABEL_INPUTS_HASH` (and, for a list, the same platforms) is
+reused without building.
 After a push the registry's digest is checked against buildah's. ``on_progress`` hears of
 each milestone (:class:`BuildStep`) with its timing.
 
@@ -101,6 +131,7 @@ from flops_utils.types import MLModelFlavor
 from image_builder.build_context import (
     TEMPLATES,
     label_arguments,
+    link_or_copy,
     stage_installer,
     stage_tools,
     templates_hash,
@@ -121,16 +152,22 @@ from image_builder.cross_platform import (
     HostUv,
     PlatformEnvironments,
     host_platform,
+    install_failure,
     read_base_facts,
 )
-from image_builder.dependencies import drop_managed, resolve_local_paths
-from image_builder.errors import BaseImageError, ImageBuildError
+from image_builder.dependencies import resolve_local_paths
+from image_builder.errors import BaseImageError, DependencyInstallError, ImageBuildError
 from image_builder.python_env import (
-    RUNTIME_PACKAGES,
+    USER_ENV_IMPORT_CHECK,
+    attributed_install_error,
     file_lock,
+    find_links,
     manager_versions,
     plan_install,
+    redact_paths,
     runtime_pins,
+    undeclared_conflicts,
+    user_env_support_lines,
     uv_command,
 )
 from image_builder.repo import (
@@ -141,7 +178,7 @@ from image_builder.repo import (
     copy_repo_files,
 )
 
-IMAGE_FORMAT_VERSION = 2
+IMAGE_FORMAT_VERSION = 3
 """Bumped when the image layout changes, so images built by older code are not reused."""
 
 ROLES = ("learner", "aggregator")
@@ -159,11 +196,21 @@ ROLE_SOURCES: Mapping[str, tuple[str, ...]] = {
 """FLOps code copied into each role's image: packages (directories) or single module files,
 located through the manager's own imports."""
 
-LEARNER_PACKAGES = tuple(name for name in RUNTIME_PACKAGES if name != "mlflow")
-"""Runtime distributions both images get (pinned); the learner does not need MLflow."""
+LEARNER_PACKAGES = ("flwr", "numpy", "paho-mqtt", "requests")
+"""FLOps' runtime distributions both images get in ``/opt/flops/venv`` (pinned to the
+manager's versions). The repository's code and ``load_dataset()`` run in the model worker, in
+the repository's environment, so the roles no longer import datasets, pyarrow or pandas
+(traced: the distributions owning a module in ``sys.modules`` of ``learner.main``,
+``learner.flower_client`` and ``flwr.client`` after Flower rounds with a model worker:
+flwr and its grpcio, protobuf, cryptography, ... dependencies, numpy, paho-mqtt). requests is
+Flower's own requirement, pinned so that it matches the manager's."""
 
-AGGREGATOR_EXTRA_PACKAGES = ("mlflow", "pydantic")
-"""Runtime distributions only the aggregator gets (MLflow tracking; ``flops_manager.sla``)."""
+AGGREGATOR_EXTRA_PACKAGES = ("mlflow-skinny", "pydantic")
+"""FLOps' runtime distributions only the aggregator gets: the MLflow tracking client (the
+aggregator logs metrics, uploads the model directory the worker saved and registers it:
+``MlflowClient`` and ``mlflow.register_model``, all in mlflow-skinny, which leaves out the
+full mlflow's server, pandas, scikit-learn, scipy and matplotlib) and pydantic
+(``flops_manager.sla``)."""
 
 UNUSED_DEPENDENCIES = (
     "uv",  # flwr's app packaging (`flwr build`): a 40 MB binary
@@ -207,8 +254,16 @@ TEMPLATE_FILES = (
 REPO_MOUNT = Path("/opt/flops/build/repo")
 """Where the install steps see the repository (for requirements naming local paths)."""
 
+FIND_LINKS_MOUNT = "/opt/flops/build/find-links"
+"""Where the repository environment's install step sees the local wheel directories of
+:func:`~image_builder.python_env.find_links` (``<n>/``: the n-th of them)."""
+
 VENV = "/opt/flops/venv"
-"""The images' virtual environment (the entrypoint is its ``bin/python``)."""
+"""FLOps' runtime environment in the images (the entrypoint is its ``bin/python``)."""
+
+USER_VENV = "/opt/flops/user-venv"
+"""The ML repository's environment in the images (``FLOPS_USER_PYTHON`` is its
+``bin/python``): the model worker runs the repository's code there."""
 
 
 class BuildStep(StrEnum):
@@ -310,11 +365,16 @@ class BuiltImages:
 @dataclass(frozen=True)
 class _Staged:
     """What :meth:`OciBuilder._stage_context` wrote: ``hashes`` (context directory → content
-    hash, keyed into the image key) and ``user_lines`` (the repository's requirement lines to
-    install, local paths relative to the repository as in its dependency file)."""
+    hash, keyed into the image key), ``user_lines`` (the repository's requirement lines, local
+    paths relative to the repository as in its dependency file), ``support`` (what FLOps adds
+    to the repository's environment), ``dependency_file`` (its name, for error messages) and
+    ``find_links`` (the local wheel directories and pages searched, as on this machine)."""
 
     hashes: dict[str, str]
     user_lines: list[str]
+    support: list[str]
+    dependency_file: str
+    find_links: list[str]
 
 
 class OciBuilder:
@@ -423,8 +483,9 @@ class OciBuilder:
         set: ``linux/amd64`` or ``linux/amd64,linux/arm64``, sorted), the base image's
         interpreter name, the runtime pins, :data:`UNUSED_DEPENDENCIES`, the manager's
         distribution versions (the constraints), ``staged`` (build context directory → content
-        hash: the generated requirement and constraint files and the FLOps runtime code copied
-        into each image) and :attr:`templates_hash`.
+        hash: the generated requirement and constraint files of both environments, the listing
+        of the local wheel directories, and the FLOps runtime code copied into each image) and
+        :attr:`templates_hash`.
         """
         material = {
             "format": IMAGE_FORMAT_VERSION,
@@ -640,38 +701,63 @@ class OciBuilder:
 
     def _stage_context(self, context: Path, checked_out: CheckedOutRepo) -> _Staged:
         """Write the build context; return the content hash of each directory in it but the
-        repository and the tools (those are keyed by the commit; uv's binary does not change
-        what is installed), and the repository's lines to install.
+        repository, the local wheel directories and the tools (those are keyed by the commit
+        and by ``user-build/find-links.txt``; uv's binary does not change what is installed),
+        and the repository's lines to install.
 
-        Layout: ``build/`` (requirements.txt, constraints.txt, install.sh,
-        slim_site_packages.py; excludes.txt is added by :meth:`_prepare`), ``<role>-build/
-        requirements.txt``, ``<role>-runtime/`` (FLOps code), ``repo/`` (the repository),
-        ``tools/`` (:func:`~image_builder.build_context.stage_tools`).
+        Layout: ``runtime-build/`` (FLOps' runtime: requirements.txt, constraints.txt,
+        install.sh, slim_site_packages.py; excludes.txt is added by :meth:`_prepare`),
+        ``user-build/`` (the repository's environment: requirements.txt, constraints.txt,
+        find-links.txt; :meth:`_prepare` may append corrections to requirements.txt),
+        ``<role>-build/requirements.txt`` (the role's runtime extras), ``<role>-runtime/``
+        (FLOps code), ``repo/`` (the repository), ``find-links/<n>/`` (hard links of the local
+        wheel directories), ``tools/`` (:func:`~image_builder.build_context.stage_tools`).
         """
-        user_lines, constraints = plan_install(
-            drop_managed(checked_out.requirements),  # the images run the manager's MLflow
-            (*RUNTIME_PACKAGES, *AGGREGATOR_EXTRA_PACKAGES),
-            self.installed_versions,
-        )
-        install_lines = resolve_local_paths(user_lines, REPO_MOUNT)
         header = ["# generated by the FLOps oci builder"]
-        if install_lines != user_lines:
-            # The repository is mounted, not copied, for the install step, and buildah's layer
-            # cache does not see mounted files: key the dependency layer by the whole commit.
-            header.append(f"# names local paths of the repository at {checked_out.fetched.commit}")
-        build = context / "build"
-        build.mkdir()
-        write_lines(build / "requirements.txt", [*header, *install_lines, *self.learner_pins])
-        # The aggregator's extras are runtime packages (a repository's clashing pin on them is
-        # dropped) and constraints too, so that the learner gets the same pydantic, if any.
-        extras = [pin for pin in self.aggregator_pins if "==" in pin]
-        write_lines(build / "constraints.txt", sorted([*constraints, *extras]))
-        stage_installer(build)
-        write_lines(context / "learner-build" / "requirements.txt", [])
-        write_lines(
-            context / "aggregator-build" / "requirements.txt",
-            ["-r /opt/flops/build/requirements.txt", *self.aggregator_pins],
+        # FLOps' runtime: the same for every project (shared through buildah's layer cache).
+        _, runtime_constraints = plan_install(
+            [], (*LEARNER_PACKAGES, *AGGREGATOR_EXTRA_PACKAGES), self.installed_versions
         )
+        runtime = context / "runtime-build"
+        runtime.mkdir()
+        write_lines(runtime / "requirements.txt", [*header, *self.learner_pins])
+        # The aggregator's extras are constraints too, so that the learner gets the same
+        # pydantic, if any.
+        extras = [pin for pin in self.aggregator_pins if "==" in pin]
+        write_lines(runtime / "constraints.txt", sorted([*runtime_constraints, *extras]))
+        stage_installer(runtime)
+        write_lines(context / "learner-build" / "requirements.txt", [])
+        write_lines(context / "aggregator-build" / "requirements.txt", self.aggregator_pins)
+
+        # The repository's environment: its pins as they are, FLOps' support lines, the
+        # manager's versions as constraints on the first attempts (as the venv builder does).
+        requirements = list(checked_out.requirements)
+        support = user_env_support_lines(requirements)
+        _, user_constraints = plan_install(requirements, (), self.installed_versions)
+        install_lines = resolve_local_paths(requirements, REPO_MOUNT)
+        user_header = list(header)
+        if install_lines != requirements:
+            # The repository is mounted, not copied, for the install step, and buildah's layer
+            # cache does not see mounted files: key the environment's layer by the whole commit.
+            user_header.append(
+                f"# names local paths of the repository at {checked_out.fetched.commit}"
+            )
+        links = find_links()
+        local_links = [entry for entry in links if "://" not in entry and Path(entry).is_dir()]
+        link_lines = [
+            f"--find-links {FIND_LINKS_MOUNT}/{local_links.index(entry)}"
+            if entry in local_links
+            else f"--find-links {entry}"
+            for entry in links
+            if "://" in entry or entry in local_links
+        ]
+        user = context / "user-build"
+        write_lines(
+            user / "requirements.txt", [*user_header, *link_lines, *install_lines, *support]
+        )
+        write_lines(user / "constraints.txt", user_constraints)
+        # The wheels are mounted, which buildah's layer cache does not see: list them here.
+        write_lines(user / "find-links.txt", _wheel_listing(local_links))
         for role in ROLES:
             for entry in ROLE_SOURCES[role]:
                 _copy_source(entry, context / f"{role}-runtime")
@@ -681,8 +767,17 @@ class OciBuilder:
             if directory.is_dir()
         }
         copy_repo_files(checked_out.fetched.path, context / "repo")
+        (context / "find-links").mkdir()
+        for index, entry in enumerate(local_links):
+            _link_wheels(Path(entry), context / "find-links" / str(index))
         stage_tools(context)
-        return _Staged(hashes=hashes, user_lines=user_lines)
+        return _Staged(
+            hashes=hashes,
+            user_lines=requirements,
+            support=support,
+            dependency_file=checked_out.layout.dependency_file.name,
+            find_links=[entry for entry in links if "://" in entry or entry in local_links],
+        )
 
     # -- dependencies resolved on this machine ----------------------------------------
     def _prepare(
@@ -693,9 +788,12 @@ class OciBuilder:
         staged: _Staged,
         report: ProgressCallback,
     ) -> dict[str, CrossEnvironment]:
-        """Before the first build of a key: write the excludes files (``build/excludes.txt``
-        for the shared dependency layer, ``<role>-build/excludes.txt``) and assemble the
-        environment of every platform other than this machine's; returns those, by platform.
+        """Before the first build of a key: resolve the repository's environment on every
+        platform (its errors raised here, before any build; the
+        :func:`~image_builder.python_env.undeclared_conflicts` of the resolutions appended to
+        ``user-build/requirements.txt``), write the excludes files of FLOps' runtime
+        (``runtime-build/excludes.txt``, ``<role>-build/excludes.txt``) and assemble the
+        environments of every platform other than this machine's; returns those, by platform.
 
         Raises :class:`BaseImageError` (a base image unfit for assembling) and
         :class:`DependencyInstallError` (the requirements cannot be resolved, or a dependency
@@ -710,12 +808,12 @@ class OciBuilder:
                     facts[platform] = read_base_facts(root, self.python, PLATFORMS[platform])
         uv_platforms = {
             platform: facts[platform].uv_platform(PLATFORMS[platform]) if platform in facts else ""
-            for platform in base_refs
+            for platform in sorted(base_refs, key=lambda name: name != host)  # this one first
         }
-        host_lines = resolve_local_paths(staged.user_lines, context / "repo")
         uv = HostUv(self.uv_cache_dir, self.build_timeout_s)
-        excludes = self._excludes(uv, context, host_lines, uv_platforms)
-        write_lines(context / "build" / "excludes.txt", excludes["learner"])
+        user_host = self._resolve_user_environment(uv, context, staged, uv_platforms)
+        excludes = self._excludes(uv, context, uv_platforms)
+        write_lines(context / "runtime-build" / "excludes.txt", excludes["learner"])
         for role in ROLES:
             write_lines(context / f"{role}-build" / "excludes.txt", excludes[role])
         logger.info(
@@ -729,41 +827,95 @@ class OciBuilder:
                 self.cache_dir / "platforms", uv, user=IMAGE_USER, uid=IMAGE_UID, venv=VENV,
                 lock_timeout_s=self.lock_timeout_s,
             )  # fmt: skip
-            files = self._environment_files(context, host_lines)
+            files = self._environment_files(context)
             inputs = {
                 "format": IMAGE_FORMAT_VERSION,
-                "build": staged.hashes.get("build"),
+                "runtime-build": staged.hashes.get("runtime-build"),
                 "aggregator-build": staged.hashes.get("aggregator-build"),
                 "excludes": [
                     (context / name / "excludes.txt").read_text(encoding="utf-8")
-                    for name in ("build", "aggregator-build")
+                    for name in ("runtime-build", "aggregator-build")
                 ],
+                "templates": self.templates_hash,
+            }
+            user_inputs = {
+                "format": IMAGE_FORMAT_VERSION,
+                "user-build": staged.hashes.get("user-build"),
+                # with the corrections, and the local wheel directories as on this machine
+                "requirements": (context / "user-build" / "requirements.txt").read_text(),
+                "find_links": staged.find_links,
                 "templates": self.templates_hash,
             }
             for platform, platform_facts in facts.items():
                 target = PLATFORMS[platform]
-                environments[platform] = store.link(
-                    context / f"cross-{target.arch}", target, platform_facts, files, inputs
-                )
+                dest = context / f"cross-{target.arch}"
+                environments[platform] = store.link(dest, target, platform_facts, files, inputs)
+                store.link_user(
+                    dest, target, platform_facts, user_host,
+                    context / "user-build" / "constraints.txt", user_inputs, USER_VENV,
+                )  # fmt: skip
         seconds = time.monotonic() - started
         logger.info("prepared the dependencies in %.1f s", seconds)
         report(BuildStep.DEPENDENCIES_PREPARED, {"platforms": list(base_refs), "seconds": seconds})
         return environments
 
+    def _resolve_user_environment(
+        self, uv: HostUv, context: Path, staged: _Staged, uv_platforms: Mapping[str, str]
+    ) -> Path:
+        """Resolve the repository's environment on every platform of ``uv_platforms`` (this
+        machine's first) as its install will (offline, online, without constraints) and append
+        the bounds its packages' metadata omits (:func:`~image_builder.python_env.
+        undeclared_conflicts`, e.g. ``pyarrow<25`` next to ``numpy<2``) to
+        ``user-build/requirements.txt``; returns its requirement file on this machine
+        (``host/user.txt``: local paths and wheel directories as here, corrections included).
+
+        Raises :class:`DependencyInstallError`: for this machine's platform worded as the venv
+        builder does (:func:`~image_builder.python_env.attributed_install_error`, naming the
+        dependency file and what FLOps added), for another platform by
+        :func:`~image_builder.cross_platform.install_failure`; paths of this machine redacted.
+        """
+        lines = [
+            *(f"--find-links {entry}" for entry in staged.find_links),
+            *resolve_local_paths(staged.user_lines, context / "repo"),
+            *staged.support,
+        ]
+        user_host = context / "host" / "user.txt"
+        write_lines(user_host, lines)
+        hidden = {str(context / "repo"): "<repository>", str(context): "<build directory>"}
+        host = host_platform()
+
+        def failure(platform: str, errors: list[tuple[str, str]]) -> DependencyInstallError:
+            redacted = [(mode, redact_paths(text, hidden)) for mode, text in errors]
+            if platform == host:
+                return attributed_install_error(redacted, staged.support, staged.dependency_file)
+            return install_failure(platform, redacted)
+
+        resolved = uv.resolved_versions(
+            user_host, uv_platforms, context / "user-build" / "constraints.txt", failure
+        )
+        corrections: dict[str, str] = {}
+        for versions in resolved.values():
+            corrections.update(undeclared_conflicts(versions))
+        if corrections:
+            logger.info("adding %s: %s", ", ".join(corrections), "; ".join(corrections.values()))
+            for path in (context / "user-build" / "requirements.txt", user_host):
+                text = path.read_text(encoding="utf-8")
+                path.write_text(text + "".join(f"{line}\n" for line in corrections))
+        return user_host
+
     def _excludes(
-        self, uv: HostUv, context: Path, host_lines: Sequence[str], uv_platforms: Mapping[str, str]
+        self, uv: HostUv, context: Path, uv_platforms: Mapping[str, str]
     ) -> dict[str, list[str]]:
         """``{role: names}``: :data:`UNUSED_DEPENDENCIES` minus every distribution the role's
-        own requirements resolve to on any of the platforms.
+        own requirements in FLOps' runtime resolve to on any of the platforms.
 
-        The learner's own requirements are the repository's (``host_lines``, local paths
-        absolute); the aggregator's add MLflow and pydantic, so MLflow keeps what it needs
-        (uvicorn, python-dotenv, ...). ``uv_platforms``: platform → uv's
-        ``--python-platform`` value, ``""`` for this machine's. Raises
-        :class:`DependencyInstallError` when they cannot be resolved.
+        The learner has none of its own (the repository's are in its own environment); the
+        aggregator's are its extras, so MLflow keeps what it needs (uvicorn, python-dotenv,
+        ...). ``uv_platforms``: platform → uv's ``--python-platform`` value, ``""`` for this
+        machine's. Raises :class:`DependencyInstallError` when they cannot be resolved.
         """
-        roots = {"learner": list(host_lines), "aggregator": [*host_lines, *self.aggregator_pins]}
-        constraints = context / "build" / "constraints.txt"
+        roots: dict[str, list[str]] = {"learner": [], "aggregator": list(self.aggregator_pins)}
+        constraints = context / "runtime-build" / "constraints.txt"
         excludes = {}
         for role, lines in roots.items():
             needed: set[str] = set()
@@ -776,19 +928,19 @@ class OciBuilder:
             ]
         return excludes
 
-    def _environment_files(self, context: Path, host_lines: Sequence[str]) -> EnvironmentFiles:
-        """The requirement files of the environments of other platforms (``context/host/``,
-        local paths absolute) and the excludes and constraints files of the context."""
-        learner = context / "host" / "learner.txt"
-        write_lines(learner, [*host_lines, *self.learner_pins])
+    def _environment_files(self, context: Path) -> EnvironmentFiles:
+        """The requirement files of FLOps' runtime environments of other platforms
+        (``context/host/``) and the excludes and constraints files of the context."""
+        learner = context / "host" / "runtime.txt"
+        write_lines(learner, self.learner_pins)
         aggregator = context / "host" / "aggregator.txt"
         write_lines(aggregator, [f"-r {learner}", *self.aggregator_pins])
         return EnvironmentFiles(
             learner=learner,
             aggregator=aggregator,
-            learner_excludes=context / "build" / "excludes.txt",
+            learner_excludes=context / "runtime-build" / "excludes.txt",
             aggregator_excludes=context / "aggregator-build" / "excludes.txt",
-            constraints=context / "build" / "constraints.txt",
+            constraints=context / "runtime-build" / "constraints.txt",
         )
 
     # -- shared with the model image builder -------------------------------------------
@@ -970,6 +1122,25 @@ def _platform_suffix(platform: str, platform_count: int) -> str:
     return f"-{PLATFORMS[platform].arch}" if platform_count > 1 else ""
 
 
+def _wheel_listing(directories: Sequence[str]) -> list[str]:
+    """``<n>/<file name> <size>`` of the files in the local wheel directories ``directories``
+    (sorted): keys the repository environment's layer by what they offer."""
+    listing = []
+    for index, directory in enumerate(directories):
+        for path in sorted(Path(directory).iterdir()):
+            if path.is_file():
+                listing.append(f"{index}/{path.name} {path.stat().st_size}")
+    return listing
+
+
+def _link_wheels(source: Path, dest: Path) -> None:
+    """Hard-link (else copy) the files of the wheel directory ``source`` into ``dest``."""
+    dest.mkdir(parents=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file():
+            link_or_copy(path, dest / path.name)
+
+
 def _copy_source(entry: str, runtime: Path) -> None:
     """Copy a :data:`ROLE_SOURCES` entry (``pkg`` or ``pkg/module.py``) into ``runtime``."""
     top, _, rest = entry.partition("/")
@@ -1002,6 +1173,7 @@ def render_containerfile(
         base_image=base_ref,
         uid=uid,
         python=shlex.quote(python),
+        user_check=shlex.quote(USER_ENV_IMPORT_CHECK),
         role=role,
         module=role,
         labels=_role_labels(role, labels),

@@ -1,12 +1,19 @@
 #!/bin/sh
-# Installs Python requirements into /opt/flops/venv during an image build (FLOps oci builder).
+# Installs Python requirements into a virtual environment during an image build (FLOps oci and
+# model image builders).
 #
-# Usage: install.sh PYTHON REQUIREMENTS CONSTRAINTS EXCLUDES
+# Usage: install.sh PYTHON REQUIREMENTS CONSTRAINTS EXCLUDES [VENV [CHECK]]
 #   PYTHON        the base image's interpreter (name on PATH or absolute path)
-#   REQUIREMENTS  a pip requirements file; an empty file installs nothing
+#   REQUIREMENTS  a pip requirements file; an empty file installs nothing (but makes VENV)
 #   CONSTRAINTS   a pip constraints file (the manager's versions)
 #   EXCLUDES      distribution names, one a line, left out of the resolution (`uv pip install
 #                 --excludes`): what Flower pulls in that no FLOps role imports; may be empty
+#                 or "" (none)
+#   VENV          the environment, made if missing; default /opt/flops/venv (the FLOps runtime
+#                 of the learner and aggregator images, the model images' only one);
+#                 /opt/flops/user-venv is the ML repository's own
+#   CHECK         Python code run with VENV's interpreter after the install (e.g. imports that
+#                 must work); its failure fails the step with "##flops-check-failed" and exit 43
 #
 # uv (and the host's CA bundle, if it has one set) comes from /flops-tools (a RUN --mount of the
 # build context) and its cache is the host's uv cache mounted at /mnt as an overlay: none of
@@ -21,8 +28,9 @@ python=$1
 requirements=$2
 constraints=$3
 excludes=$4
+venv=${5:-/opt/flops/venv}
+check=${6:-}
 uv=/flops-tools/uv
-venv=/opt/flops/venv
 slim="$(dirname "$0")/slim_site_packages.py"
 # SOURCE_DATE_EPOCH makes the bytecode hash-checked (PEP 552) instead of timestamp-checked:
 # still valid when a layer tool rounds file times (a COPY does, to the nearest second).
@@ -39,7 +47,7 @@ fi
 if [ ! -s "$requirements" ]; then
     exit 0
 fi
-if [ -s "$excludes" ]; then
+if [ -n "$excludes" ] && [ -s "$excludes" ]; then
     set -- --excludes "$excludes"
 else
     set --
@@ -53,6 +61,10 @@ attempt() {
         cat "$errors"
         rm -f "$errors"
         "$venv/bin/python" -I -B "$slim" "$venv" || exit 1
+        if [ -n "$check" ] && ! "$venv/bin/python" -I -B -c "$check"; then
+            echo "##flops-check-failed $venv"
+            exit 43
+        fi
         exit 0
     fi
     echo "##flops-uv-attempt $mode"

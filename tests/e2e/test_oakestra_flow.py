@@ -7,6 +7,7 @@ builder service, and Flower training between containers (``buildah run --isolati
 host network) started by the double.
 """
 
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,6 +25,24 @@ from flops_manager.config import ManagerConfig
 from flops_manager.demo import EXAMPLE_REPO, example_sla, local_nodes, run_project
 from flops_manager.orchestrators.oakestra_client import OakestraClient
 from flops_manager.suite import ManagerSuite
+
+MLFLOW_2024_REPO = Path(__file__).resolve().parents[1] / "corpus" / "sklearn_mlflow2024"
+"""A repository pinning what MLflow 2.12 wrote in 2024 (numpy 1.26.4, pyyaml 6.0.1, ...), which
+FLOps' runtime (Flower 1.41: pyyaml>=6.0.2, numpy 2) cannot share an environment with."""
+
+MLFLOW_2024_CONDA = """\
+dependencies:
+- python=3.10.14
+- pip<=24.0
+- mlflow=2.12.1
+- numpy=1.26.4
+- scipy=1.13.0
+- pyyaml=6.0.1
+- packaging=24.0
+- psutil=5.9.8
+- cloudpickle=3.0.0
+- scikit-learn=1.4.2
+"""
 
 ROUNDS = 3
 NODES = 3
@@ -159,6 +178,41 @@ def test_project_trains_on_the_workers_holding_the_data_and_cleans_up(
     client.request("DELETE", f"/projects/{project_id}")
     assert client.project(project_id)["inference_url"] is None
     # nothing is left in Oakestra
+    assert_nothing_left(oakestra, double)
+
+
+def test_repository_with_2024_pins_trains_in_its_own_environment(
+    client: ManagerClient,
+    double: OakestraDouble,
+    oakestra: OakestraClient,
+    mlflow_server: Any,
+    tmp_path: Path,
+) -> None:
+    # Setup: the corpus repository (else the example with its conda.yaml), a plain directory
+    repo = tmp_path / "sklearn_mlflow2024"
+    if (MLFLOW_2024_REPO / "conda.yaml").is_file():
+        shutil.copytree(MLFLOW_2024_REPO, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        shutil.copytree(EXAMPLE_REPO, repo, ignore=shutil.ignore_patterns("__pycache__"))
+        (repo / "conda.yaml").write_text(MLFLOW_2024_CONDA, encoding="utf-8")
+    document = sla()
+    document["ml_repo_url"] = str(repo)
+
+    # Execute
+    project = run_project(client, document, PROJECT_TIMEOUT_S)
+
+    # Assert: trained in the learner images (the model worker in the repository's environment),
+    # the final model saved there with MLflow 2.12.1, uploaded and registered by the aggregator
+    assert project["status"] == "completed", project["status_message"]
+    assert [r["round"] for r in project["rounds"]] == list(range(1, ROUNDS + 1))
+    assert project["metrics"]["accuracy"] >= 0.7
+    import mlflow
+
+    tracking = mlflow.MlflowClient(mlflow_server.url)
+    model_id = project["mlflow"]["model_uri"].removeprefix("models:/")
+    tags = tracking.get_logged_model(model_id).tags
+    assert "2.12.1" in {v for k, v in tags.items() if k.startswith("flops.saved_with.")}, tags
+    assert project["mlflow"]["registered_model_uri"]
     assert_nothing_left(oakestra, double)
 
 

@@ -48,19 +48,34 @@ BOTH = ["linux/amd64", "linux/arm64"]
 EM_AARCH64 = 183
 VENV = "opt/flops/venv"
 SITE = f"{VENV}/lib/python3.11/site-packages"
+USER_VENV = "opt/flops/user-venv"
+USER_SITE = f"{USER_VENV}/lib/python3.11/site-packages"
 
-LEARNER_IMPORTS = """
-import importlib.metadata, json, os
-import flwr.client, learner.main, learner.flower_client, model_manager, data_manager
-from flwr.client import start_client
+USER_IMPORTS = """
+import importlib.metadata, json
+import flops_utils.model_worker, model_manager, data_manager, pyarrow, datasets, mlflow
 manager = model_manager.ModelManager()
 print(json.dumps({
-    "arch": os.uname().machine,
-    "uid": os.getuid(),
     "parameters": [list(p.shape) for p in manager.get_model_parameters()],
     "dists": sorted(d.metadata["Name"].lower() for d in importlib.metadata.distributions()),
 }))
 """
+
+LEARNER_IMPORTS = """
+import importlib.metadata, json, os, subprocess
+import flwr.client, learner.main, learner.flower_client
+from flwr.client import start_client
+user = subprocess.run(
+    [os.environ["FLOPS_USER_PYTHON"], "-c", USER_IMPORTS],
+    capture_output=True, text=True, check=True,
+).stdout.strip().splitlines()[-1]
+print(json.dumps({
+    "arch": os.uname().machine,
+    "uid": os.getuid(),
+    "user": json.loads(user),
+    "dists": sorted(d.metadata["Name"].lower() for d in importlib.metadata.distributions()),
+}))
+""".replace("USER_IMPORTS", repr(USER_IMPORTS))
 
 
 def _raw(ref: str) -> str:
@@ -165,6 +180,7 @@ def test_each_role_is_one_manifest_list_with_amd64_and_arm64(multi_build: BuiltI
             assert settings["User"] == f"{IMAGE_UID}:{IMAGE_UID}"
             assert settings["Entrypoint"] == ["/opt/flops/venv/bin/python", "-m", image.role]
             assert "FLOPS_ML_REPO_DIR=/opt/flops/repo" in settings["Env"]
+            assert "FLOPS_USER_PYTHON=/opt/flops/user-venv/bin/python" in settings["Env"]
 
 
 def test_arm64_images_hold_aarch64_binaries_and_a_working_layout(
@@ -174,18 +190,26 @@ def test_arm64_images_hold_aarch64_binaries_and_a_working_layout(
     with mounted_image(multi_build.learner.pinned_ref, "arm64") as root:
         interpreter = resolve_in_root(root, f"/{VENV}/bin/python")
         assert interpreter is not None
-        site = root / SITE
+        user_interpreter = resolve_in_root(root, f"/{USER_VENV}/bin/python")
+        site, user_site = root / SITE, root / USER_SITE
         extensions = {
             "python": root / interpreter.lstrip("/"),
             "numpy": next(site.glob("numpy/_core/_multiarray_umath.cpython-311-*.so")),
-            "pyarrow": next(site.glob("pyarrow/lib.cpython-311-*.so")),
-            "libarrow": next(site.glob("pyarrow/libarrow.so.*")),
-            "sklearn": next(site.glob("sklearn/utils/_cython_blas.cpython-311-*.so")),
             "grpc": next(site.glob("grpc/_cython/cygrpc.cpython-311-*.so")),
+            "user numpy": next(user_site.glob("numpy/_core/_multiarray_umath.cpython-311-*.so")),
+            "pyarrow": next(user_site.glob("pyarrow/lib.cpython-311-*.so")),
+            "libarrow": next(user_site.glob("pyarrow/libarrow.so.*")),
+            "sklearn": next(user_site.glob("sklearn/utils/_cython_blas.cpython-311-*.so")),
         }
         machines = {name: elf_machine(path) for name, path in extensions.items()}
         foreign = foreign_elf_files(root / VENV, EM_AARCH64)
+        foreign += foreign_elf_files(root / USER_VENV, EM_AARCH64)
         pyvenv = (root / VENV / "pyvenv.cfg").read_text()
+        user_pyvenv = (root / USER_VENV / "pyvenv.cfg").read_text()
+        in_runtime = sorted(
+            name for name in ("sklearn", "pyarrow", "datasets", "mlflow") if (site / name).exists()
+        )
+        user_names = {path.name.lower() for path in user_site.glob("*.dist-info")}
         passwd = (root / "etc/passwd").read_text()
         home, repo = (root / "home/flops").stat(), (root / "opt/flops/repo").stat()
         source_hash = importlib.util.source_hash((site / "numpy/__init__.py").read_bytes())
@@ -194,9 +218,10 @@ def test_arm64_images_hold_aarch64_binaries_and_a_working_layout(
         flwr_script = (root / VENV / "bin/flwr").read_text().splitlines()[0]
         names = {path.name.lower() for path in site.glob("*.dist-info")}
         suites = [
-            path.relative_to(site)
+            path.relative_to(root)
+            for packages in (site, user_site)
             for package in ("numpy", "scipy", "pandas", "sklearn", "pyarrow")
-            for path in (site / package).rglob("tests")
+            for path in (packages / package).rglob("tests")
             if path.is_dir()
         ]
         glibc_minors = re.findall(
@@ -204,8 +229,12 @@ def test_arm64_images_hold_aarch64_binaries_and_a_working_layout(
         )
 
     # Assert
-    assert interpreter == "/usr/bin/python3.11"
+    assert interpreter == user_interpreter == "/usr/bin/python3.11"
     assert machines == dict.fromkeys(extensions, EM_AARCH64)
+    assert in_runtime == []  # the repository's packages are in its own environment only
+    assert "home = /usr/bin" in user_pyvenv
+    assert any(name.startswith("scikit_learn-") for name in user_names)
+    assert any(name.startswith("mlflow") for name in user_names)
     assert foreign == []  # every ELF file of the environment is an aarch64 one
     assert "home = /usr/bin" in pyvenv and "include-system-site-packages = false" in pyvenv
     assert f"flops:x:{IMAGE_UID}:{IMAGE_UID}::/home/flops:/usr/sbin/nologin" in passwd
@@ -233,15 +262,16 @@ def test_arm64_aggregator_shares_the_dependency_layer_and_adds_mlflow(
     }  # fmt: skip
     with mounted_image(multi_build.aggregator.pinned_ref, "arm64") as root:
         site = root / SITE
-        mlflow = sorted(path.name for path in site.glob("mlflow-*.dist-info"))
+        mlflow = sorted(path.name for path in site.glob("mlflow*.dist-info"))
         uvicorn = sorted(path.name for path in site.glob("uvicorn-*.dist-info"))
         foreign = foreign_elf_files(root / VENV, EM_AARCH64)
 
-    # Assert: base, passwd, home, dependencies are the same blobs; the extras add MLflow
+    # Assert: base, passwd, home, FLOps' runtime and the repository's environment are the same
+    # blobs; the extras add the MLflow tracking client
     learner, aggregator = layers["learner"], layers["aggregator"]
     assert isinstance(learner, list) and isinstance(aggregator, list)
-    assert learner[:4] == aggregator[:4] and learner[4:] != aggregator[4:]
-    assert mlflow == [f"mlflow-{importlib.metadata.version('mlflow')}.dist-info"]
+    assert learner[:5] == aggregator[:5] and learner[5:] != aggregator[5:]
+    assert mlflow == [f"mlflow_skinny-{importlib.metadata.version('mlflow-skinny')}.dist-info"]
     assert uvicorn  # MLflow needs it: not left out for the aggregator
     assert foreign == []
 
@@ -252,10 +282,11 @@ def test_amd64_entry_runs_the_learner_imports(multi_build: BuiltImages) -> None:
 
     # Assert
     assert seen["arch"] == "x86_64" and seen["uid"] == IMAGE_UID
-    assert seen["parameters"] == [[10, 784], [10]]
-    dists = seen["dists"]
-    assert isinstance(dists, list) and "flwr" in dists and "scikit-learn" in dists
+    dists, user = seen["dists"], seen["user"]
+    assert isinstance(dists, list) and "flwr" in dists and "scikit-learn" not in dists
     assert not set(UNUSED_DEPENDENCIES) & set(dists)
+    assert isinstance(user, dict) and user["parameters"] == [[10, 784], [10]]
+    assert "scikit-learn" in user["dists"] and "flwr" not in user["dists"]
 
 
 def test_same_platforms_again_reuse_the_lists(
@@ -443,6 +474,7 @@ def test_cross_containerfile_copies_only_and_ends_like_the_native_one() -> None:
     # Assert
     assert "RUN" not in instructions and set(instructions) >= {"FROM", "COPY", "ENTRYPOINT"}
     assert "COPY cross-arm64/deps/ /opt/flops/venv/" in cross
+    assert "COPY cross-arm64/user/ /opt/flops/user-venv/" in cross
     assert "COPY cross-arm64/aggregator-extras/ /opt/flops/venv/" in cross
     tail = native[native.index("COPY aggregator-runtime/") :]
     assert cross.endswith(tail)

@@ -366,9 +366,7 @@ def test_an_unreachable_index_stops_after_the_first_online_attempt(tmp_path: Pat
 def test_undeclared_conflicts_add_the_missing_bounds() -> None:
     # Execute / Assert: the combinations measured here, and those that need nothing
     assert list(undeclared_conflicts({"numpy": "1.26.4", "pyarrow": "26.0.1"})) == ["pyarrow<26"]
-    assert list(undeclared_conflicts({"datasets": "2.19.2", "pyarrow": "21.0.0"})) == [
-        "pyarrow<20"
-    ]
+    assert list(undeclared_conflicts({"datasets": "2.19.2", "pyarrow": "21.0.0"})) == ["pyarrow<20"]
     assert list(undeclared_conflicts({"mlflow": "2.12.1"})) == ["setuptools<81"]
     assert list(undeclared_conflicts({"mlflow-skinny": "2.15.1", "setuptools": "82.0"})) == [
         "setuptools<81"
