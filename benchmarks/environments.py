@@ -1,7 +1,8 @@
 """The repositories' own environments: what they cost to build and what they cost in training.
 
-For each repository of the corpus (``tests/corpus``: an MLflow-2024 scikit-learn repository and a
-PyTorch CNN, both with the exact pins of their authors) and the example, side by side in one run:
+For each repository of the corpus (``tests/corpus``: an MLflow-2024 scikit-learn repository, a
+PyTorch CNN and a Keras model on TensorFlow 2.12, each with the exact pins of its author) and
+the example, side by side in one run:
 
 - cold environment build (empty environment cache; uv's download cache is the machine's) and
   warm reuse (the next project of the same commit; goal <= 1 s);
@@ -15,7 +16,7 @@ PyTorch CNN, both with the exact pins of their authors) and the example, side by
   flwr 1.13 next to ``pyyaml==6.0.1``); goal: ratio <= 1.10.
 
 Usage: ``uv run python benchmarks/environments.py [--rounds 5] [--repeats 2] [--images]
-[--repos sklearn_mlflow2024,pytorch_mnist,example]``.
+[--repos sklearn_mlflow2024,pytorch_mnist,keras_tf212,example]``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REPOS = {
     "sklearn_mlflow2024": ROOT / "tests" / "corpus" / "sklearn_mlflow2024",
     "pytorch_mnist": ROOT / "tests" / "corpus" / "pytorch_mnist",
+    "keras_tf212": ROOT / "tests" / "corpus" / "keras_tf212",
     "example": EXAMPLE_REPO,
 }
 TAG = "mnist-bench"
