@@ -13,7 +13,8 @@ the example, side by side in one run:
   aggregator and model workers start, rounds run, MQTT and MLflow logging) next to the same
   training as a plain Flower script (``plain_flower.py``) run in the environment a plain-Flower
   user of that repository would have: its pins plus ``flwr`` as the resolver allows (e.g.
-  flwr 1.13 next to ``pyyaml==6.0.1``); goal: ratio <= 1.10.
+  flwr 1.13 next to ``pyyaml==6.0.1``; for some pins no Flower release installs at all, and the
+  row says so); goal: ratio <= 1.10.
 
 Usage: ``uv run python benchmarks/environments.py [--rounds 5] [--repeats 2] [--images]
 [--repos sklearn_mlflow2024,pytorch_mnist,keras_tf212,example]``.
@@ -69,8 +70,9 @@ def apparent_size_mb(path: Path) -> float:
     return total / 1e6
 
 
-def plain_flower_env(env: BuiltEnvironment, scratch: Path) -> str:
-    """A virtualenv with the environment's requirements plus ``flwr``; returns its python."""
+def plain_flower_env(env: BuiltEnvironment, scratch: Path) -> str | None:
+    """A virtualenv with the environment's requirements plus ``flwr``; returns its python, or
+    ``None`` when no Flower release installs next to the repository's pins (printed)."""
     metadata = json.loads((env.env_dir / "flops-env.json").read_text())
     lines = [
         *metadata["requirements"],
@@ -83,13 +85,15 @@ def plain_flower_env(env: BuiltEnvironment, scratch: Path) -> str:
     subprocess.run([*uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
     (scratch / "plain-requirements.txt").write_text("\n".join(lines) + "\n")
     links = [arg for link in find_links() for arg in ("--find-links", link)]
-    subprocess.run(
+    installed = subprocess.run(
         [*uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
          "-r", str(scratch / "plain-requirements.txt"), *links],
-        check=True,
-        cwd=env.repo_dir,
-        timeout=1800,
+        cwd=env.repo_dir, capture_output=True, text=True, timeout=1800, check=False,
     )  # fmt: skip
+    if installed.returncode != 0:
+        reason = [line.strip() for line in installed.stderr.splitlines() if line.strip()][-1]
+        print(f"no plain Flower baseline for {env.repo_dir.name}: {reason}", flush=True)
+        return None
     site = next((venv / "lib").glob("python*/site-packages"))
     (site / "_flops_utils.pth").write_text(str(ROOT / "utils_pkg") + "\n")
     return str(venv / "bin" / "python")
@@ -162,7 +166,8 @@ def main() -> None:
                     flops_s, plain_s = [], []
                     for _ in range(args.repeats):
                         flops_s.append(flops_run(client, sla)[1])
-                        plain_s.append(plain_run(plain_python, nodes, args.rounds, repo, TAG))
+                        if plain_python is not None:
+                            plain_s.append(plain_run(plain_python, nodes, args.rounds, repo, TAG))
                     image_mb = learner_image_mb(repo, work) if args.images else None
                     rows.append(
                         {
@@ -172,7 +177,7 @@ def main() -> None:
                             "size_mb": size_mb,
                             "image_mb": image_mb,
                             "flops_s": statistics.median(flops_s),
-                            "plain_s": statistics.median(plain_s),
+                            "plain_s": statistics.median(plain_s) if plain_s else None,
                             "versions": cold.versions,
                         }
                     )
@@ -182,10 +187,13 @@ def main() -> None:
     print(header + f"{'FLOps s':>9}{'Flower s':>10}{'ratio':>7}")
     for row in rows:
         image = f"{row['image_mb']:.0f}" if row["image_mb"] is not None else "-"
+        plain, ratio = "-", "-"
+        if row["plain_s"] is not None:
+            plain = f"{row['plain_s']:.2f}"
+            ratio = f"{row['flops_s'] / row['plain_s']:.2f}"
         print(
             f"{row['repo']:20}{row['cold_s']:>8.1f}{row['warm_s']:>8.2f}{row['size_mb']:>8.0f}"
-            f"{image:>10}{row['flops_s']:>9.2f}{row['plain_s']:>10.2f}"
-            f"{row['flops_s'] / row['plain_s']:>7.2f}"
+            f"{image:>10}{row['flops_s']:>9.2f}{plain:>10}{ratio:>7}"
         )
     for row in rows:
         pins = ", ".join(f"{k} {v}" for k, v in sorted(row["versions"].items()))
