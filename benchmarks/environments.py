@@ -71,7 +71,8 @@ def apparent_size_mb(path: Path) -> float:
 
 
 def plain_flower_env(env: BuiltEnvironment, scratch: Path) -> str | None:
-    """A virtualenv with the environment's requirements plus ``flwr``; returns its python, or
+    """A virtualenv with the environment's requirements plus ``flwr``, bytecode compiled (as
+    the FLOps side's is by its warm-up project); returns its python, or
     ``None`` when no Flower release installs next to the repository's pins (printed)."""
     metadata = json.loads((env.env_dir / "flops-env.json").read_text())
     lines = [
@@ -86,8 +87,8 @@ def plain_flower_env(env: BuiltEnvironment, scratch: Path) -> str | None:
     (scratch / "plain-requirements.txt").write_text("\n".join(lines) + "\n")
     links = [arg for link in find_links() for arg in ("--find-links", link)]
     installed = subprocess.run(
-        [*uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
-         "-r", str(scratch / "plain-requirements.txt"), *links],
+        [*uv, "pip", "install", "-q", "--compile-bytecode", "--python",
+         str(venv / "bin" / "python"), "-r", str(scratch / "plain-requirements.txt"), *links],
         cwd=env.repo_dir, capture_output=True, text=True, timeout=1800, check=False,
     )  # fmt: skip
     if installed.returncode != 0:

@@ -7,6 +7,7 @@ builder service, and Flower training between containers (``buildah run --isolati
 host network) started by the double.
 """
 
+import json
 import shutil
 import subprocess
 import time
@@ -26,23 +27,9 @@ from flops_manager.demo import EXAMPLE_REPO, example_sla, local_nodes, run_proje
 from flops_manager.orchestrators.oakestra_client import OakestraClient
 from flops_manager.suite import ManagerSuite
 
-MLFLOW_2024_REPO = Path(__file__).resolve().parents[1] / "corpus" / "sklearn_mlflow2024"
-"""A repository pinning what MLflow 2.12 wrote in 2024 (numpy 1.26.4, pyyaml 6.0.1, ...), which
-FLOps' runtime (Flower 1.41: pyyaml>=6.0.2, numpy 2) cannot share an environment with."""
-
-MLFLOW_2024_CONDA = """\
-dependencies:
-- python=3.10.14
-- pip<=24.0
-- mlflow=2.12.1
-- numpy=1.26.4
-- scipy=1.13.0
-- pyyaml=6.0.1
-- packaging=24.0
-- psutil=5.9.8
-- cloudpickle=3.0.0
-- scikit-learn=1.4.2
-"""
+CORPUS = Path(__file__).resolve().parents[1] / "corpus"
+"""Repositories with their authors' pins (``tests/corpus``), which FLOps' runtime (Flower 1.41:
+pyyaml>=6.0.2, numpy 2) cannot share an environment with."""
 
 ROUNDS = 3
 NODES = 3
@@ -181,28 +168,36 @@ def test_project_trains_on_the_workers_holding_the_data_and_cleans_up(
     assert_nothing_left(oakestra, double)
 
 
-def test_repository_with_2024_pins_trains_in_its_own_environment(
+@pytest.mark.parametrize(
+    ("name", "saved_with"),
+    [
+        ("sklearn_mlflow2024", {"flops.saved_with.mlflow_version": "2.12.1"}),
+        ("pytorch_mnist", {"flops.saved_with.library_version": "2.13.0+cpu"}),
+    ],
+)
+def test_a_corpus_repository_trains_in_its_own_environment(
     client: ManagerClient,
     double: OakestraDouble,
     oakestra: OakestraClient,
     mlflow_server: Any,
     tmp_path: Path,
+    name: str,
+    saved_with: dict[str, str],
 ) -> None:
-    # Setup: the corpus repository (else the example with its conda.yaml), a plain directory
-    repo = tmp_path / "sklearn_mlflow2024"
-    if (MLFLOW_2024_REPO / "conda.yaml").is_file():
-        shutil.copytree(MLFLOW_2024_REPO, repo, ignore=shutil.ignore_patterns("__pycache__"))
-    else:
-        shutil.copytree(EXAMPLE_REPO, repo, ignore=shutil.ignore_patterns("__pycache__"))
-        (repo / "conda.yaml").write_text(MLFLOW_2024_CONDA, encoding="utf-8")
+    # Setup: the corpus repository as a plain directory, with its own flavor
+    repo = tmp_path / name
+    shutil.copytree(CORPUS / name, repo, ignore=shutil.ignore_patterns("__pycache__"))
     document = sla()
     document["ml_repo_url"] = str(repo)
+    flavor = json.loads((repo / "sla.json").read_text())["ml_model_flavor"]
+    document["ml_model_flavor"] = flavor
 
     # Execute
     project = run_project(client, document, PROJECT_TIMEOUT_S)
 
     # Assert: trained in the learner images (the model worker in the repository's environment),
-    # the final model saved there with MLflow 2.12.1, uploaded and registered by the aggregator
+    # the final model saved there with the repository's libraries, uploaded and registered by
+    # the aggregator
     assert project["status"] == "completed", project["status_message"]
     assert [r["round"] for r in project["rounds"]] == list(range(1, ROUNDS + 1))
     assert project["metrics"]["accuracy"] >= 0.7
@@ -211,7 +206,9 @@ def test_repository_with_2024_pins_trains_in_its_own_environment(
     tracking = mlflow.MlflowClient(mlflow_server.url)
     model_id = project["mlflow"]["model_uri"].removeprefix("models:/")
     tags = tracking.get_logged_model(model_id).tags
-    assert "2.12.1" in {v for k, v in tags.items() if k.startswith("flops.saved_with.")}, tags
+    assert tags["flops.flavor"] == flavor
+    for key, value in saved_with.items():
+        assert tags.get(key) == value, tags
     assert project["mlflow"]["registered_model_uri"]
     assert_nothing_left(oakestra, double)
 
