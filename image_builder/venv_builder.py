@@ -56,13 +56,11 @@ from flops_utils.logging import logger
 from image_builder.dependencies import (
     python_mismatch_note,
     requested_python,
-    requirement_name,
     resolve_local_paths,
 )
 from image_builder.errors import EnvironmentBuildError
 from image_builder.python_env import (
-    MLFLOW_DISTRIBUTIONS,
-    USER_ENV_MLFLOW,
+    USER_ENV_IMPORT_CHECK,
     USER_ENV_REQUIREMENTS,
     attributed_install_error,
     base_interpreter,
@@ -76,6 +74,7 @@ from image_builder.python_env import (
     redact_paths,
     run_uv_with_fallbacks,
     undeclared_conflicts,
+    user_env_support_lines,
     uv_command,
 )
 from image_builder.repo import DEFAULT_GIT_TIMEOUT_S, FetchedRepo, checked_out_repo, copy_repo_files
@@ -291,9 +290,7 @@ class VenvBuilder:
         """What FLOps adds to an environment with ``requirements``: :attr:`support_requirements`
         and, when no line requires ``mlflow`` or ``mlflow-skinny``,
         :data:`~image_builder.python_env.USER_ENV_MLFLOW`."""
-        names = {requirement_name(line) for line in requirements}
-        mlflow = [] if names & MLFLOW_DISTRIBUTIONS else [USER_ENV_MLFLOW]
-        return [*self.support_requirements, *mlflow]
+        return user_env_support_lines(requirements, self.support_requirements)
 
     def _make_venv(
         self, staging: Path, requirements: list[str], dependency_file: str
@@ -348,7 +345,7 @@ class VenvBuilder:
     def _check_imports(self, venv: Path) -> None:
         """Import what the model worker and ``load_dataset()`` need with the environment's
         interpreter; :class:`EnvironmentBuildError` with the import error otherwise."""
-        code = "import numpy, pyarrow, pyarrow.flight, datasets, mlflow, flops_utils.model_worker"
+        code = f"{USER_ENV_IMPORT_CHECK}, mlflow, flops_utils.model_worker"
         try:
             result = subprocess.run(
                 [str(venv / "bin" / "python"), "-c", code],
