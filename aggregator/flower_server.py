@@ -21,7 +21,9 @@ class with the SLA's parameters. One mixin placed before that class in the MRO a
 checks above and the per-round reporting, so every strategy behaves alike towards FLOps.
 """
 
+import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,6 +120,26 @@ class TrainingResult:
     parameters: NDArrays
     rounds: list[RoundResult] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def preload() -> threading.Thread:
+    """Import Flower's server side in a daemon thread and return it (started).
+
+    The aggregator calls it before it starts the model worker, so that the two imports overlap
+    (see ``learner.flower_client.preload``); :func:`run_server` later finds the modules
+    imported. An import error surfaces there, not here.
+    """
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            from flwr.server.server import run_fl  # noqa: F401
+            from flwr.server.superlink.fleet.grpc_bidi.grpc_server import (  # noqa: F401
+                start_grpc_server,
+            )
+
+    thread = threading.Thread(target=load, name="flower-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 def weighted_accuracy(metrics: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from aggregator.flower_server import (
     RoundResult,
     TrainingFailed,
     TrainingSettings,
+    preload,
     run_server,
 )
 from aggregator.tracking import (
@@ -337,10 +338,12 @@ def run(config: AggregatorConfig, notifier: StatusNotifier) -> ExitCode:
     _stop_cleanly_on_sigterm(tracker, notifier)
     try:
         tracker.check_reachable()
+        flower = preload()  # Flower's imports overlap the model worker's start
         with ModelWorker(config.repo_dir) as model_manager:
             initial = call_user_code(
                 "ModelManager.get_model_parameters", model_manager.get_model_parameters
             )
+            flower.join()  # before MLflow's imports: both import protobuf and grpc
             customer = str(config.sla.get("customerID", ""))
             run_id = tracker.start_run(config.sla, tags={"flops.customer_id": customer})
             result = run_server(config.training_settings(), initial, on_round, on_listening)

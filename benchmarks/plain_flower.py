@@ -14,6 +14,7 @@ import flwr as fl
 from flwr.common import Metrics, ndarrays_to_parameters
 
 from flops_utils.ml_repo_files_proxy import get_model_manager
+from flops_utils.net import wait_for_port
 
 
 def weighted_accuracy(results: list[tuple[int, Metrics]]) -> Metrics:
@@ -64,4 +65,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
-        fl.client.start_client(server_address=sys.argv[2], client=Client().to_client())
+        client = Client().to_client()
+        host, _, port = sys.argv[2].rpartition(":")
+        wait_for_port(host, int(port), 60.0)  # as a user starts clients once the server runs
+        fl.client.start_client(server_address=sys.argv[2], client=client)

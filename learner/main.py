@@ -40,6 +40,7 @@ from flops_utils.types import Component, ComponentStatus
 from flops_utils.user_code import UserCodeError, describe_exception, one_line
 from learner.flower_client import (
     AggregatorUnreachable,
+    preload,
     run_client,
 )
 
@@ -157,6 +158,7 @@ def run(config: LearnerConfig, notifier: StatusNotifier) -> ExitCode:
         f"learner {config.name} started",
         {"aggregator": config.aggregator_address, "data_tags": list(config.data_tags)},
     )
+    preload()  # Flower's imports overlap the model worker's start
     try:
         with ModelWorker(config.repo_dir) as model_manager:
             _load_data(model_manager)
