@@ -148,7 +148,7 @@ def main() -> None:
                 for index, node in enumerate(nodes):
                     with DataClient(node.location) as data:
                         data.put_table(TAG, table.slice(index * SHARD_ROWS, SHARD_ROWS))
-                client.wait_for_nodes(2, timeout_s=60)
+                client.wait_for_nodes(2, timeout_s=60, tag=TAG)
                 for name in args.repos.split(","):
                     repo = REPOS[name]
                     work = scratch / name

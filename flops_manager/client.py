@@ -82,15 +82,25 @@ class ManagerClient:
         """The MLflow GUI's URL."""
         return str(self.request("GET", "/tracking")["url"])
 
-    def wait_for_nodes(self, count: int, timeout_s: float) -> list[dict[str, Any]]:
-        """Poll until at least ``count`` nodes are registered; ``TimeoutError`` otherwise."""
+    def wait_for_nodes(
+        self, count: int, timeout_s: float, tag: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Poll until at least ``count`` nodes are registered (holding data tagged ``tag``, if
+        given: a node reports a new tag at its next registration); ``TimeoutError`` otherwise.
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             nodes = self.nodes()
+            if tag is not None:
+                nodes = [node for node in nodes if tag in (node.get("tags") or {})]
             if len(nodes) >= count:
                 return nodes
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(nodes)} of {count} nodes registered after {timeout_s} s")
+                raise TimeoutError(
+                    f"{len(nodes)} of {count} nodes registered"
+                    + (f" with tag {tag!r}" if tag else "")
+                    + f" after {timeout_s} s"
+                )
             time.sleep(0.2)
 
     def wait_for_project(

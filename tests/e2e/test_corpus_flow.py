@@ -66,7 +66,7 @@ def client(
             for index, node in enumerate(nodes):
                 with DataClient(node.location) as data:
                     data.put_table(TAG, table.slice(index * SHARD_ROWS, SHARD_ROWS))
-            api.wait_for_nodes(2, timeout_s=60)
+            api.wait_for_nodes(2, timeout_s=60, tag=TAG)
             yield api
 
 
