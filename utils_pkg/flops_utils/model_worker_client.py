@@ -153,8 +153,8 @@ class ModelWorker(ModelManagerTemplate):
         """Start the worker, check the protocol and instantiate ``ModelManager`` there."""
         if not Path(self.python).exists():
             raise ModelWorkerStartError(
-                f"The ML repository's environment has no interpreter at {self.python}; "
-                f"rebuild the environment (set {env_vars.USER_PYTHON} to its python)."
+                f"The ML repository's environment has no interpreter where "
+                f"{env_vars.USER_PYTHON} points; rebuild the environment (POST the SLA again)."
             )
         ours, theirs = socket.socketpair()
         env = {**self.env, WORKER_FD_VARIABLE: str(theirs.fileno())}
@@ -170,7 +170,7 @@ class ModelWorker(ModelManagerTemplate):
         except OSError as exc:
             ours.close()
             raise ModelWorkerStartError(
-                f"Cannot start the model worker with {self.python} ({exc.strerror})."
+                f"Cannot start the model worker with {env_vars.USER_PYTHON} ({exc.strerror})."
             ) from exc
         finally:
             theirs.close()
