@@ -1,0 +1,7 @@
+"""The contract between the manager and the processes it runs (learner, aggregator, image
+builder, data server): one definition of each name, payload and code, imported by every role.
+
+Nothing in this package imports ``flops_manager``: the runtime images carry ``flops_utils``
+only. Modules: :mod:`.lifecycle` (project and component statuses, progress stages),
+:mod:`.services` (service naming), :mod:`.exit_codes` (the exit-code catalogue).
+"""
