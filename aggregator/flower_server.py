@@ -3,7 +3,7 @@ per-round callbacks.
 
 This is the only aggregator module that imports ``flwr``. It runs Flower's gRPC-bidi server
 (the ``start_server`` API: about 0.25 s per round here, against about 16 s for Flower 1.41's
-SuperLink engine, DESIGN.md §3); swapping the engine means rewriting this module only.
+SuperLink engine); swapping the engine means rewriting this module only.
 
 Measured with two learners on loopback: about 0.01 s of Flower overhead per round with a tiny
 model, about 1 s per round for the MNIST example (local training dominates).
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from numpy.typing import NDArray
 
-from flops_manager.sla import DEFAULT_STRATEGY, StrategyConfig
+from flops_utils.contract.training import DEFAULT_STRATEGY, StrategyConfig
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 

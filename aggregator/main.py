@@ -21,11 +21,12 @@ with every default filled in), ``progress`` after each round (data ``{"stage": "
 round (data ``{"stage": "training_done", "rounds", "loss", "accuracy"}``), then ``success``
 (data ``{"experiment_id", "run_id", "model_uri", "registered_model", "model_version",
 "registered_model_uri", "loss", "accuracy", "rounds", "seconds"}``) or ``failed`` (message =
-the error on one line, data ``{"error", "exit_code"}``). The process exits with one of the
-codes in :data:`EXIT_CODES`.
+the error on one line, data ``{"error", "exit_code"}``); the payloads are the models of
+:mod:`flops_utils.contract.messages`. The process exits with a
+:class:`~flops_utils.contract.exit_codes.ExitCode` (:data:`~flops_utils.contract.exit_codes.
+EXIT_CODES` gives each one's meaning and fix).
 """
 
-import contextlib
 import json
 import os
 import signal
@@ -34,7 +35,6 @@ import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -45,9 +45,7 @@ from pydantic import ValidationError
 from aggregator.flower_server import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_ROUND_TIMEOUT_S,
-    AddressUnavailable,
     RoundResult,
-    TrainingFailed,
     TrainingSettings,
     preload,
     run_server,
@@ -57,85 +55,35 @@ from aggregator.tracking import (
     LoggedModel,
     MlflowTracker,
     ModelLoggingError,
-    TrackingError,
 )
-from flops_manager.sla import DEFAULT_STRATEGY, STRATEGY_ADAPTER, StrategyConfig
 from flops_utils import env_vars
+from flops_utils.contract.entry import run_role
+from flops_utils.contract.exit_codes import ExitCode, Role
+from flops_utils.contract.lifecycle import Stage
+from flops_utils.contract.messages import (
+    AggregatorStarted,
+    AggregatorSuccess,
+    Failed,
+    RoundProgress,
+    TrainingDone,
+)
+from flops_utils.contract.training import (
+    AggregatorSLA,
+    StrategyConfig,
+    TrainingConfiguration,
+    describe_validation_error,
+)
 from flops_utils.env_config import EnvReader
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 from flops_utils.model_worker_client import (
     ModelSaveFailed,
     ModelWorker,
-    ModelWorkerStartError,
     RemoteUserCodeError,
 )
-from flops_utils.notifications import StatusNotifier, notify_once
-from flops_utils.types import Component, ComponentStatus, MLModelFlavor
-from flops_utils.user_code import (
-    UserCodeError,
-    call_user_code,
-    describe_exception,
-)
-
-STAGE_ROUND = "round"
-"""``data["stage"]`` of the ``progress`` message sent after each round."""
-
-STAGE_TRAINING_DONE = "training_done"
-"""``data["stage"]`` of the ``progress`` message sent after the last round, before the model
-is logged (the manager moves the project to ``post_training`` then)."""
-
-
-class ExitCode(IntEnum):
-    """The aggregator's exit codes; :data:`EXIT_CODES` gives each one's meaning and fix."""
-
-    OK = 0
-    USER_CODE_ERROR = 1
-    CONFIG_ERROR = 2
-    TRAINING_FAILED = 3
-    TRACKING_UNAVAILABLE = 4
-    MODEL_LOGGING_FAILED = 5
-    INTERNAL_ERROR = 6
-    TERMINATED = 143
-
-
-EXIT_CODES: dict[ExitCode, tuple[str, str]] = {
-    ExitCode.OK: ("Training finished; the model is logged and registered in MLflow.", "-"),
-    ExitCode.USER_CODE_ERROR: (
-        "The ML repository's ModelManager raised (constructor, get/set_model_parameters, "
-        "get_model).",
-        "Fix model_manager.py; the failed message names the method and the exception. "
-        "ModelManager() must work without data.",
-    ),
-    ExitCode.CONFIG_ERROR: (
-        "A FLOPS_* variable is missing or malformed, the SLA JSON is invalid, the Flower "
-        "address cannot be bound, or the repository's environment (FLOPS_USER_PYTHON) cannot "
-        "run the model worker.",
-        "Start the aggregator through FLOps (the orchestrator sets these) or fix the value "
-        "named in the message.",
-    ),
-    ExitCode.TRAINING_FAILED: (
-        "Too few learners connected in time, or a learner failed, disconnected or exceeded "
-        "round_timeout_s during a round.",
-        "Read the learners' failed messages; check min_available_clients and round_timeout_s.",
-    ),
-    ExitCode.TRACKING_UNAVAILABLE: (
-        "The MLflow tracking server is unreachable or rejected a request.",
-        "Start the tracking server (flops-observatory) and check FLOPS_MLFLOW_URL.",
-    ),
-    ExitCode.MODEL_LOGGING_FAILED: (
-        "The final model could not be logged with the SLA's ml_model_flavor (library missing "
-        "or wrong model type).",
-        "Install the flavor's library in the repository's dependencies or fix ml_model_flavor.",
-    ),
-    ExitCode.INTERNAL_ERROR: ("An unexpected error inside FLOps.", "Report it with the log."),
-    ExitCode.TERMINATED: (
-        "Stopped by SIGTERM (128 + 15), e.g. the project was cancelled; the MLflow run is "
-        "marked KILLED.",
-        "-",
-    ),
-}
-"""Exit code → (meaning, fix)."""
+from flops_utils.notifications import StatusNotifier
+from flops_utils.types import ComponentStatus, MLModelFlavor
+from flops_utils.user_code import UserCodeError, call_user_code
 
 
 class ConfigError(FlopsError):
@@ -144,36 +92,16 @@ class ConfigError(FlopsError):
     code = "aggregator_config_error"
 
 
-ERROR_EXIT_CODES: dict[type[FlopsError], ExitCode] = {
-    UserCodeError: ExitCode.USER_CODE_ERROR,
-    ConfigError: ExitCode.CONFIG_ERROR,
-    ModelWorkerStartError: ExitCode.CONFIG_ERROR,
-    AddressUnavailable: ExitCode.CONFIG_ERROR,
-    TrainingFailed: ExitCode.TRAINING_FAILED,
-    TrackingError: ExitCode.TRACKING_UNAVAILABLE,
-    ModelLoggingError: ExitCode.MODEL_LOGGING_FAILED,
-}
-"""Exception type → exit code; the most specific class in an error's MRO wins."""
-
-
-def exit_code_for(exc: BaseException) -> ExitCode:
-    """The :class:`ExitCode` for ``exc`` from :data:`ERROR_EXIT_CODES` (else internal error)."""
-    for cls in type(exc).__mro__:
-        if cls in ERROR_EXIT_CODES:
-            return ERROR_EXIT_CODES[cls]
-    return ExitCode.INTERNAL_ERROR
-
-
 @dataclass(frozen=True)
 class AggregatorConfig:
     """The aggregator's settings, read from the environment by :meth:`from_env`.
 
     ``sla`` is the SLA as parsed JSON (logged to MLflow as parameters) with
     ``training_configuration.strategy`` replaced by ``strategy`` in full, so that the run
-    records the strategy's name and every parameter in effect; the other fields are taken
-    from it with the SLA's defaults (rounds 3, client minimums 1, flavor pytorch, strategy
-    FedAvg). ``round_timeout_s`` falls back to :data:`DEFAULT_ROUND_TIMEOUT_S` when the SLA
-    sets none.
+    records the strategy's name and every parameter in effect; ``training``, ``flavor`` and
+    ``customer_id`` are read from it by :class:`~flops_utils.contract.training.AggregatorSLA`,
+    with the SLA's defaults (rounds 3, client minimums 1, flavor pytorch, strategy FedAvg,
+    customer ``Admin``).
     """
 
     project_id: str
@@ -182,21 +110,31 @@ class AggregatorConfig:
     mlflow_url: str
     repo_dir: Path
     sla: dict[str, Any]
+    customer_id: str
     flavor: MLModelFlavor
-    training_rounds: int
-    min_available_clients: int
-    min_fit_clients: int
-    min_evaluate_clients: int
-    round_timeout_s: float
+    training: TrainingConfiguration
     connect_timeout_s: float
-    strategy: StrategyConfig = DEFAULT_STRATEGY
+
+    @property
+    def training_rounds(self) -> int:
+        """Flower rounds to run."""
+        return self.training.training_rounds
+
+    @property
+    def strategy(self) -> StrategyConfig:
+        """The Flower strategy with every parameter in effect."""
+        return self.training.strategy
+
+    @property
+    def round_timeout_s(self) -> float:
+        """Seconds a round may take: the SLA's, else :data:`DEFAULT_ROUND_TIMEOUT_S`."""
+        return float(self.training.round_timeout_s or DEFAULT_ROUND_TIMEOUT_S)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "AggregatorConfig":
         """Read and check the ``FLOPS_*`` variables and the SLA. Raises :class:`ConfigError`."""
         read = EnvReader(env, ConfigError, "the orchestrator sets it when it starts an aggregator")
-        project_id = read.required(env_vars.PROJECT_ID)
-        mqtt_url = read.mqtt_url()
+        project_id, mqtt_url = read.status_target()
         address = read.host_port(
             env_vars.AGGREGATOR_ADDRESS,
             "the address the Flower server should bind, e.g. 0.0.0.0:8080",
@@ -205,58 +143,22 @@ class AggregatorConfig:
         if not mlflow_url.startswith(("http://", "https://")):
             raise ConfigError(f"{env_vars.MLFLOW_URL}={mlflow_url!r} is not http://HOST:PORT.")
         repo_dir = read.repo_dir()
-        try:
-            sla = json.loads(read.required(env_vars.SLA))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{env_vars.SLA} is not valid JSON ({exc}).") from exc
-        if not isinstance(sla, dict):
-            raise ConfigError(f"{env_vars.SLA} must be a JSON object (the project's SLA).")
-        training = sla.get("training_configuration") or {}
-        if not isinstance(training, dict):
-            raise ConfigError("SLA training_configuration must be an object.")
-        flavor_name = sla.get("ml_model_flavor", MLModelFlavor.PYTORCH.value)
-        try:
-            flavor = MLModelFlavor(flavor_name)
-        except ValueError as exc:
-            valid = ", ".join(f.value for f in MLModelFlavor)
-            raise ConfigError(
-                f"SLA ml_model_flavor {flavor_name!r} is not one of {valid}."
-            ) from exc
-        counts = {
-            name: _positive_int(training, name, default)
-            for name, default in (
-                ("training_rounds", 3),
-                ("min_available_clients", 1),
-                ("min_fit_clients", 1),
-                ("min_evaluate_clients", 1),
-            )
+        document, sla = _read_sla(read.required(env_vars.SLA))
+        logged_training = {
+            **document.get("training_configuration", {}),
+            "strategy": sla.training_configuration.strategy.model_dump(mode="json"),
         }
-        round_timeout = training.get("round_timeout_s")
-        if round_timeout is not None and (
-            not isinstance(round_timeout, int | float) or round_timeout <= 0
-        ):
-            raise ConfigError(
-                f"SLA training_configuration.round_timeout_s={round_timeout!r} must be a "
-                "positive number of seconds."
-            )
-        strategy = _strategy(training)
-        training = {**training, "strategy": strategy.model_dump(mode="json")}
-        connect_timeout_s = read.seconds(env_vars.CONNECT_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S)
         return cls(
             project_id=project_id,
             mqtt_url=mqtt_url,
             address=address,
             mlflow_url=mlflow_url,
             repo_dir=repo_dir,
-            sla={**sla, "training_configuration": training},
-            flavor=flavor,
-            training_rounds=counts["training_rounds"],
-            min_available_clients=counts["min_available_clients"],
-            min_fit_clients=counts["min_fit_clients"],
-            min_evaluate_clients=counts["min_evaluate_clients"],
-            round_timeout_s=float(round_timeout or DEFAULT_ROUND_TIMEOUT_S),
-            connect_timeout_s=connect_timeout_s,
-            strategy=strategy,
+            sla={**document, "training_configuration": logged_training},
+            customer_id=sla.customerID,
+            flavor=sla.ml_model_flavor,
+            training=sla.training_configuration,
+            connect_timeout_s=read.seconds(env_vars.CONNECT_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S),
         )
 
     def training_settings(self) -> TrainingSettings:
@@ -264,58 +166,48 @@ class AggregatorConfig:
         return TrainingSettings(
             address=self.address,
             num_rounds=self.training_rounds,
-            min_available_clients=self.min_available_clients,
-            min_fit_clients=self.min_fit_clients,
-            min_evaluate_clients=self.min_evaluate_clients,
+            min_available_clients=self.training.min_available_clients,
+            min_fit_clients=self.training.min_fit_clients,
+            min_evaluate_clients=self.training.min_evaluate_clients,
             round_timeout_s=self.round_timeout_s,
             connect_timeout_s=self.connect_timeout_s,
             strategy=self.strategy,
         )
 
 
-def _strategy(training: Mapping[str, Any]) -> StrategyConfig:
-    """``training_configuration.strategy`` validated, FedAvg when missing or null."""
-    raw = training.get("strategy")
-    if raw is None:
-        return DEFAULT_STRATEGY
+def _read_sla(raw: str) -> tuple[dict[str, Any], AggregatorSLA]:
+    """``FLOPS_SLA`` as parsed JSON and as :class:`AggregatorSLA`. Raises
+    :class:`ConfigError` naming the field path of every problem."""
     try:
-        return STRATEGY_ADAPTER.validate_python(raw)
+        document = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{env_vars.SLA} is not valid JSON ({exc}).") from exc
+    if not isinstance(document, dict):
+        raise ConfigError(f"{env_vars.SLA} must be a JSON object (the project's SLA).")
+    try:
+        return document, AggregatorSLA.model_validate(document)
     except ValidationError as exc:
-        problems = "; ".join(
-            ".".join(["training_configuration.strategy", *(str(p) for p in error["loc"])])
-            + f": {error['msg']}"
-            for error in exc.errors(include_url=False)
-        )
-        raise ConfigError(f"SLA {problems}.") from exc
+        raise ConfigError(f"SLA {describe_validation_error(exc)}.") from None
 
 
-def _positive_int(training: Mapping[str, Any], name: str, default: int) -> int:
-    value = training.get(name, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(
-            f"SLA training_configuration.{name}={value!r} must be a positive integer."
-        )
-    return value
+def run(config: AggregatorConfig, notifier: StatusNotifier) -> None:
+    """Train, track and register the model; publish ``started``, ``progress`` and
+    ``success``.
 
-
-def run(config: AggregatorConfig, notifier: StatusNotifier) -> ExitCode:
-    """Train, track and register the model; publish status. Returns the exit code.
-
-    Never raises: every error becomes a ``failed`` message and its :class:`ExitCode`.
+    Raises what failed (the entry wrapper maps it to its exit code and publishes ``failed``):
+    :class:`UserCodeError`, ``TrainingFailed``, ``AddressUnavailable``, ``TrackingError``,
+    ``ModelLoggingError``, ``ModelWorkerStartError``; the MLflow run is marked ``FAILED``.
     """
     began = time.monotonic()
     tracker = MlflowTracker(config.mlflow_url, config.project_id)
 
     def on_listening(address: str) -> None:
-        notifier.notify(
-            ComponentStatus.STARTED,
-            f"aggregator listening on {address}",
-            {
-                "address": address,
-                "rounds": config.training_rounds,
-                "strategy": config.strategy.model_dump(mode="json"),
-            },
+        started = AggregatorStarted(
+            address=address,
+            rounds=config.training_rounds,
+            strategy=config.strategy.model_dump(mode="json"),
         )
+        notifier.notify(ComponentStatus.STARTED, f"aggregator listening on {address}", started)
 
     def on_round(result: RoundResult) -> None:
         tracker.log_round(result.round, result.loss, result.accuracy)
@@ -324,15 +216,15 @@ def run(config: AggregatorConfig, notifier: StatusNotifier) -> ExitCode:
             ComponentStatus.PROGRESS,
             f"round {result.round}/{config.training_rounds}: loss {result.loss:.4f}, "
             f"accuracy {accuracy}",
-            {
-                "stage": STAGE_ROUND,
-                "round": result.round,
-                "rounds": config.training_rounds,
-                "loss": result.loss,
-                "accuracy": result.accuracy,
-                "learners": result.learners,
-                "seconds": round(result.seconds, 3),
-            },
+            RoundProgress(
+                stage=Stage.ROUND,
+                round=result.round,
+                rounds=config.training_rounds,
+                loss=result.loss,
+                accuracy=result.accuracy,
+                learners=result.learners,
+                seconds=round(result.seconds, 3),
+            ),
         )
 
     _stop_cleanly_on_sigterm(tracker, notifier)
@@ -344,57 +236,43 @@ def run(config: AggregatorConfig, notifier: StatusNotifier) -> ExitCode:
                 "ModelManager.get_model_parameters", model_manager.get_model_parameters
             )
             flower.join()  # before MLflow's imports: both import protobuf and grpc
-            customer = str(config.sla.get("customerID", ""))
-            run_id = tracker.start_run(config.sla, tags={"flops.customer_id": customer})
+            run_id = tracker.start_run(config.sla, tags={"flops.customer_id": config.customer_id})
             result = run_server(config.training_settings(), initial, on_round, on_listening)
             last = result.rounds[-1] if result.rounds else None
             notifier.notify(
                 ComponentStatus.PROGRESS,
                 f"training done after {len(result.rounds)} rounds; logging the model",
-                {
-                    "stage": STAGE_TRAINING_DONE,
-                    "rounds": len(result.rounds),
-                    "loss": last.loss if last else None,
-                    "accuracy": last.accuracy if last else None,
-                },
+                TrainingDone(
+                    stage=Stage.TRAINING_DONE,
+                    rounds=len(result.rounds),
+                    loss=last.loss if last else None,
+                    accuracy=last.accuracy if last else None,
+                ),
             )
             logged = _log_final_model(model_manager, tracker, config, result.parameters)
-        data = {
-            "experiment_id": tracker.experiment_id,
-            "run_id": run_id,
-            "model_uri": logged.model_uri,
-            "registered_model": logged.registered_model,
-            "model_version": logged.version,
-            "registered_model_uri": logged.registered_model_uri,
-            "loss": last.loss if last else None,
-            "accuracy": last.accuracy if last else None,
-            "rounds": len(result.rounds),
-            "seconds": round(time.monotonic() - began, 3),
-        }
-        tracker.end_run("FINISHED")
-    except Exception as exc:
-        code = exit_code_for(exc)
-        message = (
-            exc.message
-            if isinstance(exc, FlopsError)
-            else f"Internal error: {describe_exception(exc)}"
+        success = AggregatorSuccess(
+            experiment_id=tracker.experiment_id,
+            run_id=run_id,
+            model_uri=logged.model_uri,
+            registered_model=logged.registered_model,
+            model_version=logged.version,
+            registered_model_uri=logged.registered_model_uri,
+            loss=last.loss if last else None,
+            accuracy=last.accuracy if last else None,
+            rounds=len(result.rounds),
+            seconds=round(time.monotonic() - began, 3),
         )
-        message = " ".join(message.split())[:1000]
-        # The traceback first: the last line of output is what an orchestrator shows.
-        logger.info("traceback of the failure:", exc_info=exc)
-        logger.error("aggregator failed (exit %d): %s", code, message)
+        tracker.end_run("FINISHED")
+    except Exception:
         tracker.end_run("FAILED")
-        error = exc.code if isinstance(exc, FlopsError) else "internal_error"
-        notifier.notify(ComponentStatus.FAILED, message, {"error": error, "exit_code": int(code)})
-        return code
+        raise
     finally:
         tracker.end_run("KILLED")  # a no-op unless interrupted (KeyboardInterrupt, SystemExit)
     notifier.notify(
         ComponentStatus.SUCCESS,
-        f"training finished after {data['rounds']} rounds; model {logged.registered_model_uri}",
-        data,
+        f"training finished after {success.rounds} rounds; model {logged.registered_model_uri}",
+        success,
     )
-    return ExitCode.OK
 
 
 def _log_final_model(
@@ -437,7 +315,7 @@ def _stop_cleanly_on_sigterm(tracker: MlflowTracker, notifier: StatusNotifier) -
         notifier.notify(
             ComponentStatus.FAILED,
             "The aggregator was stopped by SIGTERM (the project was cancelled or stopped).",
-            {"error": "terminated", "exit_code": int(ExitCode.TERMINATED)},
+            Failed(error="terminated", exit_code=int(ExitCode.TERMINATED)),
         )
         notifier.close()
         os._exit(ExitCode.TERMINATED)
@@ -447,31 +325,5 @@ def _stop_cleanly_on_sigterm(tracker: MlflowTracker, notifier: StatusNotifier) -
 
 def main() -> None:
     """Entry point of ``python -m aggregator`` / ``flops-aggregator``; exits with an
-    :class:`ExitCode`."""
-    try:
-        config = AggregatorConfig.from_env(os.environ)
-    except ConfigError as exc:
-        logger.error("aggregator configuration error (exit %d): %s", ExitCode.CONFIG_ERROR, exc)
-        _report_config_error(os.environ, exc)
-        sys.exit(ExitCode.CONFIG_ERROR)
-    notifier = StatusNotifier(config.mqtt_url, config.project_id, Component.AGGREGATOR)
-    try:
-        code = run(config, notifier)
-    finally:
-        notifier.close()
-    sys.exit(code)
-
-
-def _report_config_error(env: Mapping[str, str], exc: ConfigError) -> None:
-    """Publish ``failed`` for a configuration error when the broker and project are known."""
-    project_id, mqtt_url = env.get(env_vars.PROJECT_ID), env.get(env_vars.MQTT_URL, "")
-    with contextlib.suppress(ValueError):
-        if project_id:
-            notify_once(
-                mqtt_url,
-                project_id,
-                Component.AGGREGATOR,
-                ComponentStatus.FAILED,
-                " ".join(exc.message.split()),
-                {"error": exc.code, "exit_code": int(ExitCode.CONFIG_ERROR)},
-            )
+    :class:`~flops_utils.contract.exit_codes.ExitCode`."""
+    sys.exit(run_role(Role.AGGREGATOR, lambda: AggregatorConfig.from_env(os.environ), run))

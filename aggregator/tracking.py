@@ -1,6 +1,6 @@
 """MLflow tracking for the aggregator: one run per project, a metric per round, the model.
 
-Layout in the tracking server (DESIGN.md §3): experiment ``flops-<project_id>``, one run named
+Layout in the tracking server: experiment ``flops-<project_id>``, one run named
 ``flops-<project_id>`` holding the SLA flattened as parameters (``training_configuration.
 training_rounds`` etc.), the metrics ``loss`` and ``accuracy`` with ``step = round``, and the
 final global model logged with the repository's flavor and registered as the model

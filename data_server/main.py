@@ -10,15 +10,9 @@ With ``--manager-url`` the node registers with the manager at start, every
 ``--register-interval-s`` seconds and shortly after its data changed (see
 :mod:`data_server.registration`); registration failures are logged and retried.
 
-Exit codes:
-
-====  ==========================================================================
-code  meaning and fix
-====  ==========================================================================
-0     stopped by SIGTERM or SIGINT
-2     invalid arguments or unusable ``--data-dir`` / ``--manager-url``: fix them
-3     cannot listen on ``--host``/``--port``: choose a free port
-====  ==========================================================================
+Exit codes (:class:`~flops_utils.contract.exit_codes.ExitCode`): 0 stopped by SIGTERM or
+SIGINT, 2 invalid arguments or an unusable ``--data-dir`` / ``--manager-url`` (fix them), 10
+cannot listen on ``--host``/``--port`` (choose a free port), 5 an internal error.
 """
 
 from __future__ import annotations
@@ -37,14 +31,11 @@ from data_server.registration import (
     nodes_url,
     registration_payload,
 )
-from data_server.server import WILDCARD_HOSTS, DataServer, DataServerStartError
+from data_server.server import WILDCARD_HOSTS, DataServer
 from flops_utils import env_vars
-from flops_utils.errors import FlopsError
+from flops_utils.contract.entry import run_command
+from flops_utils.contract.exit_codes import Role
 from flops_utils.logging import logger
-
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_BIND = 3
 
 DEFAULT_PORT = 8815
 """The conventional Arrow Flight port."""
@@ -100,12 +91,25 @@ def advertised_location(host: str, port: int, advertise_host: str | None) -> str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the data server until SIGTERM/SIGINT; return an exit code (see the module table)."""
+    """Run the data server until SIGTERM/SIGINT; return an exit code (see the module
+    docstring)."""
+    return run_command(Role.DATA_SERVER, lambda: _parse(argv), _serve)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The checked arguments; ``argparse`` exits with code 2 for invalid ones."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not 0 <= args.port < 65536 or args.register_interval_s <= 0:
         parser.error("--port must be 0-65535 and --register-interval-s positive")
+    if args.manager_url:
+        nodes_url(args.manager_url)  # fail fast on a malformed URL
+    return args
 
+
+def _serve(args: argparse.Namespace) -> None:
+    """Serve (and register) until SIGTERM/SIGINT. Raises ``DataServerStartError`` when the
+    address cannot be bound, ``StorageError`` for an unusable ``--data-dir``."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -116,23 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     registrar: NodeRegistrar | None = None
-    try:
-        if args.manager_url:
-            nodes_url(args.manager_url)  # fail fast on a malformed URL
-        server = DataServer(
-            args.data_dir,
-            args.host,
-            args.port,
-            on_change=lambda: registrar.trigger() if registrar else None,
-        )
-        server.start()
-    except DataServerStartError as exc:
-        logger.error("%s", exc.message)
-        return EXIT_BIND
-    except FlopsError as exc:
-        logger.error("%s", exc.message)
-        return EXIT_CONFIG
-
+    server = DataServer(
+        args.data_dir,
+        args.host,
+        args.port,
+        on_change=lambda: registrar.trigger() if registrar else None,
+    )
+    server.start()
     try:
         if args.manager_url:
             location = advertised_location(args.host, server.port, args.advertise_host)
@@ -161,7 +155,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if registrar is not None:
             registrar.stop()
         server.stop()
-    return EXIT_OK
 
 
 if __name__ == "__main__":

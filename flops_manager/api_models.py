@@ -1,12 +1,23 @@
 """Request and response bodies of the manager's REST API (besides the SLA in ``sla.py``)."""
 
 import copy
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flops_manager.projects import ProjectStatus
-from flops_manager.sla import TAG_PATTERN, DataTag, Platform
+from flops_manager.records import (
+    Event,
+    Metrics,
+    MlflowRecord,
+    ModelImageRecord,
+    Phase,
+    ProjectRecord,
+    RoundMetrics,
+    ServiceReport,
+)
+from flops_manager.sla import TAG_PATTERN, DataTag, Platform, ProjectSLA
+from flops_utils.contract.lifecycle import ProjectStatus
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 RowCount = Annotated[int, Field(ge=0, le=2**62)]
@@ -14,6 +25,10 @@ RowCount = Annotated[int, Field(ge=0, le=2**62)]
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _View(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
 class ErrorBody(BaseModel):
@@ -66,8 +81,9 @@ class ProjectQuery(_CachedSchema):
     offset: int = Field(default=0, ge=0, le=10_000_000)
 
 
-class ProjectSummary(BaseModel):
-    """One project in ``GET /projects`` (without its event log)."""
+class ProjectSummary(_View):
+    """One project in ``GET /projects`` (without its event log); times in seconds since the
+    epoch."""
 
     project_id: str
     customer_id: str
@@ -77,7 +93,7 @@ class ProjectSummary(BaseModel):
     updated_at: float
 
 
-class ProjectList(BaseModel):
+class ProjectList(_View):
     """``GET /projects``: a page of summaries, oldest first, and how many match in all."""
 
     projects: list[ProjectSummary]
@@ -86,17 +102,7 @@ class ProjectList(BaseModel):
     offset: int
 
 
-class Event(BaseModel):
-    """One entry of a project's event log; ``timestamp`` in seconds since the epoch."""
-
-    timestamp: float
-    type: str
-    status: str
-    message: str
-    component: str | None = None
-
-
-class EventList(BaseModel):
+class EventList(_View):
     """``GET /projects/{id}/events``: the whole event log, oldest first."""
 
     project_id: str
@@ -138,7 +144,7 @@ class NodeRegistration(_Body):
     )
 
 
-class Node(BaseModel):
+class Node(_View):
     """A registered worker node; ``last_seen`` in seconds since the epoch."""
 
     node_id: str
@@ -150,10 +156,19 @@ class Node(BaseModel):
     last_seen: float
 
 
-class NodeList(BaseModel):
+class NodeList(_View):
     """``GET /nodes``."""
 
     nodes: list[Node]
+
+
+def node_view(node: dict[str, Any]) -> Node:
+    """The API view of a stored node document (its store keys such as ``_id`` left out;
+    ``hostname`` defaults to the node id). Raises ``pydantic.ValidationError`` for a document
+    missing a field of :class:`Node`."""
+    fields = {k: v for k, v in node.items() if k in Node.model_fields}
+    fields["hostname"] = fields.get("hostname") or node.get("node_id")
+    return Node.model_validate(fields)
 
 
 class NodeDeleted(BaseModel):
@@ -167,21 +182,6 @@ class DatabaseDeleted(BaseModel):
     """``DELETE /database``."""
 
     deleted: bool
-
-
-class Project(BaseModel):
-    """A project as stored: the fields below plus ``sla``, ``phases`` (per phase ``started_at``,
-    ``ended_at``, ``seconds``), ``events``, ``rounds``, ``metrics``, ``environment``,
-    ``mlflow`` (experiment and run ids, model URIs) and ``inference_url``."""
-
-    model_config = ConfigDict(extra="allow")
-
-    project_id: str
-    customer_id: str
-    status: ProjectStatus
-    status_message: str
-    created_at: float
-    updated_at: float
 
 
 class MockRequest(_Body):
@@ -210,3 +210,157 @@ class TrackingInfo(BaseModel):
     """``GET /tracking``: the MLflow GUI a browser can open."""
 
     url: str
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def mask_credentials(url: str) -> str:
+    """``url`` with the password of its user-info masked: ``https://user:token@host/x`` →
+    ``https://user:***@host/x``; a bare token of an http(s) URL (``https://token@host``)
+    becomes ``***@``. Other URLs (``ssh://git@host``, ``git@host:path``, paths) are kept."""
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        return url
+    authority, slash, rest = url[scheme.end() :].partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    if colon:
+        masked = f"{user}:***"
+    elif scheme[0].lower() in ("http://", "https://") and userinfo:
+        masked = "***"
+    else:
+        return url
+    return f"{scheme[0]}{masked}@{host}{slash}{rest}"
+
+
+ENVIRONMENT_PATH_KEYS = ("python", "user_python", "repo_dir")
+"""Keys of a stored build environment that are local paths (admin only)."""
+
+
+class EnvironmentView(_View):
+    """The build behind a project: ``commit`` (git SHA or content hash), ``key`` (environment
+    or image key), ``cache_hit`` (nothing was built), ``seconds`` (build wall time),
+    ``versions`` (key distributions of the repository's environment → version), ``notes``
+    (sentences about the build) and ``images`` (role → pinned image reference; OCI builds)."""
+
+    commit: str
+    key: str
+    cache_hit: bool
+    seconds: float
+    versions: dict[str, str] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+    images: dict[str, str] = Field(default_factory=dict)
+
+
+class EnvironmentPaths(_View):
+    """Where the build is on the manager's host (virtualenv builds): the interpreter of the
+    learner and aggregator (``python``), of the repository's own environment
+    (``user_python``), and the repository copy (``repo_dir``)."""
+
+    python: str | None = None
+    user_python: str | None = None
+    repo_dir: str | None = None
+
+
+class ProjectInternals(_View):
+    """What only the admin sees: each started service's ``service_handles`` (backend
+    specific, e.g. ``{"name", "pid", "start_ticks", "boot", "log_path"}`` for ``local``), the
+    final ``service_reports``, the ``aggregator_address`` learners connect to
+    (``HOST:PORT``), the aggregator's ``aggregator_result`` (kept until post-training is done)
+    and the build's ``environment_paths``."""
+
+    service_handles: list[dict[str, Any]] = Field(default_factory=list)
+    service_reports: list[ServiceReport] = Field(default_factory=list)
+    aggregator_address: str | None = None
+    aggregator_result: dict[str, Any] | None = None
+    environment_paths: EnvironmentPaths | None = None
+
+
+class ProjectView(_View):
+    """One project as ``GET`` and ``DELETE /projects/{id}`` answer it.
+
+    Times are seconds since the epoch. ``sla``: the SLA as accepted (a password in
+    ``ml_repo_url`` masked as ``user:***@``). ``nodes``: the nodes its learners run on;
+    ``services``: the services it deploys (aggregator first); ``lost_learners``: learners
+    training went on without. ``phases``: per phase ``started_at``, ``ended_at``,
+    ``seconds``. ``rounds``: the aggregated evaluation of each round; ``metrics``: the latest
+    or final ones. ``mlflow``: experiment and run ids, model URIs. ``model_image`` and
+    ``inference_url``: the trained model's image and its inference server, when the SLA asks
+    for them. ``admin``: internals, present for the admin only.
+    """
+
+    project_id: str
+    customer_id: str
+    status: ProjectStatus
+    status_message: str
+    created_at: float
+    updated_at: float
+    sla: ProjectSLA
+    nodes: list[str]
+    services: list[str]
+    lost_learners: list[str]
+    phases: dict[str, Phase]
+    events: list[Event]
+    rounds: list[RoundMetrics]
+    metrics: Metrics | None = None
+    environment: EnvironmentView | None = None
+    mlflow: MlflowRecord | None = None
+    model_image: ModelImageRecord | None = None
+    inference_url: str | None = None
+    admin: ProjectInternals | None = None
+
+
+def project_view(record: ProjectRecord, admin: bool) -> ProjectView:
+    """The API view of ``record``: everything a customer needs; with ``admin`` also the
+    internals (:class:`ProjectInternals`: process ids, log paths, local paths, addresses).
+    Raises ``pydantic.ValidationError`` when the stored SLA or environment is malformed."""
+    sla = {**record.sla, "ml_repo_url": mask_credentials(str(record.sla.get("ml_repo_url", "")))}
+    environment = record.environment or {}
+    view = ProjectView(
+        project_id=record.project_id,
+        customer_id=record.customer_id,
+        status=record.status,
+        status_message=record.status_message,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        sla=ProjectSLA.model_validate(sla),
+        nodes=record.nodes,
+        services=record.services,
+        lost_learners=record.lost_learners,
+        phases=record.phases,
+        events=record.events,
+        rounds=record.rounds,
+        metrics=record.metrics,
+        environment=_environment_view(environment) if record.environment else None,
+        mlflow=record.mlflow,
+        model_image=record.model_image,
+        inference_url=record.inference_url,
+    )
+    if admin:
+        view.admin = _internals(record, environment)
+    return view
+
+
+def _environment_view(environment: dict[str, Any]) -> EnvironmentView:
+    fields = {k: v for k, v in environment.items() if k in EnvironmentView.model_fields}
+    return EnvironmentView.model_validate(fields)
+
+
+def _internals(record: ProjectRecord, environment: dict[str, Any]) -> ProjectInternals:
+    paths = {k: str(environment[k]) for k in ENVIRONMENT_PATH_KEYS if environment.get(k)}
+    return ProjectInternals(
+        service_handles=record.service_handles,
+        service_reports=record.service_reports,
+        aggregator_address=record.aggregator_address,
+        aggregator_result=record.aggregator_result,
+        environment_paths=EnvironmentPaths(**paths) if paths else None,
+    )
+
+
+def project_json(record: ProjectRecord, admin: bool) -> dict[str, Any]:
+    """:func:`project_view` as a JSON-ready dict; ``admin`` is left out for a customer."""
+    view = project_view(record, admin)
+    return view.model_dump(mode="json", exclude=None if admin else {"admin"})

@@ -1,14 +1,16 @@
-"""The manager's REST API: Flask-OpenAPI3 routes under ``/api/flops`` (DESIGN.md §3).
+"""The manager's REST API: Flask-OpenAPI3 routes under ``/api/flops``.
 
 The app only validates, persists and answers; orchestration runs in :class:`ProjectLifecycle`'s
-worker threads. Errors are JSON ``{"error", "message", "details"}`` with the status from
-:data:`flops_manager.errors.HTTP_STATUS`; unexpected exceptions are logged and answered with a
-generic 500 message, never a stack trace.
+worker threads. Projects are answered as views (:mod:`flops_manager.api_models`), never as
+stored; internals are the admin's. Errors are JSON ``{"error", "message", "details"}`` with the
+status from :data:`flops_manager.errors.HTTP_STATUS`; any other exception (and a
+``FlopsError`` the table does not map) is a 500 carrying a correlation id, which the log line
+with the traceback repeats, never the traceback itself.
 """
 
 import difflib
-import json
 import time
+import uuid
 from collections.abc import Iterator
 from http import HTTPStatus
 from typing import Any
@@ -33,16 +35,20 @@ from flops_manager.api_models import (
     NodeList,
     NodePath,
     NodeRegistration,
-    Project,
     ProjectCreated,
     ProjectList,
     ProjectPath,
     ProjectQuery,
+    ProjectSummary,
+    ProjectView,
     TrackingInfo,
+    node_view,
+    project_json,
 )
 from flops_manager.auth import Authenticator, Forbidden, Principal, bearer_token
-from flops_manager.errors import NotFound, http_status
-from flops_manager.projects import TERMINAL, ProjectLifecycle
+from flops_manager.errors import INTERNAL_ERROR_STATUS, NotFound, http_status
+from flops_manager.projects import ProjectLifecycle
+from flops_manager.records import ProjectRecord
 from flops_manager.sla import ProjectSLA
 from flops_manager.store import ProjectStore
 from flops_utils.errors import FlopsError
@@ -65,9 +71,6 @@ PATTERN_HINTS = {
 }
 """Readable messages for fields whose rule is a regular expression (by field name)."""
 
-ADMIN_ONLY_FIELDS = ("service_handles",)
-"""Project fields only the admin sees: process ids and log paths of the services."""
-
 SSE_POLL_S = 0.25
 SSE_HEARTBEAT_S = 15.0
 SSE_MAX_S = 24 * 3600.0
@@ -78,8 +81,11 @@ _ERRORS: dict[str | int | HTTPStatus, type[BaseModel] | dict[Any, Any] | None] =
     404: ErrorBody,
     409: ErrorBody,
     422: ErrorBody,
+    500: ErrorBody,
+    502: ErrorBody,
     503: ErrorBody,
 }
+CORRELATION_HEADER = "X-Correlation-ID"
 
 
 def error_response(
@@ -88,6 +94,27 @@ def error_response(
     """A JSON error response ``{"error": code, "message": message, "details": [...]}``."""
     response = jsonify({"error": code, "message": message, "details": details or []})
     response.status_code = status
+    return response
+
+
+def internal_error_response(error: BaseException) -> Response:
+    """500 for an error the API has no answer for: a fresh correlation id in the body's
+    message and the ``X-Correlation-ID`` header, logged with ``error``'s traceback."""
+    correlation_id = uuid.uuid4().hex
+    logger.error(
+        "internal error (correlation id %s) in %s %s: %r",
+        correlation_id,
+        request.method,
+        request.path,
+        error,
+        exc_info=error,
+    )
+    message = (
+        f"Internal server error (correlation id {correlation_id}); the manager's log has the "
+        "details."
+    )
+    response = error_response(INTERNAL_ERROR_STATUS, "internal_error", message)
+    response.headers[CORRELATION_HEADER] = correlation_id
     return response
 
 
@@ -184,7 +211,10 @@ def create_app(
 
     @app.errorhandler(FlopsError)
     def _flops_error(error: FlopsError) -> Response:
-        response = error_response(http_status(error), error.code, error.message, error.details)
+        status = http_status(error)
+        if status == INTERNAL_ERROR_STATUS:
+            return internal_error_response(error)
+        response = error_response(status, error.code, error.message, error.details)
         if response.status_code == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         return response
@@ -196,17 +226,16 @@ def create_app(
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
-        logger.exception("unhandled error in the API")
-        return error_response(500, "internal_error", "Internal server error.")
+        return internal_error_response(error)
 
     def caller() -> Principal:
         principal: Principal = g.principal
         return principal
 
-    def visible_project(project_id: str) -> dict[str, Any]:
+    def visible_project(project_id: str) -> ProjectRecord:
         """The project if the caller may see it; another customer's project is a 404."""
         project = lifecycle.get(project_id)
-        if not caller().may_see(str(project.get("customer_id", ""))):
+        if not caller().may_see(project.customer_id):
             raise NotFound(f"No project has id {project_id!r}; GET /api/flops/projects lists them.")
         return project
 
@@ -224,11 +253,11 @@ def create_app(
                 "set customerID to your own id."
             )
         project = lifecycle.create(body)
-        location = f"{API_PREFIX}/projects/{project['project_id']}"
+        location = f"{API_PREFIX}/projects/{project.project_id}"
         created = ProjectCreated(
-            project_id=project["project_id"], status=project["status"], message="project accepted"
+            project_id=project.project_id, status=project.status, message="project accepted"
         )
-        return created.model_dump(), 201, {"Location": location}
+        return created.model_dump(mode="json"), 201, {"Location": location}
 
     @api.get("/projects", tags=[projects_tag], responses={200: ProjectList})
     def list_projects(query: ProjectQuery) -> dict[str, Any]:
@@ -243,20 +272,17 @@ def create_app(
             filters["status"] = query.status.value
         page, total = store.find_projects(filters, query.offset, query.limit)
         return {
-            "projects": [_summary(p) for p in page],
+            "projects": [ProjectSummary.model_validate(p).model_dump(mode="json") for p in page],
             "total": total,
             "limit": query.limit,
             "offset": query.offset,
         }
 
-    @api.get("/projects/<project_id>", tags=[projects_tag], responses={200: Project})
+    @api.get("/projects/<project_id>", tags=[projects_tag], responses={200: ProjectView})
     def get_project(path: ProjectPath) -> dict[str, Any]:
-        """One project: status, phase timings, events, environment, MLflow ids, metrics."""
-        project = _public(visible_project(path.project_id))
-        if not caller().admin:
-            for field in ADMIN_ONLY_FIELDS:
-                project.pop(field, None)
-        return project
+        """One project: status, phase timings, events, environment, MLflow ids, metrics; the
+        admin also gets its internals (``admin``: service handles, local paths, addresses)."""
+        return project_json(visible_project(path.project_id), caller().admin)
 
     @api.get("/projects/<project_id>/events", tags=[projects_tag], responses={200: _EVENTS})
     def project_events(path: ProjectPath, query: EventQuery) -> Any:
@@ -264,7 +290,8 @@ def create_app(
         a ``data:`` line of JSON with its index as ``id``) until the project ends."""
         project = visible_project(path.project_id)
         if not query.follow:
-            return {"project_id": path.project_id, "events": project.get("events", [])}
+            events = [e.model_dump(mode="json") for e in project.events]
+            return {"project_id": path.project_id, "events": events}
         start = int(request.headers.get("Last-Event-ID", "-1") or -1) + 1
         stream = _event_stream(store, path.project_id, max(start, 0))
         return Response(
@@ -273,11 +300,11 @@ def create_app(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    @api.delete("/projects/<project_id>", tags=[projects_tag], responses={200: Project})
+    @api.delete("/projects/<project_id>", tags=[projects_tag], responses={200: ProjectView})
     def cancel_project(path: ProjectPath) -> dict[str, Any]:
         """Cancel a project: stop every service it started; status becomes ``cancelled``."""
         visible_project(path.project_id)
-        return _public(lifecycle.cancel(path.project_id))
+        return project_json(lifecycle.cancel(path.project_id), caller().admin)
 
     @api.get("/tracking", responses={200: TrackingInfo})
     def tracking() -> dict[str, str]:
@@ -291,14 +318,14 @@ def create_app(
         node = {**body.model_dump(mode="json"), "last_seen": time.time()}
         node["hostname"] = body.hostname or body.node_id
         store.upsert_node(node)
-        return _public(node)
+        return node_view(node).model_dump(mode="json")
 
     @api.get("/nodes", tags=[nodes_tag], responses={200: NodeList})
     def list_nodes() -> dict[str, Any]:
         """Every registered node with its data server, architecture, cluster, hostname and
         tags."""
         nodes = store.list_nodes()
-        return {"nodes": [_public({"hostname": n["node_id"], **n}) for n in nodes]}
+        return {"nodes": [node_view(n).model_dump(mode="json") for n in nodes]}
 
     @api.delete("/nodes/<node_id>", tags=[nodes_tag], responses={200: NodeDeleted})
     def delete_node(path: NodePath) -> dict[str, Any]:
@@ -341,7 +368,7 @@ def create_app(
         """Cancel every running project and delete all projects and nodes (admin only)."""
         caller().require_admin("delete the database")
         for project in store.list_projects():
-            lifecycle.cancel(project["project_id"])
+            lifecycle.cancel(project.project_id)
         store.delete_all()
         return {"deleted": True}
 
@@ -357,23 +384,14 @@ def _event_stream(store: ProjectStore, project_id: str, start: int) -> Iterator[
         project = store.get_project(project_id)
         if project is None:
             return
-        events = project.get("events", [])
+        events = project.events
         for index in range(sent, len(events)):
-            yield f"id: {index}\ndata: {json.dumps(events[index])}\n\n"
+            yield f"id: {index}\ndata: {events[index].model_dump_json()}\n\n"
             last_write = time.monotonic()
         sent = max(sent, len(events))
-        if project["status"] in TERMINAL:
+        if project.status.is_terminal:
             return
         if time.monotonic() - last_write > SSE_HEARTBEAT_S:
             yield ": keep-alive\n\n"
             last_write = time.monotonic()
         time.sleep(SSE_POLL_S)
-
-
-def _public(doc: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in doc.items() if k != "_id"}
-
-
-def _summary(project: dict[str, Any]) -> dict[str, Any]:
-    keys = ("project_id", "customer_id", "status", "status_message", "created_at", "updated_at")
-    return {k: project.get(k) for k in keys}

@@ -13,7 +13,9 @@ data and wipe the database.
 import hmac
 import os
 import secrets
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from flops_utils.errors import FlopsError
 
 ADMIN_ROLES = frozenset({"admin", "administrator"})
 TOKEN_FILE = "api-token"
+TIME_CLAIMS = ("exp", "nbf", "iat")
 
 
 class Unauthorized(FlopsError):
@@ -84,21 +87,38 @@ class OakestraJwtAuth(Authenticator):
 
     Args:
         public_key_pem: the PEM-encoded RSA public key of the Oakestra root orchestrator.
+        clock: the current time in seconds since the epoch (tests pass a fake one to expire
+            tokens without waiting).
+        leeway_s: how far, in seconds, the clocks of Oakestra and the manager may disagree.
 
-    Oakestra access tokens last 10 minutes (DESIGN.md §5); an expired one gets 401 with a hint
-    to refresh it (``POST /api/auth/refresh`` at Oakestra).
+    Oakestra access tokens last 10 minutes; an expired one gets 401 with a hint to refresh it
+    (``POST /api/auth/refresh`` at Oakestra).
     """
 
-    def __init__(self, public_key_pem: str) -> None:
+    def __init__(
+        self, public_key_pem: str, clock: Callable[[], float] = time.time, leeway_s: float = 0
+    ) -> None:
         self._key = public_key_pem
+        self._clock = clock
+        self._leeway_s = leeway_s
 
     def authenticate(self, token: str) -> Principal:
         import jwt
 
         try:
+            # the signature and the claims' presence here, their times against self._clock
             claims = jwt.decode(
-                token, self._key, algorithms=["RS256"], options={"require": ["sub", "exp"]}
+                token,
+                self._key,
+                algorithms=["RS256"],
+                options={
+                    "require": ["sub", "exp"],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
             )
+            self._check_times(claims)
         except jwt.ExpiredSignatureError as exc:
             raise Unauthorized(
                 "The Oakestra token has expired; refresh it (POST /api/auth/refresh at the "
@@ -114,6 +134,25 @@ class OakestraJwtAuth(Authenticator):
             roles = [roles]
         admin = any(str(role).lower() in ADMIN_ROLES for role in roles)
         return Principal(customer=str(claims["sub"]), admin=admin)
+
+    def _check_times(self, claims: dict[str, object]) -> None:
+        """Raise ``jwt.ExpiredSignatureError`` when ``exp`` has passed by the clock, or
+        ``jwt.InvalidTokenError`` when a time claim is not a number or is in the future."""
+        import jwt
+
+        now = self._clock()
+        times: dict[str, float] = {}
+        for claim in TIME_CLAIMS:
+            value = claims.get(claim)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise jwt.InvalidTokenError(f"the {claim} claim is not a number")
+            times[claim] = value
+        if times["exp"] <= now - self._leeway_s:
+            raise jwt.ExpiredSignatureError("the token has expired")
+        if any(times.get(claim, now) > now + self._leeway_s for claim in ("nbf", "iat")):
+            raise jwt.ImmatureSignatureError("the token is not valid yet")
 
 
 def load_or_create_api_token(home: Path) -> str:

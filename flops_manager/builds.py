@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from flops_manager.errors import ConfigurationError
 from flops_utils import env_vars
+from flops_utils.contract.exit_codes import Role, describe_exit
 from flops_utils.logging import logger
 from flops_utils.processes import run_to_log
 from image_builder.errors import BuilderError
@@ -298,8 +299,8 @@ class ImageBuildService:
             )
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
         raise ImageBuildFailed(
-            f"The image builder exited with status {returncode} without an outcome; see "
-            f"{log_path}.",
+            f"The image builder {describe_exit(Role.BUILDER, returncode)} It wrote no outcome; "
+            f"see {log_path}.",
             details=tail,
         )
 

@@ -108,8 +108,10 @@ def _print_result(project: dict[str, Any], tracking_url: str) -> None:
     metrics = project.get("metrics") or {}
     mlflow = project.get("mlflow") or {}
     phases = project.get("phases", {})
-    ordered = sorted(phases.items(), key=lambda item: item[1].get("started_at", 0.0))
-    timings = ", ".join(f"{name} {p['seconds']:.1f} s" for name, p in ordered if "seconds" in p)
+    ordered = sorted(phases.items(), key=lambda item: item[1].get("started_at") or 0.0)
+    timings = ", ".join(
+        f"{name} {p['seconds']:.1f} s" for name, p in ordered if p.get("seconds") is not None
+    )
     accuracy = metrics.get("accuracy")
     console.print(f"project   {project['project_id']}")
     if accuracy is not None:

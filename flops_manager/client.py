@@ -6,10 +6,11 @@ from typing import Any
 
 import requests
 
+from flops_utils.contract.lifecycle import TERMINAL
 from flops_utils.errors import FlopsError
 
 REQUEST_TIMEOUT_S = 30.0
-TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL)
 
 
 class ApiError(FlopsError):

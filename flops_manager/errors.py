@@ -1,9 +1,18 @@
-"""The manager's exception tree and the one table mapping each error to an HTTP status."""
+"""The manager's exception tree and the one table mapping each error to an HTTP status.
+
+Only the errors a request can cause and the caller can act on are mapped (4xx: the request's
+fault, 502/503: a component the manager needs failed or is unreachable). Anything else, a
+``FlopsError`` the table does not know included, is the manager's own fault: the API answers
+it with a 500 and a correlation id (see :mod:`flops_manager.app`).
+"""
 
 from typing import Any
 
+from data_server.mock_provider import InvalidPartitioning, UnknownDataset
 from flops_manager.auth import Forbidden, Unauthorized
-from flops_utils.data_client import DataServerUnavailable
+from flops_manager.broker import BrokerUnavailable
+from flops_manager.store import StoreUnavailable
+from flops_utils.data_client import DataPlaneError, DataServerUnavailable, InvalidDataTag
 from flops_utils.errors import FlopsError
 from image_builder.errors import (
     ModelFetchError,
@@ -12,6 +21,10 @@ from image_builder.errors import (
     ModelUriError,
     TrackingServerUnreachableError,
 )
+from observatory.mlflow_server import MlflowServerError
+
+INTERNAL_ERROR_STATUS = 500
+"""The status of every error :data:`HTTP_STATUS` does not map."""
 
 
 class NotFound(FlopsError):
@@ -24,6 +37,13 @@ class Conflict(FlopsError):
     """The request cannot be met in the current state (e.g. too few eligible nodes)."""
 
     code = "conflict"
+
+
+class Unprocessable(FlopsError):
+    """The request is well-formed but asks for something this FLOps cannot do (e.g. an SLA
+    option that is not supported yet); the message says what to change."""
+
+    code = "unprocessable"
 
 
 class ServiceUnavailable(FlopsError):
@@ -85,28 +105,39 @@ class OakestraNotFound(OakestraError):
 
 
 HTTP_STATUS: dict[type[FlopsError], int] = {
+    # the caller's fault
     Unauthorized: 401,
     Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
-    ServiceUnavailable: 503,
-    DataServerUnavailable: 503,
-    OakestraConflict: 409,
-    OakestraUnavailable: 503,
-    OakestraError: 502,
-    ModelFetchError: 502,
+    Unprocessable: 422,
+    InvalidDataTag: 422,
+    InvalidPartitioning: 422,
+    UnknownDataset: 422,
     ModelUriError: 422,
-    ModelNotFoundError: 404,
-    TrackingServerUnreachableError: 503,
     ModelNotServableError: 422,
-    FlopsError: 400,
+    ModelNotFoundError: 404,
+    OakestraConflict: 409,
+    # a component the request needs failed (502) or cannot be reached (503)
+    OakestraError: 502,
+    DataPlaneError: 502,
+    ModelFetchError: 502,
+    ServiceUnavailable: 503,
+    StoreUnavailable: 503,
+    BrokerUnavailable: 503,
+    MlflowServerError: 503,
+    DataServerUnavailable: 503,
+    OakestraUnavailable: 503,
+    TrackingServerUnreachableError: 503,
 }
-"""Exception type → HTTP status; the most specific class in an error's MRO wins."""
+"""Exception type → HTTP status; the most specific class in an error's MRO wins. Errors of
+other types are internal (:data:`INTERNAL_ERROR_STATUS`)."""
 
 
 def http_status(error: FlopsError) -> int:
-    """Return the HTTP status for ``error`` from :data:`HTTP_STATUS` (400 by default)."""
+    """The HTTP status (400-599) for ``error``: that of the most specific class of its MRO in
+    :data:`HTTP_STATUS`, else :data:`INTERNAL_ERROR_STATUS` (500)."""
     for cls in type(error).__mro__:
         if cls in HTTP_STATUS:
             return HTTP_STATUS[cls]
-    return 400
+    return INTERNAL_ERROR_STATUS

@@ -4,10 +4,14 @@ One persistent paho client (fixed client id, ``clean_session=False``, QoS 1) sub
 ``flops/+/+/+``; paho's network thread reconnects by itself and the subscription is renewed on
 every (re)connect. Because the session is persistent, the broker queues the QoS 1 status
 messages published while the manager is down and delivers them when it connects again;
-:meth:`StatusListener.wait_for_backlog` tells when those have been handled.
+:meth:`StatusListener.wait_for_backlog` tells when those have been received.
+
+Acknowledgements are manual: a valid message is acknowledged only when the handler calls the
+``ack`` it was given, i.e. after the lifecycle persisted its effect. A message that is not
+acknowledged (the manager stopped first) is delivered again after the next connect. A message
+that is not a valid status message is logged and acknowledged at once.
 """
 
-import json
 import threading
 import uuid
 from collections.abc import Callable
@@ -16,13 +20,18 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from flops_utils.contract.messages import parse_status_message
+from flops_utils.contract.topics import ALL_STATUS_TOPICS, ParsedTopic
 from flops_utils.logging import logger
-from flops_utils.mqtt_topics import ALL_STATUS_TOPICS, ParsedTopic, parse_status_topic
 from flops_utils.net import wait_for_port
 from flops_utils.notifications import parse_mqtt_url
 
-StatusHandler = Callable[[ParsedTopic, dict[str, Any]], None]
-"""Called with the parsed topic and the decoded JSON payload of one status message."""
+Ack = Callable[[], None]
+"""Acknowledges one message to the broker; safe to call from any thread, once."""
+
+StatusHandler = Callable[[ParsedTopic, dict[str, Any], Ack], None]
+"""Called with the parsed topic, the validated payload (``instance``, ``message``, ``data``
+…) and the ``ack`` to call once the message's effect is persisted."""
 
 CONNECT_TIMEOUT_S = 10.0
 
@@ -36,7 +45,8 @@ class StatusListener:
 
     Args:
         mqtt_url: ``mqtt://HOST:PORT`` of the broker.
-        handler: see :data:`StatusHandler`; exceptions it raises are logged, never fatal.
+        handler: see :data:`StatusHandler`; an exception it raises is logged and the message
+            acknowledged (a message that cannot be handled must not come back forever).
         client_id: MQTT client id; keep it stable so the broker queues messages across
             reconnects.
     """
@@ -47,7 +57,10 @@ class StatusListener:
         self.handler = handler
         self._host, self._port = parse_mqtt_url(mqtt_url)
         self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            manual_ack=True,
         )
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
@@ -73,13 +86,14 @@ class StatusListener:
 
         How: after subscribing, the listener publishes a marker with a token of its own to a
         topic only it subscribes to. The broker delivers a client's messages in order, so when
-        the marker comes back, everything queued before it has been received, and ``handler``
-        runs in the receiving thread, so it has been handled too.
+        the marker comes back, everything queued before it has been handed over (the
+        lifecycle's ``finish_recovery`` then waits until those are applied).
         """
         return self._synced.wait(timeout_s)
 
     def stop(self) -> None:
-        """Disconnect and stop the network thread."""
+        """Disconnect and stop the network thread; messages not acknowledged yet come again
+        to the next client with the same id."""
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -92,21 +106,33 @@ class StatusListener:
         client.publish(self._sync_topic, self._sync_token, qos=1)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        ack = self._acker(message)
         if message.topic == self._sync_topic:
             if message.payload.decode(errors="replace") == self._sync_token:
                 self._synced.set()
-            return
-        topic = parse_status_topic(message.topic)
-        if topic is None:
+            ack()
             return
         try:
-            payload = json.loads(message.payload or b"{}")
-            if not isinstance(payload, dict):
-                raise ValueError("payload is not a JSON object")
+            status = parse_status_message(message.topic, bytes(message.payload))
         except ValueError as exc:
             logger.warning("ignoring malformed status message on %s: %s", message.topic, exc)
+            ack()
             return
+        topic = ParsedTopic(status.project_id, status.component, status.status)
         try:
-            self.handler(topic, payload)
+            self.handler(topic, status.model_dump(mode="json"), ack)
         except Exception:
             logger.exception("handling %s failed", message.topic)
+            ack()
+
+    def _acker(self, message: mqtt.MQTTMessage) -> Ack:
+        """Acknowledges ``message`` once (QoS 0 messages need none)."""
+        done = threading.Event()
+
+        def ack() -> None:
+            if message.qos == 0 or done.is_set():
+                return
+            done.set()
+            self._client.ack(message.mid, message.qos)
+
+        return ack

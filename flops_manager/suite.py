@@ -31,7 +31,7 @@ from flops_manager.errors import ConfigurationError
 from flops_manager.mqtt_listener import StatusListener
 from flops_manager.orchestrators import make_orchestrator
 from flops_manager.projects import ProjectLifecycle
-from flops_manager.store import ProjectStore
+from flops_manager.store import open_store
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 from flops_utils.processes import StartStop
@@ -104,7 +104,7 @@ class ManagerSuite(StartStop):
                 for future in (broker, mlflow):
                     if future is not None:
                         future.result()
-            store = ProjectStore(self.config.store_url)
+            store = open_store(self.config.store_url)
             orchestrator = make_orchestrator(
                 self.config,
                 home / "services",

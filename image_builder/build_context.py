@@ -11,6 +11,7 @@ Containerfiles are :data:`TEMPLATES` filled in with :class:`string.Template`, la
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -28,8 +29,10 @@ INSTALLER_FILES = ("install.sh", "slim_site_packages.py")
 removes the test suites of big packages)."""
 
 
-def templates_hash(names: Sequence[str]) -> str:
-    """SHA-256 (hex) of the :data:`TEMPLATES` files ``names`` (names and contents)."""
+@functools.cache
+def templates_hash(names: tuple[str, ...]) -> str:
+    """SHA-256 (hex) of the :data:`TEMPLATES` files ``names`` (names and contents); read once
+    per process (the templates are part of the installed package)."""
     digest = hashlib.sha256()
     for name in names:
         digest.update(name.encode() + b"\0" + (TEMPLATES / name).read_bytes())

@@ -42,7 +42,6 @@ import os
 import platform as platform_module
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +61,7 @@ from image_builder.python_env import (
     dependency_install_error,
     file_lock,
     pick_error,
+    run_uv,
     run_uv_with_fallbacks,
     uv_binary,
 )
@@ -350,29 +350,19 @@ class HostUv:
         """Run ``uv arguments``; ``(exit status, stderr)``. Raises :class:`ImageBuildError`
         after ``timeout_s``."""
         env = {
-            name: value
-            for name, value in os.environ.items()
-            if name not in ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONPATH")
-        }
-        env.update(
-            NO_COLOR="1", UV_NO_PROGRESS="1", UV_PYTHON_DOWNLOADS="never",
-            UV_COMPILE_BYTECODE="1", UV_CACHE_DIR=str(self.cache_dir),
-            SOURCE_DATE_EPOCH=BYTECODE_EPOCH,
-        )  # fmt: skip
-        try:
-            result = subprocess.run(
-                [str(uv_binary()), *arguments],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=self.timeout_s,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise ImageBuildError(
+            "UV_PYTHON_DOWNLOADS": "never", "UV_COMPILE_BYTECODE": "1",
+            "UV_CACHE_DIR": str(self.cache_dir), "SOURCE_DATE_EPOCH": BYTECODE_EPOCH,
+        }  # fmt: skip
+        result = run_uv(
+            [str(uv_binary())],
+            arguments,
+            timeout_s=self.timeout_s,
+            timeout_error=lambda: ImageBuildError(
                 f"uv {' '.join(arguments[:2])} did not finish within {self.timeout_s:.0f} "
                 "s; check the package index connection, or raise build_timeout_s."
-            ) from None
+            ),
+            env=env,
+        )
         return result.returncode, result.stderr
 
     def resolved_names(

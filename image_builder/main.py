@@ -34,7 +34,9 @@ rounded to milliseconds), then ``success`` (data: :func:`result_document` of the
 ``failed`` (message: the error in a sentence or two; data ``{"error": code, "exit_code"}``).
 The outcome is also written to ``FLOPS_BUILD_RESULT_FILE`` (``{"status": "success", ...}`` or
 ``{"status": "failed", "error", "message", "details"}``), for a caller on the same machine.
-Exit codes: :class:`ExitCode`.
+Payloads: :mod:`flops_utils.contract.messages`. Exit codes:
+:class:`~flops_utils.contract.exit_codes.ExitCode` (0 built, 2 configuration error, 9 build
+failed, 5 internal error).
 """
 
 from __future__ import annotations
@@ -46,17 +48,17 @@ import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 from flops_utils import env_vars
+from flops_utils.contract.entry import failure_of, run_role
+from flops_utils.contract.exit_codes import Role
+from flops_utils.contract.messages import BuilderProgress, BuilderStarted, BuilderSuccess
 from flops_utils.env_config import EnvReader
 from flops_utils.errors import FlopsError
-from flops_utils.logging import logger
 from flops_utils.notifications import StatusNotifier
-from flops_utils.types import Component, ComponentStatus, MLModelFlavor
-from image_builder.errors import BuilderError
+from flops_utils.types import ComponentStatus, MLModelFlavor
 from image_builder.model_image import ModelImage, ModelImageBuilder
 from image_builder.oci_builder import BuildStep, BuiltImages, OciBuilder, ProgressCallback
 
@@ -70,17 +72,6 @@ PROGRESS_MESSAGES: Mapping[str, str] = {
     BuildStep.IMAGE_PUSHED: "{role} image pushed in {seconds:.1f} s: {ref}",
 }
 """The ``message`` of each ``progress`` message, formatted with the step's data."""
-
-
-class ExitCode(IntEnum):
-    """Exit codes of ``flops-image-builder``."""
-
-    OK = 0
-    BUILD_FAILED = 1
-    """The repository, its dependencies, the registry or a build step failed (see the message)."""
-    CONFIG_ERROR = 2
-    """A ``FLOPS_*`` variable is missing or malformed."""
-    INTERNAL_ERROR = 5
 
 
 class BuilderConfigError(FlopsError):
@@ -158,22 +149,20 @@ class BuildRequest:
             result_file=Path(result_file) if result_file else None,
         )
 
-    def inputs(self) -> dict[str, Any]:
+    def inputs(self) -> BuilderStarted:
         """What is built, for the ``started`` message."""
         if self.model_uri:
-            return {
-                "model_uri": self.model_uri,
-                "registry": self.registry,
-                "base_image": self.base_image,
-            }
-        return {
-            "ml_repo_url": self.ml_repo_url,
-            "ml_repo_ref": self.ml_repo_ref,
-            "flavor": self.flavor,
-            "platforms": list(self.platforms),
-            "registry": self.registry,
-            "base_image": self.base_image,
-        }
+            return BuilderStarted(
+                model_uri=self.model_uri, registry=self.registry, base_image=self.base_image
+            )
+        return BuilderStarted(
+            ml_repo_url=self.ml_repo_url,
+            ml_repo_ref=self.ml_repo_ref,
+            flavor=self.flavor,
+            platforms=list(self.platforms),
+            registry=self.registry,
+            base_image=self.base_image,
+        )
 
 
 def result_document(built: BuiltImages) -> dict[str, Any]:
@@ -241,15 +230,19 @@ def progress_publisher(notifier: StatusNotifier) -> ProgressCallback:
         if "seconds" in document:
             document["seconds"] = round(float(document["seconds"]), 3)
         template = PROGRESS_MESSAGES.get(step, str(step))
-        notifier.notify(ComponentStatus.PROGRESS, template.format(**document), document)
+        message = template.format(**document)
+        notifier.notify(ComponentStatus.PROGRESS, message, BuilderProgress.model_validate(document))
 
     return publish
 
 
-def run(request: BuildRequest, notifier: StatusNotifier) -> ExitCode:
+def run(request: BuildRequest, notifier: StatusNotifier) -> None:
     """Build and push the images of ``request``, publishing ``started``, ``progress`` per
-    milestone, then ``success`` or ``failed``, and writing the outcome to
-    ``request.result_file``. Never raises."""
+    milestone, then ``success``, and writing the outcome to ``request.result_file``.
+
+    Raises what failed (``BuilderError`` for the build, anything else is internal) after
+    writing the failed outcome; the entry wrapper publishes ``failed``.
+    """
     what = request.model_uri or request.ml_repo_url
     notifier.notify(ComponentStatus.STARTED, f"building images of {what}", request.inputs())
     on_progress = progress_publisher(notifier)
@@ -279,23 +272,28 @@ def run(request: BuildRequest, notifier: StatusNotifier) -> ExitCode:
                 )
                 document, key, cache_hit = result_document(built), built.key, built.cache_hit
     except Exception as exc:
-        code = ExitCode.BUILD_FAILED if isinstance(exc, BuilderError) else ExitCode.INTERNAL_ERROR
-        error = exc.code if isinstance(exc, FlopsError) else "internal_error"
-        message = exc.message if isinstance(exc, FlopsError) else f"internal error: {exc}"
-        details = list(exc.details) if isinstance(exc, FlopsError) else []
-        if code is ExitCode.INTERNAL_ERROR:
-            logger.exception("the image build failed")
-        logger.error("image build failed (%s): %s", error, message)
-        _write_result(
-            request.result_file,
-            {"status": "failed", "error": error, "message": message, "details": details[-40:]},
-        )
-        notifier.notify(ComponentStatus.FAILED, message, {"error": error, "exit_code": int(code)})
-        return code
+        _write_failure(request.result_file, exc)
+        raise
     _write_result(request.result_file, document)
     how = "reused" if cache_hit else f"built in {time.monotonic() - started:.1f} s"
-    notifier.notify(ComponentStatus.SUCCESS, f"images {key[:12]} {how}", document)
-    return ExitCode.OK
+    success = BuilderSuccess.model_validate(document)
+    notifier.notify(ComponentStatus.SUCCESS, f"images {key[:12]} {how}", success)
+
+
+def _write_failure(path: Path | None, exc: BaseException) -> None:
+    """Write the failed outcome of ``exc`` to ``path`` (``{"status": "failed", "error",
+    "message", "details"}``, the last 40 details)."""
+    failure = failure_of(exc)
+    details = list(exc.details) if isinstance(exc, FlopsError) else []
+    _write_result(
+        path,
+        {
+            "status": "failed",
+            "error": failure.error,
+            "message": failure.message,
+            "details": details[-40:],
+        },
+    )
 
 
 def _write_result(path: Path | None, document: Mapping[str, Any]) -> None:
@@ -309,23 +307,21 @@ def _write_result(path: Path | None, document: Mapping[str, Any]) -> None:
 
 
 def main(env: Mapping[str, str] | None = None) -> int:
-    """Entry point of ``flops-image-builder``; returns the :class:`ExitCode`."""
+    """Entry point of ``flops-image-builder``; returns the
+    :class:`~flops_utils.contract.exit_codes.ExitCode`."""
     env = os.environ if env is None else env
+    return run_role(Role.BUILDER, lambda: _read_request(env), run, env)
+
+
+def _read_request(env: Mapping[str, str]) -> BuildRequest:
+    """:meth:`BuildRequest.from_env`; a configuration error is also written to
+    ``FLOPS_BUILD_RESULT_FILE`` before it is raised."""
     try:
-        request = BuildRequest.from_env(env)
+        return BuildRequest.from_env(env)
     except BuilderConfigError as exc:
-        logger.error("%s", exc.message)
         result_file = env.get(env_vars.BUILD_RESULT_FILE)
-        _write_result(
-            Path(result_file) if result_file else None,
-            {"status": "failed", "error": exc.code, "message": exc.message, "details": []},
-        )
-        return ExitCode.CONFIG_ERROR
-    notifier = StatusNotifier(request.mqtt_url, request.project_id, Component.BUILDER)
-    try:
-        return run(request, notifier)
-    finally:
-        notifier.close()
+        _write_failure(Path(result_file) if result_file else None, exc)
+        raise
 
 
 if __name__ == "__main__":

@@ -60,8 +60,6 @@ dependency layer is new, 6-7 s when only the model changed, is reused in 0.1-0.3
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shlex
 import shutil
@@ -89,7 +87,6 @@ from image_builder.build_context import (
     label_arguments,
     stage_installer,
     stage_tools,
-    templates_hash,
     write_lines,
 )
 from image_builder.buildah import Buildah, uv_attempts
@@ -274,11 +271,6 @@ class ModelImageBuilder:
         """:data:`SERVING_PACKAGES` at the manager's versions (``["mlflow-skinny==3.17.2"]``)."""
         return runtime_pins(SERVING_PACKAGES)
 
-    @cached_property
-    def templates_hash(self) -> str:
-        """SHA-256 (hex) of :data:`TEMPLATE_FILES`."""
-        return templates_hash(TEMPLATE_FILES)
-
     def image_key(
         self,
         artifacts_hash: str,
@@ -290,29 +282,25 @@ class ModelImageBuilder:
     ) -> str:
         """Return the 32-hex tag of the model image for these inputs.
 
-        Hashes :data:`MODEL_IMAGE_FORMAT_VERSION`, ``artifacts_hash`` (the model's files),
-        ``build_hash`` (the generated requirement and constraint files and the installer), the
-        base image's ``base_digest``, ``platform`` (``linux/amd64``), the base image's
-        interpreter name, the image uid, ``port``, the serving pins (the MLflow version), the
-        manager's distribution versions, :attr:`templates_hash` and ``labels`` (the same model
-        under another URI gets its own tag, with true labels, and shares every layer).
+        Hashes (:meth:`OciBuilder.inputs_key`) :data:`MODEL_IMAGE_FORMAT_VERSION`,
+        ``artifacts_hash`` (the model's files), ``build_hash`` (the generated requirement and
+        constraint files and the installer), the base image's ``base_digest``, ``platform``
+        (``linux/amd64``), the base image's interpreter name, the image uid, ``port``, the
+        serving pins (the MLflow version), the manager's distribution versions, the hash of
+        :data:`TEMPLATE_FILES` and ``labels`` (the same model under another URI gets its own
+        tag, with true labels, and shares every layer).
         """
-        material = {
-            "format": MODEL_IMAGE_FORMAT_VERSION,
-            "artifacts": artifacts_hash,
-            "build": build_hash,
-            "base": base_digest,
-            "platform": platform,
-            "python": self.oci.python,
-            "uid": IMAGE_UID,
-            "port": port,
-            "pins": self.serving_pins,
-            "runtime_env": sorted(f"{n}=={v}" for n, v in self.oci.installed_versions.items()),
-            "templates": self.templates_hash,
-            "labels": dict(sorted(labels.items())),
-        }
-        encoded = json.dumps(material, sort_keys=True).encode()
-        return hashlib.sha256(encoded).hexdigest()[:32]
+        return self.oci.inputs_key(
+            MODEL_IMAGE_FORMAT_VERSION,
+            base_digest,
+            platform,
+            self.serving_pins,
+            TEMPLATE_FILES,
+            artifacts=artifacts_hash,
+            build=build_hash,
+            port=port,
+            labels=dict(sorted(labels.items())),
+        )
 
     # -- the build ---------------------------------------------------------------------
     def build(

@@ -441,11 +441,6 @@ class OciBuilder:
         return runtime_pins(AGGREGATOR_EXTRA_PACKAGES)
 
     @cached_property
-    def templates_hash(self) -> str:
-        """SHA-256 (hex) of :data:`TEMPLATE_FILES`."""
-        return templates_hash(TEMPLATE_FILES)
-
-    @cached_property
     def uv_cache_dir(self) -> Path:
         """The host's uv cache (``uv cache dir``; else ``cache_dir/uv-cache``), created if
         missing; builds mount it as an overlay, and uv on this machine uses it."""
@@ -485,22 +480,46 @@ class OciBuilder:
         distribution versions (the constraints), ``staged`` (build context directory → content
         hash: the generated requirement and constraint files of both environments, the listing
         of the local wheel directories, and the FLOps runtime code copied into each image) and
-        :attr:`templates_hash`.
+        the hash of :data:`TEMPLATE_FILES` (see :meth:`inputs_key`).
+        """
+        return self.inputs_key(
+            IMAGE_FORMAT_VERSION,
+            base_digest,
+            platform,
+            [*self.learner_pins, *self.aggregator_pins],
+            TEMPLATE_FILES,
+            commit=commit,
+            dependencies=dependencies_hash,
+            flavor=flavor,
+            excludes=list(UNUSED_DEPENDENCIES),
+            staged=dict(sorted(staged.items())),
+        )
+
+    def inputs_key(
+        self,
+        format_version: int,
+        base_digest: str,
+        platform: str,
+        pins: Sequence[str],
+        template_files: tuple[str, ...],
+        **specific: object,
+    ) -> str:
+        """Return the 32-hex tag of an image built from these inputs: the first 32 hex digits
+        of the SHA-256 of the JSON of ``format_version``, the base image's ``base_digest``,
+        ``platform``, the base image's interpreter name, :data:`IMAGE_UID`, the runtime
+        ``pins``, the manager's distribution versions, the hash of the templates
+        ``template_files`` and the image kind's ``specific`` inputs (name → JSON value).
         """
         material = {
-            "format": IMAGE_FORMAT_VERSION,
-            "commit": commit,
-            "dependencies": dependencies_hash,
+            "format": format_version,
             "base": base_digest,
-            "flavor": flavor,
             "platform": platform,
             "python": self.python,
             "uid": IMAGE_UID,
-            "pins": [*self.learner_pins, *self.aggregator_pins],
-            "excludes": list(UNUSED_DEPENDENCIES),
+            "pins": list(pins),
             "runtime_env": sorted(f"{n}=={v}" for n, v in self.installed_versions.items()),
-            "staged": dict(sorted(staged.items())),
-            "templates": self.templates_hash,
+            "templates": templates_hash(template_files),
+            **specific,
         }
         encoded = json.dumps(material, sort_keys=True).encode()
         return hashlib.sha256(encoded).hexdigest()[:32]
@@ -836,7 +855,7 @@ class OciBuilder:
                     (context / name / "excludes.txt").read_text(encoding="utf-8")
                     for name in ("runtime-build", "aggregator-build")
                 ],
-                "templates": self.templates_hash,
+                "templates": templates_hash(TEMPLATE_FILES),
             }
             user_inputs = {
                 "format": IMAGE_FORMAT_VERSION,
@@ -844,7 +863,7 @@ class OciBuilder:
                 # with the corrections, and the local wheel directories as on this machine
                 "requirements": (context / "user-build" / "requirements.txt").read_text(),
                 "find_links": staged.find_links,
-                "templates": self.templates_hash,
+                "templates": templates_hash(TEMPLATE_FILES),
             }
             for platform, platform_facts in facts.items():
                 target = PLATFORMS[platform]

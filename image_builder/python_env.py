@@ -22,9 +22,10 @@ import importlib.util
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -369,6 +370,42 @@ def run_uv_with_fallbacks(
             return mode, errors
         errors.append((mode, stderr))
     return None, errors
+
+
+FOREIGN_ENVIRONMENT = ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONPATH")
+"""Variables of the caller's own Python environment that must not steer uv."""
+
+
+def run_uv(
+    command: Sequence[str],
+    arguments: Sequence[str],
+    *,
+    timeout_s: float,
+    timeout_error: Callable[[], Exception],
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run uv (``command``: :func:`uv_command` or ``[uv_binary()]``) with ``arguments`` and
+    return its result (text stdout and stderr captured; the exit status is not checked).
+
+    uv gets this process's environment without :data:`FOREIGN_ENVIRONMENT`, with plain
+    output (``NO_COLOR``, ``UV_NO_PROGRESS``) and ``env`` on top. ``timeout_s`` is in seconds;
+    after it the process is killed and ``timeout_error()`` is raised.
+    """
+    environment = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENVIRONMENT}
+    environment.update({"NO_COLOR": "1", "UV_NO_PROGRESS": "1", **(env or {})})
+    try:
+        return subprocess.run(
+            [*command, *arguments],
+            cwd=cwd,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise timeout_error() from None
 
 
 def uv_command() -> list[str]:

@@ -72,6 +72,7 @@ from image_builder.python_env import (
     manager_versions,
     plan_install,
     redact_paths,
+    run_uv,
     run_uv_with_fallbacks,
     undeclared_conflicts,
     user_env_support_lines,
@@ -373,24 +374,16 @@ class VenvBuilder:
     def _uv(
         self, args: list[str], *, cwd: Path, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        command = [*uv_command(), *args]
-        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX")}
-        env.update({"NO_COLOR": "1", "UV_NO_PROGRESS": "1"})
-        try:
-            result = subprocess.run(
-                command,
-                cwd=cwd,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=self.install_timeout_s,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise EnvironmentBuildError(
+        result = run_uv(
+            uv_command(),
+            args,
+            timeout_s=self.install_timeout_s,
+            timeout_error=lambda: EnvironmentBuildError(
                 f"uv {args[0]} did not finish within {self.install_timeout_s:.0f} s; check the "
                 "package index connection or raise install_timeout_s."
-            ) from None
+            ),
+            cwd=cwd,
+        )
         if check and result.returncode != 0:
             raise EnvironmentBuildError(
                 f"uv {args[0]} failed: {condense_uv_error(result.stderr)}; check the uv setup."

@@ -1,7 +1,7 @@
-"""The learner's Flower adapter: the user's ModelManager as a Flower client (DESIGN.md §3).
+"""The learner's Flower adapter: the user's ModelManager as a Flower client.
 
 This is the only learner module that imports ``flwr``. It uses the ``start_client`` gRPC API
-(DESIGN.md §3: about 0.25 s per round here, against about 16 s for Flower 1.41's SuperNode
+(about 0.25 s per round here, against about 16 s for Flower 1.41's SuperNode
 engine; measured with this adapter and a tiny model: about 0.01 s of Flower overhead per round
 with two learners); swapping the engine means rewriting this module only.
 
@@ -14,8 +14,9 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -24,7 +25,7 @@ from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 from flops_utils.ml_repo_templates import ModelManagerTemplate
 from flops_utils.net import wait_for_port
-from flops_utils.user_code import UserCodeError, describe_exception
+from flops_utils.user_code import UserCodeError, call_user_code
 
 if TYPE_CHECKING:
     from flwr.client import NumPyClient
@@ -37,6 +38,7 @@ RETRY_DELAY_S = 0.5
 """Pause between two connection attempts while the aggregator is not up yet."""
 
 NDArrays = list[NDArray[Any]]
+T = TypeVar("T")
 
 
 class AggregatorUnreachable(FlopsError):
@@ -67,37 +69,36 @@ class _ModelManagerCalls:
         self.stats = ClientStats()
         self.user_error: UserCodeError | None = None
 
-    def _guard(self, what: str, exc: BaseException) -> UserCodeError:
-        logger.error("ModelManager.%s raised %s", what, describe_exception(exc))
-        self.user_error = UserCodeError(f"ModelManager.{what} raised {describe_exception(exc)}")
-        self.user_error.__cause__ = exc
-        return self.user_error
+    def _user_code(self, method: str, call: Callable[[], T]) -> T:
+        """``call()`` through :func:`call_user_code`; a :class:`UserCodeError` is logged and
+        kept in :attr:`user_error` (Flower may report it as a broken stream) and re-raised."""
+        try:
+            return call_user_code(f"ModelManager.{method}", call)
+        except UserCodeError as exc:
+            logger.error("%s", exc.message)
+            self.user_error = exc
+            raise
 
     def get_parameters(self) -> NDArrays:
         self.stats.instructions += 1
         return self._parameters()
 
     def _parameters(self) -> NDArrays:
-        try:
-            params = self.model_manager.get_model_parameters()
-            return [np.asarray(p) for p in params]
-        except Exception as exc:
-            raise self._guard("get_model_parameters", exc) from exc
+        return self._user_code(
+            "get_model_parameters",
+            lambda: [np.asarray(p) for p in self.model_manager.get_model_parameters()],
+        )
 
     def set_parameters(self, parameters: NDArrays) -> None:
-        try:
-            self.model_manager.set_model_parameters(parameters)
-        except Exception as exc:
-            raise self._guard("set_model_parameters", exc) from exc
+        self._user_code(
+            "set_model_parameters", lambda: self.model_manager.set_model_parameters(parameters)
+        )
 
     def fit(self, parameters: NDArrays) -> tuple[NDArrays, int]:
         began = time.monotonic()
         self.stats.instructions += 1
         self.set_parameters(parameters)
-        try:
-            num_examples = int(self.model_manager.fit_model())
-        except Exception as exc:
-            raise self._guard("fit_model", exc) from exc
+        num_examples = self._user_code("fit_model", lambda: int(self.model_manager.fit_model()))
         updated = self._parameters()
         self.stats.fit_rounds += 1
         self.stats.fit_examples = num_examples
@@ -107,14 +108,14 @@ class _ModelManagerCalls:
     def evaluate(self, parameters: NDArrays) -> tuple[float, int, float]:
         self.stats.instructions += 1
         self.set_parameters(parameters)
-        try:
-            loss, accuracy, num_examples = self.model_manager.evaluate_model()
-            result = float(loss), int(num_examples), float(accuracy)
-        except Exception as exc:
-            raise self._guard("evaluate_model", exc) from exc
+        result = self._user_code("evaluate_model", self._evaluation)
         self.stats.evaluate_rounds += 1
         self.stats.last_loss, self.stats.last_accuracy = result[0], result[2]
         return result
+
+    def _evaluation(self) -> tuple[float, int, float]:
+        loss, accuracy, num_examples = self.model_manager.evaluate_model()
+        return float(loss), int(num_examples), float(accuracy)
 
 
 def _numpy_client(calls: _ModelManagerCalls) -> "NumPyClient":

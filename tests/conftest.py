@@ -1,10 +1,11 @@
-"""Session-wide fixtures: real components on loopback (DESIGN.md §4)."""
+"""Session-wide fixtures: real components on loopback; the ``oci`` marker for their users."""
 
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from mqtt_testing import MqttRecorder
@@ -19,6 +20,25 @@ from oci_testing import (
 
 from flops_manager.broker import MosquittoBroker
 from observatory.mlflow_server import MlflowServer
+
+if TYPE_CHECKING:  # imported by the fixtures that need them: datasets takes seconds to import
+    import datasets
+
+    from data_server.server import DataServer
+
+
+FIXTURE_MARKERS = {"oci_tools": "oci", "run_training": "slow"}
+"""Fixtures that make every test using them (directly or through other fixtures) ``oci`` (the
+OCI tools) or ``slow`` (``run_training``: real federated trainings, about 25 s a module)."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Add the markers of :data:`FIXTURE_MARKERS` (so that ``-m "not oci and not slow"``
+    leaves those tests out even in modules that are not marked as a whole)."""
+    for item in items:
+        for fixture in set(getattr(item, "fixturenames", ())) & FIXTURE_MARKERS.keys():
+            item.add_marker(FIXTURE_MARKERS[fixture])
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +110,39 @@ def recorder(mqtt_broker: MosquittoBroker, project_id: str) -> Iterator[MqttReco
     rec = MqttRecorder(mqtt_broker, project_id)
     yield rec
     rec.close()
+
+
+@pytest.fixture(scope="session")
+def mnist() -> "datasets.Dataset":
+    """The bundled MNIST test split (10,000 rows). Do not call ``set_format`` on it."""
+    from data_server.mnist import load_mnist
+
+    return load_mnist()
+
+
+@pytest.fixture
+def data_server(tmp_path: Path) -> Iterator["DataServer"]:
+    """A running data server on 127.0.0.1 (free port) serving ``tmp_path / "data"``."""
+    from data_server.server import DataServer
+
+    with DataServer(tmp_path / "data") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MongoDB wire-protocol server (``secantusd-py``) for the session; yields its
+    ``mongodb://HOST:PORT`` (append ``/DATABASE`` for a database of one's own).
+
+    Skips when it cannot run, or fails when ``FLOPS_REQUIRE_OCI=1`` (CI sets it).
+    """
+    from store_testing import MongoServerUnavailable, SecantusServer
+
+    try:
+        server = SecantusServer(Path(tmp_path_factory.mktemp("secantusd"))).start()
+    except MongoServerUnavailable as error:
+        if os.environ.get("FLOPS_REQUIRE_OCI") == "1":
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+    yield server.url
+    server.stop()

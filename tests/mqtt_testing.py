@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from waiting import wait_until
 
 from flops_manager.broker import MosquittoBroker
 
@@ -23,7 +24,7 @@ class MqttRecorder:
         self.messages: list[tuple[str, dict[str, Any]]] = []
         self._lock = threading.Lock()
         subscribed = threading.Event()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2)
         self._client.on_message = self._on_message
         self._client.on_subscribe = lambda *_: subscribed.set()
         self._client.on_connect = lambda c, *_: c.subscribe(f"flops/{project_id}/#", qos=1)
@@ -43,12 +44,11 @@ class MqttRecorder:
 
     def wait_for(self, suffix: str, timeout_s: float = 10) -> list[dict[str, Any]]:
         """:meth:`find` once it finds something; ``AssertionError`` after ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if found := self.find(suffix):
-                return found
-            time.sleep(0.05)
-        raise AssertionError(f"no {suffix} message; got {[t for t, _ in self.messages]}")
+        return wait_until(
+            lambda: self.find(suffix),
+            timeout_s,
+            lambda: f"no {suffix} message; got {self.topics()}",
+        )
 
     def topics(self) -> list[str]:
         """The topics received so far, in arrival order."""

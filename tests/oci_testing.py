@@ -33,13 +33,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import requests
 import yaml
+from waiting import answers_200, wait_until
 
 from flops_utils.net import find_free_port, wait_for_port
 from flops_utils.processes import StartStop, stop_process_groups
@@ -143,15 +142,12 @@ class LocalRegistry(StartStop):
             )
         finally:
             log.close()
-        deadline = time.monotonic() + START_TIMEOUT_S
         if wait_for_port("127.0.0.1", self.port, START_TIMEOUT_S):
-            while time.monotonic() < deadline:
-                try:
-                    if requests.get(f"{self.url}/v2/", timeout=2).status_code == 200:
-                        return self
-                except requests.RequestException:
-                    pass
-                time.sleep(0.1)
+            try:
+                wait_until(lambda: answers_200(f"{self.url}/v2/"), START_TIMEOUT_S, interval_s=0.1)
+                return self
+            except AssertionError:
+                pass
         self.stop()
         tail = (self.workdir / "registry.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"docker-registry did not start on {self.address}: {tail}")

@@ -1,11 +1,28 @@
 """The orchestrator interface: deploy a project's FL services, watch them, stop them, and find
-them again after the manager restarted."""
+them again after the manager restarted.
 
+:class:`Orchestrator` owns the bookkeeping every backend needs: the per-project table of
+started services, one watcher thread that polls them, reporting each service's end exactly
+once (never for a service that :meth:`~Orchestrator.stop` removed), re-attaching after a
+manager restart, and putting the aggregator's address into the services' environment. A
+backend implements how one service is started (:meth:`~Orchestrator._start`), polled
+(:meth:`~Orchestrator._poll`), removed (:meth:`~Orchestrator._remove`) and found again
+(:meth:`~Orchestrator._reattach_one`), and where the aggregator listens.
+"""
+
+import dataclasses
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from flops_utils import env_vars
+from flops_utils.logging import logger
+
+WATCHER_JOIN_TIMEOUT_S = 10.0
+"""Seconds :meth:`Orchestrator.close` waits for the watcher to finish a poll in progress."""
 
 ServiceExitCallback = Callable[[str, str, int | None, str], None]
 """``(project_id, service_name, returncode, last_output_line)`` for a service that exited.
@@ -75,10 +92,41 @@ class ServiceState:
     last_output: str
 
 
+@dataclass(frozen=True)
+class ServiceExit:
+    """How a service ended: ``returncode`` (``None`` when the backend cannot know it) and
+    ``last_line``, the last line of its output or the backend's reason."""
+
+    returncode: int | None
+    last_line: str
+
+
+@dataclass(eq=False)
+class Service:
+    """A started service as a backend tracks it; backends subclass it with what finds the
+    service (a process, an Oakestra service id). ``port``: a port the service holds on its
+    host (the aggregator's), else ``None``. ``ended`` is the base class's: set once the end
+    was reported or the service was stopped."""
+
+    name: str
+    port: int | None = field(default=None, kw_only=True)
+    ended: bool = field(default=False, kw_only=True)
+
+    def handle(self) -> ServiceHandle:
+        """The JSON-serialisable :data:`ServiceHandle` that finds this service again."""
+        return {"name": self.name}
+
+
+def with_env(spec: ServiceSpec, overrides: dict[str, str]) -> ServiceSpec:
+    """``spec`` with ``overrides`` added to its environment."""
+    return dataclasses.replace(spec, env={**spec.env, **overrides})
+
+
 class Orchestrator(ABC):
     """Runs FL services somewhere. Backends: ``local`` (child processes), ``oakestra``.
 
-    ``on_service_exit`` is called from a background thread when a service ends on its own.
+    ``on_service_exit`` is called from the watcher thread when a service ends on its own,
+    once per service; ``poll_interval_s`` is the watcher's interval.
     """
 
     needs_images: bool = False
@@ -87,17 +135,47 @@ class Orchestrator(ABC):
     serves_models: bool = False
     """True when the backend can run a trained-model image (:meth:`deploy_inference`)."""
 
-    def __init__(self, on_service_exit: ServiceExitCallback) -> None:
-        self.on_service_exit = on_service_exit
+    aggregator_bind_host: str = "0.0.0.0"
+    """The host part of the address the aggregator binds (``FLOPS_AGGREGATOR_ADDRESS``)."""
 
-    @abstractmethod
+    def __init__(self, on_service_exit: ServiceExitCallback, poll_interval_s: float) -> None:
+        self.on_service_exit = on_service_exit
+        self.poll_interval_s = poll_interval_s
+        self._services: dict[str, list[Service]] = {}
+        self._lock = threading.Lock()
+        self._port_lock = threading.Lock()
+        self._reserved_ports: set[int] = set()
+        self._closed = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # -- the public API --------------------------------------------------------------------
     def deploy(
         self, deployment: Deployment, on_started: ServiceStartedCallback | None = None
-    ) -> None:
-        """Start every service of ``deployment``, calling ``on_started`` with each one's
-        :data:`ServiceHandle` as soon as it runs. Raises ``FlopsError`` when one can't start."""
+    ) -> str:
+        """Start every service of ``deployment`` (the aggregator first), calling
+        ``on_started`` with each one's :data:`ServiceHandle` as soon as it runs.
 
-    @abstractmethod
+        The backend chooses the aggregator's port: the aggregator gets
+        ``FLOPS_AGGREGATOR_ADDRESS`` = ``<aggregator_bind_host>:<port>``, every learner the
+        address that reaches it. Returns that address (``HOST:PORT``). Raises ``FlopsError``
+        when a service can't start (the ones started keep running until :meth:`stop`),
+        ``ValueError`` for a deployment the backend cannot run.
+        """
+        self._check(deployment)
+        aggregator, *learners = deployment.services
+        port = self._reserve_port(deployment)
+        bind = {env_vars.AGGREGATOR_ADDRESS: f"{self.aggregator_bind_host}:{port}"}
+        try:
+            started = self._launch(deployment, with_env(aggregator, bind), port, on_started)
+        finally:
+            with self._lock:
+                self._reserved_ports.discard(port)
+        address = self._aggregator_address(deployment.project_id, started, port)
+        for spec in learners:
+            connect = {env_vars.AGGREGATOR_ADDRESS: address}
+            self._launch(deployment, with_env(spec, connect), None, on_started)
+        return address
+
     def reattach(self, project_id: str, handles: Sequence[ServiceHandle]) -> list[ServiceState]:
         """Take over the services a previous manager process started for the project.
 
@@ -106,21 +184,38 @@ class Orchestrator(ABC):
         when the backend cannot know it) and :meth:`stop` stops them. Returns one
         :class:`ServiceState` per handle, in order; never raises for a service that is gone.
         """
+        states = []
+        for handle in handles:
+            service, state = self._reattach_one(project_id, handle)
+            if service is not None:
+                with self._lock:
+                    known = {s.name for s in self._services.get(project_id, [])}
+                if service.name not in known:
+                    self._track(project_id, service)
+                    logger.info("project %s: re-attached %s", project_id, service.name)
+            states.append(state)
+        return states
 
-    @abstractmethod
     def stop(self, project_id: str) -> None:
-        """Stop and remove every service of the project; a no-op when none runs."""
+        """Stop and remove every service of the project (re-attached ones too); a no-op when
+        none runs. A service stopped here is not reported to ``on_service_exit``."""
+        with self._lock:
+            services = self._services.pop(project_id, [])
+            for service in services:
+                service.ended = True
+        self._remove_services(project_id, services)
 
-    @abstractmethod
     def running_services(self, project_id: str) -> list[str]:
         """Names of the project's services that are still running."""
+        with self._lock:
+            services = [s for s in self._services.get(project_id, []) if not s.ended]
+        return [s.name for s in services if self._poll_quietly(s) is None]
 
-    def deploy_inference(
-        self, project_id: str, image: str, port: int, resources: dict[str, int]
-    ) -> str:
-        """Run the trained-model image ``image`` (serving MLflow's scoring protocol on
-        ``port``, its ``PORT``) for the project, apart from its FL services: it outlives the
-        project's end and runs until :meth:`stop_inference`. Returns its base URL
+    def deploy_inference(self, project_id: str, image: str, resources: dict[str, int]) -> str:
+        """Run the trained-model image ``image`` (serving MLflow's scoring protocol on its
+        ``PORT``, which the backend chooses) for the project, apart from its FL services: it
+        outlives the project's end and runs until :meth:`stop_inference`. ``resources``:
+        ``memory``/``storage`` in MB, ``vcpus`` a count. Returns its base URL
         (``http://HOST:PORT``). Only backends with :attr:`serves_models` implement it."""
         raise NotImplementedError(f"{type(self).__name__} does not run trained-model images")
 
@@ -128,8 +223,164 @@ class Orchestrator(ABC):
         """Stop the project's trained-model server; ``False`` when none runs."""
         return False
 
-    @abstractmethod
     def close(self, stop_services: bool = True) -> None:
-        """Stop the background threads and, with ``stop_services`` (the default), every
+        """Stop the watcher thread and, with ``stop_services`` (the default), every
         project's services; without it the services keep running for a later
         :meth:`reattach` by the next manager process."""
+        self._closed.set()
+        with self._lock:
+            project_ids = list(self._services)
+        for project_id in project_ids:
+            if stop_services:
+                self.stop(project_id)
+            else:
+                with self._lock:
+                    services = self._services.pop(project_id, [])
+                for service in services:
+                    service.ended = True
+                    self._release(service)
+        if self._watcher is not None:
+            self._watcher.join(timeout=WATCHER_JOIN_TIMEOUT_S)
+
+    # -- what a backend implements ---------------------------------------------------------
+    def _check(self, deployment: Deployment) -> None:
+        """Raise ``ValueError`` for a deployment the backend cannot run (default: none)."""
+        return None
+
+    @abstractmethod
+    def _aggregator_port(self, deployment: Deployment) -> int:
+        """The port the aggregator of ``deployment`` will listen on; not one that another
+        tracked service holds (:meth:`ports_in_use`). Raises ``FlopsError`` when none is
+        free."""
+
+    @abstractmethod
+    def _aggregator_address(self, project_id: str, aggregator: Service, port: int) -> str:
+        """``HOST:PORT`` through which the learners reach the started ``aggregator``
+        listening on ``port`` (may wait until it runs). Raises ``FlopsError`` when it ended
+        or cannot be placed; then call :meth:`_mark_ended` so that the end is not reported
+        twice."""
+
+    @abstractmethod
+    def _start(
+        self, project_id: str, spec: ServiceSpec, deployment: Deployment, port: int | None
+    ) -> Service:
+        """Start the service ``spec`` (its env holds the aggregator's address already);
+        ``port``: the port it listens on (the aggregator's), to publish on its host, else
+        ``None``. Raises ``FlopsError`` when it can't start."""
+
+    @abstractmethod
+    def _poll(self, service: Service) -> ServiceExit | None:
+        """How ``service`` ended, or ``None`` while it runs. May raise ``FlopsError`` or
+        ``OSError`` when the state cannot be known right now (the watcher retries)."""
+
+    @abstractmethod
+    def _remove(self, service: Service) -> None:
+        """Stop ``service`` and free what it holds; it must not raise for a service that
+        is gone."""
+
+    @abstractmethod
+    def _reattach_one(
+        self, project_id: str, handle: ServiceHandle
+    ) -> tuple[Service | None, ServiceState]:
+        """Find the service of ``handle`` again: the :class:`Service` to watch (``None``
+        when it no longer runs) and its :class:`ServiceState`. Never raises for a service
+        that is gone."""
+
+    def _remove_services(self, project_id: str, services: list[Service]) -> None:
+        """Remove the project's ``services`` (already out of the table); default: one by
+        one with :meth:`_remove`. Backends override it to remove them all at once."""
+        for service in services:
+            try:
+                self._remove(service)
+            except Exception:
+                logger.exception("project %s: removing %s failed", project_id, service.name)
+
+    def _release(self, service: Service) -> None:
+        """Free what this process holds for ``service`` without stopping it (:meth:`close`
+        with ``stop_services=False``); default: nothing."""
+        return None
+
+    # -- helpers for backends --------------------------------------------------------------
+    def ports_in_use(self) -> set[int]:
+        """The ports the tracked services that have not ended hold, and the ones reserved
+        for aggregators being started."""
+        with self._lock:
+            held = {
+                s.port
+                for ss in self._services.values()
+                for s in ss
+                if s.port is not None and not s.ended
+            }
+            return held | self._reserved_ports
+
+    def _reserve_port(self, deployment: Deployment) -> int:
+        """:meth:`_aggregator_port`, reserved until the aggregator is tracked, so that
+        concurrent deployments get different ports."""
+        with self._port_lock:
+            port = self._aggregator_port(deployment)
+            with self._lock:
+                self._reserved_ports.add(port)
+        return port
+
+    def _mark_ended(self, service: Service) -> bool:
+        """Mark ``service`` as ended without reporting it; ``False`` when it was already."""
+        with self._lock:
+            already = service.ended
+            service.ended = True
+        return not already
+
+    def _launch(
+        self,
+        deployment: Deployment,
+        spec: ServiceSpec,
+        port: int | None,
+        on_started: ServiceStartedCallback | None,
+    ) -> Service:
+        service = self._start(deployment.project_id, spec, deployment, port)
+        service.port = port
+        self._track(deployment.project_id, service)
+        if on_started is not None:
+            on_started(service.handle())
+        return service
+
+    def _track(self, project_id: str, service: Service) -> None:
+        with self._lock:
+            self._services.setdefault(project_id, []).append(service)
+            if self._watcher is None and not self._closed.is_set():
+                self._watcher = threading.Thread(
+                    target=self._watch, name=f"{type(self).__name__}-watch", daemon=True
+                )
+                self._watcher.start()
+
+    def _poll_quietly(self, service: Service) -> ServiceExit | None:
+        """:meth:`_poll`, with a state that cannot be known counted as ended."""
+        try:
+            return self._poll(service)
+        except Exception as exc:
+            logger.warning("polling %s: %s", service.name, exc)
+            return ServiceExit(None, f"its state is unknown: {exc}")
+
+    def _watch(self) -> None:
+        while not self._closed.wait(self.poll_interval_s):
+            with self._lock:
+                items = [(p, s) for p, ss in self._services.items() for s in ss if not s.ended]
+            for project_id, service in items:
+                try:
+                    ended = self._poll(service)
+                except Exception as exc:
+                    logger.warning("polling %s of project %s: %s", service.name, project_id, exc)
+                    continue
+                if ended is not None:
+                    self._report(project_id, service, ended)
+
+    def _report(self, project_id: str, service: Service, ended: ServiceExit) -> None:
+        """Report ``service``'s end once, unless :meth:`stop` took it out of the table."""
+        with self._lock:
+            tracked = any(s is service for s in self._services.get(project_id, []))
+            if not tracked or service.ended:
+                return
+            service.ended = True
+        try:
+            self.on_service_exit(project_id, service.name, ended.returncode, ended.last_line)
+        except Exception:
+            logger.exception("service exit handler failed")

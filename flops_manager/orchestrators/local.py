@@ -2,8 +2,11 @@
 
 Each service runs ``<env python> -m <module>`` in its own process group (so stopping it
 also stops anything it spawned, and it outlives a manager that is killed), logging to
-``<workdir>/<project_id>/<service>.log``. A watcher thread polls the processes every
+``<workdir>/<project_id>/<service>.log``. The base class's watcher polls the processes every
 ``POLL_INTERVAL_S`` and reports services that exit on their own through ``on_service_exit``.
+
+The aggregator binds ``127.0.0.1:<port>``, a free port outside the kernel's ephemeral range
+(see :mod:`flops_manager.orchestrators.ports` for why), and the learners connect there.
 
 Re-attach: a service's handle is its :class:`~flops_manager.process_identity.ProcessIdentity`
 (pid, start time, boot id) and log path. A later manager process re-attaches to a service that
@@ -15,8 +18,6 @@ import os
 import re
 import signal
 import subprocess
-import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -24,11 +25,14 @@ from typing import IO
 from flops_manager.orchestrators.base import (
     Deployment,
     Orchestrator,
+    Service,
+    ServiceExit,
     ServiceExitCallback,
     ServiceHandle,
-    ServiceStartedCallback,
+    ServiceSpec,
     ServiceState,
 )
+from flops_manager.orchestrators.ports import local_aggregator_port
 from flops_manager.process_identity import ProcessIdentity
 from flops_utils import env_vars
 from flops_utils.logging import logger
@@ -36,14 +40,14 @@ from flops_utils.processes import stop_process_groups
 
 POLL_INTERVAL_S = 0.5
 STOP_TIMEOUT_S = 10.0
+LOOPBACK = "127.0.0.1"
 
 
-@dataclass
-class _Service:
-    """A watched service: ``process`` is set for this manager's children, ``None`` for a
+@dataclass(eq=False)
+class _Process(Service):
+    """A local service: ``process`` is set for this manager's children, ``None`` for a
     re-attached one (then only ``identity`` tells whether it still runs)."""
 
-    name: str
     identity: ProcessIdentity
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
@@ -58,6 +62,11 @@ class _Service:
 
     def handle(self) -> ServiceHandle:
         return {"name": self.name, **self.identity.to_dict(), "log_path": str(self.log_path)}
+
+    def close_log(self) -> None:
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
 
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -83,31 +92,41 @@ class LocalOrchestrator(Orchestrator):
     Args:
         workdir: where service logs go.
         on_service_exit: see :class:`Orchestrator`.
+        poll_interval_s: seconds between two polls of the processes.
     """
 
-    def __init__(self, workdir: Path, on_service_exit: ServiceExitCallback) -> None:
-        super().__init__(on_service_exit)
-        self.workdir = workdir
-        self._projects: dict[str, list[_Service]] = {}
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._watcher = threading.Thread(target=self._watch, name="local-watch", daemon=True)
-        self._watcher.start()
+    aggregator_bind_host = LOOPBACK
 
-    def deploy(
-        self, deployment: Deployment, on_started: ServiceStartedCallback | None = None
+    def __init__(
+        self,
+        workdir: Path,
+        on_service_exit: ServiceExitCallback,
+        poll_interval_s: float = POLL_INTERVAL_S,
     ) -> None:
-        """Start every service; the services' environment is this process's plus ``spec.env``.
+        super().__init__(on_service_exit, poll_interval_s)
+        self.workdir = workdir
 
-        ``on_started`` gets ``{"name", "pid", "start_ticks", "boot", "log_path"}`` per service.
-        """
+    def _check(self, deployment: Deployment) -> None:
         if deployment.python is None:
             raise ValueError("the local orchestrator runs virtualenvs: Deployment.python is unset")
-        log_dir = self.workdir / deployment.project_id
+
+    def _aggregator_port(self, deployment: Deployment) -> int:
+        return local_aggregator_port(self.ports_in_use(), LOOPBACK)
+
+    def _aggregator_address(self, project_id: str, aggregator: Service, port: int) -> str:
+        return f"{LOOPBACK}:{port}"
+
+    def _start(
+        self, project_id: str, spec: ServiceSpec, deployment: Deployment, port: int | None
+    ) -> Service:
+        """Start ``<python> -u -m <module>`` with this process's environment plus
+        ``spec.env``; its handle is ``{"name", "pid", "start_ticks", "boot", "log_path"}``."""
+        assert deployment.python is not None  # checked by _check
+        log_dir = self.workdir / project_id
         log_dir.mkdir(parents=True, exist_ok=True)
-        for spec in deployment.services:
-            log_path = log_dir / f"{spec.name}.log"
-            log_file = log_path.open("ab")
+        log_path = log_dir / f"{spec.name}.log"
+        log_file = log_path.open("ab")
+        try:
             process = subprocess.Popen(
                 [str(deployment.python), "-u", "-m", spec.module],
                 env=_service_environment(spec.env),
@@ -117,91 +136,50 @@ class LocalOrchestrator(Orchestrator):
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-            logger.info(
-                "project %s: started %s (pid %d)", deployment.project_id, spec.name, process.pid
-            )
-            identity = ProcessIdentity.of(process.pid) or ProcessIdentity(process.pid, -1, "")
-            service = _Service(spec.name, identity, log_path, process, log_file)
-            with self._lock:
-                self._projects.setdefault(deployment.project_id, []).append(service)
-            if on_started is not None:
-                on_started(service.handle())
+        except BaseException:
+            log_file.close()
+            raise
+        logger.info("project %s: started %s (pid %d)", project_id, spec.name, process.pid)
+        identity = ProcessIdentity.of(process.pid) or ProcessIdentity(process.pid, -1, "")
+        return _Process(spec.name, identity, log_path, process, log_file)
 
-    def reattach(self, project_id: str, handles: Sequence[ServiceHandle]) -> list[ServiceState]:
-        """Watch again the services of ``handles`` that still run (see the module docstring);
-        a handle whose process is gone, or now belongs to another program, is reported as not
-        running with its log's last line."""
-        states = []
-        for handle in handles:
-            name = str(handle.get("name", "?"))
-            log_path = Path(str(handle.get("log_path", "")))
-            identity = ProcessIdentity.from_dict(handle)
-            running = identity is not None and identity.is_alive()
-            if identity is not None and running:
-                with self._lock:
-                    known = {s.name for s in self._projects.get(project_id, [])}
-                    if name not in known:
-                        self._projects.setdefault(project_id, []).append(
-                            _Service(name, identity, log_path)
-                        )
-                logger.info("project %s: re-attached %s (pid %d)", project_id, name, identity.pid)
-            states.append(ServiceState(name, running, last_line(log_path)))
-        return states
+    def _poll(self, service: Service) -> ServiceExit | None:
+        assert isinstance(service, _Process)
+        exited, code = service.exit_status()
+        return ServiceExit(code, last_line(service.log_path)) if exited else None
 
-    def stop(self, project_id: str) -> None:
-        """SIGTERM each service's process group, SIGKILL after ``STOP_TIMEOUT_S``."""
-        with self._lock:
-            services = self._projects.pop(project_id, [])
-        adopted = [s.identity for s in services if s.process is None]
+    def _remove(self, service: Service) -> None:
+        self._remove_services("", [service])
+
+    def _remove_services(self, project_id: str, services: list[Service]) -> None:
+        """SIGTERM every service's process group at once, SIGKILL after ``STOP_TIMEOUT_S``."""
+        local = [s for s in services if isinstance(s, _Process)]
+        adopted = [s.identity for s in local if s.process is None]
         for identity in adopted:
             identity.signal_group(signal.SIGTERM)
-        stop_process_groups([s.process for s in services if s.process is not None], STOP_TIMEOUT_S)
+        stop_process_groups([s.process for s in local if s.process is not None], STOP_TIMEOUT_S)
         for identity in adopted:
             identity.stop_group(STOP_TIMEOUT_S)
-        for service in services:
-            if service.log_file is not None:
-                service.log_file.close()
+        for service in local:
+            service.close_log()
 
-    def running_services(self, project_id: str) -> list[str]:
-        """Names of the project's services whose process is alive."""
-        with self._lock:
-            services = list(self._projects.get(project_id, []))
-        return [s.name for s in services if not s.exit_status()[0]]
+    def _release(self, service: Service) -> None:
+        if isinstance(service, _Process):
+            service.close_log()
 
-    def close(self, stop_services: bool = True) -> None:
-        """Stop the watcher thread and, with ``stop_services``, every project's services
-        (else they keep running, and their handles let the next manager re-attach)."""
-        self._closed.set()
-        with self._lock:
-            project_ids = list(self._projects)
-        if stop_services:
-            for project_id in project_ids:
-                self.stop(project_id)
-        else:
-            with self._lock:
-                services = [s for ss in self._projects.values() for s in ss]
-                self._projects.clear()
-            for service in services:
-                if service.log_file is not None:
-                    service.log_file.close()
-        self._watcher.join(timeout=5)
-
-    def _watch(self) -> None:
-        reported: set[int] = set()
-        while not self._closed.wait(POLL_INTERVAL_S):
-            with self._lock:
-                items = [(pid, s) for pid, ss in self._projects.items() for s in ss]
-            for project_id, service in items:
-                exited, code = service.exit_status()
-                if not exited or service.identity.pid in reported:
-                    continue
-                reported.add(service.identity.pid)
-                try:
-                    self.on_service_exit(
-                        project_id, service.name, code, last_line(service.log_path)
-                    )
-                except Exception:
-                    logger.exception("service exit handler failed")
+    def _reattach_one(
+        self, project_id: str, handle: ServiceHandle
+    ) -> tuple[Service | None, ServiceState]:
+        """A handle whose process is gone, or now belongs to another program, is not
+        running; either way the state carries its log's last line."""
+        name = str(handle.get("name", "?"))
+        log_path = Path(str(handle.get("log_path", "")))
+        identity = ProcessIdentity.from_dict(handle)
+        running = identity is not None and identity.is_alive()
+        state = ServiceState(name, running, last_line(log_path))
+        if identity is None or not running:
+            return None, state
+        return _Process(name, identity, log_path), state
 
 
 def _service_environment(extra: dict[str, str]) -> dict[str, str]:

@@ -5,9 +5,12 @@ A project becomes the application ``oakestra_name("flops", project_id)`` in the 
 :attr:`OakestraOrchestrator.namespace`; each FL service becomes one of its microservices with
 one instance:
 
-- the aggregator first, anywhere Oakestra places it, publishing its Flower port as
-  ``"PORT:PORT"`` and binding ``0.0.0.0:PORT``; once it runs, the learners get its instance's
-  ``host_ip`` and that port as ``FLOPS_AGGREGATOR_ADDRESS``;
+- the aggregator first, anywhere Oakestra places it, binding ``0.0.0.0:PORT`` and publishing
+  it on its worker as ``"PORT:PORT"``. The backend chooses ``PORT`` from its port range
+  (``port_range``), skipping the ports its other running services (other projects'
+  aggregators, trained-model servers) publish, so that two projects placed on one worker do
+  not collide. Once the aggregator runs, the learners get its instance's ``host_ip`` and that
+  port as ``FLOPS_AGGREGATOR_ADDRESS``;
 - one learner per eligible node, pinned to it with a ``direct`` constraint (the node's
   registered cluster and hostname, the only placement Oakestra honours) and given the node's
   ``platform``;
@@ -15,20 +18,19 @@ one instance:
   ``storage``, ``one_shot`` (an FL service ends by itself), and the MQTT and MLflow addresses
   the workers reach (``service_mqtt_url``/``service_mlflow_url``, default: the manager's).
 
-A watcher thread polls every service (``GET /api/service/{id}``) every ``poll_interval_s`` and
-reports an instance that reached a terminal status (:data:`TERMINAL_STATUSES`) through
-``on_service_exit``: ``COMPLETED``/``DEAD`` as exit code 0, ``FAILED`` and scheduling failures
-as 1, with Oakestra's status (and ``status_detail``) as the last line. :meth:`stop` deletes the
-application, which deletes its services and undeploys their instances; it finds the
-application by name, so nothing is left behind even without handles. Handles hold the
-application and service ids, so a restarted manager re-attaches by polling them again.
+The base class's watcher polls every service (``GET /api/service/{id}``) every
+``poll_interval_s`` and reports an instance that reached a terminal status
+(:data:`TERMINAL_STATUSES`) through ``on_service_exit``: ``COMPLETED``/``DEAD`` as exit code 0,
+``FAILED`` and scheduling failures as 1, with Oakestra's status (and ``status_detail``) as the
+last line. :meth:`~OakestraOrchestrator.stop` deletes the application, which deletes its
+services and undeploys their instances; it finds the application by name, so nothing is left
+behind even without handles. Handles hold the application and service ids and the published
+port, so a restarted manager re-attaches by polling them again and keeps their ports reserved.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ from flops_manager.errors import OakestraError, OakestraNotFound
 from flops_manager.orchestrators.base import (
     Deployment,
     Orchestrator,
+    Service,
+    ServiceExit,
     ServiceExitCallback,
     ServiceHandle,
     ServiceSpec,
@@ -51,6 +55,7 @@ from flops_manager.orchestrators.oakestra_client import (
     microservice,
     oakestra_name,
 )
+from flops_manager.orchestrators.ports import first_free_port, parse_port_range
 from flops_utils import env_vars
 from flops_utils.logging import logger
 
@@ -61,24 +66,26 @@ AGGREGATOR_START_TIMEOUT_S = 300.0
 """Seconds the aggregator's instance may take to reach ``RUNNING`` (pulling its image
 included) before the deployment fails."""
 
+PORT_RANGE = (30000, 30999)
+"""Default ports (inclusive) the aggregators and trained-model servers publish on workers."""
+
 EXITED_OK = frozenset({"COMPLETED", "DEAD"})
 """Terminal instance statuses of a service that exited 0 (one-shot or not)."""
 
 
-@dataclass
-class _Service:
+@dataclass(eq=False)
+class _OakestraService(Service):
     """A watched Oakestra service of a project."""
 
-    name: str
     application_id: str
     service_id: str
-    reported: bool = False
 
     def handle(self) -> ServiceHandle:
         return {
             "name": self.name,
             "application_id": self.application_id,
             "service_id": self.service_id,
+            "port": self.port,
         }
 
 
@@ -114,10 +121,13 @@ class OakestraOrchestrator(Orchestrator):
             in their environment); empty keeps the manager's.
         poll_interval_s: seconds between status polls.
         aggregator_start_timeout_s: seconds the aggregator may take to run.
+        port_range: ``(first, last)`` ports (inclusive) the aggregators and trained-model
+            servers publish on their worker; open them in the workers' firewalls.
     """
 
     needs_images = True
     serves_models = True
+    aggregator_bind_host = "0.0.0.0"
 
     def __init__(
         self,
@@ -129,19 +139,17 @@ class OakestraOrchestrator(Orchestrator):
         service_mlflow_url: str = "",
         poll_interval_s: float = POLL_INTERVAL_S,
         aggregator_start_timeout_s: float = AGGREGATOR_START_TIMEOUT_S,
+        port_range: tuple[int, int] = PORT_RANGE,
     ) -> None:
-        super().__init__(on_service_exit)
+        super().__init__(on_service_exit, poll_interval_s)
         self.client = client
         self.namespace = namespace
         self.service_mqtt_url = service_mqtt_url
         self.service_mlflow_url = service_mlflow_url
-        self.poll_interval_s = poll_interval_s
         self.aggregator_start_timeout_s = aggregator_start_timeout_s
-        self._projects: dict[str, list[_Service]] = {}
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._watcher = threading.Thread(target=self._watch, name="oakestra-watch", daemon=True)
-        self._watcher.start()
+        self.port_range = port_range
+        self._applications: dict[str, str] = {}
+        self._inference_ports: dict[str, int] = {}
 
     @staticmethod
     def application_name(project_id: str) -> str:
@@ -157,47 +165,52 @@ class OakestraOrchestrator(Orchestrator):
     # -- deploy ------------------------------------------------------------------------
     def deploy(
         self, deployment: Deployment, on_started: ServiceStartedCallback | None = None
-    ) -> None:
+    ) -> str:
         """Create the project's application, then its aggregator (waiting until it runs),
-        then one learner per node. Raises :class:`~flops_manager.errors.OakestraError` with
-        Oakestra's reason (a refused service, an aggregator that cannot be placed or fails),
-        ``ValueError`` for a deployment without images."""
-        missing = {s.module for s in deployment.services} - set(deployment.images)
-        if missing:
-            raise ValueError(f"the oakestra orchestrator needs images for {sorted(missing)}")
+        then one learner per node; returns ``<aggregator host_ip>:<port>``. Raises
+        :class:`~flops_manager.errors.OakestraError` with Oakestra's reason (a refused
+        service, an aggregator that cannot be placed or fails),
+        :class:`~flops_manager.errors.ServiceUnavailable` when no port of
+        :attr:`port_range` is free, ``ValueError`` for a deployment without images."""
+        self._check(deployment)
         project_id = deployment.project_id
         app_name = self.application_name(project_id)
         app_id = self.client.create_application(
             application(app_name, self.namespace, description=f"FLOps project {project_id}")
         )
         logger.info("project %s: Oakestra application %s (%s)", project_id, app_name, app_id)
-        aggregator, *learners = deployment.services
-        port = aggregator.env[env_vars.AGGREGATOR_ADDRESS].rpartition(":")[2]
-        started = self._start(deployment, app_id, aggregator, {
-            env_vars.AGGREGATOR_ADDRESS: f"0.0.0.0:{port}",
-        }, port=f"{port}:{port}", on_started=on_started)  # fmt: skip
-        host = self._wait_running(project_id, started)
-        for spec in learners:
-            self._start(
-                deployment,
-                app_id,
-                spec,
-                {env_vars.AGGREGATOR_ADDRESS: f"{host}:{port}"},
-                on_started=on_started,
-            )
+        with self._lock:
+            self._applications[project_id] = app_id
+        return super().deploy(deployment, on_started)
+
+    def _check(self, deployment: Deployment) -> None:
+        missing = {s.module for s in deployment.services} - set(deployment.images)
+        if missing:
+            raise ValueError(f"the oakestra orchestrator needs images for {sorted(missing)}")
+
+    def _free_port(self) -> int:
+        """The first port of :attr:`port_range` that no tracked service or trained-model
+        server publishes. Raises ``ServiceUnavailable`` when all are taken."""
+        with self._lock:
+            inference = set(self._inference_ports.values())
+        low, high = self.port_range
+        return first_free_port(range(low, high + 1), self.ports_in_use() | inference)
+
+    def _aggregator_port(self, deployment: Deployment) -> int:
+        return self._free_port()
+
+    def _aggregator_address(self, project_id: str, aggregator: Service, port: int) -> str:
+        assert isinstance(aggregator, _OakestraService)
+        return f"{self._wait_running(aggregator)}:{port}"
 
     def _start(
-        self,
-        deployment: Deployment,
-        app_id: str,
-        spec: ServiceSpec,
-        overrides: dict[str, str],
-        *,
-        port: str | None = None,
-        on_started: ServiceStartedCallback | None,
-    ) -> _Service:
-        """Create ``spec``'s service with one instance and start watching it."""
-        env = {**spec.env, **overrides}
+        self, project_id: str, spec: ServiceSpec, deployment: Deployment, port: int | None
+    ) -> Service:
+        """Create ``spec``'s service with one instance (publishing ``port`` as
+        ``"port:port"``) in the project's application."""
+        with self._lock:
+            app_id = self._applications[project_id]
+        env = dict(spec.env)
         if self.service_mqtt_url:
             env[env_vars.MQTT_URL] = self.service_mqtt_url
         if self.service_mlflow_url and env_vars.MLFLOW_URL in env:
@@ -207,38 +220,38 @@ class OakestraOrchestrator(Orchestrator):
         service_id = self.client.create_service(
             app_id,
             microservice(
-                oakestra_name(spec.name.replace("-", ""), deployment.project_id),
+                oakestra_name(spec.name.replace("-", ""), project_id),
                 self.namespace,
                 deployment.images[spec.module],
                 env=env,
                 memory_mb=int(resources.get("memory", 100)),
                 vcpus=int(resources.get("vcpus", 1)),
                 storage_mb=int(resources.get("storage", 0)),
-                port=port,
+                port=f"{port}:{port}" if port is not None else None,
                 cluster=placement.cluster if placement else None,
                 node=placement.hostname if placement else None,
                 platform=placement.platform if placement else None,
             ),
         )
         self.client.deploy_instance(service_id)
-        service = _Service(spec.name, app_id, service_id)
-        with self._lock:
-            self._projects.setdefault(deployment.project_id, []).append(service)
         logger.info(
-            "project %s: Oakestra service %s for %s%s", deployment.project_id, service_id,
-            spec.name, f" on {placement.cluster}/{placement.hostname}" if placement else "",
+            "project %s: Oakestra service %s for %s%s", project_id, service_id, spec.name,
+            f" on {placement.cluster}/{placement.hostname}" if placement else "",
         )  # fmt: skip
-        if on_started is not None:
-            on_started(service.handle())
-        return service
+        return _OakestraService(spec.name, app_id, service_id, port=port)
 
-    def deploy_inference(
-        self, project_id: str, image: str, port: int, resources: dict[str, int]
-    ) -> str:
+    def deploy_inference(self, project_id: str, image: str, resources: dict[str, int]) -> str:
         """Run ``image`` as the one service of the application
-        :meth:`inference_application_name` (``PORT`` set to ``port``, published as
-        ``"port:port"``, not one-shot) and return ``http://<host_ip>:<port>`` once its
-        instance runs. Raises :class:`OakestraError` as :meth:`deploy` does."""
+        :meth:`inference_application_name` (``PORT`` a free port of :attr:`port_range`,
+        published as ``"port:port"``, not one-shot) and return ``http://<host_ip>:<port>``
+        once its instance runs. Raises :class:`OakestraError` as :meth:`deploy` does, and
+        ``ServiceUnavailable`` when no port is free."""
+        with self._port_lock:
+            with self._lock:
+                self._inference_ports.pop(project_id, None)
+            port = self._free_port()
+            with self._lock:
+                self._inference_ports[project_id] = port
         app_id = self.client.create_application(
             application(
                 self.inference_application_name(project_id),
@@ -261,12 +274,15 @@ class OakestraOrchestrator(Orchestrator):
             ),
         )
         self.client.deploy_instance(service_id)
-        host = self._wait_running(project_id, _Service("trained-model server", app_id, service_id))
+        server = _OakestraService("trained-model server", app_id, service_id, port=port)
+        host = self._wait_running(server)
         logger.info("project %s: trained-model server on %s:%d", project_id, host, port)
         return f"http://{host}:{port}"
 
     def stop_inference(self, project_id: str) -> bool:
         """Delete the application of the project's trained-model server, if there is one."""
+        with self._lock:
+            self._inference_ports.pop(project_id, None)
         name = self.inference_application_name(project_id)
         found = self.client.find_application(name, self.namespace)
         if found is None:
@@ -275,16 +291,16 @@ class OakestraOrchestrator(Orchestrator):
         logger.info("project %s: deleted the trained-model server", project_id)
         return True
 
-    def _wait_running(self, project_id: str, service: _Service) -> str:
+    def _wait_running(self, service: _OakestraService) -> str:
         """The ``host_ip`` of ``service``'s instance once it runs. Raises
-        :class:`OakestraError` when it ends or cannot be placed first, or after
-        :attr:`aggregator_start_timeout_s`."""
+        :class:`OakestraError` when it ends or cannot be placed first (then its end is not
+        reported again), or after :attr:`aggregator_start_timeout_s`."""
         deadline = time.monotonic() + self.aggregator_start_timeout_s
         while time.monotonic() < deadline:
             job = self.client.get_service(service.service_id)
             outcome = instance_outcome(job)
             if outcome is not None:
-                service.reported = True  # the deployment's error reports it
+                self._mark_ended(service)  # the deployment's error reports it
                 raise OakestraError(
                     f"The {service.name} could not start on Oakestra: {_exit_line(*outcome)}."
                 )
@@ -298,36 +314,33 @@ class OakestraOrchestrator(Orchestrator):
             f"{self.aggregator_start_timeout_s:.0f} s; check the worker nodes and the registry."
         )
 
-    # -- watch, stop, re-attach --------------------------------------------------------
-    def reattach(self, project_id: str, handles: Sequence[ServiceHandle]) -> list[ServiceState]:
-        """Watch again the services of ``handles``; one whose service is gone or whose
-        instance ended is reported as not running with Oakestra's status."""
-        states = []
-        for handle in handles:
-            name = str(handle.get("name", "?"))
-            app_id, service_id = str(handle.get("application_id")), str(handle.get("service_id"))
-            service = _Service(name, app_id, service_id)
-            try:
-                outcome = instance_outcome(self.client.get_service(service.service_id))
-            except OakestraNotFound:
-                states.append(ServiceState(name, False, "the Oakestra service is gone"))
-                continue
-            if outcome is not None:
-                states.append(ServiceState(name, False, _exit_line(*outcome)))
-                continue
-            with self._lock:
-                known = {s.name for s in self._projects.get(project_id, [])}
-                if name not in known:
-                    self._projects.setdefault(project_id, []).append(service)
-            states.append(ServiceState(name, True, ""))
-        return states
+    # -- poll, remove, re-attach --------------------------------------------------------
+    def _poll(self, service: Service) -> ServiceExit | None:
+        """Raises ``OakestraError`` when Oakestra does not answer (the watcher retries)."""
+        assert isinstance(service, _OakestraService)
+        try:
+            outcome = instance_outcome(self.client.get_service(service.service_id))
+        except OakestraNotFound:
+            outcome = ("UNDEPLOYED", "the service was deleted")
+        if outcome is None:
+            return None
+        return ServiceExit(0 if outcome[0] in EXITED_OK else 1, _exit_line(*outcome))
 
-    def stop(self, project_id: str) -> None:
+    def _remove(self, service: Service) -> None:
+        assert isinstance(service, _OakestraService)
+        try:
+            self.client.delete_service(service.service_id)
+        except OakestraError as exc:
+            logger.warning("deleting Oakestra service %s: %s", service.service_id, exc)
+
+    def _remove_services(self, project_id: str, services: list[Service]) -> None:
         """Delete the project's application (its services and instances with it), found by
-        name; a no-op when Oakestra has none."""
+        name too, so that nothing is left behind even without handles."""
         with self._lock:
-            services = self._projects.pop(project_id, [])
-        app_ids = {s.application_id for s in services}
+            app_ids = {s.application_id for s in services if isinstance(s, _OakestraService)}
+            known = self._applications.pop(project_id, None)
+        if known is not None:
+            app_ids.add(known)
         try:
             found = self.client.find_application(self.application_name(project_id), self.namespace)
         except OakestraError as exc:
@@ -342,57 +355,40 @@ class OakestraOrchestrator(Orchestrator):
             except OakestraError as exc:
                 logger.warning("project %s: deleting application %s: %s", project_id, app_id, exc)
 
-    def running_services(self, project_id: str) -> list[str]:
-        """Names of the project's services whose instance has not ended."""
-        with self._lock:
-            services = list(self._projects.get(project_id, []))
-        running = []
-        for service in services:
-            try:
-                if instance_outcome(self.client.get_service(service.service_id)) is None:
-                    running.append(service.name)
-            except OakestraError:
-                continue
-        return running
+    def _reattach_one(
+        self, project_id: str, handle: ServiceHandle
+    ) -> tuple[Service | None, ServiceState]:
+        """A service that is gone, or whose instance ended, is not running; its state
+        carries Oakestra's status."""
+        name = str(handle.get("name", "?"))
+        port = handle.get("port")
+        service = _OakestraService(
+            name,
+            str(handle.get("application_id")),
+            str(handle.get("service_id")),
+            port=int(port) if port is not None else None,
+        )
+        try:
+            outcome = instance_outcome(self.client.get_service(service.service_id))
+        except OakestraNotFound:
+            return None, ServiceState(name, False, "the Oakestra service is gone")
+        if outcome is not None:
+            return None, ServiceState(name, False, _exit_line(*outcome))
+        return service, ServiceState(name, True, "")
 
     def close(self, stop_services: bool = True) -> None:
-        """Stop the watcher and, with ``stop_services``, delete every project's application."""
-        self._closed.set()
-        if stop_services:
-            with self._lock:
-                project_ids = list(self._projects)
-            for project_id in project_ids:
-                self.stop(project_id)
-        self._watcher.join(timeout=10)
+        """Stop the watcher and, with ``stop_services``, delete every project's application;
+        then close the client."""
+        super().close(stop_services)
         self.client.close()
-
-    def _watch(self) -> None:
-        while not self._closed.wait(self.poll_interval_s):
-            with self._lock:
-                items = [(p, s) for p, ss in self._projects.items() for s in ss if not s.reported]
-            for project_id, service in items:
-                try:
-                    outcome = instance_outcome(self.client.get_service(service.service_id))
-                except OakestraNotFound:
-                    outcome = ("UNDEPLOYED", "the service was deleted")
-                except OakestraError as exc:
-                    logger.warning("polling Oakestra service %s: %s", service.service_id, exc)
-                    continue
-                if outcome is None or service.reported:
-                    continue
-                service.reported = True
-                code = 0 if outcome[0] in EXITED_OK else 1
-                try:
-                    self.on_service_exit(project_id, service.name, code, _exit_line(*outcome))
-                except Exception:
-                    logger.exception("service exit handler failed")
 
 
 def from_config(config: Any, workdir: Path, on_service_exit: ServiceExitCallback) -> Orchestrator:
     """The orchestrator of ``config`` (:class:`~flops_manager.config.ManagerConfig`):
     ``oakestra_url``, ``oakestra_user``, ``oakestra_password``, ``oakestra_namespace``,
-    ``oakestra_mqtt_url``, ``oakestra_mlflow_url``. Raises ``ConfigurationError`` without a
-    URL."""
+    ``oakestra_mqtt_url``, ``oakestra_mlflow_url`` and, when the configuration has it,
+    ``oakestra_port_range`` (``FIRST-LAST``, default :data:`PORT_RANGE`). Raises
+    ``ConfigurationError`` without a URL or with a malformed port range."""
     from flops_manager.errors import ConfigurationError
 
     if not config.oakestra_url:
@@ -400,6 +396,12 @@ def from_config(config: Any, workdir: Path, on_service_exit: ServiceExitCallback
             "FLOPS_ORCHESTRATOR=oakestra needs FLOPS_OAKESTRA_URL, the root orchestrator's "
             "system manager (e.g. http://oakestra-root:10000)."
         )
+    port_range = PORT_RANGE
+    if getattr(config, "oakestra_port_range", ""):
+        try:
+            port_range = parse_port_range(str(config.oakestra_port_range))
+        except ValueError as exc:
+            raise ConfigurationError(f"FLOPS_OAKESTRA_PORT_RANGE: {exc}.") from None
     client = OakestraClient(config.oakestra_url, config.oakestra_user, config.oakestra_password)
     return OakestraOrchestrator(
         client,
@@ -407,4 +409,5 @@ def from_config(config: Any, workdir: Path, on_service_exit: ServiceExitCallback
         namespace=config.oakestra_namespace,
         service_mqtt_url=config.oakestra_mqtt_url,
         service_mlflow_url=config.oakestra_mlflow_url,
+        port_range=port_range,
     )

@@ -1,6 +1,6 @@
 """A client of the Oakestra root orchestrator's REST API (the system manager, port 10000).
 
-It speaks the API as the current Oakestra code serves it (DESIGN.md §5; routes from
+It speaks the API as the current Oakestra code serves it (routes from
 ``root_orchestrator/system-manager-python/blueprints`` of oakestra/oakestra):
 
 - login ``POST /api/auth/login`` → access token (RS256, 10 minutes) + refresh token (30 days);

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from aggregator.flower_server import RoundFailed, TrainingResult, TrainingSettings, run_server
-from flops_manager.sla import STRATEGY_ADAPTER, STRATEGY_NAMES, StrategyConfig
+from flops_utils.contract.training import STRATEGY_ADAPTER, STRATEGY_NAMES, StrategyConfig
 from flops_utils.net import find_free_port
 from observatory.mlflow_server import MlflowServer
 

@@ -18,6 +18,7 @@ from data_server.mnist import load_mnist
 from observatory.mlflow_server import MlflowServer
 
 EXAMPLE_REPO = Path(__file__).resolve().parents[2] / "examples" / "mnist_sklearn"
+pytestmark = pytest.mark.slow
 ROUNDS = 3
 MIN_ACCURACY = 0.8
 

@@ -394,6 +394,7 @@ def mnist_data_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Data
 # --- tests --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("repo", REPOS, ids=[repo.name for repo in REPOS])
 def test_corpus_repo_trains_saves_and_reloads_in_its_own_env(

@@ -17,6 +17,7 @@ import pytest
 
 from data_server.registration import NodeRegistrar, node_architecture, registration_payload
 from data_server.server import DataServer
+from flops_utils.contract.exit_codes import ExitCode
 from flops_utils.data_client import DataClient
 from flops_utils.net import find_free_port, wait_for_port
 
@@ -176,7 +177,7 @@ def test_cli_serves_without_a_manager_and_stops_on_sigint(tmp_path: Path) -> Non
     assert code == 0, log.read_text()
 
 
-def test_cli_exits_3_when_the_port_is_taken(tmp_path: Path) -> None:
+def test_cli_exits_10_when_the_port_is_taken(tmp_path: Path) -> None:
     with DataServer(tmp_path / "first") as taken:
         process = subprocess.run(
             [
@@ -192,8 +193,10 @@ def test_cli_exits_3_when_the_port_is_taken(tmp_path: Path) -> None:
             timeout=STOP_TIMEOUT_S + START_TIMEOUT_S,
         )
 
-    assert process.returncode == 3
+    assert process.returncode == ExitCode.ADDRESS_UNAVAILABLE
     assert b"Choose a free port" in process.stderr
+    last_line = process.stderr.decode().strip().splitlines()[-1]
+    assert "data server failed (exit 10, address unavailable)" in last_line
 
 
 def test_cli_exits_2_on_a_malformed_manager_url(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ HELD_OUT = (8000, 10_000)
 ROUNDS = 3
 PROJECT_TIMEOUT_S = 900
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 PREDICT = r"""
 import json, sys
 import numpy as np
@@ -51,15 +53,11 @@ print(json.dumps(predicted.astype(int).tolist()))
 
 @pytest.fixture(scope="module")
 def client(
-    tmp_path_factory: pytest.TempPathFactory, mqtt_broker: Any, mlflow_server: Any
+    tmp_path_factory: pytest.TempPathFactory, manager_config: ManagerConfig
 ) -> Iterator[ManagerClient]:
     """A manager with two local nodes holding disjoint MNIST shards under ``TAG``."""
-    home = Path(tmp_path_factory.mktemp("flops-home"))
-    config = ManagerConfig(
-        home=home, port=0, mqtt_url=mqtt_broker.url, mlflow_url=mlflow_server.url
-    )
-    with ManagerSuite(config) as suite:
-        token = read_api_token(home)
+    with ManagerSuite(manager_config) as suite:
+        token = read_api_token(manager_config.home)
         api = ManagerClient(suite.url, token=token)
         with local_nodes(2, Path(tmp_path_factory.mktemp("nodes")), suite.url, token) as nodes:
             table = mnist_table()

@@ -1,7 +1,7 @@
 """The whole FLOps flow through the ``oakestra`` orchestrator, against the faithful double of
 Oakestra's root orchestrator (``tests/oakestra_double``) whose workers really run the images.
 
-Real components (DESIGN.md §4): Mosquitto, an MLflow server, Arrow Flight data servers, the
+Real components: Mosquitto, an MLflow server, Arrow Flight data servers, the
 ``oci`` builder (buildah, a loopback registry, the debootstrapped base image), the image
 builder service, and Flower training between containers (``buildah run --isolation chroot``,
 host network) started by the double.
@@ -10,7 +10,6 @@ host network) started by the double.
 import json
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
+from flow_testing import MockNodes, with_settings
 from oakestra_double import OakestraDouble, WorkerSpec
+from waiting import answers_200, wait_until
 
-from flops_manager.auth import read_api_token
 from flops_manager.client import ManagerClient
 from flops_manager.config import ManagerConfig
-from flops_manager.demo import EXAMPLE_REPO, example_sla, local_nodes, run_project
+from flops_manager.demo import EXAMPLE_REPO, example_sla, run_project
 from flops_manager.orchestrators.oakestra_client import OakestraClient
 from flops_manager.suite import ManagerSuite
 
@@ -38,6 +38,8 @@ WORKERS = tuple(WorkerSpec("local", f"node-{n}") for n in range(1, NODES + 1))
 """One Oakestra worker per data-server node: cluster ``local``, hostname = the node id (what
 ``flops-data-server`` registers by default)."""
 
+pytestmark = [pytest.mark.e2e, pytest.mark.oci]
+
 
 @pytest.fixture(scope="module")
 def double(oci_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OakestraDouble]:
@@ -48,18 +50,10 @@ def double(oci_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture(scope="module")
 def suite(
-    tmp_path_factory: pytest.TempPathFactory,
-    mqtt_broker: Any,
-    mlflow_server: Any,
-    double: OakestraDouble,
-    oci_registry: str,
-    oci_base_image: str,
+    manager_config: ManagerConfig, double: OakestraDouble, oci_registry: str, oci_base_image: str
 ) -> Iterator[ManagerSuite]:
-    config = ManagerConfig(
-        home=Path(tmp_path_factory.mktemp("flops-home")),
-        port=0,
-        mqtt_url=mqtt_broker.url,
-        mlflow_url=mlflow_server.url,
+    config = with_settings(
+        manager_config,
         orchestrator="oakestra",
         oakestra_url=double.url,  # FLOPS_BUILDER unset: the oakestra backend implies oci
         registry=oci_registry,
@@ -71,15 +65,9 @@ def suite(
 
 
 @pytest.fixture(scope="module")
-def client(
-    suite: ManagerSuite, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ManagerClient]:
+def client(suite: ManagerSuite, mnist_nodes: MockNodes) -> Iterator[ManagerClient]:
     """A manager client with three nodes holding IID MNIST partitions (tag ``mnist``)."""
-    token = read_api_token(suite.config.home)
-    api = ManagerClient(suite.url, token=token)
-    with local_nodes(NODES, Path(tmp_path_factory.mktemp("nodes")), suite.url, token):
-        api.wait_for_nodes(NODES, timeout_s=30)
-        api.provide_mocks(dataset="mnist", tag="mnist")
+    with mnist_nodes(suite, NODES) as api:
         yield api
 
 
@@ -102,25 +90,21 @@ def sla(learners: int = NODES, minimum: int = 2, **extra: Any) -> dict[str, Any]
 
 
 def wait_for_status(client: ManagerClient, project_id: str, status: str) -> dict[str, Any]:
-    deadline = time.monotonic() + PROJECT_TIMEOUT_S
-    while time.monotonic() < deadline:
+    def reached() -> dict[str, Any] | None:
         project = client.project(project_id)
         if project["status"] == status:
             return project
         assert project["status"] not in ("failed", "cancelled", "completed"), project
-        time.sleep(0.2)
-    raise AssertionError(f"{project_id} never reached {status}")
+        return None
+
+    return wait_until(reached, PROJECT_TIMEOUT_S, f"{project_id} never reached {status}", 0.2)
 
 
 def assert_nothing_left(oakestra: OakestraClient, double: OakestraDouble) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if not oakestra.list_applications() and not double.instances():
-            return
-        time.sleep(0.2)
-    raise AssertionError(
-        f"left in Oakestra: {oakestra.list_applications()} / instances {double.instances()}"
-    )
+    def left() -> str:
+        return f"left in Oakestra: {oakestra.list_applications()} / instances {double.instances()}"
+
+    wait_until(lambda: not oakestra.list_applications() and not double.instances(), 30, left, 0.2)
 
 
 def test_project_trains_on_the_workers_holding_the_data_and_cleans_up(
@@ -145,8 +129,8 @@ def test_project_trains_on_the_workers_holding_the_data_and_cleans_up(
     import mlflow
 
     tracking = mlflow.MlflowClient(mlflow_server.url)
-    steps = [m.step for m in tracking.get_metric_history(project["mlflow"]["run_id"], "accuracy")]
-    assert sorted(steps) == list(range(1, ROUNDS + 1))
+    history = tracking.get_metric_history(project["mlflow"]["run_id"], "accuracy")
+    assert sorted(m.step for m in history) == list(range(1, ROUNDS + 1))
     # the learners ran from the learner image, one on each node's worker
     learner_workers = sorted(i["worker"] for i in running if "learner" in i["image"])
     assert learner_workers == [f"node-{n}" for n in range(1, NODES + 1)]
@@ -231,14 +215,8 @@ def test_failed_services_answer_fails_the_project_with_oakestras_reason(
 def test_failed_learner_with_enough_learners_left_lets_training_go_on(
     client: ManagerClient, double: OakestraDouble, oakestra: OakestraClient
 ) -> None:
-    # Setup: three learners, two needed
-    project_id = client.create_project(sla(learners=3, minimum=2))
-    wait_for_status(client, project_id, "training")
-    victim = _learner_instance(double, "node-3")
-
-    # Execute
-    double.kill_instance(victim["service_id"], victim["instance_number"])
-    project = client.wait_for_project(project_id, PROJECT_TIMEOUT_S, poll_s=0.2)
+    # Execute: three learners, two needed
+    project = _kill_a_learner_mid_training(client, double, sla(learners=3, minimum=2), "node-3")
 
     # Assert
     assert project["status"] == "completed", project["status_message"]
@@ -251,14 +229,8 @@ def test_failed_learner_with_enough_learners_left_lets_training_go_on(
 def test_failed_learner_without_enough_learners_left_fails_the_project(
     client: ManagerClient, double: OakestraDouble, oakestra: OakestraClient
 ) -> None:
-    # Setup: two learners, two needed
-    project_id = client.create_project(sla(learners=2, minimum=2))
-    wait_for_status(client, project_id, "training")
-    victim = _learner_instance(double, None)
-
-    # Execute
-    double.kill_instance(victim["service_id"], victim["instance_number"])
-    project = client.wait_for_project(project_id, PROJECT_TIMEOUT_S, poll_s=0.2)
+    # Execute: two learners, two needed
+    project = _kill_a_learner_mid_training(client, double, sla(learners=2, minimum=2), None)
 
     # Assert
     assert project["status"] == "failed"
@@ -298,14 +270,7 @@ def mnist_labels(count: int) -> np.ndarray:
 
 def _predict(url: str, rows: np.ndarray) -> np.ndarray:
     """POST ``rows`` to the scoring server at ``url`` once it answers ``/ping``."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
+    wait_until(lambda: answers_200(f"{url}/ping"), 60, f"{url}/ping never answered 200", 0.3)
     response = requests.post(f"{url}/invocations", json={"inputs": rows.tolist()}, timeout=30)
     assert response.status_code == 200, response.text
     return np.asarray(response.json()["predictions"]).astype(int)
@@ -313,13 +278,14 @@ def _predict(url: str, rows: np.ndarray) -> np.ndarray:
 
 def _wait_for_learners(double: OakestraDouble, count: int) -> list[dict[str, Any]]:
     """The double's instances once ``count`` learner instances are scheduled on workers."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def scheduled() -> list[dict[str, Any]] | None:
         instances = double.instances()
-        if sum("learner" in i["image"] for i in instances) >= count:
-            return instances
-        time.sleep(0.1)
-    raise AssertionError(f"fewer than {count} learner instances: {double.instances()}")
+        return instances if sum("learner" in i["image"] for i in instances) >= count else None
+
+    return wait_until(
+        scheduled, 60, lambda: f"fewer than {count} learner instances: {double.instances()}", 0.1
+    )
 
 
 def _registry_has(pinned_ref: str) -> bool:
@@ -330,14 +296,29 @@ def _registry_has(pinned_ref: str) -> bool:
     return result.returncode == 0
 
 
+def _kill_a_learner_mid_training(
+    client: ManagerClient, double: OakestraDouble, document: dict[str, Any], worker: str | None
+) -> dict[str, Any]:
+    """Start a project of ``document``, kill a learner (on ``worker``, or any) once training
+    runs, and return the project at its end."""
+    project_id = client.create_project(document)
+    wait_for_status(client, project_id, "training")
+    victim = _learner_instance(double, worker)
+    double.kill_instance(victim["service_id"], victim["instance_number"])
+    return client.wait_for_project(project_id, PROJECT_TIMEOUT_S, poll_s=0.2)
+
+
 def _learner_instance(double: OakestraDouble, worker: str | None) -> dict[str, Any]:
     """A learner instance (on ``worker``, or any) once its process runs (after the pull)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def running_learner() -> dict[str, Any] | None:
         for instance in double.instances():
             wanted = worker is None or instance["worker"] == worker
             running = instance["status"] == "RUNNING" and instance["pid"]
             if "learner" in instance["image"] and running and wanted:
                 return instance
-        time.sleep(0.2)
-    raise AssertionError(f"no running learner instance: {double.instances()}")
+        return None
+
+    return wait_until(
+        running_learner, 60, lambda: f"no running learner instance: {double.instances()}", 0.2
+    )

@@ -1,4 +1,4 @@
-"""The whole FLOps flow on one machine with real components (DESIGN.md §4).
+"""The whole FLOps flow on one machine with real components.
 
 Real Mosquitto, a real MLflow server, real Arrow Flight data servers (child processes), real
 uv-built environments and real Flower training between child processes.
@@ -12,39 +12,29 @@ from typing import Any
 
 import numpy as np
 import pytest
+from flow_testing import MockNodes
 
-from flops_manager.auth import read_api_token
 from flops_manager.client import ApiError, ManagerClient
 from flops_manager.config import ManagerConfig
-from flops_manager.demo import EXAMPLE_REPO, example_sla, local_nodes, run_project
+from flops_manager.demo import EXAMPLE_REPO, example_sla, run_project
 from flops_manager.suite import ManagerSuite
 
 ROUNDS = 3
 PROJECT_TIMEOUT_S = 300
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
-def suite(
-    tmp_path_factory: pytest.TempPathFactory, mqtt_broker: Any, mlflow_server: Any
-) -> Iterator[ManagerSuite]:
-    home = Path(tmp_path_factory.mktemp("flops-home"))
-    config = ManagerConfig(
-        home=home, port=0, mqtt_url=mqtt_broker.url, mlflow_url=mlflow_server.url
-    )
-    with ManagerSuite(config) as running:
+def suite(manager_config: ManagerConfig) -> Iterator[ManagerSuite]:
+    with ManagerSuite(manager_config) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def client(
-    suite: ManagerSuite, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ManagerClient]:
+def client(suite: ManagerSuite, mnist_nodes: MockNodes) -> Iterator[ManagerClient]:
     """A client of a manager with two local nodes holding IID MNIST partitions (tag mnist)."""
-    token = read_api_token(suite.config.home)
-    api = ManagerClient(suite.url, token=token)
-    with local_nodes(2, Path(tmp_path_factory.mktemp("nodes")), suite.url, token):
-        api.wait_for_nodes(2, timeout_s=30)
-        api.provide_mocks(dataset="mnist", tag="mnist")
+    with mnist_nodes(suite, 2) as api:
         yield api
 
 
@@ -61,11 +51,17 @@ def copy_example(tmp_path: Path, name: str) -> Path:
     return repo
 
 
+@pytest.fixture(scope="module")
+def first_project(client: ManagerClient) -> dict[str, Any]:
+    """The example repository's project, run to its end once per module (the first project of
+    this manager, so it builds the environment that later projects reuse)."""
+    return run_project(client, two_learner_sla(), PROJECT_TIMEOUT_S)
+
+
 def test_project_trains_and_logs_a_model_that_predicts_digits(
-    client: ManagerClient, suite: ManagerSuite, mlflow_server: Any
+    first_project: dict[str, Any], suite: ManagerSuite, mlflow_server: Any
 ) -> None:
-    # Execute
-    project = run_project(client, two_learner_sla(), PROJECT_TIMEOUT_S)
+    project = first_project
 
     # Assert: the project's record
     assert project["status"] == "completed", project["status_message"]
@@ -104,8 +100,9 @@ def test_project_trains_and_logs_a_model_that_predicts_digits(
 
 
 def test_second_project_reuses_the_environment_and_skips_image_steps(
-    client: ManagerClient,
+    client: ManagerClient, first_project: dict[str, Any]
 ) -> None:
+    assert first_project["status"] == "completed", first_project["status_message"]
     steps = ["build_image_for_trained_model", "deploy_trained_model_image"]
     project = run_project(client, two_learner_sla(post_training_steps=steps), PROJECT_TIMEOUT_S)
 

@@ -1,18 +1,32 @@
-"""The manager's REST API on a real waitress server: success and error answers."""
+"""The manager's REST API: success and error answers on a real waitress server; project views
+and internal errors on the WSGI app over a real embedded store."""
 
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import jsonschema_rs
 import pytest
 import requests
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
 
-from flops_manager.auth import read_api_token
+from flops_manager.api_models import mask_credentials
+from flops_manager.app import create_app
+from flops_manager.auth import Authenticator, Principal, read_api_token
 from flops_manager.broker import MosquittoBroker
 from flops_manager.config import ManagerConfig
+from flops_manager.errors import NotFound
+from flops_manager.projects import ProjectLifecycle
+from flops_manager.records import ProjectRecord
+from flops_manager.sla import ProjectSLA
+from flops_manager.store import EmbeddedProjectStore, ProjectStore
 from flops_manager.suite import ManagerSuite
+from flops_utils.contract.lifecycle import ProjectStatus
+from flops_utils.errors import FlopsError
+from flops_utils.logging import logger
 
 UNUSED_MLFLOW = "http://127.0.0.1:9"  # these tests never train; the suite needs a URL only
 UNCLONABLE = "file:///nonexistent/repo.git"  # projects with it fail fast, in the building phase
@@ -274,3 +288,204 @@ def test_max_clients_picks_the_nodes_with_the_most_data(api: Api) -> None:
     assert project["nodes"] == ["many-b", "mid-c"]
     assert too_low.status_code == 422
     assert "max_clients (1) is below min_available_clients (2)" in too_low.text
+
+
+# --- views and internal errors, on the WSGI app with a real embedded store --------------------
+
+PID = 424242
+LOG_PATH = "/srv/flops-home/projects/p-1/aggregator.log"
+PYTHON_PATH = "/srv/flops-home/envs/abc/bin/python"
+SECRET = "s3cr3t-token"
+
+
+class TokenAuth(Authenticator):
+    """``admin-token`` is the admin; ``<name>-token`` is customer ``<name>``."""
+
+    def authenticate(self, token: str) -> Principal:
+        if token == "admin-token":
+            return Principal(customer="Admin", admin=True)
+        return Principal(customer=token.removesuffix("-token"))
+
+
+class StoreLifecycle:
+    """The part of ``ProjectLifecycle`` the read-only routes use, over a real store; ``failure``
+    (when set) is raised by ``get`` to force an error inside a route."""
+
+    def __init__(self, store: ProjectStore) -> None:
+        self.store = store
+        self.failure: Exception | None = None
+
+    def get(self, project_id: str) -> ProjectRecord:
+        if self.failure is not None:
+            raise self.failure
+        record = self.store.get_project(project_id)
+        if record is None:
+            raise NotFound(f"No project has id {project_id!r}.")
+        return record
+
+
+def stored_record(project_id: str = "p-1", customer: str = "alice") -> ProjectRecord:
+    now = time.time()
+    return ProjectRecord(
+        _id=project_id,
+        project_id=project_id,
+        customer_id=customer,
+        status=ProjectStatus.TRAINING,
+        status_message="round 1 of 3",
+        created_at=now,
+        updated_at=now,
+        sla=ProjectSLA(
+            customerID=customer, ml_repo_url=f"https://alice:{SECRET}@git.example/ml.git"
+        ).model_dump(mode="json"),
+        nodes=["edge-0"],
+        services=["aggregator", "learner-edge-0"],
+        service_handles=[{"name": "aggregator", "pid": PID, "log_path": LOG_PATH}],
+        aggregator_address="10.0.0.5:40123",
+        environment={
+            "commit": "a" * 40,
+            "key": "b" * 32,
+            "cache_hit": True,
+            "seconds": 0.5,
+            "python": PYTHON_PATH,
+            "repo_dir": "/srv/flops-home/repos/abc",
+            "versions": {"torch": "2.3.0"},
+        },
+    )
+
+
+@pytest.fixture
+def views(tmp_path: Path) -> Iterator[tuple[FlaskClient, StoreLifecycle]]:
+    store = EmbeddedProjectStore(tmp_path / "db")
+    store.insert_project(stored_record())
+    lifecycle = StoreLifecycle(store)
+    app = create_app(cast(ProjectLifecycle, lifecycle), store, UNUSED_MLFLOW, TokenAuth())
+    yield app.test_client(), lifecycle
+    store.close()
+
+
+def get(client: FlaskClient, path: str, token: str) -> TestResponse:
+    return client.get(f"/api/flops{path}", headers={"Authorization": f"Bearer {token}"})
+
+
+def test_a_customer_sees_no_internals_and_no_credentials(
+    views: tuple[FlaskClient, StoreLifecycle],
+) -> None:
+    client, _ = views
+
+    response = get(client, "/projects/p-1", "alice-token")
+
+    body = response.get_json()
+    assert response.status_code == 200
+    assert "admin" not in body
+    for internal in (str(PID), LOG_PATH, PYTHON_PATH, "/srv/flops-home", "10.0.0.5", SECRET):
+        assert internal not in response.text
+    assert body["sla"]["ml_repo_url"] == "https://alice:***@git.example/ml.git"
+    assert body["environment"] == {
+        "commit": "a" * 40,
+        "key": "b" * 32,
+        "cache_hit": True,
+        "seconds": 0.5,
+        "versions": {"torch": "2.3.0"},
+        "notes": [],
+        "images": {},
+    }
+
+
+def test_the_admin_sees_handles_paths_and_the_aggregator_address(
+    views: tuple[FlaskClient, StoreLifecycle],
+) -> None:
+    client, _ = views
+
+    admin = get(client, "/projects/p-1", "admin-token").get_json()["admin"]
+
+    assert admin["service_handles"] == [{"name": "aggregator", "pid": PID, "log_path": LOG_PATH}]
+    assert admin["environment_paths"]["python"] == PYTHON_PATH
+    assert admin["aggregator_address"] == "10.0.0.5:40123"
+
+
+def test_another_customers_project_is_not_found(
+    views: tuple[FlaskClient, StoreLifecycle],
+) -> None:
+    client, _ = views
+
+    assert get(client, "/projects/p-1", "bob-token").status_code == 404
+
+
+@pytest.mark.parametrize("token", ["alice-token", "admin-token"])
+def test_the_project_sent_is_exactly_what_the_openapi_document_says(
+    views: tuple[FlaskClient, StoreLifecycle], token: str
+) -> None:
+    client, _ = views
+    document = client.get("/openapi/openapi.json").get_json()
+    operation = document["paths"]["/api/flops/projects/{project_id}"]["get"]
+    reference = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    schemas = document["components"]["schemas"]
+    validator = jsonschema_rs.validator_for({**reference, "components": {"schemas": schemas}})
+
+    body = get(client, "/projects/p-1", token).get_json()
+
+    assert schemas["ProjectView"]["additionalProperties"] is False
+    assert schemas["ProjectInternals"]["additionalProperties"] is False
+    validator.validate(body)
+    assert not validator.is_valid({**body, "pid": PID})
+
+
+def test_an_internal_error_is_a_500_with_a_correlation_id_in_body_header_and_log(
+    views: tuple[FlaskClient, StoreLifecycle], caplog: pytest.LogCaptureFixture
+) -> None:
+    client, lifecycle = views
+    lifecycle.failure = RuntimeError(f"disk broke under {LOG_PATH}")
+    logger.addHandler(caplog.handler)
+    try:
+        response = get(client, "/projects/p-1", "alice-token")
+    finally:
+        logger.removeHandler(caplog.handler)
+
+    correlation_id = response.headers["X-Correlation-ID"]
+    assert response.status_code == 500
+    assert response.get_json() == {
+        "error": "internal_error",
+        "message": f"Internal server error (correlation id {correlation_id}); the manager's "
+        "log has the details.",
+        "details": [],
+    }
+    assert len(correlation_id) == 32
+    assert LOG_PATH not in response.text and "Traceback" not in response.text
+    logged = [r for r in caplog.records if correlation_id in r.getMessage()]
+    assert len(logged) == 1
+    assert logged[0].exc_info is not None and "disk broke" in caplog.text
+
+
+def test_an_unmapped_flops_error_is_a_500_not_a_400(
+    views: tuple[FlaskClient, StoreLifecycle],
+) -> None:
+    client, lifecycle = views
+
+    class Unmapped(FlopsError):
+        """An error type the status table does not know."""
+
+        code = "unmapped_for_test"
+
+    lifecycle.failure = Unmapped("the manager's own fault")
+    response = get(client, "/projects/p-1", "alice-token")
+
+    assert response.status_code == 500
+    assert response.get_json()["error"] == "internal_error"
+    assert response.headers["X-Correlation-ID"] in response.get_json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://alice:tok@git.example/x.git", "https://alice:***@git.example/x.git"),
+        ("http://u:p@ss@h/x", "http://u:***@h/x"),
+        ("ssh://u:pw@h:22/x", "ssh://u:***@h:22/x"),
+        ("https://ghp_abc@github.com/a/b", "https://***@github.com/a/b"),
+        ("ssh://git@github.com/a/b", "ssh://git@github.com/a/b"),
+        ("git@github.com:a/b.git", "git@github.com:a/b.git"),
+        ("https://github.com/a/b", "https://github.com/a/b"),
+        ("/srv/repos/model", "/srv/repos/model"),
+    ],
+)
+def test_credentials_in_the_repository_url_are_masked(url: str, shown: str) -> None:
+    assert mask_credentials(url) == shown

@@ -6,15 +6,22 @@ content types and bodies as documented. Not checked: that every schema-valid req
 accepted, because some SLA rules relate two fields (``min_fit_clients`` must not exceed
 ``min_available_clients``), which JSON Schema cannot state. ``POST /mocks`` is left out: it
 pushes data to the registered nodes' data servers, which here are whatever addresses the
-generator invented.
+generator invented. The generated project ids never exist, so a real project is also fetched
+and cancelled and its answers checked against the document (``additionalProperties: false``:
+nothing undocumented is sent).
 """
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.core.result import Ok
+from schemathesis.schemas import BaseSchema
 
 from flops_manager.auth import read_api_token
 from flops_manager.broker import MosquittoBroker
@@ -39,10 +46,11 @@ def served(
 
 def test_every_operation_answers_as_documented(served: ManagerSuite) -> None:
     token = read_api_token(served.config.home)
-    schema = schemathesis.openapi.from_url(f"{served.url}/openapi/openapi.json")
+    schema: BaseSchema = schemathesis.openapi.from_url(f"{served.url}/openapi/openapi.json")
     schema = schema.exclude(path="/api/flops/mocks", method="POST")
     sent: list[str] = []
     for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result
         operation = result.ok()
 
         @given(case=operation.as_strategy())
@@ -52,7 +60,7 @@ def test_every_operation_answers_as_documented(served: ManagerSuite) -> None:
             suppress_health_check=list(HealthCheck),
             database=None,
         )
-        def check(case: schemathesis.Case) -> None:
+        def check(case: schemathesis.Case[Any]) -> None:
             sent.append(case.operation.label)
             case.call_and_validate(
                 headers={"Authorization": f"Bearer {token}"},
@@ -64,3 +72,40 @@ def test_every_operation_answers_as_documented(served: ManagerSuite) -> None:
 
     assert len(sent) >= MIN_REQUESTS, f"only {len(sent)} generated requests"
     assert len(set(sent)) == 10, f"operations covered: {sorted(set(sent))}"
+
+
+def test_a_real_project_is_sent_exactly_as_documented(served: ManagerSuite) -> None:
+    token = read_api_token(served.config.home)
+    headers = {"Authorization": f"Bearer {token}"}
+    api = f"{served.url}/api/flops"
+    node = {"node_id": "schema-node", "data_server": "grpc://127.0.0.1:9999", "tags": {"t": 1}}
+    requests.post(f"{api}/nodes", json=node, headers=headers, timeout=10).raise_for_status()
+    sla = {
+        "ml_repo_url": "file:///nonexistent/repo.git",
+        "training_configuration": {"data_tags": ["t"]},
+    }
+    created = requests.post(f"{api}/projects", json=sla, headers=headers, timeout=10)
+    project_id = created.json()["project_id"]
+    schema = schemathesis.openapi.from_url(f"{served.url}/openapi/openapi.json")
+    document = requests.get(f"{served.url}/openapi/openapi.json", timeout=10).json()
+
+    answers = []
+    for method in ("GET", "DELETE"):
+        operation = schema["/api/flops/projects/{project_id}"][method]
+        case = operation.Case(path_parameters={"project_id": project_id})
+        answers.append(case.call_and_validate(headers=headers, timeout=30))
+    ended = wait_until_ended(f"{api}/projects/{project_id}", headers)
+
+    assert [a.status_code for a in answers] == [200, 200]
+    assert ended["admin"]["service_handles"] == []
+    assert document["components"]["schemas"]["ProjectView"]["additionalProperties"] is False
+
+
+def wait_until_ended(url: str, headers: dict[str, str], timeout_s: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        project: dict[str, Any] = requests.get(url, headers=headers, timeout=10).json()
+        if project["status"] in ("completed", "failed", "cancelled"):
+            return project
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not end")

@@ -11,7 +11,12 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from flops_manager.auth import ApiTokenAuth, Unauthorized, load_or_create_api_token
+from flops_manager.auth import (
+    ApiTokenAuth,
+    OakestraJwtAuth,
+    Unauthorized,
+    load_or_create_api_token,
+)
 from flops_manager.broker import MosquittoBroker
 from flops_manager.config import ManagerConfig
 from flops_manager.errors import ConfigurationError
@@ -25,6 +30,12 @@ def signing_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
+def public_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 @pytest.fixture(scope="module")
 def base_url(
     tmp_path_factory: pytest.TempPathFactory,
@@ -33,11 +44,7 @@ def base_url(
 ) -> Iterator[str]:
     home = Path(tmp_path_factory.mktemp("manager-jwt"))
     public_key = home / "oakestra.pem"
-    public_key.write_bytes(
-        signing_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    public_key.write_bytes(public_pem(signing_key))
     config = ManagerConfig(
         home=home,
         port=0,
@@ -50,11 +57,28 @@ def base_url(
         yield f"{suite.url}/api/flops"
 
 
-def oakestra_token(key: rsa.RSAPrivateKey, sub: str, roles: list[str], ttl_s: float = 600) -> str:
-    """An access token as Oakestra's system manager issues it (RS256, 10 minutes)."""
-    now = int(time.time())
+def oakestra_token(
+    key: rsa.RSAPrivateKey,
+    sub: str,
+    roles: list[str],
+    ttl_s: float = 600,
+    issued_at_s: float | None = None,
+) -> str:
+    """An access token as Oakestra's system manager issues it (RS256, 10 minutes), issued
+    now or at ``issued_at_s`` (seconds since the epoch)."""
+    now = int(time.time() if issued_at_s is None else issued_at_s)
     claims = {"sub": sub, "roles": roles, "iat": now, "exp": now + int(ttl_s)}
     return jwt.encode(claims, key, algorithm="RS256")
+
+
+class FakeClock:
+    """A clock for :class:`OakestraJwtAuth` that moves only when a test moves it."""
+
+    def __init__(self, now_s: float) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
 
 
 def call(base_url: str, token: str, method: str, path: str, **kwargs: Any) -> requests.Response:
@@ -163,3 +187,41 @@ def test_oakestra_auth_without_a_key_file_is_a_configuration_error(tmp_path: Pat
 
     with pytest.raises(ConfigurationError, match="FLOPS_JWT_PUBLIC_KEY_FILE"):
         config.authenticator()
+
+
+def test_a_token_expires_by_the_authenticators_clock(signing_key: rsa.RSAPrivateKey) -> None:
+    clock = FakeClock(1_700_000_000)
+    auth = OakestraJwtAuth(public_pem(signing_key).decode(), clock=clock)
+    token = oakestra_token(signing_key, "alice", ["USER"], ttl_s=600, issued_at_s=clock.now_s)
+
+    principal = auth.authenticate(token)
+    clock.now_s += 599
+    still_valid = auth.authenticate(token)
+    clock.now_s += 1
+
+    assert principal.customer == still_valid.customer == "alice"
+    assert not principal.admin
+    with pytest.raises(Unauthorized, match="expired; refresh it"):
+        auth.authenticate(token)
+
+
+def test_a_token_issued_in_the_future_is_refused(signing_key: rsa.RSAPrivateKey) -> None:
+    clock = FakeClock(1_700_000_000)
+    auth = OakestraJwtAuth(public_pem(signing_key).decode(), clock=clock, leeway_s=5)
+    slightly_ahead = oakestra_token(signing_key, "Admin", ["admin"], issued_at_s=clock.now_s + 5)
+    far_ahead = oakestra_token(signing_key, "Admin", ["admin"], issued_at_s=clock.now_s + 60)
+
+    assert auth.authenticate(slightly_ahead).admin
+    with pytest.raises(Unauthorized, match="not a valid Oakestra access token"):
+        auth.authenticate(far_ahead)
+
+
+@pytest.mark.parametrize("claims", [{"sub": "alice"}, {"sub": "alice", "exp": "soon"}])
+def test_a_token_without_a_numeric_expiry_is_refused(
+    signing_key: rsa.RSAPrivateKey, claims: dict[str, Any]
+) -> None:
+    auth = OakestraJwtAuth(public_pem(signing_key).decode())
+    token = jwt.encode(claims, signing_key, algorithm="RS256")
+
+    with pytest.raises(Unauthorized, match="not a valid Oakestra access token"):
+        auth.authenticate(token)

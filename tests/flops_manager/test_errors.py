@@ -1,4 +1,5 @@
-"""Every FLOps error has a stable code, a meaning and an HTTP status (STYLE.md "Errors")."""
+"""Every FLOps error has a stable code, a meaning and an HTTP status; the errors a request can
+cause map to 4xx/502/503, every other one is an internal 500."""
 
 import importlib
 import pkgutil
@@ -11,8 +12,25 @@ import flops_manager
 import image_builder
 import learner
 import observatory
-from flops_manager.errors import HTTP_STATUS, http_status
+from data_server.mock_provider import InvalidPartitioning
+from flops_manager.auth import Forbidden, Unauthorized
+from flops_manager.broker import BrokerUnavailable
+from flops_manager.errors import (
+    HTTP_STATUS,
+    INTERNAL_ERROR_STATUS,
+    ConfigurationError,
+    Conflict,
+    NotFound,
+    OakestraConflict,
+    OakestraError,
+    OakestraUnavailable,
+    http_status,
+)
+from flops_manager.lifecycle.admission import UnsupportedSla
+from flops_manager.store import StoreUnavailable
+from flops_utils.data_client import DataPlaneError, DataServerUnavailable, InvalidDataTag
 from flops_utils.errors import FlopsError
+from image_builder.errors import RepoFetchError
 
 PACKAGES = (flops_manager, image_builder, learner, aggregator, data_server, observatory)
 
@@ -61,3 +79,44 @@ def test_codes_name_one_error_each() -> None:
 
 def test_the_status_table_maps_to_client_or_server_errors() -> None:
     assert all(400 <= status < 600 for status in HTTP_STATUS.values())
+
+
+REQUEST_ERRORS: list[tuple[type[FlopsError], int]] = [
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (NotFound, 404),
+    (Conflict, 409),
+    (UnsupportedSla, 422),
+    (InvalidPartitioning, 422),
+    (InvalidDataTag, 422),
+    (OakestraConflict, 409),
+    (OakestraError, 502),
+    (DataPlaneError, 502),
+    (StoreUnavailable, 503),
+    (BrokerUnavailable, 503),
+    (DataServerUnavailable, 503),
+    (OakestraUnavailable, 503),
+]
+"""Errors a request can raise (admission, mocks, cancel, the store) and their status."""
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), REQUEST_ERRORS, ids=lambda e: getattr(e, "__name__", e)
+)
+def test_errors_a_request_can_cause_are_never_a_500(error: type[FlopsError], status: int) -> None:
+    instance = error.__new__(error)
+    FlopsError.__init__(instance, "message")
+
+    assert http_status(instance) == status
+
+
+@pytest.mark.parametrize("error", [FlopsError, ConfigurationError, RepoFetchError])
+def test_an_unmapped_error_is_internal_not_a_400(error: type[FlopsError]) -> None:
+    assert http_status(error("message")) == INTERNAL_ERROR_STATUS == 500
+
+
+def test_a_subclass_of_an_unmapped_error_is_internal_too() -> None:
+    class Unmapped(ConfigurationError):
+        """A subclass nobody mapped."""
+
+    assert http_status(Unmapped("message")) == 500

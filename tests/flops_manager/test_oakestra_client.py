@@ -1,10 +1,12 @@
 """The Oakestra client against the Oakestra double (a real process on loopback) that runs
-the deployed images with buildah (DESIGN.md §4, §5)."""
+the deployed images with buildah, and the ``oakestra`` orchestrator on a double that runs
+them as host processes."""
 
 import json
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -664,32 +666,61 @@ def test_deleting_the_application_stops_its_running_instances(
 
 # ---- the oakestra orchestrator backend on top of the client --------------------------------
 
+SLEEPER_IMAGE = "registry.test/test/sleeper:1"
+FAILER_IMAGE = "registry.test/test/failer:1"
+
+
+@pytest.fixture(scope="module")
+def process_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OakestraDouble]:
+    """A double whose ``sleeper`` and ``failer`` images run as host processes (no buildah),
+    statuses reported 0.8 s late."""
+    images = {
+        SLEEPER_IMAGE: [sys.executable, "-c", SLEEPER],
+        FAILER_IMAGE: [sys.executable, "-c", "import sys; sys.exit(3)"],
+    }
+    with OakestraDouble(
+        tmp_path_factory.mktemp("oakestra-process"),
+        workers=WORKERS,
+        report_delay_s=0.8,
+        process_images=images,
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+def process_client(process_runner: OakestraDouble) -> Iterator[OakestraClient]:
+    oakestra = OakestraClient(process_runner.url, "Admin", "Admin", timeout_s=5, backoff_s=0.05)
+    yield oakestra
+    for app in oakestra.list_applications():
+        oakestra.delete_application(app["applicationID"])
+    oakestra.close()
+
 
 def test_orchestrator_reattaches_after_a_manager_restart_and_stop_deletes_everything(
-    images: dict[str, str], runner: OakestraDouble, runner_client: OakestraClient
+    process_runner: OakestraDouble, process_client: OakestraClient
 ) -> None:
     # Setup: a "project" whose aggregator and learner are the sleeper image
     exits: list[tuple[str, str, int | None, str]] = []
     first = OakestraOrchestrator(
-        OakestraClient(runner.url, "Admin", "Admin"), lambda *a: exits.append(a)
+        OakestraClient(process_runner.url, "Admin", "Admin"), lambda *a: exits.append(a)
     )
     placement = Placement("cluster2", "worker2", f"linux/{HOST_ARCH}")
     deployment = Deployment(
         project_id="restart1",
         services=(
-            ServiceSpec("aggregator", "aggregator", {"FLOPS_AGGREGATOR_ADDRESS": "0.0.0.0:1"}),
+            ServiceSpec("aggregator", "aggregator", {}),
             ServiceSpec("learner-n1", "learner", {"GREETING": "hi"}, placement),
         ),
-        images={"aggregator": images["sleeper"], "learner": images["sleeper"]},
+        images={"aggregator": SLEEPER_IMAGE, "learner": SLEEPER_IMAGE},
         resources={"memory": 200, "vcpus": 1, "storage": 0},
     )
     handles: list[dict[str, Any]] = []
-    first.deploy(deployment, handles.append)
+    address = first.deploy(deployment, handles.append)
 
     # Execute: the manager stops without stopping the services; a new one re-attaches
     first.close(stop_services=False)
     second = OakestraOrchestrator(
-        OakestraClient(runner.url, "Admin", "Admin"), lambda *a: exits.append(a)
+        OakestraClient(process_runner.url, "Admin", "Admin"), lambda *a: exits.append(a)
     )
     gone = {**handles[1], "name": "learner-gone", "service_id": "0" * 24}
     states = second.reattach("restart1", [*handles, gone])
@@ -698,6 +729,7 @@ def test_orchestrator_reattaches_after_a_manager_restart_and_stop_deletes_everyt
 
     # Assert
     assert [h["name"] for h in handles] == ["aggregator", "learner-n1"]
+    assert address == f"127.0.0.1:{handles[0]['port']}"
     assert [(s.name, s.running) for s in states] == [
         ("aggregator", True),
         ("learner-n1", True),
@@ -705,27 +737,27 @@ def test_orchestrator_reattaches_after_a_manager_restart_and_stop_deletes_everyt
     ]
     assert states[2].last_output == "the Oakestra service is gone"
     assert sorted(running) == ["aggregator", "learner-n1"]
-    assert runner_client.list_applications() == []
-    wait_for(lambda: not runner.instances(), 30)
+    assert process_client.list_applications() == []
+    wait_for(lambda: not process_runner.instances(), 30)
     assert exits == []  # stopping is not a service ending on its own
     second.close()
 
 
 def test_orchestrator_reports_a_failed_instance_as_an_exit(
-    images: dict[str, str], runner: OakestraDouble, runner_client: OakestraClient
+    process_runner: OakestraDouble, process_client: OakestraClient
 ) -> None:
     exits: list[tuple[str, str, int | None, str]] = []
     orchestrator = OakestraOrchestrator(
-        OakestraClient(runner.url, "Admin", "Admin"), lambda *a: exits.append(a),
+        OakestraClient(process_runner.url, "Admin", "Admin"), lambda *a: exits.append(a),
         poll_interval_s=0.2,
     )  # fmt: skip
     deployment = Deployment(
         project_id="fails1",
         services=(
-            ServiceSpec("aggregator", "aggregator", {"FLOPS_AGGREGATOR_ADDRESS": "0.0.0.0:1"}),
+            ServiceSpec("aggregator", "aggregator", {}),
             ServiceSpec("learner-n1", "learner", {}, Placement("cluster2", "worker2", "")),
         ),
-        images={"aggregator": images["sleeper"], "learner": images["failer"]},
+        images={"aggregator": SLEEPER_IMAGE, "learner": FAILER_IMAGE},
     )
 
     orchestrator.deploy(deployment)
@@ -734,4 +766,4 @@ def test_orchestrator_reports_a_failed_instance_as_an_exit(
 
     assert exits[0][:3] == ("fails1", "learner-n1", 1)
     assert exits[0][3].startswith("Oakestra reports the instance FAILED")
-    assert runner_client.list_applications() == []
+    assert process_client.list_applications() == []

@@ -8,15 +8,18 @@ from typing import Any
 import pytest
 
 from flops_manager.builds import VenvProjectBuilder
+from flops_manager.errors import Conflict
 from flops_manager.orchestrators.local import LocalOrchestrator
-from flops_manager.projects import ProjectLifecycle, ProjectStatus, eligible_nodes
-from flops_manager.store import ProjectStore
+from flops_manager.projects import ProjectLifecycle, ProjectStatus, UnsupportedSla, eligible_nodes
+from flops_manager.records import Phase, ProjectRecord
+from flops_manager.sla import ProjectSLA
+from flops_manager.store import EmbeddedProjectStore
 from flops_utils.mqtt_topics import parse_status_topic
 
 
 @pytest.fixture
 def lifecycle(tmp_path: Path) -> Iterator[ProjectLifecycle]:
-    store = ProjectStore(str(tmp_path / "db"))
+    store = EmbeddedProjectStore(tmp_path / "db")
     holder: list[ProjectLifecycle] = []
     orchestrator = LocalOrchestrator(
         tmp_path / "services", lambda *args: holder[0].on_service_exit(*args)
@@ -38,16 +41,17 @@ def lifecycle(tmp_path: Path) -> Iterator[ProjectLifecycle]:
 def training_project(lifecycle: ProjectLifecycle, project_id: str = "p1") -> None:
     now = time.time()
     lifecycle.store.insert_project(
-        {
-            "_id": project_id,
-            "project_id": project_id,
-            "status": "training",
-            "created_at": now,
-            "sla": {"ml_repo_url": "x", "post_training_steps": []},
-            "phases": {"training": {"started_at": now}},
-            "events": [],
-            "rounds": [],
-        }
+        ProjectRecord(
+            _id=project_id,
+            project_id=project_id,
+            customer_id="c",
+            status=ProjectStatus.TRAINING,
+            status_message="",
+            created_at=now,
+            updated_at=now,
+            sla={"ml_repo_url": "x", "post_training_steps": []},
+            phases={"training": Phase(started_at=now)},
+        )
     )
 
 
@@ -55,16 +59,17 @@ def message(lifecycle: ProjectLifecycle, topic: str, **payload: Any) -> None:
     parsed = parse_status_topic(topic)
     assert parsed is not None
     lifecycle.on_status(parsed, payload)
+    assert lifecycle.drain(5)
 
 
 def wait_status(lifecycle: ProjectLifecycle, project_id: str, timeout_s: float = 5) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = str(lifecycle.get(project_id)["status"])
-        if ProjectStatus(status).is_terminal:
-            return status
+        status = lifecycle.get(project_id).status
+        if status.is_terminal:
+            return status.value
         time.sleep(0.02)
-    return str(lifecycle.get(project_id)["status"])
+    return lifecycle.get(project_id).status.value
 
 
 def test_rounds_are_recorded_with_their_metrics(lifecycle: ProjectLifecycle) -> None:
@@ -78,11 +83,11 @@ def test_rounds_are_recorded_with_their_metrics(lifecycle: ProjectLifecycle) -> 
     )
 
     project = lifecycle.get("p1")
-    assert project["rounds"] == [
+    assert [r.model_dump() for r in project.rounds] == [
         {"round": 1, "loss": 0.9, "accuracy": 0.7},
         {"round": 2, "loss": 0.5, "accuracy": 0.8},
     ]
-    assert project["events"][-1]["message"] == "round 2: loss 0.5000, accuracy 0.8000"
+    assert project.events[-1].message == "round 2: loss 0.5000, accuracy 0.8000"
 
 
 def test_success_moves_through_post_training_to_completed(lifecycle: ProjectLifecycle) -> None:
@@ -97,10 +102,10 @@ def test_success_moves_through_post_training_to_completed(lifecycle: ProjectLife
 
     assert wait_status(lifecycle, "p1") == "completed"
     project = lifecycle.get("p1")
-    assert project["mlflow"]["run_id"] == "r1"
-    assert project["phases"]["training"]["seconds"] >= 0
-    assert project["phases"]["post_training"]["seconds"] >= 0
-    assert [e["status"] for e in project["events"] if e["type"] == "status"] == [
+    assert project.mlflow is not None and project.mlflow.run_id == "r1"
+    assert (project.phases["training"].seconds or -1) >= 0
+    assert (project.phases["post_training"].seconds or -1) >= 0
+    assert [e.status for e in project.events if e.type == "status"] == [
         "post_training",
         "completed",
     ]
@@ -117,7 +122,7 @@ def test_a_failed_learner_fails_the_project_with_its_message(lifecycle: ProjectL
     )
 
     assert wait_status(lifecycle, "p1") == "failed"
-    assert lifecycle.get("p1")["status_message"] == "learner node-2 failed: ValueError: bad shape"
+    assert lifecycle.get("p1").status_message == "learner node-2 failed: ValueError: bad shape"
 
 
 def test_messages_after_the_end_change_nothing(lifecycle: ProjectLifecycle) -> None:
@@ -126,22 +131,24 @@ def test_messages_after_the_end_change_nothing(lifecycle: ProjectLifecycle) -> N
     wait_status(lifecycle, "p1")
 
     message(lifecycle, "flops/p1/aggregator/success", data={"run_id": "late"})
-    time.sleep(0.2)
 
     project = lifecycle.get("p1")
-    assert (project["status"], project.get("mlflow")) == ("failed", None)
+    assert (project.status, project.mlflow) == ("failed", None)
 
 
 def test_a_service_exiting_with_an_error_fails_the_project(lifecycle: ProjectLifecycle) -> None:
     training_project(lifecycle)
 
     lifecycle.on_service_exit("p1", "learner-node-1", 3, "could not reach the aggregator")
+    assert lifecycle.drain(5)
 
     project = lifecycle.get("p1")
-    assert project["status"] == "failed"
-    assert project["status_message"] == (
-        "learner-node-1 exited with code 3: could not reach the aggregator"
+    assert project.status == "failed"
+    assert project.status_message.startswith(
+        "learner-node-1 exited with code 3 (aggregator unreachable): The learner could not "
+        "reach the aggregator"
     )
+    assert project.status_message.endswith("; last log line: 'could not reach the aggregator'")
 
 
 def test_cancel_ends_a_running_project_and_is_idempotent(lifecycle: ProjectLifecycle) -> None:
@@ -150,8 +157,8 @@ def test_cancel_ends_a_running_project_and_is_idempotent(lifecycle: ProjectLifec
     first = lifecycle.cancel("p1")
     second = lifecycle.cancel("p1")
 
-    assert first["status"] == second["status"] == "cancelled"
-    assert [e["status"] for e in second["events"]] == ["cancelled"]
+    assert first.status == second.status == "cancelled"
+    assert [e.status for e in second.events] == ["cancelled"]
 
 
 def test_eligible_nodes_hold_a_tag_run_a_supported_platform_and_are_live() -> None:
@@ -170,3 +177,68 @@ def test_eligible_nodes_hold_a_tag_run_a_supported_platform_and_are_live() -> No
     assert ids(None) == ["a", "e"]
     assert ids(["linux/amd64"]) == ["a"]
     assert ids(["linux/amd64", "linux/arm64"]) == ["a", "e"]
+
+
+def register_nodes(lifecycle: ProjectLifecycle, count: int) -> None:
+    for i in range(1, count + 1):
+        lifecycle.store.upsert_node(
+            {
+                "node_id": f"node-{i}",
+                "tags": {"mnist": 100 * i},
+                "last_seen": time.time(),
+                "data_server": f"http://127.0.0.1:{9000 + i}",
+            }
+        )
+
+
+def test_an_sla_for_hierarchical_fl_is_refused_with_the_fix(lifecycle: ProjectLifecycle) -> None:
+    register_nodes(lifecycle, 2)
+    sla = ProjectSLA.model_validate(
+        {
+            "ml_repo_url": "https://example.com/repo.git",
+            "training_configuration": {"mode": "hierarchical"},
+        }
+    )
+
+    with pytest.raises(UnsupportedSla, match="Set mode to 'classic'"):
+        lifecycle.create(sla)
+
+    assert lifecycle.store.list_projects() == []
+
+
+def test_too_few_nodes_with_the_data_is_a_conflict(lifecycle: ProjectLifecycle) -> None:
+    register_nodes(lifecycle, 1)
+    sla = ProjectSLA.model_validate(
+        {
+            "ml_repo_url": "https://example.com/repo.git",
+            "training_configuration": {"min_available_clients": 2},
+        }
+    )
+
+    with pytest.raises(Conflict, match="min_available_clients is 2"):
+        lifecycle.create(sla)
+
+
+def test_a_build_failure_fails_the_new_project_with_the_builders_reason(
+    lifecycle: ProjectLifecycle,
+) -> None:
+    register_nodes(lifecycle, 2)
+    sla = ProjectSLA.model_validate(
+        {
+            "ml_repo_url": "file:///nonexistent/lifecycle-repo.git",
+            "training_configuration": {"max_clients": 1},
+        }
+    )
+
+    created = lifecycle.create(sla)
+
+    assert (created.status, created.nodes) == ("pending", ["node-2"])  # most rows first
+    assert wait_status(lifecycle, created.project_id, timeout_s=30) == "failed"
+    project = lifecycle.get(created.project_id)
+    assert "nonexistent/lifecycle-repo.git" in project.status_message
+    assert [e.status for e in project.events if e.type == "status"] == [
+        "pending",
+        "building",
+        "failed",
+    ]
+    assert project.phases["building"].seconds is not None

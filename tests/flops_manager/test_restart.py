@@ -1,4 +1,4 @@
-"""The manager survives its own restart (DESIGN.md §3 "Project lifecycle").
+"""The manager survives its own restart.
 
 Real processes throughout: ``flops-manager`` runs as a subprocess on one ``FLOPS_HOME`` and a
 fixed port, with its embedded Mosquitto and MLflow; two data servers hold MNIST; the example
@@ -28,12 +28,14 @@ from flops_manager.client import ManagerClient
 from flops_manager.demo import example_sla, local_nodes
 from flops_manager.orchestrators.local import LocalOrchestrator
 from flops_manager.process_identity import ProcessIdentity
-from flops_manager.projects import ProjectLifecycle
-from flops_manager.store import ProjectStore
+from flops_manager.projects import ProjectLifecycle, ProjectStatus
+from flops_manager.records import Phase, ProjectRecord
+from flops_manager.store import EmbeddedProjectStore
 from flops_manager.suite import STOPPED_REASON
 from flops_utils.mqtt_topics import parse_status_topic
 from flops_utils.net import find_free_port
 
+pytestmark = pytest.mark.slow
 ROUNDS = 8
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
@@ -177,7 +179,7 @@ def wait_for(
 def wait_for_round_in_log(project: dict[str, Any], round_number: int) -> None:
     """Wait until the aggregator's log says it finished ``round_number`` (it publishes the
     round's status message right after)."""
-    handle = next(h for h in project["service_handles"] if h["name"] == "aggregator")
+    handle = next(h for h in project["admin"]["service_handles"] if h["name"] == "aggregator")
     log, needle = Path(handle["log_path"]), f"round {round_number}: loss"
     deadline = time.monotonic() + TRAINING_TIMEOUT_S
     while needle not in log.read_text(errors="replace"):
@@ -187,7 +189,7 @@ def wait_for_round_in_log(project: dict[str, Any], round_number: int) -> None:
 
 def service_identities(project: dict[str, Any]) -> dict[str, ProcessIdentity]:
     identities = {}
-    for handle in project["service_handles"]:
+    for handle in project["admin"]["service_handles"]:
         identity = ProcessIdentity.from_dict(handle)
         assert identity is not None
         identities[handle["name"]] = identity
@@ -340,7 +342,7 @@ def test_restarted_broker_delivers_messages_queued_for_a_persistent_session(
 
 def _session(port: int, received: list[bytes]) -> mqtt.Client:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="manager", clean_session=False)
-    client.on_message = lambda c, u, m: received.append(m.payload)
+    client.on_message = lambda c, u, m: received.append(bytes(m.payload))
     client.on_connect = lambda c, u, f, rc, p: c.subscribe("flops/+/+/+", qos=1)
     client.connect("127.0.0.1", port)
     client.loop_start()
@@ -354,7 +356,7 @@ def _session(port: int, received: list[bytes]) -> mqtt.Client:
 @pytest.fixture
 def lifecycle(tmp_path: Path) -> Iterator[ProjectLifecycle]:
     """A lifecycle on a fresh store with the local orchestrator (exit grace 0.2 s)."""
-    store = ProjectStore(str(tmp_path / "db"))
+    store = EmbeddedProjectStore(tmp_path / "db")
     holder: list[ProjectLifecycle] = []
     orchestrator = LocalOrchestrator(
         tmp_path / "services", lambda *args: holder[0].on_service_exit(*args)
@@ -377,19 +379,20 @@ def lifecycle(tmp_path: Path) -> Iterator[ProjectLifecycle]:
 def _insert(lifecycle: ProjectLifecycle, status: str, **fields: Any) -> None:
     sla = example_sla(1)
     sla["ml_repo_url"] = "file:///nonexistent/restart-repo.git"
+    now = time.time()
     lifecycle.store.insert_project(
-        {
-            "_id": "p1",
-            "project_id": "p1",
-            "status": status,
-            "created_at": time.time(),
-            "sla": sla,
-            "nodes": [],
-            "phases": {status: {"started_at": time.time()}},
-            "events": [],
-            "rounds": [],
+        ProjectRecord(
+            _id="p1",
+            project_id="p1",
+            customer_id="c",
+            status=ProjectStatus(status),
+            status_message="",
+            created_at=now,
+            updated_at=now,
+            sla=sla,
+            phases={status: Phase(started_at=now)},
             **fields,
-        }
+        )
     )
 
 
@@ -421,12 +424,12 @@ def test_an_interrupted_build_is_resumed(lifecycle: ProjectLifecycle) -> None:
 
     # Assert: the build ran again and failed with the git error.
     deadline = time.monotonic() + 30
-    while lifecycle.get("p1")["status"] == "building" and time.monotonic() < deadline:
+    while lifecycle.get("p1").status == "building" and time.monotonic() < deadline:
         time.sleep(0.05)
     project = lifecycle.get("p1")
-    assert project["status"] == "failed"
-    assert "nonexistent/restart-repo.git" in project["status_message"]
-    assert project["events"][0]["message"] == "manager restarted; building the environment again"
+    assert project.status == "failed"
+    assert "nonexistent/restart-repo.git" in project.status_message
+    assert project.events[0].message == "manager restarted; building the environment again"
 
 
 def test_an_interrupted_deployment_fails_and_its_started_services_stop(
@@ -449,9 +452,9 @@ def test_an_interrupted_deployment_fails_and_its_started_services_stop(
 
     # Assert
     project = lifecycle.get("p1")
-    assert project["status"] == "failed"
-    assert "restarted while deploying" in project["status_message"]
-    assert "POST the SLA again" in project["status_message"]
+    assert project.status == "failed"
+    assert "restarted while deploying" in project.status_message
+    assert "POST the SLA again" in project.status_message
     assert identity.wait(5)
 
 
@@ -472,8 +475,8 @@ def test_a_service_gone_before_the_restart_is_named_with_its_last_log_line(
 
     # Assert
     project = lifecycle.get("p1")
-    assert project["status"] == "failed"
-    assert project["status_message"] == (
+    assert project.status == "failed"
+    assert project.status_message == (
         "while the manager was down, learner-node-1 stopped without reporting a result "
         "(last log line: 'learning')"
     )
@@ -489,7 +492,7 @@ def test_a_reattached_service_that_stops_later_fails_the_project(
     _insert(lifecycle, "training", services=["learner-node-1"], service_handles=[handle])
     lifecycle.begin_recovery()
     lifecycle.finish_recovery()
-    assert lifecycle.get("p1")["status"] == "training"
+    assert lifecycle.get("p1").status == "training"
     assert lifecycle.orchestrator.running_services("p1") == ["learner-node-1"]
 
     # Execute: it dies (not a child of this process: its exit code is unknown).
@@ -497,11 +500,11 @@ def test_a_reattached_service_that_stops_later_fails_the_project(
 
     # Assert
     deadline = time.monotonic() + 10
-    while lifecycle.get("p1")["status"] == "training" and time.monotonic() < deadline:
+    while lifecycle.get("p1").status == "training" and time.monotonic() < deadline:
         time.sleep(0.05)
     project = lifecycle.get("p1")
-    assert project["status"] == "failed"
-    assert project["status_message"] == (
+    assert project.status == "failed"
+    assert project.status_message == (
         "learner-node-1 stopped without reporting a result (exit code unknown: it was "
         "re-attached after a manager restart); last log line: 'learning'"
     )
@@ -534,12 +537,12 @@ def test_success_queued_while_the_manager_was_down_completes_the_project(
 
     # Assert: completed; the round delivered twice (QoS 1) is recorded once.
     deadline = time.monotonic() + 5
-    while lifecycle.get("p1")["status"] != "completed" and time.monotonic() < deadline:
+    while lifecycle.get("p1").status != "completed" and time.monotonic() < deadline:
         time.sleep(0.02)
     project = lifecycle.get("p1")
-    assert project["status"] == "completed", project["status_message"]
-    assert project["mlflow"]["run_id"] == "r1"
-    assert [r["round"] for r in project["rounds"]] == [1]
+    assert project.status == "completed", project.status_message
+    assert project.mlflow is not None and project.mlflow.run_id == "r1"
+    assert [r.round for r in project.rounds] == [1]
 
 
 def test_failures_queued_while_down_come_after_the_service_that_died_silently(
@@ -556,14 +559,15 @@ def test_failures_queued_while_down_come_after_the_service_that_died_silently(
     # Execute
     lifecycle.begin_recovery()
     _message(lifecycle, "flops/p1/aggregator/failed", message="Round 2 training: 1 learner failed")
-    held = lifecycle.get("p1")["status"]
+    assert lifecycle.drain(5)
+    held = lifecycle.get("p1").status
     lifecycle.finish_recovery()
 
     # Assert: held back until the end of the recovery, then both named, the silent one first.
     assert held == "training"
     project = lifecycle.get("p1")
-    assert project["status"] == "failed"
-    assert project["status_message"] == (
+    assert project.status == "failed"
+    assert project.status_message == (
         "while the manager was down, learner-node-1 stopped without reporting a result "
         "(last log line: 'learning'); aggregator failed: Round 2 training: 1 learner failed"
     )
@@ -585,6 +589,6 @@ def test_a_full_stop_fails_unfinished_projects_and_stops_their_services(
 
     # Assert
     assert ended == ["p1"]
-    assert lifecycle.get("p1")["status"] == "failed"
-    assert lifecycle.get("p1")["status_message"] == STOPPED_REASON
+    assert lifecycle.get("p1").status == "failed"
+    assert lifecycle.get("p1").status_message == STOPPED_REASON
     assert identity.wait(5)

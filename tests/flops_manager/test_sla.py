@@ -220,3 +220,21 @@ def test_bad_strategy_parameters_are_rejected_naming_the_field(
     [error] = caught.value.errors()
     assert error["loc"] == ("training_configuration", "strategy", strategy["name"], field)
     assert message in error["msg"]
+
+
+def test_the_training_models_are_the_contracts_and_the_aggregator_reads_a_full_sla() -> None:
+    # Prepare
+    from flops_manager import sla
+    from flops_utils.contract import training
+
+    # Execute
+    project = ProjectSLA.model_validate(ORIGINAL_CLASSIC)
+    seen = training.AggregatorSLA.model_validate_json(project.model_dump_json())
+
+    # Assert: one definition (re-exported), and the manager's SLA reads back unchanged
+    for name in training.__all__:
+        if hasattr(sla, name):
+            assert getattr(sla, name) is getattr(training, name), name
+    assert sla.TrainingConfiguration is training.TrainingConfiguration
+    assert seen.training_configuration == project.training_configuration
+    assert (seen.ml_model_flavor, seen.customerID) == (MLModelFlavor.SKLEARN, "Admin")

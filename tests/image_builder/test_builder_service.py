@@ -26,9 +26,10 @@ from flops_manager.errors import ConfigurationError
 from flops_manager.sla import ProjectSLA
 from flops_manager.suite import ManagerSuite
 from flops_utils import env_vars
+from flops_utils.contract.exit_codes import ExitCode
 from flops_utils.notifications import StatusNotifier
 from flops_utils.types import Component
-from image_builder.main import ExitCode, main, progress_publisher
+from image_builder.main import main, progress_publisher
 from image_builder.oci_builder import BuildStep
 from observatory.mlflow_server import MlflowServer
 
@@ -179,12 +180,14 @@ def test_every_build_step_is_published_with_a_sentence(
     assert messages[6] == f"learner image pushed in 5.0 s: {ref}"
 
 
-def test_missing_settings_are_a_config_error_with_an_outcome(tmp_path: Path) -> None:
+def test_missing_settings_are_a_config_error_with_an_outcome_and_a_message(
+    tmp_path: Path, mqtt_broker: MosquittoBroker, recorder: MqttRecorder, project_id: str
+) -> None:
     # Setup: no registry, no base image
     result_file = tmp_path / "result.json"
     env = {
-        env_vars.PROJECT_ID: "p1",
-        env_vars.MQTT_URL: "mqtt://127.0.0.1:1",
+        env_vars.PROJECT_ID: project_id,
+        env_vars.MQTT_URL: mqtt_broker.url,
         env_vars.ML_REPO_URL: str(tmp_path),
         env_vars.BUILD_RESULT_FILE: str(result_file),
     }
@@ -192,17 +195,19 @@ def test_missing_settings_are_a_config_error_with_an_outcome(tmp_path: Path) -> 
     # Execute
     code = main(env)
 
-    # Assert
+    # Assert: the outcome file and the failed message name the variable and the exit code
     assert code == ExitCode.CONFIG_ERROR
     outcome = json.loads(result_file.read_text())
     assert outcome["status"] == "failed"
     assert outcome["error"] == "image_builder_config_error"
     assert "FLOPS_REGISTRY is not set" in outcome["message"]
+    [failed] = recorder.wait_for("builder/failed")
+    assert failed["data"] == {"error": "image_builder_config_error", "exit_code": 2}
+    assert "FLOPS_REGISTRY is not set" in failed["message"]
 
 
 def test_bad_flavor_and_tls_values_name_the_variable(tmp_path: Path) -> None:
-    base = {
-        env_vars.PROJECT_ID: "p1",
+    base = {  # no FLOPS_PROJECT_ID: there is no project to report the failure to
         env_vars.MQTT_URL: "mqtt://127.0.0.1:1",
         env_vars.ML_REPO_URL: str(tmp_path),
         env_vars.REGISTRY: "127.0.0.1:5000",
@@ -235,7 +240,8 @@ def test_service_without_an_outcome_is_a_clean_error(tmp_path: Path) -> None:
         service.build("p1", _sla(tmp_path), tmp_path / "work")
 
     # Assert
-    assert "exited with status 132 without an outcome" in caught.value.message
+    assert "exited with code 132 (killed by signal 4, SIGILL)" in caught.value.message
+    assert "It wrote no outcome" in caught.value.message
     assert caught.value.details == ["Illegal instruction"]
 
 

@@ -26,6 +26,7 @@ import pandas as pd
 import pytest
 import requests
 from sklearn.linear_model import LogisticRegression
+from waiting import answers_200, wait_until
 
 from data_server.mnist import load_mnist_arrays
 from flops_utils.net import find_free_port
@@ -50,6 +51,7 @@ from image_builder.model_image import (
 from image_builder.oci_builder import IMAGE_UID, LABEL_INPUTS_HASH, OciBuilder
 from observatory.mlflow_server import MlflowServer
 
+pytestmark = pytest.mark.oci
 SERVE_TEMPLATE = (
     Path(__file__).resolve().parents[2] / "image_builder" / "templates" / "serve_model.py"
 )
@@ -188,15 +190,18 @@ class RunningModel:
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> float:
         """Seconds until ``GET /ping`` answered 200; fails with the log on exit or timeout."""
         started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
+
+        def answers() -> bool:
             assert self.process.poll() is None, self.log.read_text(errors="replace")[-3000:]
-            try:
-                if requests.get(f"{self.url}/ping", timeout=2).status_code == 200:
-                    return time.monotonic() - started
-            except requests.RequestException:
-                pass
-            time.sleep(0.25)
-        pytest.fail(f"no /ping within {timeout_s} s: {self.log.read_text(errors='replace')}")
+            return answers_200(f"{self.url}/ping")
+
+        wait_until(
+            answers,
+            timeout_s,
+            lambda: f"no /ping: {self.log.read_text(errors='replace')[-3000:]}",
+            interval_s=0.25,
+        )
+        return time.monotonic() - started
 
     def invoke(self, payload: dict[str, Any]) -> requests.Response:
         return requests.post(f"{self.url}/invocations", json=payload, timeout=60)

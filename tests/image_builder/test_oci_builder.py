@@ -36,6 +36,7 @@ from image_builder.oci_builder import (
 )
 from image_builder.repo import content_hash
 
+pytestmark = pytest.mark.oci
 USER_ENV_CHECK = """
 import importlib.metadata, importlib.util, json, os, sys
 import flops_utils, flops_utils.model_worker, model_manager, data_manager, numpy, sklearn
@@ -306,6 +307,7 @@ def test_images_are_pushed_tagged_by_inputs_and_labelled(
         assert isinstance(labels, dict)
         assert image.repository == f"{oci_registry}/flops/{image.role}"
         assert image.tag == first_build.key
+        assert isinstance(info["RepoTags"], list)
         assert first_build.key in info["RepoTags"]  # other modules push other keys
         assert info["Digest"] == image.digest
         assert labels[LABEL_INPUTS_HASH] == first_build.key
@@ -700,15 +702,16 @@ def test_strip_tag(image: str, name: str) -> None:
 def test_image_key_changes_with_every_input(tmp_path: Path) -> None:
     # Prepare
     builder = OciBuilder(tmp_path, "r:5000", "r:5000/base:1")
-    inputs = ("c" * 40, "d" * 64, "sha256:" + "b" * 64, "sklearn", "linux/amd64", {"learner": "x"})
+    inputs: list[Any] = ["c" * 40, "d" * 64, "sha256:" + "b" * 64, "sklearn", "linux/amd64"]
+    inputs.append({"learner": "x"})
+    changes: list[Any] = ["e" * 40, "f" * 64, "sha256:" + "a" * 64, "pytorch", "linux/arm64"]
+    changes.append({"learner": "y"})
 
     # Execute
     key = builder.image_key(*inputs)
     variants = [
-        builder.image_key(*inputs[:i], changed, *inputs[i + 1 :])
-        for i, changed in enumerate(
-            ("e" * 40, "f" * 64, "sha256:" + "a" * 64, "pytorch", "linux/arm64", {"learner": "y"})
-        )
+        builder.image_key(*[*inputs[:i], changed, *inputs[i + 1 :]])
+        for i, changed in enumerate(changes)
     ]
 
     # Assert

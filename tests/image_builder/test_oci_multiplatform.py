@@ -44,6 +44,7 @@ from image_builder.oci_builder import (
     render_cross_containerfile,
 )
 
+pytestmark = pytest.mark.oci
 BOTH = ["linux/amd64", "linux/arm64"]
 EM_AARCH64 = 183
 VENV = "opt/flops/venv"

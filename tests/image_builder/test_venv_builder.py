@@ -124,6 +124,7 @@ def test_second_build_is_a_fast_cache_hit(
     assert not any((tmp_path / "work").iterdir())
 
 
+@pytest.mark.slow  # about 10 s: a second full environment build
 def test_changed_dependency_file_gives_new_environment(
     cold_build: BuiltEnvironment, cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -175,6 +176,7 @@ def test_concurrent_builds_of_one_key_build_once(cache_dir: Path, tmp_path: Path
     assert _run_in_env(results[0], "import threadpoolctl; print('{}')") == {}
 
 
+@pytest.mark.slow  # about 17 s: installs the repository's exact pins
 def test_the_repository_pins_are_installed_exactly_as_written(
     cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -191,7 +193,7 @@ def test_the_repository_pins_are_installed_exactly_as_written(
     env = VenvBuilder(cache_dir).build(str(path), None, tmp_path / "work")
 
     # Assert
-    versions = _run_in_env(
+    versions: object = _run_in_env(
         env,
         "import json, numpy, yaml, sklearn, datasets, flops_utils.data_client; "
         "print(json.dumps([numpy.__version__, yaml.__version__, sklearn.__version__]))",

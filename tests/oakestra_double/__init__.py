@@ -1,5 +1,5 @@
-"""A faithful double of the Oakestra root orchestrator's REST API (DESIGN.md §5) that really
-runs the instances it deploys, with buildah, on this machine.
+"""A faithful double of the Oakestra root orchestrator's REST API that really runs the
+instances it deploys, with buildah (or as host processes), on this machine.
 
 - :mod:`.api`: the system manager's routes and quirks, plus test hooks under ``/double/``.
 - :mod:`.root`: applications, services, instances; scheduling by ``direct`` constraint;
@@ -15,6 +15,7 @@ environment (tests set it with ``oci_testing.use_test_storage``).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,6 +49,8 @@ class OakestraDouble(StartStop):
             to 15; small here so tests stay fast).
         schedule_delay_s: seconds the root scheduler takes.
         port: the port to listen on (default: a free one).
+        process_images: image reference → entrypoint argv: run instances as host processes
+            (no root, no buildah; see :mod:`.worker`) instead of with buildah.
 
     :meth:`start` raises ``RuntimeError`` with the log's tail if it does not answer within
     30 s. :meth:`stop` sends SIGTERM (the double undeploys every instance) and waits.
@@ -63,6 +66,7 @@ class OakestraDouble(StartStop):
         report_delay_s: float = 0.2,
         schedule_delay_s: float = 0.05,
         port: int | None = None,
+        process_images: dict[str, list[str]] | None = None,
     ) -> None:
         self.workdir = workdir
         self.workers = tuple(workers)
@@ -70,6 +74,7 @@ class OakestraDouble(StartStop):
         self.access_token_lifetime_s = access_token_lifetime_s
         self.report_delay_s = report_delay_s
         self.schedule_delay_s = schedule_delay_s
+        self.process_images = process_images
         self.port = port or find_free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._process: subprocess.Popen[bytes] | None = None
@@ -88,6 +93,8 @@ class OakestraDouble(StartStop):
             argv += ["--user", f"{name}:{password}"]
         for worker in self.workers:
             argv += ["--worker", f"{worker.cluster}:{worker.hostname}:{worker.arch}"]
+        for ref, entrypoint in (self.process_images or {}).items():
+            argv += ["--process-image", f"{ref}={json.dumps(entrypoint)}"]
         package_parent = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(

@@ -6,11 +6,14 @@ default ``Admin:Admin``), ``--worker CLUSTER:HOSTNAME[:ARCH]`` (repeatable; defa
 ``cluster1:worker1:<this machine's arch>``), ``--access-token-lifetime-s`` (600),
 ``--refresh-token-lifetime-s`` (30 days), ``--report-delay-s`` (0.5: how late worker-side
 statuses reach the root), ``--schedule-delay-s`` (0.1), ``--workdir`` (instance logs; a temp
-dir by default). Prints ``oakestra double on http://HOST:PORT`` when it serves. On SIGTERM or
-SIGINT it undeploys every instance (killing its processes, removing its container) and exits 0.
+dir by default), ``--process-image REF=JSON_ARGV`` (repeatable: run instances as host
+processes, image ``REF`` running the argv, instead of with buildah). Prints ``oakestra double
+on http://HOST:PORT`` when it serves. On SIGTERM or SIGINT it undeploys every instance
+(killing its processes, removing its container) and exits 0.
 """
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -40,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--report-delay-s", type=float, default=0.5)
     parser.add_argument("--schedule-delay-s", type=float, default=0.1)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--process-image", action="append", default=[], metavar="REF=JSON_ARGV")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -55,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         workdir,
         report_delay_s=args.report_delay_s,
         schedule_delay_s=args.schedule_delay_s,
+        process_images=_process_images(args.process_image),
     )
     tokens = TokenIssuer(args.access_token_lifetime_s, args.refresh_token_lifetime_s)
     server = waitress.create_server(
@@ -73,6 +78,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         pass
     root.shutdown()
     sys.exit(0)
+
+
+def _process_images(items: Sequence[str]) -> dict[str, list[str]] | None:
+    """``["REF=[\"argv\", ...]", ...]`` → ``{REF: argv}``; ``None`` without any."""
+    if not items:
+        return None
+    images = {}
+    for item in items:
+        ref, _, argv = item.partition("=")
+        images[ref] = [str(part) for part in json.loads(argv)]
+    return images
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .worker import InstanceRunner, WorkerSpec, platform_arch
+from .worker import InstanceRunner, ProcessImages, WorkerSpec, platform_arch
 
 NAME = re.compile(r"^[a-zA-Z0-9]{1,30}$")
 """Application, namespace and microservice names (``sla/schema.py``)."""
@@ -69,7 +69,8 @@ class Root:
     """The system manager's state, guarded by one lock.
 
     ``users``: username → password (each an ``Admin``). ``workers``: the worker nodes.
-    ``workdir``: instance logs. Delays in seconds.
+    ``workdir``: instance logs. Delays in seconds. ``process_images``: run instances with
+    the worker's ``process`` runtime (see :mod:`.worker`) instead of buildah.
     """
 
     def __init__(
@@ -80,8 +81,10 @@ class Root:
         *,
         report_delay_s: float = 0.5,
         schedule_delay_s: float = 0.1,
+        process_images: ProcessImages | None = None,
     ) -> None:
         self.lock = threading.RLock()
+        self.process_images = process_images
         self.passwords = dict(users)
         self.user_ids = {name: new_id() for name in users}
         self.organization_id = new_id()
@@ -375,9 +378,27 @@ class Root:
             def report(fields: dict[str, Any], n: int = number) -> None:
                 self._report(service_id, n, {**fields, "worker_id": worker_id})
 
-            runner = InstanceRunner(dict(job), worker, container, log_path, report)
+            taken = self._published_elsewhere(worker, job.get("port"))
+            if taken:
+                report({"status": "FAILED", "status_detail": taken})
+                return
+            runner = InstanceRunner(
+                dict(job), worker, container, log_path, report, self.process_images
+            )
             self.runners[(service_id, number)] = runner
             runner.start()
+
+    def _published_elsewhere(self, worker: WorkerSpec, port: object) -> str:
+        """Why ``worker`` cannot publish ``port`` (a running instance there publishes the
+        same host port, as the NodeEngine's port mapping fails), else ''."""
+        if not port:
+            return ""
+        host_port = str(port).split(":")[0].split("/")[0]
+        for runner in self.runners.values():
+            view = runner.describe()
+            if runner.worker == worker and view["alive"] and view["host_port"] == host_port:
+                return f"port {host_port} is already published on worker {worker.hostname}"
+        return ""
 
     def undeploy(self, service_id: str, username: str, which: int) -> None:
         """``request_scale_down_instance``: drop instance ``which`` (-1: all) from the

@@ -1,4 +1,5 @@
-"""What an Oakestra worker node does with an instance, done with buildah on this machine.
+"""What an Oakestra worker node does with an instance, done with buildah on this machine (or,
+with the ``process`` runtime, as a plain host process).
 
 An :class:`InstanceRunner` pulls the service's image into a working container
 (``buildah from --tls-verify=false``), runs its command in it (``buildah run --isolation
@@ -7,11 +8,16 @@ chroot --network host``) as a child process in its own session, and reports each
 long-running service) or ``FAILED`` (any other exit, a failed pull, a platform the worker does
 not have). :meth:`InstanceRunner.undeploy` kills the process group; the working container is
 removed when the instance ends either way.
+
+The ``process`` runtime (``process_images``) needs neither root nor buildah: an image
+reference names an entrypoint argv that runs as a host process with the service's
+environment added to the double's, for tests of scheduling, ports and statuses.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import signal
@@ -29,6 +35,9 @@ TOOL_TIMEOUT_S = 60.0
 
 Report = Callable[[dict[str, Any]], None]
 """Receives the fields of the instance that changed (``status``, ``status_detail``, ...)."""
+
+ProcessImages = dict[str, list[str]]
+"""The ``process`` runtime's images: reference → the entrypoint argv it runs on the host."""
 
 ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}
 
@@ -63,6 +72,8 @@ class InstanceRunner(threading.Thread):
     ``platform``, ``one_shot``, ``port``) on ``worker``; reports through ``report``.
 
     ``container`` names the working container; ``log_path`` receives the instance's output.
+    ``process_images``: run with the ``process`` runtime from these images (see the module
+    docstring); ``None``: with buildah.
     """
 
     def __init__(
@@ -72,8 +83,10 @@ class InstanceRunner(threading.Thread):
         container: str,
         log_path: Path,
         report: Report,
+        process_images: ProcessImages | None = None,
     ) -> None:
         super().__init__(name=f"instance-{container}", daemon=True)
+        self.process_images = process_images
         self.service = service
         self.worker = worker
         self.container = container
@@ -98,16 +111,23 @@ class InstanceRunner(threading.Thread):
                     f"({self.worker.arch})",
                 )
                 return
-            pulled = self._tool(
-                ["buildah", "from", "--tls-verify=false", "--retry", "0", "--name",
-                 self.container, str(self.service["image"])],
-                PULL_TIMEOUT_S,
-            )  # fmt: skip
-            if pulled.returncode != 0:
-                self._report("FAILED", f"image pull failed: {_last_line(pulled.stderr)}")
-                return
-            created = True
-            command = self._command()
+            if self.process_images is not None:
+                entrypoint = self.process_images.get(str(self.service["image"]))
+                if entrypoint is None:
+                    self._report("FAILED", f"image pull failed: {self.service['image']} unknown")
+                    return
+                command = [str(part) for part in self.service.get("cmd") or entrypoint]
+            else:
+                pulled = self._tool(
+                    ["buildah", "from", "--tls-verify=false", "--retry", "0", "--name",
+                     self.container, str(self.service["image"])],
+                    PULL_TIMEOUT_S,
+                )  # fmt: skip
+                if pulled.returncode != 0:
+                    self._report("FAILED", f"image pull failed: {_last_line(pulled.stderr)}")
+                    return
+                created = True
+                command = self._command()
             if not command:
                 self._report("FAILED", "the image has no entrypoint or cmd and none was given")
                 return
@@ -159,6 +179,7 @@ class InstanceRunner(threading.Thread):
         """The worker-side view: image, container, pid, status, return code, log path."""
         return {
             "image": str(self.service.get("image") or self.service.get("code") or ""),
+            "host_port": _host_port(self.service.get("port")),
             "container": self.container,
             "pid": self.process.pid if self.process else None,
             "status": self.status,
@@ -177,12 +198,18 @@ class InstanceRunner(threading.Thread):
             _which("buildah"), "run", "--isolation", "chroot", "--network", "host", *env_args,
             self.container, "--", *command,
         ]  # fmt: skip
+        env = None
+        if self.process_images is not None:
+            argv = command
+            items = (str(item).partition("=") for item in self.service.get("environment") or [])
+            env = {**os.environ, **{name: value for name, _, value in items}}
         with self._lock:
             if self._undeployed.is_set():
                 return False
             with self.log_path.open("ab") as log:
                 self.process = subprocess.Popen(
                     argv,
+                    env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

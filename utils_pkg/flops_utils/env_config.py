@@ -2,7 +2,8 @@
 that name the variable and the fix.
 
 Each process (learner, aggregator, image builder) has its own configuration error class; an
-:class:`EnvReader` raises that class, so each keeps its own error code and exit status.
+:class:`EnvReader` raises that class, so each keeps its own error code (all of them exit with
+:attr:`~flops_utils.contract.exit_codes.ExitCode.CONFIG_ERROR`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class EnvReader:
         if not value:
             raise self.error(f"{name} is not set; {self.starter}.")
         return value
+
+    def status_target(self) -> tuple[str, str]:
+        """``(FLOPS_PROJECT_ID, FLOPS_MQTT_URL)``: where a role's status messages go, both
+        required, the URL checked."""
+        return self.required(env_vars.PROJECT_ID), self.mqtt_url()
 
     def mqtt_url(self) -> str:
         """``FLOPS_MQTT_URL``, checked to be ``mqtt://HOST:PORT``."""

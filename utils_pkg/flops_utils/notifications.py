@@ -1,11 +1,11 @@
 """Publishing component status messages over MQTT (QoS 1, JSON payloads).
 
 A runtime role creates one :class:`StatusNotifier` and calls :meth:`StatusNotifier.notify`;
-the payload is ``{"project_id", "component", "status", "instance", "message", "data",
-"timestamp"}`` with ``timestamp`` in seconds since the epoch.
+the payload is a :class:`~flops_utils.contract.messages.StatusMessage` (``{"v", "project_id",
+"component", "status", "instance", "message", "data", "timestamp"}``, ``timestamp`` in
+seconds since the epoch) whose ``data`` is checked against its model.
 """
 
-import json
 import time
 import uuid
 from typing import Any
@@ -14,8 +14,9 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from flops_utils.contract.messages import MessageData, StatusMessage
+from flops_utils.contract.topics import status_topic
 from flops_utils.logging import logger
-from flops_utils.mqtt_topics import status_topic
 from flops_utils.types import Component, ComponentStatus
 
 PUBLISH_TIMEOUT_S = 10.0
@@ -78,21 +79,27 @@ class StatusNotifier:
             )
 
     def notify(
-        self, status: ComponentStatus, message: str = "", data: dict[str, Any] | None = None
+        self,
+        status: ComponentStatus,
+        message: str = "",
+        data: MessageData | dict[str, Any] | None = None,
     ) -> None:
-        """Publish ``status`` with an optional human-readable ``message`` and ``data`` dict."""
-        payload = {
-            "project_id": self.project_id,
-            "component": self.component.value,
-            "status": status.value,
-            "instance": self.instance,
-            "message": message,
-            "data": data or {},
-            "timestamp": time.time(),
-        }
+        """Publish ``status`` with a human-readable ``message`` and ``data`` (its model of
+        :mod:`flops_utils.contract.messages`, or a dict validated against that model).
+
+        Raises ``ValueError`` when ``data`` does not fit its model (a bug of the caller).
+        """
+        payload = StatusMessage.build(
+            self.project_id,
+            self.component,
+            status,
+            instance=self.instance,
+            message=message,
+            data=data,
+        ).payload()
         topic = status_topic(self.project_id, self.component, status)
         self._wait_for_first_connection()
-        info = self._client.publish(topic, json.dumps(payload), qos=1)
+        info = self._client.publish(topic, payload, qos=1)
         try:
             info.wait_for_publish(timeout=PUBLISH_TIMEOUT_S)
         except (RuntimeError, ValueError) as exc:
@@ -113,7 +120,7 @@ def notify_once(
     component: Component,
     status: ComponentStatus,
     message: str,
-    data: dict[str, Any] | None = None,
+    data: MessageData | dict[str, Any] | None = None,
     instance: str | None = None,
 ) -> None:
     """Publish a single status message with a short-lived :class:`StatusNotifier`.

@@ -33,8 +33,11 @@ def describe_exception(exc: BaseException) -> str:
 
 def call_user_code(what: str, call: Callable[[], T]) -> T:
     """Return ``call()``; anything it raises becomes ``UserCodeError("<what> raised <Type>:
-    <message>")``."""
+    <message>")`` with the original as ``__cause__`` (a ``UserCodeError`` passes unchanged:
+    it names its method already)."""
     try:
         return call()
+    except UserCodeError:
+        raise
     except Exception as exc:
         raise UserCodeError(f"{what} raised {describe_exception(exc)}") from exc

@@ -3,5 +3,8 @@ builder, data server): one definition of each name, payload and code, imported b
 
 Nothing in this package imports ``flops_manager``: the runtime images carry ``flops_utils``
 only. Modules: :mod:`.lifecycle` (project and component statuses, progress stages),
-:mod:`.services` (service naming), :mod:`.exit_codes` (the exit-code catalogue).
+:mod:`.services` (service naming), :mod:`.topics` (MQTT topics), :mod:`.messages` (the
+versioned status message payloads), :mod:`.training` (the training configuration and the
+strategies the aggregator runs), :mod:`.exit_codes` (the exit-code catalogue) and
+:mod:`.entry` (the entry wrapper of every role's ``main``).
 """

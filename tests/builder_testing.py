@@ -6,7 +6,7 @@ from pathlib import Path
 
 import git
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mnist_sklearn"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_sklearn"
 AUTHOR = git.Actor("FLOps Test", "test@flops.invalid")
 
 

@@ -1,0 +1,111 @@
+"""Admission: whether an SLA can run, on which nodes, and the new project's record."""
+
+import time
+import uuid
+from typing import Any
+
+from flops_manager.errors import Conflict, Unprocessable
+from flops_manager.records import Event, Phase, ProjectRecord
+from flops_manager.sla import ProjectSLA
+from flops_utils.contract.lifecycle import ProjectStatus
+from flops_utils.types import FLOpsMode
+
+NODE_TTL_S = 120.0
+"""A node whose data server has not registered for this many seconds is not used."""
+
+
+class UnsupportedSla(Unprocessable):
+    """The SLA asks for something this FLOps does not run yet (HTTP 422)."""
+
+    code = "unsupported_sla"
+
+
+def eligible_nodes(
+    nodes: list[dict[str, Any]],
+    data_tags: list[str],
+    platforms: list[str] | None = None,
+    now: float | None = None,
+) -> list[dict[str, Any]]:
+    """The live nodes whose data server holds rows under at least one of ``data_tags`` and
+    whose ``architecture`` is one of ``platforms`` (``None``: any).
+
+    ``nodes`` are node documents (``tags``: ``{tag: rows}``, ``architecture``: ``linux/amd64``
+    …, ``last_seen``: seconds since the epoch); a node not seen for ``NODE_TTL_S`` seconds is
+    left out. The result keeps the order.
+    """
+    now = time.time() if now is None else now
+    wanted = set(data_tags)
+    return [
+        n
+        for n in nodes
+        if any(n.get("tags", {}).get(t, 0) > 0 for t in wanted)
+        and (platforms is None or n.get("architecture", "linux/amd64") in platforms)
+        and now - n.get("last_seen", now) <= NODE_TTL_S
+    ]
+
+
+def check_supported(sla: ProjectSLA) -> None:
+    """Raise :class:`UnsupportedSla` for an SLA field that is accepted but not run yet:
+    ``training_configuration.mode`` ``hierarchical``."""
+    if sla.training_configuration.mode is FLOpsMode.HIERARCHICAL:
+        raise UnsupportedSla(
+            "training_configuration.mode 'hierarchical' is not supported yet: this FLOps runs "
+            "classic FL (one aggregator). Set mode to 'classic' (training_cycles is then "
+            "ignored) or leave it out."
+        )
+
+
+def choose_nodes(
+    sla: ProjectSLA, nodes: list[dict[str, Any]], now_s: float
+) -> list[dict[str, Any]]:
+    """The nodes the SLA's learners run on, from the registered node documents ``nodes``.
+
+    Raises ``Conflict`` when fewer nodes hold the SLA's data tags on a supported platform
+    than ``min_available_clients`` (details list every node's tags). With ``max_clients``,
+    that many eligible nodes are chosen, most rows first.
+    """
+    training = sla.training_configuration
+    platforms = [p.value for p in sla.supported_platforms]
+    eligible = eligible_nodes(nodes, training.data_tags, platforms, now_s)
+    if len(eligible) < training.min_available_clients:
+        raise Conflict(
+            f"{len(eligible)} worker node(s) of {'/'.join(platforms)} hold data tagged "
+            f"{training.data_tags}, but min_available_clients is "
+            f"{training.min_available_clients}. Register more nodes with that data (e.g. "
+            "POST /api/flops/mocks), add their platform to supported_platforms, or lower "
+            "min_available_clients.",
+            details=[
+                {
+                    "node_id": n["node_id"],
+                    "architecture": n.get("architecture"),
+                    "tags": n.get("tags", {}),
+                }
+                for n in nodes
+            ],
+        )
+    if training.max_clients is None:
+        return eligible
+    rows = {n["node_id"]: sum(n["tags"].get(t, 0) for t in training.data_tags) for n in eligible}
+    return sorted(eligible, key=lambda n: -rows[n["node_id"]])[: training.max_clients]
+
+
+def new_record(sla: ProjectSLA, node_ids: list[str], now_s: float) -> ProjectRecord:
+    """The ``pending`` record of a newly accepted project (a fresh 12-hex id) whose learners
+    run on ``node_ids``."""
+    project_id = uuid.uuid4().hex[:12]
+    pending = ProjectStatus.PENDING
+    return ProjectRecord(
+        _id=project_id,
+        project_id=project_id,
+        customer_id=sla.customerID,
+        status=pending,
+        status_message="accepted",
+        created_at=now_s,
+        updated_at=now_s,
+        sla=sla.model_dump(mode="json"),
+        nodes=node_ids,
+        phases={pending.value: Phase(started_at=now_s)},
+        events=[
+            Event(timestamp=now_s, type="status", status=pending.value, message="project accepted")
+        ],
+    )

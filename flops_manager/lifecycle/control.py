@@ -1,0 +1,209 @@
+"""``ProjectLifecycle``: the lifecycle's public face for the API, the MQTT listener and the
+orchestrator's watcher.
+
+It turns every input into an event for the project's queue
+(:class:`~flops_manager.lifecycle.runner.LifecycleRunner`), and executes the reducer's actions:
+quick ones at once, long ones (build, deploy, post-training) on a worker pool.
+"""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from flops_manager.builds import ProjectBuilder
+from flops_manager.errors import NotFound
+from flops_manager.lifecycle import actions as act
+from flops_manager.lifecycle import events as ev
+from flops_manager.lifecycle.admission import check_supported, choose_nodes, new_record
+from flops_manager.lifecycle.pipeline import Pipeline
+from flops_manager.lifecycle.post_training import PostTraining
+from flops_manager.lifecycle.recovery import RestartRecovery
+from flops_manager.lifecycle.runner import Ack, LifecycleRunner
+from flops_manager.orchestrators.base import Orchestrator
+from flops_manager.records import ProjectRecord
+from flops_manager.sla import ProjectSLA
+from flops_manager.store import ProjectStore
+from flops_utils.contract.lifecycle import ACTIVE
+from flops_utils.logging import logger
+from flops_utils.mqtt_topics import ParsedTopic
+
+AGGREGATOR_EXIT_GRACE_S = 5.0
+"""Seconds to wait for a service's final status message after it exited with code 0 or with
+an unknown code (a re-attached service): the message may still be on its way."""
+
+
+class ProjectLifecycle:
+    """Runs projects from SLA to trained model and keeps their persisted state current.
+
+    Args:
+        store: where projects and nodes live.
+        builder: makes the learner/aggregator environment from the ML repo.
+        orchestrator: starts and stops the project's services.
+        workdir: per-project scratch space (clones, logs) goes under ``workdir/<project_id>``.
+        mqtt_url: broker the services publish their status to.
+        mlflow_url: tracking server the aggregator logs to.
+        max_workers: projects that can build/deploy/post-train at the same time.
+        exit_grace_s: seconds to wait for a service's final status message after it exited
+            with code 0 or an unknown code. Defaults to :data:`AGGREGATOR_EXIT_GRACE_S`.
+    """
+
+    def __init__(
+        self,
+        store: ProjectStore,
+        builder: ProjectBuilder,
+        orchestrator: Orchestrator,
+        workdir: Path,
+        mqtt_url: str,
+        mlflow_url: str,
+        max_workers: int = 4,
+        exit_grace_s: float = AGGREGATOR_EXIT_GRACE_S,
+    ) -> None:
+        self.store = store
+        self.builder = builder
+        self.orchestrator = orchestrator
+        self.exit_grace_s = exit_grace_s
+        self.runner = LifecycleRunner(store, self._execute)
+        self.pipeline = Pipeline(self.runner, builder, orchestrator, workdir, mqtt_url, mlflow_url)
+        self.post_training = PostTraining(self.runner, builder, orchestrator, workdir, mlflow_url)
+        self.recovery = RestartRecovery(self.runner, orchestrator)
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="project")
+        self._closing = threading.Event()
+
+    # -- the API's requests ----------------------------------------------------------------
+    def create(self, sla: ProjectSLA) -> ProjectRecord:
+        """Accept a validated SLA, persist the project as ``pending`` and start building.
+
+        Returns the new record. Raises ``UnsupportedSla`` for an SLA field this FLOps does
+        not run yet (``mode: hierarchical``) and ``Conflict`` when fewer nodes hold the SLA's
+        data tags than ``min_available_clients`` (details list every node's tags).
+        """
+        check_supported(sla)
+        now_s = time.time()
+        nodes = choose_nodes(sla, self.store.list_nodes(), now_s)
+        record = new_record(sla, [str(n["node_id"]) for n in nodes], now_s)
+        self.store.insert_project(record)
+        self.runner.post(record.project_id, ev.BuildRequested())
+        return record
+
+    def get(self, project_id: str) -> ProjectRecord:
+        """The project's record; raises ``NotFound`` for an unknown id."""
+        record = self.store.get_project(project_id)
+        if record is None:
+            raise NotFound(f"No project has id {project_id!r}; GET /api/flops/projects lists them.")
+        return record
+
+    def cancel(self, project_id: str) -> ProjectRecord:
+        """Stop every service of the project and mark it ``cancelled``; a finished project
+        keeps its status, but its trained-model server (``inference_url``) is stopped.
+        Returns the record afterwards; raises ``NotFound`` for an unknown id."""
+        self.get(project_id)
+        self.runner.apply(project_id, ev.CancelRequested())
+        return self.get(project_id)
+
+    def active_projects(self) -> list[str]:
+        """Ids of the projects that have services running or starting (``deploying``,
+        ``training``, ``post_training``), oldest first."""
+        return [p.project_id for p in self.store.list_projects() if p.status in ACTIVE]
+
+    # -- inputs from the services ------------------------------------------------------------
+    def on_status(
+        self, topic: ParsedTopic, payload: dict[str, Any], ack: Ack | None = None
+    ) -> None:
+        """Queue one MQTT status message (``flops/<project>/<component>/<status>``, the
+        decoded JSON ``payload`` with ``instance``, ``message``, ``data``); ``ack`` is called
+        once it is applied and persisted."""
+        data = payload.get("data")
+        event = ev.StatusReceived(
+            component=topic.component,
+            status=topic.status,
+            instance=str(payload.get("instance") or ""),
+            message=str(payload.get("message") or ""),
+            data=dict(data) if isinstance(data, dict) else {},
+        )
+        self.runner.post(topic.project_id, event, ack)
+
+    def on_service_exit(
+        self, project_id: str, service: str, returncode: int | None, last: str
+    ) -> None:
+        """Queue the end of a service that ended on its own (the orchestrator's watcher).
+
+        ``returncode`` ``None`` means unknown (a service re-attached after a restart): if the
+        service has not reported success ``exit_grace_s`` seconds later (a learner may also
+        leave once training is done), the project fails with its last log line.
+        """
+        self.runner.post(project_id, ev.ServiceExited(service, returncode, last))
+
+    def drain(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every queued event is applied; ``False`` after ``timeout_s`` seconds."""
+        return self.runner.drain(timeout_s)
+
+    # -- restart and stop -------------------------------------------------------------------
+    def begin_recovery(self) -> list[str]:
+        """First half of reconciling after a restart, before the MQTT backlog is applied
+        (see :mod:`flops_manager.lifecycle.recovery`). Returns the ids it reconciles."""
+        return self.recovery.begin()
+
+    def finish_recovery(self) -> None:
+        """Second half, once the MQTT backlog has been received: applies it, then judges the
+        re-attached projects and resumes ``pending`` / ``building`` ones."""
+        self.recovery.finish()
+
+    def close(self) -> None:
+        """Stop accepting work. Queued projects stay ``pending`` and a build that is under way
+        finishes in its thread without moving on: the next manager process resumes both."""
+        self._closing.set()
+        self.runner.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def fail_unfinished(self, reason: str) -> list[str]:
+        """Fail every unfinished project with ``reason`` and stop its services (a manager
+        stopping for good). Returns their ids."""
+        ended = []
+        for record in self.store.list_projects():
+            if not record.status.is_terminal:
+                self.runner.apply(record.project_id, ev.ManagerStopping(reason))
+                ended.append(record.project_id)
+        return ended
+
+    # -- executing the reducer's actions ----------------------------------------------------
+    def _execute(self, record: ProjectRecord, actions: list[act.Action]) -> None:
+        for action in actions:
+            try:
+                self._execute_one(record.project_id, action)
+            except Exception:
+                logger.exception("project %s: %s failed", record.project_id, action.kind.value)
+
+    def _execute_one(self, project_id: str, action: act.Action) -> None:
+        if isinstance(action, act.StartBuild):
+            self._submit(self.pipeline.build, project_id)
+        elif isinstance(action, act.Deploy):
+            self._submit(self.pipeline.deploy, project_id)
+        elif isinstance(action, act.RunPostTraining):
+            self._submit(self.post_training.run, project_id)
+        elif isinstance(action, act.StopServices):
+            if not action.background or not self._submit(self._stop_services, project_id):
+                self._stop_services(project_id)
+        elif isinstance(action, act.AwaitGrace):
+            self.runner.schedule(self.exit_grace_s, project_id, action.event)
+        elif isinstance(action, act.StopInference):
+            self.orchestrator.stop_inference(project_id)
+        elif isinstance(action, act.Log):
+            (logger.warning if action.level == "warning" else logger.info)(action.message)
+
+    def _submit(self, work: Any, project_id: str) -> bool:
+        """Run ``work(project_id)`` on the pool; ``False`` when the pool is shut down."""
+        if self._closing.is_set():
+            return False
+        try:
+            self._pool.submit(work, project_id)
+        except RuntimeError:
+            return False
+        return True
+
+    def _stop_services(self, project_id: str) -> None:
+        try:
+            self.orchestrator.stop(project_id)
+        except Exception:
+            logger.exception("project %s: stopping its services failed", project_id)
