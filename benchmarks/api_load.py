@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 
 from flops_manager.auth import load_or_create_api_token
-from flops_manager.store import ProjectStore
+from flops_manager.records import Event, Phase, ProjectRecord, RoundMetrics
+from flops_manager.store import open_store
+from flops_utils.contract.lifecycle import ProjectStatus
 from flops_utils.net import find_free_port, wait_for_port
 from flops_utils.processes import stop_process_groups
 
@@ -61,30 +63,31 @@ waitress.serve(app, host="127.0.0.1", port=int(sys.argv[1]), threads=16, _quiet=
 
 def fill_store(home: Path) -> str:
     """Store ``PROJECTS`` finished projects; returns the id of the last one."""
-    store = ProjectStore(str(home / "db"))
+    store = open_store(str(home / "db"))
     now = time.time()
     project_id = ""
     for index in range(PROJECTS):
         project_id = f"bench{index:07d}"
         events = [
-            {"timestamp": now, "type": "status", "status": "training", "message": f"event {n}"}
+            Event(timestamp=now, type="status", status="training", message=f"event {n}")
             for n in range(EVENTS_PER_PROJECT)
         ]
         store.insert_project(
-            {
-                "_id": project_id,
-                "project_id": project_id,
-                "customer_id": "Admin",
-                "status": "completed",
-                "status_message": "final accuracy 0.9170",
-                "created_at": now + index,
-                "updated_at": now + index,
-                "sla": {"ml_repo_url": "https://example.org/repo.git"},
-                "phases": {"training": {"started_at": now, "ended_at": now + 9, "seconds": 9.0}},
-                "events": events,
-                "rounds": [{"round": r, "loss": 0.3, "accuracy": 0.9} for r in range(1, 6)],
-            }
+            ProjectRecord(
+                _id=project_id,
+                project_id=project_id,
+                customer_id="Admin",
+                status=ProjectStatus.COMPLETED,
+                status_message="final accuracy 0.9170",
+                created_at=now + index,
+                updated_at=now + index,
+                sla={"ml_repo_url": "https://example.org/repo.git"},
+                phases={"training": Phase(started_at=now, ended_at=now + 9, seconds=9.0)},
+                events=events,
+                rounds=[RoundMetrics(round=r, loss=0.3, accuracy=0.9) for r in range(1, 6)],
+            )
         )
+    store.close()
     return project_id
 
 

@@ -1,4 +1,4 @@
-"""data_server: one worker node's Arrow Flight data server (DESIGN.md §3).
+"""data_server: one worker node's Arrow Flight data server.
 
 Modules: ``storage`` (Parquet per data tag, atomic writes), ``server`` (the Flight service and
 the in-process ``DataServer``), ``main`` (the ``flops-data-server`` CLI), ``registration``

@@ -282,8 +282,9 @@ class ImageBuildService:
         )
         if returncode is None:
             raise ImageBuildFailed(
-                f"The image build did not finish within {self.timeout_s:.0f} s; see "
-                f"{log_path}, or raise the build timeout."
+                f"The image build did not finish within {self.timeout_s:.0f} s; the "
+                "manager's image-builder.log of the project has its output (ask the admin), "
+                "or raise the build timeout."
             )
         outcome = _read_outcome(result_file)
         if outcome.get("status") == "success":
@@ -300,7 +301,7 @@ class ImageBuildService:
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
         raise ImageBuildFailed(
             f"The image builder {describe_exit(Role.BUILDER, returncode)} It wrote no outcome; "
-            f"see {log_path}.",
+            "the manager's image-builder.log of the project has its output.",
             details=tail,
         )
 

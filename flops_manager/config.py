@@ -1,7 +1,7 @@
 """The manager's configuration, read once from ``FLOPS_*`` environment variables.
 
 Every field has an embedded default, so that with no configuration at all the manager runs the
-embedded suite on this machine (DESIGN.md §3 "Embedded default").
+embedded suite on this machine (the README's "Embedded default").
 """
 
 import os
@@ -52,6 +52,9 @@ class ManagerConfig(BaseModel):
         oakestra_mqtt_url / oakestra_mlflow_url: the broker and MLflow addresses the services
             on the workers reach (``FLOPS_OAKESTRA_MQTT_URL`` / ``FLOPS_OAKESTRA_MLFLOW_URL``;
             default: ``mqtt_url`` / ``mlflow_url``).
+        oakestra_port_range: ``FIRST-LAST`` (inclusive) ports the ``oakestra`` orchestrator
+            publishes aggregators and trained-model servers on, on the workers
+            (``FLOPS_OAKESTRA_PORT_RANGE``, default ``30000-30999``).
         auth: ``token`` (one API token in ``<home>/api-token``, created at first start) or
             ``oakestra`` (Oakestra RS256 access tokens) (``FLOPS_AUTH``, default ``token``).
         jwt_public_key_file: PEM file of the Oakestra root orchestrator's public key, needed
@@ -79,6 +82,7 @@ class ManagerConfig(BaseModel):
     oakestra_namespace: str = Field(default="flops", pattern=r"^[a-zA-Z0-9]{1,30}$")
     oakestra_mqtt_url: str = ""
     oakestra_mlflow_url: str = ""
+    oakestra_port_range: str = Field(default="30000-30999", pattern=r"^\d{1,5}-\d{1,5}$")
     auth: Literal["token", "oakestra"] = "token"
     jwt_public_key_file: str = ""
 
@@ -129,6 +133,7 @@ class ManagerConfig(BaseModel):
             "oakestra_namespace": "FLOPS_OAKESTRA_NAMESPACE",
             "oakestra_mqtt_url": "FLOPS_OAKESTRA_MQTT_URL",
             "oakestra_mlflow_url": "FLOPS_OAKESTRA_MLFLOW_URL",
+            "oakestra_port_range": "FLOPS_OAKESTRA_PORT_RANGE",
             "auth": "FLOPS_AUTH",
             "jwt_public_key_file": "FLOPS_JWT_PUBLIC_KEY_FILE",
         }

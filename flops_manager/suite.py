@@ -222,6 +222,7 @@ class ManagerSuite(StartStop):
             else:
                 self._lifecycle.fail_unfinished(STOPPED_REASON)
             self._lifecycle.orchestrator.close(stop_services=not keep_running)
+            self._lifecycle.store.close()
         for component in (self._mlflow, self._broker):
             if component is None:
                 continue

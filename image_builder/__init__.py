@@ -3,7 +3,7 @@
 Modules (imported on demand; nothing heavy at package import):
 
 - :mod:`image_builder.repo`: fetch ``ml_repo_url`` (git URL, ``file://``, local path or plain
-  directory) at a ref and validate the user contract (DESIGN.md §2).
+  directory) at a ref and validate the user contract.
 - :mod:`image_builder.dependencies`: ``conda.yaml`` / ``requirements.txt`` / ``pyproject.toml``
   → pip requirement lines, and their hash.
 - :mod:`image_builder.python_env`: what both backends install (runtime pins, constraints from

@@ -26,7 +26,7 @@ class RepoRefError(BuilderError):
 
 
 class RepoLayoutError(BuilderError):
-    """The ML repository lacks a file of the user contract (DESIGN.md §2) at its root."""
+    """The ML repository lacks a file of the user contract at its root."""
 
     code = "ml_repo_invalid"
 

@@ -39,7 +39,8 @@ from image_builder.dependencies import DEPENDENCY_FILES, dependency_hash, read_r
 from image_builder.errors import RepoFetchError, RepoLayoutError, RepoRefError
 
 REQUIRED_FILES = ("model_manager.py", "data_manager.py")
-"""Files the user contract (DESIGN.md §2) requires at the repository root, besides one of
+"""Files the user contract (README, "Your ML repository") requires at the repository root,
+besides one of
 :data:`image_builder.dependencies.DEPENDENCY_FILES`."""
 
 IGNORED_NAMES = frozenset(

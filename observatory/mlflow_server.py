@@ -1,4 +1,4 @@
-"""The embedded MLflow tracking server: ``mlflow server`` as a child process (DESIGN.md §4).
+"""The embedded MLflow tracking server: ``mlflow server`` as a child process.
 
 The server keeps runs and the model registry in SQLite (``<workdir>/mlflow.db``) and serves
 artifacts itself (``--serve-artifacts``, stored under ``<workdir>/artifacts``), so clients

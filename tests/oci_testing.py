@@ -1,4 +1,4 @@
-"""Real OCI components for tests (DESIGN.md §4): a registry v2 on loopback and a local base image.
+"""Real OCI components for tests: a registry v2 on loopback and a local base image.
 
 - :class:`LocalRegistry`: Debian's ``docker-registry serve CONFIG`` with filesystem storage in a
   directory, plain HTTP on ``127.0.0.1:<free port>``.

@@ -44,9 +44,29 @@ def eligible_nodes(
     ]
 
 
-def check_supported(sla: ProjectSLA) -> None:
-    """Raise :class:`UnsupportedSla` for an SLA field that is accepted but not run yet:
-    ``training_configuration.mode`` ``hierarchical``."""
+def check_supported(sla: ProjectSLA, enforces_resources: bool = True) -> None:
+    """Raise :class:`UnsupportedSla` for an SLA field this FLOps would otherwise accept
+    without honouring it.
+
+    Refused: ``training_configuration.mode`` ``hierarchical`` (not run yet);
+    ``use_devel_base_images: true`` (FLOps builds every image from one base image,
+    ``FLOPS_BASE_IMAGE``, and has no devel variant); ``resource_constraints`` given
+    explicitly when the orchestrator cannot limit services (``enforces_resources`` False: the
+    ``local`` backend runs plain processes). ``verbose`` is honoured (services log at DEBUG).
+    """
+    if sla.use_devel_base_images:
+        raise UnsupportedSla(
+            "use_devel_base_images is not supported: FLOps builds the learner and aggregator "
+            "from one base image (FLOPS_BASE_IMAGE) and has no devel variant. Remove the field "
+            'or set it to false; to debug, set "verbose": true (services log at DEBUG).'
+        )
+    if "resource_constraints" in sla.model_fields_set and not enforces_resources:
+        raise UnsupportedSla(
+            "resource_constraints cannot be honoured by this manager's orchestrator: the "
+            "local orchestrator runs the services as plain processes on this machine and "
+            "cannot limit their memory, CPUs or storage. Remove resource_constraints, or run "
+            "the manager with FLOPS_ORCHESTRATOR=oakestra."
+        )
     if sla.training_configuration.mode is FLOpsMode.HIERARCHICAL:
         raise UnsupportedSla(
             "training_configuration.mode 'hierarchical' is not supported yet: this FLOps runs "

@@ -75,11 +75,12 @@ class ProjectLifecycle:
     def create(self, sla: ProjectSLA) -> ProjectRecord:
         """Accept a validated SLA, persist the project as ``pending`` and start building.
 
-        Returns the new record. Raises ``UnsupportedSla`` for an SLA field this FLOps does
-        not run yet (``mode: hierarchical``) and ``Conflict`` when fewer nodes hold the SLA's
-        data tags than ``min_available_clients`` (details list every node's tags).
+        Returns the new record. Raises ``UnsupportedSla`` for an SLA field this manager
+        would not honour (see :func:`admission.check_supported`) and ``Conflict`` when fewer
+        nodes hold the SLA's data tags than ``min_available_clients`` (details list every
+        node's tags).
         """
-        check_supported(sla)
+        check_supported(sla, self.orchestrator.enforces_resources)
         now_s = time.time()
         nodes = choose_nodes(sla, self.store.list_nodes(), now_s)
         record = new_record(sla, [str(n["node_id"]) for n in nodes], now_s)

@@ -129,6 +129,8 @@ class Pipeline:
             common[env_vars.ML_REPO_DIR] = str(env.repo_dir)
         if env.user_python is not None:  # an image holds one environment for both
             common[env_vars.USER_PYTHON] = str(env.user_python)
+        if sla.verbose:  # the SLA's "verbose": every service logs at DEBUG
+            common[env_vars.LOG_LEVEL] = "DEBUG"
         aggregator = ServiceSpec(
             name=AGGREGATOR_SERVICE,
             module="aggregator",

@@ -133,6 +133,10 @@ class Orchestrator(ABC):
     """True when the backend pulls OCI images (then the ``oci`` builder is required)."""
 
     serves_models: bool = False
+
+    enforces_resources: bool = False
+    """True when the backend limits each service to the SLA's ``resource_constraints``
+    (``oakestra`` passes them to the scheduler); ``local`` runs plain processes and cannot."""
     """True when the backend can run a trained-model image (:meth:`deploy_inference`)."""
 
     aggregator_bind_host: str = "0.0.0.0"

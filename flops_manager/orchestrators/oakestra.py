@@ -127,6 +127,7 @@ class OakestraOrchestrator(Orchestrator):
 
     needs_images = True
     serves_models = True
+    enforces_resources = True
     aggregator_bind_host = "0.0.0.0"
 
     def __init__(

@@ -14,7 +14,7 @@ from aggregator.flower_server import (
     RoundFailed,
     weighted_accuracy,
 )
-from aggregator.main import AggregatorConfig, ConfigError, UserCodeError
+from aggregator.main import AggregatorConfig, ConfigError
 from aggregator.tracking import (
     MAX_PARAM_VALUE_LENGTH,
     MlflowTracker,
@@ -27,6 +27,7 @@ from flops_utils.contract.training import FedAvgConfig, FedYogiConfig
 from flops_utils.model_worker_client import ModelWorkerStartError
 from flops_utils.net import find_free_port
 from flops_utils.types import MLModelFlavor
+from flops_utils.user_code import UserCodeError
 from observatory.mlflow_server import MlflowServer
 
 EXAMPLE_REPO = Path(__file__).resolve().parents[2] / "examples" / "mnist_sklearn"

@@ -226,7 +226,7 @@ def test_a_learner_failing_fails_the_round_with_any_strategy() -> None:
 
 ROUNDS = 2
 MIN_ACCURACY = 0.5
-MNIST_STRATEGIES = [{"name": "FedMedian"}, {"name": "FedAdam", "eta": 0.05}]
+MNIST_STRATEGIES: list[dict[str, Any]] = [{"name": "FedMedian"}, {"name": "FedAdam", "eta": 0.05}]
 
 
 @pytest.fixture(scope="module")

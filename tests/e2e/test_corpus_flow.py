@@ -120,7 +120,13 @@ def test_a_corpus_repository_trains_unchanged_and_its_model_predicts(
     images, labels = _held_out()
     np.save(tmp_path / "images.npy", images)
     result = subprocess.run(
-        [environment["user_python"], "-c", PREDICT, model_dir, str(tmp_path / "images.npy")],
+        [
+            project["admin"]["environment_paths"]["user_python"],
+            "-c",
+            PREDICT,
+            model_dir,
+            str(tmp_path / "images.npy"),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

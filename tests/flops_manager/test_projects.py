@@ -7,13 +7,15 @@ from typing import Any
 
 import pytest
 
-from flops_manager.builds import VenvProjectBuilder
+from flops_manager.builds import BuildResult, VenvProjectBuilder
 from flops_manager.errors import Conflict
+from flops_manager.lifecycle.admission import new_record
 from flops_manager.orchestrators.local import LocalOrchestrator
 from flops_manager.projects import ProjectLifecycle, ProjectStatus, UnsupportedSla, eligible_nodes
 from flops_manager.records import Phase, ProjectRecord
 from flops_manager.sla import ProjectSLA
 from flops_manager.store import EmbeddedProjectStore
+from flops_utils import env_vars
 from flops_utils.mqtt_topics import parse_status_topic
 
 
@@ -206,6 +208,25 @@ def test_an_sla_for_hierarchical_fl_is_refused_with_the_fix(lifecycle: ProjectLi
     assert lifecycle.store.list_projects() == []
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("use_devel_base_images", True, "no devel variant"),
+        ("resource_constraints", {"memory": 512}, "cannot limit their memory"),
+    ],
+)
+def test_an_sla_field_the_manager_cannot_honour_is_refused_with_the_reason(
+    lifecycle: ProjectLifecycle, field: str, value: object, reason: str
+) -> None:
+    register_nodes(lifecycle, 2)
+    sla = ProjectSLA.model_validate({"ml_repo_url": "https://example.com/repo.git", field: value})
+
+    with pytest.raises(UnsupportedSla, match=reason):
+        lifecycle.create(sla)
+
+    assert lifecycle.store.list_projects() == []
+
+
 def test_too_few_nodes_with_the_data_is_a_conflict(lifecycle: ProjectLifecycle) -> None:
     register_nodes(lifecycle, 1)
     sla = ProjectSLA.model_validate(
@@ -242,3 +263,19 @@ def test_a_build_failure_fails_the_new_project_with_the_builders_reason(
         "failed",
     ]
     assert project.phases["building"].seconds is not None
+
+
+@pytest.mark.parametrize(("verbose", "level"), [(True, "DEBUG"), (False, None)])
+def test_a_verbose_sla_makes_every_service_log_at_debug(
+    lifecycle: ProjectLifecycle, verbose: bool, level: str | None
+) -> None:
+    sla = ProjectSLA.model_validate(
+        {"ml_repo_url": "https://example.com/repo.git", "verbose": verbose}
+    )
+    record = new_record(sla, ["node-1"], time.time())
+    env = BuildResult(commit="0" * 40, key="0" * 32, cache_hit=True, seconds=0.0)
+    node = {"node_id": "node-1", "data_server": "grpc://127.0.0.1:9"}
+
+    deployment = lifecycle.pipeline.deployment(record, sla, env, [node])
+
+    assert [s.env.get(env_vars.LOG_LEVEL) for s in deployment.services] == [level, level]

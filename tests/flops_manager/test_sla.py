@@ -109,7 +109,9 @@ def test_bad_values_are_rejected_naming_the_field(patch: dict[str, object], fiel
 
 
 def _with_strategy(strategy: object) -> dict[str, object]:
-    training = {**ORIGINAL_CLASSIC["training_configuration"], "strategy": strategy}
+    original = ORIGINAL_CLASSIC["training_configuration"]
+    assert isinstance(original, dict)
+    training = {**original, "strategy": strategy}
     return {**ORIGINAL_CLASSIC, "training_configuration": training}
 
 

@@ -440,7 +440,7 @@ def expected_file(
     tmp_path_factory: pytest.TempPathFactory, expected: dict[str, np.ndarray]
 ) -> Path:
     path = tmp_path_factory.mktemp("compat-expected") / "expected.npz"
-    np.savez(path, **expected)
+    np.savez(path, **expected)  # type: ignore[arg-type]  # numpy stubs type **kwds as bool
     return path
 
 

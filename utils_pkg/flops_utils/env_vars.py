@@ -19,6 +19,10 @@ DATA_TAGS = "FLOPS_DATA_TAGS"
 AGGREGATOR_ADDRESS = "FLOPS_AGGREGATOR_ADDRESS"
 """``HOST:PORT`` of the Flower server the learner connects to / the aggregator binds."""
 
+LOG_LEVEL = "FLOPS_LOG_LEVEL"
+"""Optional. Level of the ``flops`` logger (``DEBUG``, ``INFO`` ...; default ``INFO``); the
+manager sets ``DEBUG`` for the services of an SLA with ``"verbose": true``."""
+
 ML_REPO_DIR = "FLOPS_ML_REPO_DIR"
 """Directory holding the user's ML repository (put on ``sys.path``)."""
 

@@ -7,6 +7,8 @@ import logging as _logging
 import os
 import sys
 
+from flops_utils import env_vars
+
 logger = _logging.getLogger("flops")
 if not logger.handlers:
     _handler = _logging.StreamHandler(sys.stderr)
@@ -14,5 +16,5 @@ if not logger.handlers:
         _logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s", "%H:%M:%S")
     )
     logger.addHandler(_handler)
-    logger.setLevel(os.environ.get("FLOPS_LOG_LEVEL", "INFO").upper())
+    logger.setLevel(os.environ.get(env_vars.LOG_LEVEL, "INFO").upper())
     logger.propagate = False
