@@ -128,7 +128,10 @@ def test_uninstallable_dependency_fails_with_the_resolvers_message(
     assert "error: dependency_install_failed" in caught.value.details
     failed = recorder.wait_for("builder/failed")[0]
     assert failed["message"] == caught.value.message
-    assert failed["data"] == {"error": "dependency_install_failed", "exit_code": 1}
+    assert failed["data"] == {
+        "error": "dependency_install_failed",
+        "exit_code": int(ExitCode.BUILD_FAILED),
+    }
 
 
 def test_every_build_step_is_published_with_a_sentence(
