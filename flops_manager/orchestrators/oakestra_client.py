@@ -202,6 +202,8 @@ class OakestraClient:
         backoff_s: the first retry waits this long; each further one twice as long.
             Defaults to 0.5 (so 0.5 + 1 + 2 s for 3 retries).
         session: the HTTP session to use (default: a new ``requests.Session``).
+        clock: seconds since the epoch, compared with the access token's ``exp`` to renew it
+            in time (default ``time.time``; tests pass a clock that runs ahead).
 
     Every method raises :class:`OakestraUnavailable` when Oakestra does not answer (or keeps
     answering 5xx) after the retries, :class:`OakestraAuthFailed` when the credentials are
@@ -218,8 +220,10 @@ class OakestraClient:
         retries: int = 3,
         backoff_s: float = 0.5,
         session: requests.Session | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.clock = clock
         self.username = username
         self._password = password
         self.timeout_s = timeout_s
@@ -229,7 +233,7 @@ class OakestraClient:
         self._token_lock = threading.Lock()
         self._token = ""
         self._refresh_token = ""
-        self._renew_at = 0.0  # time.time() after which the access token is renewed first
+        self._renew_at = 0.0  # clock() after which the access token is renewed first
         self._user_id = ""
         self._app_names: dict[str, tuple[str, str]] = {}
 
@@ -282,14 +286,14 @@ class OakestraClient:
         """Keep ``token`` and when to renew it (caller holds the token lock)."""
         self._token = token
         claims = _jwt_claims(token)
-        now = time.time()
+        now = self.clock()
         expires = float(claims.get("exp", now + 600))
         lifetime = max(expires - float(claims.get("iat", now)), 0.0)
         self._renew_at = expires - min(TOKEN_MARGIN_S, lifetime / 5)
 
     def _access_header(self) -> dict[str, str]:
         with self._token_lock:
-            token, fresh = self._token, time.time() < self._renew_at
+            token, fresh = self._token, self.clock() < self._renew_at
         if not token:
             self.login()
         elif not fresh:

@@ -6,6 +6,7 @@ server, two Arrow Flight data servers holding IID MNIST halves (tag ``mnist``), 
 loopback, and the example ML repository ``examples/mnist_sklearn``.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 from mqtt_testing import MqttRecorder
+from waiting import wait_until
 
 from data_server.mock_provider import provide_mock_data
 from data_server.server import DataServer
@@ -104,12 +106,24 @@ def run_training(
         deadline = began + TRAINING_TIMEOUT_S
         results = {name: process.finish(deadline) for name, process in processes.items()}
         seconds = time.monotonic() - began
-        time.sleep(0.3)  # the last QoS 1 deliveries
+        _await_final_messages(recorder, len(processes))
         return TrainingRun(project_id, sla, results, recorder, seconds)
 
     yield run
     for recorder in recorders:
         recorder.close()
+
+
+def _await_final_messages(recorder: MqttRecorder, count: int, timeout_s: float = 5.0) -> None:
+    """Wait until ``count`` final status messages (``success`` / ``failed``) have arrived: a
+    process publishes its last one (QoS 1) just before it exits. A process killed before it
+    could publish sends none, so a timeout is not an error here."""
+
+    def finals() -> bool:
+        return len(recorder.find("/success")) + len(recorder.find("/failed")) >= count
+
+    with contextlib.suppress(AssertionError):
+        wait_until(finals, timeout_s, "final status messages")
 
 
 def _start_project(

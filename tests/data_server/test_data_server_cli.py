@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from waiting import wait_until
 
 from data_server.registration import NodeRegistrar, node_architecture, registration_payload
 from data_server.server import DataServer
@@ -41,23 +41,20 @@ class FakeManager:
     def wait_for(
         self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def matching() -> dict[str, Any] | None:
             with self.lock:
-                for body in self.posts:
-                    if predicate(body):
-                        return body
-            time.sleep(0.05)
-        raise AssertionError(f"no matching registration within {timeout_s}s: {self.posts}")
+                return next((body for body in self.posts if predicate(body)), None)
+
+        return wait_until(matching, timeout_s, lambda: f"no matching registration: {self.posts}")
 
     def wait_for_count(self, count: int, timeout_s: float) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def enough() -> list[dict[str, Any]] | None:
             with self.lock:
-                if len(self.posts) >= count:
-                    return list(self.posts)
-            time.sleep(0.05)
-        raise AssertionError(f"fewer than {count} registrations in {timeout_s}s: {self.posts}")
+                return list(self.posts) if len(self.posts) >= count else None
+
+        return wait_until(
+            enough, timeout_s, lambda: f"fewer than {count} registrations: {self.posts}"
+        )
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import jsonschema_rs
 import pytest
 import requests
 from flask.testing import FlaskClient
+from waiting import wait_until
 from werkzeug.test import TestResponse
 
 from flops_manager.api_models import mask_credentials
@@ -76,13 +77,11 @@ def register(api: Api, node_id: str, tags: dict[str, int]) -> None:
 
 
 def wait_until_ended(api: Api, project_id: str, timeout_s: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def ended() -> dict[str, Any] | None:
         project: dict[str, Any] = api("GET", f"/projects/{project_id}").json()
-        if project["status"] in ("completed", "failed", "cancelled"):
-            return project
-        time.sleep(0.1)
-    raise AssertionError(f"project {project_id} did not end")
+        return project if project["status"] in ("completed", "failed", "cancelled") else None
+
+    return wait_until(ended, timeout_s, f"project {project_id} did not end", interval_s=0.1)
 
 
 def test_health_and_api_docs_need_no_token(suite: ManagerSuite) -> None:

@@ -11,7 +11,6 @@ and cancelled and its answers checked against the document (``additionalProperti
 nothing undocumented is sent).
 """
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.core.result import Ok
 from schemathesis.schemas import BaseSchema
+from waiting import wait_until
 
 from flops_manager.auth import read_api_token
 from flops_manager.broker import MosquittoBroker
@@ -102,10 +102,8 @@ def test_a_real_project_is_sent_exactly_as_documented(served: ManagerSuite) -> N
 
 
 def wait_until_ended(url: str, headers: dict[str, str], timeout_s: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def ended() -> dict[str, Any] | None:
         project: dict[str, Any] = requests.get(url, headers=headers, timeout=10).json()
-        if project["status"] in ("completed", "failed", "cancelled"):
-            return project
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not end")
+        return project if project["status"] in ("completed", "failed", "cancelled") else None
+
+    return wait_until(ended, timeout_s, f"{url} did not end", interval_s=0.1)

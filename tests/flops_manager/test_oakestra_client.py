@@ -148,11 +148,14 @@ def test_wrong_password_is_a_clear_auth_error(double: OakestraDouble) -> None:
 
 
 def test_access_token_is_renewed_before_it_expires(tmp_path: Path) -> None:
-    with OakestraDouble(tmp_path, access_token_lifetime_s=2.0) as short_lived:
-        oakestra = OakestraClient(short_lived.url, "Admin", "Admin")
+    skew_s = [0.0]  # the client's clock runs this far ahead of the double's
+    with OakestraDouble(tmp_path, access_token_lifetime_s=60.0) as short_lived:
+        oakestra = OakestraClient(
+            short_lived.url, "Admin", "Admin", clock=lambda: time.time() + skew_s[0]
+        )
         assert oakestra.list_applications() == []
 
-        time.sleep(2.2)  # the first access token has expired by now
+        skew_s[0] = 59.0  # for the client, the first access token expires in about a second
         app_id = oakestra.create_application(application("afterexpiry", "flops"))
 
         assert [a["applicationID"] for a in oakestra.list_applications()] == [app_id]

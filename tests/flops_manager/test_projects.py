@@ -1,11 +1,13 @@
 """The project lifecycle's state machine, fed with status messages and service exits."""
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_until
 
 from flops_manager.builds import BuildResult, VenvProjectBuilder
 from flops_manager.errors import Conflict
@@ -65,12 +67,9 @@ def message(lifecycle: ProjectLifecycle, topic: str, **payload: Any) -> None:
 
 
 def wait_status(lifecycle: ProjectLifecycle, project_id: str, timeout_s: float = 5) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = lifecycle.get(project_id).status
-        if status.is_terminal:
-            return status.value
-        time.sleep(0.02)
+    """The project's status once terminal; its current status after ``timeout_s``."""
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: lifecycle.get(project_id).status.is_terminal, timeout_s, interval_s=0.02)
     return lifecycle.get(project_id).status.value
 
 

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -342,14 +343,13 @@ def test_restarted_broker_delivers_messages_queued_for_a_persistent_session(
 
 def _session(port: int, received: list[bytes]) -> mqtt.Client:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="manager", clean_session=False)
+    subscribed = threading.Event()
     client.on_message = lambda c, u, m: received.append(bytes(m.payload))
     client.on_connect = lambda c, u, f, rc, p: c.subscribe("flops/+/+/+", qos=1)
+    client.on_subscribe = lambda *_: subscribed.set()
     client.connect("127.0.0.1", port)
     client.loop_start()
-    deadline = time.monotonic() + 5
-    while not client.is_connected() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.2)  # the subscription is acknowledged
+    assert subscribed.wait(5), "the broker did not acknowledge the subscription"
     return client
 
 

@@ -5,12 +5,12 @@ a real Mosquitto broker, buildah, a loopback registry and the local Debian base 
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from builder_testing import copy_example
 from mqtt_testing import MqttRecorder
+from waiting import wait_until
 
 from flops_manager.broker import MosquittoBroker
 from flops_manager.builds import (
@@ -168,9 +168,7 @@ def test_every_build_step_is_published_with_a_sentence(
         notifier.close()
 
     # Assert: one progress message per step, in order, its data with the step's name
-    deadline = time.monotonic() + 10
-    while len(recorder.find("builder/progress")) < len(samples) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(recorder.find("builder/progress")) >= len(samples), 10)
     progress = recorder.find("builder/progress")
     assert [message["data"] for message in progress] == [
         {"step": str(step), **data, "seconds": round(float(str(data["seconds"])), 3)}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from mqtt_testing import MqttRecorder
+from waiting import wait_until
 
 from flops_manager.broker import MosquittoBroker
 from flops_utils import env_vars
@@ -270,9 +271,7 @@ def test_stopping_the_aggregator_mid_round_fails_both_cleanly(
         _env(**common, FLOPS_MLFLOW_URL=mlflow_server.url, FLOPS_SLA=json.dumps(sla)),
     )
     learner = _start("learner", _env(**common, SLOW_FIT_MARKER=str(marker)))
-    deadline = time.monotonic() + PROCESS_TIMEOUT_S
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(marker.exists, PROCESS_TIMEOUT_S, "the learner never reached fit_model")
 
     # Execute
     aggregator.terminate()
