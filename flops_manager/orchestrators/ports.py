@@ -10,18 +10,29 @@ port as its source port, and the aggregator then fails with "address already in 
 outside that range is never assigned implicitly, so only an explicit ``bind`` can take it.
 """
 
-import random
-import socket
 from collections.abc import Collection, Iterable
-from pathlib import Path
 
 from flops_manager.errors import ServiceUnavailable
+from flops_utils.net import (
+    SERVICE_PORT_RANGE,
+    ephemeral_range,
+    is_bindable,
+    outside_ephemeral,
+    pick_free_port,
+    shuffled_service_ports,
+)
 
-EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-DEFAULT_EPHEMERAL_RANGE = (32768, 60999)
-"""Linux's default ephemeral range, used when :data:`EPHEMERAL_RANGE_FILE` is unreadable."""
+__all__ = [
+    "LOCAL_PORT_RANGE",
+    "ephemeral_range",
+    "first_free_port",
+    "is_bindable",
+    "local_aggregator_port",
+    "outside_ephemeral",
+    "parse_port_range",
+]
 
-LOCAL_PORT_RANGE = (20000, 32767)
+LOCAL_PORT_RANGE = SERVICE_PORT_RANGE
 """Where the ``local`` backend looks for an aggregator port (minus the ephemeral range)."""
 
 
@@ -36,31 +47,6 @@ def parse_port_range(text: str) -> tuple[int, int]:
     if not 1 <= low <= high <= 65535:
         raise ValueError(f"port range {text!r} must satisfy 1 <= FIRST <= LAST <= 65535")
     return low, high
-
-
-def ephemeral_range(path: Path = EPHEMERAL_RANGE_FILE) -> tuple[int, int]:
-    """The kernel's ephemeral port range ``(first, last)``, inclusive; Linux's default when
-    ``path`` cannot be read."""
-    try:
-        low, high = (int(part) for part in path.read_text().split())
-    except (OSError, ValueError):
-        return DEFAULT_EPHEMERAL_RANGE
-    return low, high
-
-
-def outside_ephemeral(candidates: Iterable[int], ephemeral: tuple[int, int]) -> list[int]:
-    """``candidates`` without the ports of the ``ephemeral`` range."""
-    return [port for port in candidates if not ephemeral[0] <= port <= ephemeral[1]]
-
-
-def is_bindable(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether a TCP socket can bind ``host:port`` right now (nothing listens or lingers)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def first_free_port(
@@ -83,13 +69,14 @@ def first_free_port(
 
 def local_aggregator_port(in_use: Collection[int], host: str = "127.0.0.1") -> int:
     """A port for a ``local`` aggregator: in :data:`LOCAL_PORT_RANGE`, outside the kernel's
-    ephemeral range, not in ``in_use`` and bindable on ``host``. Raises
-    ``ServiceUnavailable`` when none is.
+    ephemeral range, not in ``in_use``, not just handed out to another caller of this process
+    and bindable on ``host``. Raises ``ServiceUnavailable`` when none is.
 
     The search starts at a random candidate, so that two manager processes on one machine
     (e.g. parallel test sessions) rarely try the same port at the same moment.
     """
-    low, high = LOCAL_PORT_RANGE
-    candidates = outside_ephemeral(range(low, high + 1), ephemeral_range())
-    start = random.randrange(len(candidates)) if candidates else 0
-    return first_free_port(candidates[start:] + candidates[:start], in_use, host)
+    candidates = shuffled_service_ports(LOCAL_PORT_RANGE)
+    port = pick_free_port(candidates, in_use, host)
+    if port is None:
+        return first_free_port(candidates, in_use, host)  # raises ServiceUnavailable
+    return port
