@@ -19,6 +19,25 @@ DATA_TAGS = "FLOPS_DATA_TAGS"
 AGGREGATOR_ADDRESS = "FLOPS_AGGREGATOR_ADDRESS"
 """``HOST:PORT`` of the Flower server the learner connects to / the aggregator binds."""
 
+AGGREGATOR_ROLE = "FLOPS_AGGREGATOR_ROLE"
+"""Optional. Which aggregator this process is: ``classic`` (the default), ``root`` or
+``cluster`` (:class:`flops_utils.contract.training.AggregatorRole`)."""
+
+ROOT_AGGREGATOR_ADDRESS = "FLOPS_ROOT_AGGREGATOR_ADDRESS"
+"""Cluster aggregator only: ``HOST:PORT`` of the root aggregator it is a Flower client of."""
+
+CLUSTER = "FLOPS_CLUSTER"
+"""Cluster aggregator only: the name of the cluster whose learners it aggregates (the
+``cluster`` of their nodes' registration)."""
+
+CLUSTERS = "FLOPS_CLUSTERS"
+"""Root aggregator only: comma-separated names of the clusters taking part; the root waits
+for ``min(min_available_clients, len(clusters))`` cluster aggregators."""
+
+LEARNERS = "FLOPS_LEARNERS"
+"""Cluster aggregator only, optional: comma-separated learner names (node ids) of its
+cluster, recorded in its MLflow run."""
+
 LOG_LEVEL = "FLOPS_LOG_LEVEL"
 """Optional. Level of the ``flops`` logger (``DEBUG``, ``INFO`` ...; default ``INFO``); the
 manager sets ``DEBUG`` for the services of an SLA with ``"verbose": true``."""

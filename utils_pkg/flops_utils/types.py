@@ -24,6 +24,9 @@ class Component(StrEnum):
 
     BUILDER = "builder"
     AGGREGATOR = "aggregator"
+    """The project's top aggregator: the classic aggregator, or the root in hierarchical FL."""
+    CLUSTER_AGGREGATOR = "cluster-aggregator"
+    """Hierarchical FL: the aggregator of one cluster's learners (a client of the root)."""
     LEARNER = "learner"
     INFERENCE = "inference"
 

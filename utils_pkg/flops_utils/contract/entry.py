@@ -64,7 +64,8 @@ def failure_of(exc: BaseException) -> Failure:
 @dataclass(frozen=True)
 class StatusTarget:
     """Where a role's status messages go: ``mqtt_url``, ``project_id``, ``component`` and the
-    ``instance`` name (a learner's ``FLOPS_LEARNER_NAME``, else the component)."""
+    ``instance`` name (a learner's ``FLOPS_LEARNER_NAME``, a cluster aggregator's
+    ``FLOPS_CLUSTER`` with the component ``cluster-aggregator``, else the component)."""
 
     mqtt_url: str
     project_id: str
@@ -87,6 +88,9 @@ class StatusTarget:
         instance = component.value
         if role is Role.LEARNER:
             instance = env.get(env_vars.LEARNER_NAME) or component.value
+        cluster = (env.get(env_vars.CLUSTER) or "").strip()
+        if role is Role.AGGREGATOR and env.get(env_vars.AGGREGATOR_ROLE) == "cluster" and cluster:
+            component, instance = Component.CLUSTER_AGGREGATOR, cluster
         return cls(mqtt_url, project_id, component, instance)
 
     def notifier(self) -> StatusNotifier:

@@ -12,6 +12,9 @@ aggregator/started           :class:`AggregatorStarted`
 aggregator/progress          :class:`RoundProgress` (``stage`` ``round``, the default) or
                              :class:`TrainingDone` (``stage`` ``training_done``)
 aggregator/success           :class:`AggregatorSuccess`
+cluster-aggregator/started   :class:`AggregatorStarted` (``role`` ``cluster``, ``cluster``)
+cluster-aggregator/progress  :class:`RoundProgress` (``cycle``, ``step``, ``cluster``)
+cluster-aggregator/success   :class:`ClusterAggregatorSuccess`
 learner/started              :class:`LearnerStarted`
 learner/success              :class:`LearnerSuccess`
 builder/started              :class:`BuilderStarted`
@@ -43,6 +46,7 @@ __all__ = [
     "BuilderProgress",
     "BuilderStarted",
     "BuilderSuccess",
+    "ClusterAggregatorSuccess",
     "Failed",
     "LearnerStarted",
     "LearnerSuccess",
@@ -73,6 +77,13 @@ class AggregatorStarted(MessageData):
     address: str | None = None
     rounds: int | None = None
     strategy: dict[str, Any] | None = None
+    role: str | None = None
+    """``classic``, ``root`` or ``cluster`` (:class:`~flops_utils.contract.training.
+    AggregatorRole`); absent means classic."""
+    cycles: int | None = None
+    """Hierarchical FL: the cycles planned (root and cluster aggregators)."""
+    cluster: str | None = None
+    """Cluster aggregator: its cluster."""
 
 
 class RoundProgress(MessageData):
@@ -85,6 +96,29 @@ class RoundProgress(MessageData):
     loss: float | None = None
     accuracy: float | None = None
     learners: int | None = None
+    seconds: float | None = None
+    cycle: int | None = None
+    """Hierarchical FL: the root's cycle this round belongs to (for the root, ``round`` is
+    the cycle and ``learners`` the cluster aggregators that took part)."""
+    step: int | None = None
+    """Cluster aggregator: the round's global step, ``(cycle - 1) * rounds + round``."""
+    cluster: str | None = None
+    """Cluster aggregator: its cluster."""
+    fit_examples: int | None = None
+    """Training examples aggregated in this round (the sum over its learners)."""
+    evaluate_examples: int | None = None
+    """Evaluation examples the ``loss`` and ``accuracy`` are weighted over."""
+
+
+class ClusterAggregatorSuccess(MessageData):
+    """A cluster aggregator finished (the root ended training): its ``cluster``, MLflow
+    child ``run_id``, the ``cycles`` it took part in, its ``rounds`` in total and its wall
+    time in ``seconds``."""
+
+    cluster: str | None = None
+    run_id: str | None = None
+    cycles: int | None = None
+    rounds: int | None = None
     seconds: float | None = None
 
 
@@ -187,6 +221,9 @@ class BuilderSuccess(MessageData):
 _DATA_MODELS: dict[tuple[Component, ComponentStatus], type[MessageData]] = {
     (Component.AGGREGATOR, ComponentStatus.STARTED): AggregatorStarted,
     (Component.AGGREGATOR, ComponentStatus.SUCCESS): AggregatorSuccess,
+    (Component.CLUSTER_AGGREGATOR, ComponentStatus.STARTED): AggregatorStarted,
+    (Component.CLUSTER_AGGREGATOR, ComponentStatus.PROGRESS): RoundProgress,
+    (Component.CLUSTER_AGGREGATOR, ComponentStatus.SUCCESS): ClusterAggregatorSuccess,
     (Component.LEARNER, ComponentStatus.STARTED): LearnerStarted,
     (Component.LEARNER, ComponentStatus.SUCCESS): LearnerSuccess,
     (Component.BUILDER, ComponentStatus.STARTED): BuilderStarted,

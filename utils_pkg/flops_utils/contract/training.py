@@ -7,6 +7,7 @@ here, so that no runtime image needs the manager's code.
 """
 
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Annotated, Any, Literal, Self, get_args
 
 from pydantic import (
@@ -271,6 +272,40 @@ class TrainingConfiguration(_Strict):
                 f"({self.min_available_clients}); raise max_clients or lower the minimum"
             )
         return self
+
+
+class AggregatorRole(StrEnum):
+    """The three aggregator roles (``FLOPS_AGGREGATOR_ROLE``).
+
+    ``classic``: a Flower server over the learners for ``training_rounds`` rounds. ``root``
+    (hierarchical FL): a Flower server over the cluster aggregators for ``training_cycles``
+    rounds (cycles). ``cluster`` (hierarchical FL): a Flower client of the root and a Flower
+    server over its cluster's learners; each fit of the root runs ``training_rounds`` rounds.
+    """
+
+    CLASSIC = "classic"
+    ROOT = "root"
+    CLUSTER = "cluster"
+
+
+def learners_needed(training: TrainingConfiguration) -> int:
+    """Learners a classic aggregator, or one cluster aggregator, needs to keep training:
+    ``max(min_fit_clients, min_evaluate_clients, min_available_clients)`` (Flower waits for
+    ``min_available_clients`` before sampling; the validator keeps the other two below)."""
+    return max(
+        training.min_fit_clients, training.min_evaluate_clients, training.min_available_clients
+    )
+
+
+def root_clusters_needed(training: TrainingConfiguration, clusters: int) -> int:
+    """Cluster aggregators the root needs to keep training: ``min(min_available_clients,
+    clusters)`` where ``clusters`` is the number of clusters that took part at the start.
+
+    So with ``min_available_clients`` 2, two clusters must stay; with 3 clusters and a
+    minimum of 2, one cluster may be lost. (The SLA's minimums count learners per cluster;
+    the root applies the same number to clusters, capped by how many there are.)
+    """
+    return max(1, min(training.min_available_clients, clusters))
 
 
 class AggregatorSLA(BaseModel):
