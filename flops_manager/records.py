@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from flops_utils.contract.lifecycle import ProjectStatus
+from flops_utils.contract.services import learner_service
 
 
 class _Record(BaseModel):
@@ -88,6 +89,40 @@ class ModelImageRecord(_Record):
     seconds: float
 
 
+class ClusterRoundMetrics(_Record):
+    """One round of a cluster aggregator (hierarchical FL): the root's ``cycle``, the
+    ``round`` within it, the global ``step`` (``(cycle - 1) * training_rounds + round``), the
+    example-weighted evaluation ``loss``/``accuracy`` of its learners, how many ``learners``
+    took part and the examples aggregated (``fit_examples``) and evaluated
+    (``evaluate_examples``)."""
+
+    cycle: int | None = None
+    round: int | None = None
+    step: int | None = None
+    loss: float | None = None
+    accuracy: float | None = None
+    learners: int | None = None
+    fit_examples: int | None = None
+    evaluate_examples: int | None = None
+
+
+class ClusterRecord(_Record):
+    """One cluster of a hierarchical project: its ``name`` (the nodes' registered cluster),
+    its aggregator's ``service`` name, the ``nodes`` its learners run on, the aggregator's
+    ``address`` once it listens, its per-round metrics (``rounds``), its MLflow child
+    ``run_id``, ``lost_learners`` training went on without, and ``lost`` (the reason) once
+    the root goes on without the cluster."""
+
+    name: str
+    service: str
+    nodes: list[str] = Field(default_factory=list)
+    address: str | None = None
+    rounds: list[ClusterRoundMetrics] = Field(default_factory=list)
+    run_id: str | None = None
+    lost_learners: list[str] = Field(default_factory=list)
+    lost: str | None = None
+
+
 class ProjectRecord(_Record):
     """One project as stored.
 
@@ -98,6 +133,8 @@ class ProjectRecord(_Record):
     ``environment``: the build's document (commit, cache key, interpreter paths or image
     references). ``aggregator_result``: the data of the aggregator's ``success`` message,
     kept until post-training is done. ``lost_learners``: learners training went on without.
+    ``clusters``: hierarchical FL only, one entry per cluster taking part (in the classic
+    mode it is empty); ``rounds`` then holds the root's cycles.
     """
 
     id: str = Field(alias="_id")
@@ -117,6 +154,7 @@ class ProjectRecord(_Record):
     service_handles: list[dict[str, Any]] = Field(default_factory=list)
     service_reports: list[ServiceReport] = Field(default_factory=list)
     lost_learners: list[str] = Field(default_factory=list)
+    clusters: list[ClusterRecord] = Field(default_factory=list)
     aggregator_address: str | None = None
     aggregator_result: dict[str, Any] | None = None
     environment: dict[str, Any] | None = None
@@ -136,6 +174,20 @@ class ProjectRecord(_Record):
         an older FLOps) are dropped, so an upgrade never makes a project unreadable; raises
         ``pydantic.ValidationError`` when a known field has the wrong type."""
         return cls.model_validate({k: v for k, v in doc.items() if k in PROJECT_FIELDS})
+
+    @property
+    def hierarchical(self) -> bool:
+        """Whether the project runs hierarchical FL (it has clusters)."""
+        return bool(self.clusters)
+
+    def cluster_of(self, service: str) -> ClusterRecord | None:
+        """The cluster whose aggregator or learner ``service`` is, else ``None``."""
+        for cluster in self.clusters:
+            if service == cluster.service or any(
+                service == learner_service(node) for node in cluster.nodes
+            ):
+                return cluster
+        return None
 
     def final_reports(self) -> dict[str, str]:
         """Service name → the last final status (``success`` / ``failed``) it reported."""

@@ -5,9 +5,10 @@ import uuid
 from typing import Any
 
 from flops_manager.errors import Conflict, Unprocessable
-from flops_manager.records import Event, Phase, ProjectRecord
+from flops_manager.records import ClusterRecord, Event, Phase, ProjectRecord
 from flops_manager.sla import ProjectSLA
 from flops_utils.contract.lifecycle import ProjectStatus
+from flops_utils.contract.services import cluster_aggregator_service
 from flops_utils.types import FLOpsMode
 
 NODE_TTL_S = 120.0
@@ -48,8 +49,7 @@ def check_supported(sla: ProjectSLA, enforces_resources: bool = True) -> None:
     """Raise :class:`UnsupportedSla` for an SLA field this FLOps would otherwise accept
     without honouring it.
 
-    Refused: ``training_configuration.mode`` ``hierarchical`` (not run yet);
-    ``use_devel_base_images: true`` (FLOps builds every image from one base image,
+    Refused: ``use_devel_base_images: true`` (FLOps builds every image from one base image,
     ``FLOPS_BASE_IMAGE``, and has no devel variant); ``resource_constraints`` given
     explicitly when the orchestrator cannot limit services (``enforces_resources`` False: the
     ``local`` backend runs plain processes). ``verbose`` is honoured (services log at DEBUG).
@@ -67,12 +67,18 @@ def check_supported(sla: ProjectSLA, enforces_resources: bool = True) -> None:
             "cannot limit their memory, CPUs or storage. Remove resource_constraints, or run "
             "the manager with FLOPS_ORCHESTRATOR=oakestra."
         )
+
+
+def admit(sla: ProjectSLA, nodes: list[dict[str, Any]], now_s: float) -> ProjectRecord:
+    """The ``pending`` record of a new project with ``sla`` over the registered ``nodes``:
+    classic FL runs a learner on each node :func:`choose_nodes` picks; hierarchical FL one
+    per node of each cluster :func:`choose_clusters` picks. Raises ``Conflict`` as those do."""
     if sla.training_configuration.mode is FLOpsMode.HIERARCHICAL:
-        raise UnsupportedSla(
-            "training_configuration.mode 'hierarchical' is not supported yet: this FLOps runs "
-            "classic FL (one aggregator). Set mode to 'classic' (training_cycles is then "
-            "ignored) or leave it out."
-        )
+        clusters = choose_clusters(sla, nodes, now_s)
+        members = {name: [str(n["node_id"]) for n in ns] for name, ns in clusters.items()}
+        node_ids = [node for ids in members.values() for node in ids]
+        return new_record(sla, node_ids, now_s, members)
+    return new_record(sla, [str(n["node_id"]) for n in choose_nodes(sla, nodes, now_s)], now_s)
 
 
 def choose_nodes(
@@ -103,15 +109,92 @@ def choose_nodes(
                 for n in nodes
             ],
         )
-    if training.max_clients is None:
-        return eligible
-    rows = {n["node_id"]: sum(n["tags"].get(t, 0) for t in training.data_tags) for n in eligible}
-    return sorted(eligible, key=lambda n: -rows[n["node_id"]])[: training.max_clients]
+    return _at_most(eligible, training.max_clients, training.data_tags)
 
 
-def new_record(sla: ProjectSLA, node_ids: list[str], now_s: float) -> ProjectRecord:
+def _at_most(
+    nodes: list[dict[str, Any]], max_clients: int | None, data_tags: list[str]
+) -> list[dict[str, Any]]:
+    """``nodes``, or with ``max_clients`` that many of them, most rows under ``data_tags``
+    first."""
+    if max_clients is None:
+        return nodes
+    rows = {n["node_id"]: sum(n.get("tags", {}).get(t, 0) for t in data_tags) for n in nodes}
+    return sorted(nodes, key=lambda n: -rows[n["node_id"]])[:max_clients]
+
+
+def cluster_of(node: dict[str, Any]) -> str:
+    """The cluster a node registered under (``local`` when it gave none)."""
+    return str(node.get("cluster") or "local")
+
+
+def choose_clusters(
+    sla: ProjectSLA, nodes: list[dict[str, Any]], now_s: float
+) -> dict[str, list[dict[str, Any]]]:
+    """Hierarchical FL: the clusters that take part and the nodes their learners run on,
+    ``{cluster: [node document, ...]}`` in cluster-name order.
+
+    The eligible nodes (data tags, platforms, liveness as in :func:`choose_nodes`) are
+    grouped by their registered ``cluster``; a cluster with fewer eligible nodes than
+    ``min_available_clients`` (which counts learners per cluster) does not take part;
+    ``max_clients`` applies per cluster (most rows first). Raises ``Conflict`` when no
+    cluster can take part; its details list every cluster with its eligible nodes and the
+    tags of each of its nodes.
+    """
+    training = sla.training_configuration
+    platforms = [p.value for p in sla.supported_platforms]
+    eligible = eligible_nodes(nodes, training.data_tags, platforms, now_s)
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for node in eligible:
+        grouped.setdefault(cluster_of(node), []).append(node)
+    needed = training.min_available_clients
+    able = {
+        name: _at_most(members, training.max_clients, training.data_tags)
+        for name, members in sorted(grouped.items())
+        if len(members) >= needed
+    }
+    if able:
+        return able
+    clusters = sorted({cluster_of(n) for n in nodes})
+    raise Conflict(
+        f"No cluster can take part in hierarchical training: each needs at least "
+        f"min_available_clients ({needed}) live nodes of {'/'.join(platforms)} holding data "
+        f"tagged {training.data_tags}, and the clusters have "
+        + (
+            ", ".join(f"{c}: {len(grouped.get(c, []))}" for c in clusters)
+            if clusters
+            else "no nodes at all"
+        )
+        + ". Register more nodes with that data in one cluster (data server --cluster), "
+        "lower min_available_clients, or use mode 'classic'.",
+        details=[
+            {
+                "cluster": c,
+                "eligible_nodes": [str(n["node_id"]) for n in grouped.get(c, [])],
+                "nodes": [
+                    {
+                        "node_id": n["node_id"],
+                        "architecture": n.get("architecture"),
+                        "tags": n.get("tags", {}),
+                    }
+                    for n in nodes
+                    if cluster_of(n) == c
+                ],
+            }
+            for c in clusters
+        ],
+    )
+
+
+def new_record(
+    sla: ProjectSLA,
+    node_ids: list[str],
+    now_s: float,
+    clusters: dict[str, list[str]] | None = None,
+) -> ProjectRecord:
     """The ``pending`` record of a newly accepted project (a fresh 12-hex id) whose learners
-    run on ``node_ids``."""
+    run on ``node_ids``; hierarchical FL: ``clusters`` maps each cluster taking part to its
+    learners' node ids."""
     project_id = uuid.uuid4().hex[:12]
     pending = ProjectStatus.PENDING
     return ProjectRecord(
@@ -124,6 +207,10 @@ def new_record(sla: ProjectSLA, node_ids: list[str], now_s: float) -> ProjectRec
         updated_at=now_s,
         sla=sla.model_dump(mode="json"),
         nodes=node_ids,
+        clusters=[
+            ClusterRecord(name=name, service=cluster_aggregator_service(name), nodes=members)
+            for name, members in (clusters or {}).items()
+        ],
         phases={pending.value: Phase(started_at=now_s)},
         events=[
             Event(timestamp=now_s, type="status", status=pending.value, message="project accepted")

@@ -16,7 +16,7 @@ from flops_manager.builds import ProjectBuilder
 from flops_manager.errors import NotFound
 from flops_manager.lifecycle import actions as act
 from flops_manager.lifecycle import events as ev
-from flops_manager.lifecycle.admission import check_supported, choose_nodes, new_record
+from flops_manager.lifecycle.admission import admit, check_supported
 from flops_manager.lifecycle.pipeline import Pipeline
 from flops_manager.lifecycle.post_training import PostTraining
 from flops_manager.lifecycle.recovery import RestartRecovery
@@ -78,12 +78,11 @@ class ProjectLifecycle:
         Returns the new record. Raises ``UnsupportedSla`` for an SLA field this manager
         would not honour (see :func:`admission.check_supported`) and ``Conflict`` when fewer
         nodes hold the SLA's data tags than ``min_available_clients`` (details list every
-        node's tags).
+        node's tags; hierarchical FL: when no cluster has that many, details per cluster).
         """
         check_supported(sla, self.orchestrator.enforces_resources)
         now_s = time.time()
-        nodes = choose_nodes(sla, self.store.list_nodes(), now_s)
-        record = new_record(sla, [str(n["node_id"]) for n in nodes], now_s)
+        record = admit(sla, self.store.list_nodes(), now_s)
         self.store.insert_project(record)
         self.runner.post(record.project_id, ev.BuildRequested())
         return record

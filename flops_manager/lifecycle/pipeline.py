@@ -27,6 +27,7 @@ from flops_manager.sla import ProjectSLA
 from flops_utils import env_vars
 from flops_utils.contract.lifecycle import ProjectStatus
 from flops_utils.contract.services import AGGREGATOR_SERVICE, learner_service
+from flops_utils.contract.training import AggregatorRole
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 
@@ -94,8 +95,7 @@ class Pipeline:
             record, sla = self._load(project_id)
             if record.status is not ProjectStatus.DEPLOYING:
                 return  # ended meanwhile (cancelled)
-            nodes = [n for n in self.runner.store.list_nodes() if n["node_id"] in record.nodes]
-            deployment = self.deployment(record, sla, env, nodes)
+            deployment = self.deployment(record, sla, env, self.runner.store.list_nodes())
             address = self.orchestrator.deploy(deployment, self._recorder(project_id))
             outcome = ev.DeploymentFinished(address)
         except Exception as exc:
@@ -120,10 +120,18 @@ class Pipeline:
             raise _StoredSlaInvalid() from None
 
     def deployment(
-        self, record: ProjectRecord, sla: ProjectSLA, env: BuildResult, nodes: list[dict[str, Any]]
+        self,
+        record: ProjectRecord,
+        sla: ProjectSLA,
+        env: BuildResult,
+        registered: list[dict[str, Any]],
     ) -> Deployment:
-        """The project's services: the aggregator first, then a learner per node of
-        ``nodes`` (node documents). The orchestrator adds ``FLOPS_AGGREGATOR_ADDRESS``."""
+        """The project's services, in start order: the aggregator (classic, or the root in
+        hierarchical FL); hierarchical FL: one cluster aggregator per cluster of the record,
+        connecting to the root; then a learner per node of the record, connecting to the
+        aggregator of its cluster (classic: the aggregator). ``registered``: every
+        registered node document (the learners' nodes, and where a cluster aggregator may
+        run). The orchestrator adds the addresses."""
         common = {env_vars.PROJECT_ID: record.project_id, env_vars.MQTT_URL: self.mqtt_url}
         if env.repo_dir is not None:  # an image sets its own FLOPS_ML_REPO_DIR
             common[env_vars.ML_REPO_DIR] = str(env.repo_dir)
@@ -131,39 +139,104 @@ class Pipeline:
             common[env_vars.USER_PYTHON] = str(env.user_python)
         if sla.verbose:  # the SLA's "verbose": every service logs at DEBUG
             common[env_vars.LOG_LEVEL] = "DEBUG"
-        aggregator = ServiceSpec(
-            name=AGGREGATOR_SERVICE,
-            module="aggregator",
-            env={
-                **common,
-                env_vars.MLFLOW_URL: self.mlflow_url,
-                env_vars.SLA: json.dumps(sla.model_dump(mode="json")),
-            },
-        )
-        learners = tuple(
+        aggregating = {
+            **common,
+            env_vars.MLFLOW_URL: self.mlflow_url,
+            env_vars.SLA: json.dumps(sla.model_dump(mode="json")),
+        }
+        by_id = {str(n["node_id"]): n for n in registered}
+        aggregator_env = dict(aggregating)
+        if record.hierarchical:
+            aggregator_env[env_vars.AGGREGATOR_ROLE] = AggregatorRole.ROOT.value
+            aggregator_env[env_vars.CLUSTERS] = ",".join(c.name for c in record.clusters)
+        services = [
             ServiceSpec(
-                name=learner_service(str(node["node_id"])),
-                module="learner",
-                env={
-                    **common,
-                    env_vars.DATA_SERVER: node["data_server"],
-                    env_vars.DATA_TAGS: ",".join(sla.training_configuration.data_tags),
-                    env_vars.LEARNER_NAME: str(node["node_id"]),
-                },
-                placement=Placement(
-                    cluster=str(node.get("cluster") or "local"),
-                    hostname=str(node.get("hostname") or node["node_id"]),
-                    platform=str(node.get("architecture") or "linux/amd64"),
-                ),
+                name=AGGREGATOR_SERVICE, module="aggregator", env=aggregator_env, listens=True
             )
-            for node in nodes
-        )
+        ]
+        platforms = [p.value for p in sla.supported_platforms]
+        for cluster in record.clusters:
+            host = cluster_aggregator_node(cluster.name, cluster.nodes, registered, platforms)
+            services.append(
+                ServiceSpec(
+                    name=cluster.service,
+                    module="aggregator",
+                    env={
+                        **aggregating,
+                        env_vars.AGGREGATOR_ROLE: AggregatorRole.CLUSTER.value,
+                        env_vars.CLUSTER: cluster.name,
+                        env_vars.LEARNERS: ",".join(cluster.nodes),
+                    },
+                    placement=_placement(host) if host is not None else None,
+                    listens=True,
+                    upstream=AGGREGATOR_SERVICE,
+                    upstream_env=env_vars.ROOT_AGGREGATOR_ADDRESS,
+                )
+            )
+        for node_id in record.nodes:
+            node = by_id.get(node_id)
+            if node is None:
+                raise NodeGone(node_id)
+            cluster_record = record.cluster_of(learner_service(node_id))
+            services.append(
+                ServiceSpec(
+                    name=learner_service(node_id),
+                    module="learner",
+                    env={
+                        **common,
+                        env_vars.DATA_SERVER: node["data_server"],
+                        env_vars.DATA_TAGS: ",".join(sla.training_configuration.data_tags),
+                        env_vars.LEARNER_NAME: node_id,
+                    },
+                    placement=_placement(node),
+                    upstream=cluster_record.service if cluster_record else AGGREGATOR_SERVICE,
+                )
+            )
         return Deployment(
             project_id=record.project_id,
-            services=(aggregator, *learners),
+            services=tuple(services),
             python=env.python,
             images=dict(env.images),
             resources=sla.resource_constraints.model_dump(),
+        )
+
+
+def _placement(node: dict[str, Any]) -> Placement:
+    """Where a service pinned to ``node`` (a node document) runs."""
+    return Placement(
+        cluster=str(node.get("cluster") or "local"),
+        hostname=str(node.get("hostname") or node["node_id"]),
+        platform=str(node.get("architecture") or "linux/amd64"),
+    )
+
+
+def cluster_aggregator_node(
+    cluster: str, learners: list[str], registered: list[dict[str, Any]], platforms: list[str]
+) -> dict[str, Any] | None:
+    """The node a cluster aggregator of ``cluster`` runs on: a registered node of that
+    cluster on one of ``platforms`` (the images are built for those), preferring one that
+    runs none of the ``learners`` (node ids), then the first learner's node; ``None`` when
+    the cluster has no such node (then the orchestrator places it)."""
+    members = [
+        n
+        for n in registered
+        if str(n.get("cluster") or "local") == cluster
+        and str(n.get("architecture") or "linux/amd64") in platforms
+    ]
+    spare = [n for n in members if str(n["node_id"]) not in learners]
+    chosen = spare or [n for n in members if str(n["node_id"]) in learners]
+    return chosen[0] if chosen else None
+
+
+class NodeGone(FlopsError):
+    """A node chosen at admission is no longer registered."""
+
+    code = "node_gone"
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(
+            f"Node {node_id!r}, chosen for a learner when the project was accepted, is no "
+            "longer registered; register its data server again and POST the SLA again."
         )
 
 

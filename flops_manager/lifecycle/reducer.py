@@ -17,6 +17,8 @@ from typing import Any
 from flops_manager.lifecycle import actions as act
 from flops_manager.lifecycle import events as ev
 from flops_manager.records import (
+    ClusterRecord,
+    ClusterRoundMetrics,
     Event,
     Metrics,
     MlflowRecord,
@@ -34,7 +36,17 @@ from flops_utils.contract.lifecycle import (
     ProjectStatus,
     Stage,
 )
-from flops_utils.contract.services import AGGREGATOR_SERVICE, learner_service, service_name
+from flops_utils.contract.services import (
+    AGGREGATOR_SERVICE,
+    learner_service,
+    role_of,
+    service_name,
+)
+from flops_utils.contract.training import (
+    TrainingConfiguration,
+    learners_needed,
+    root_clusters_needed,
+)
 
 Result = tuple[ProjectRecord, list[act.Action]]
 """The new record and the actions to execute after persisting it."""
@@ -150,33 +162,50 @@ def exit_reason(service: str, returncode: int, last_line: str) -> str:
 
 
 def _learners(record: ProjectRecord) -> list[str]:
-    return [s for s in record.services if s != AGGREGATOR_SERVICE]
+    return [s for s in record.services if role_of(s) is Component.LEARNER]
+
+
+def _started_text(record: ProjectRecord) -> str:
+    """What a deployment started, for the event log."""
+    learners = len(_learners(record))
+    if not record.hierarchical:
+        return f"started the aggregator and {learners} learner(s)"
+    return (
+        f"started the root aggregator, {len(record.clusters)} cluster aggregator(s) and "
+        f"{learners} learner(s)"
+    )
+
+
+def _training(record: ProjectRecord) -> TrainingConfiguration | None:
+    try:
+        return ProjectSLA.model_validate(record.sla).training_configuration
+    except ValueError:
+        return None
 
 
 def _learner_lost(record: ProjectRecord, service: str, reason: str, now_s: float) -> Result | None:
-    """The result of going on without the failed learner ``service``, or ``None`` when the
-    project must fail.
+    """The result of going on without the failed learner or cluster aggregator ``service``,
+    or ``None`` when the project must fail.
 
-    Training goes on while the project is ``training`` and the learners left number at least
-    ``max(min_fit_clients, min_evaluate_clients, min_available_clients)`` (Flower waits for
+    Classic FL: training goes on while the project is ``training`` and the learners left
+    number at least :func:`~flops_utils.contract.training.learners_needed` (Flower waits for
     ``min_available_clients`` before each round); the loss is recorded in ``lost_learners``
-    and an event. A learner already lost (its ``failed`` message and its exit both arrive)
-    changes nothing.
+    and an event. Hierarchical FL: the same rule per cluster (see :func:`_cluster_member_lost`).
+    A service already lost (its ``failed`` message and its exit both arrive) changes nothing.
     """
     if service == AGGREGATOR_SERVICE or record.status is not ProjectStatus.TRAINING:
         return None
+    training = _training(record)
+    if training is None:
+        return None
+    if record.hierarchical:
+        return _cluster_member_lost(record, training, service, reason, now_s)
     if service in record.lost_learners:
         return record, []
     learners = _learners(record)
     if service not in learners:
         return None
-    try:
-        training = ProjectSLA.model_validate(record.sla).training_configuration
-    except ValueError:
-        return None
-    needed = max(
-        training.min_fit_clients, training.min_evaluate_clients, training.min_available_clients
-    )
+    needed = learners_needed(training)
     remaining = len(learners) - len(record.lost_learners) - 1
     if remaining < needed:
         return None
@@ -186,9 +215,88 @@ def _learner_lost(record: ProjectRecord, service: str, reason: str, now_s: float
     return lost, [act.Log("warning", f"project {record.project_id}: {text}")]
 
 
+def _cluster_member_lost(
+    record: ProjectRecord,
+    training: TrainingConfiguration,
+    service: str,
+    reason: str,
+    now_s: float,
+) -> Result | None:
+    """Hierarchical FL: a learner of a cluster is lost while its cluster keeps
+    ``learners_needed`` learners; otherwise, or when the service is the cluster's
+    aggregator, the whole cluster is lost (:func:`_cluster_lost`). Anything of a cluster
+    already lost changes nothing."""
+    cluster = record.cluster_of(service)
+    if cluster is None:
+        return None
+    if cluster.lost is not None or service in cluster.lost_learners:
+        return record, []
+    if service != cluster.service:
+        needed = learners_needed(training)
+        remaining = len(cluster.nodes) - len(cluster.lost_learners) - 1
+        if remaining >= needed:
+            text = (
+                f"{reason}; cluster {cluster.name} goes on with {remaining} learner(s) "
+                f"(at least {needed} needed)"
+            )
+            changed = cluster.model_copy(
+                update={"lost_learners": sorted({*cluster.lost_learners, service})}
+            )
+            lost = _replace_cluster(record, changed)
+            lost = _update(lost, lost_learners=sorted({*record.lost_learners, service}))
+            lost = _log_event(lost, "component", ComponentStatus.FAILED.value, text, now_s, service)
+            return lost, [act.Log("warning", f"project {record.project_id}: {text}")]
+        reason = (
+            f"{reason}; cluster {cluster.name} has {remaining} learner(s) left, {needed} needed"
+        )
+    return _cluster_lost(record, training, cluster, reason, now_s)
+
+
+def _cluster_lost(
+    record: ProjectRecord,
+    training: TrainingConfiguration,
+    cluster: ClusterRecord,
+    reason: str,
+    now_s: float,
+) -> Result | None:
+    """The root goes on without ``cluster`` while the clusters left number at least
+    :func:`~flops_utils.contract.training.root_clusters_needed`; else ``None`` (the project
+    fails, the reason naming the cluster)."""
+    needed = root_clusters_needed(training, len(record.clusters))
+    remaining = sum(1 for c in record.clusters if c.lost is None) - 1
+    if remaining < needed:
+        return None
+    text = (
+        f"cluster {cluster.name} lost ({reason}); training goes on with {remaining} "
+        f"cluster(s) (at least {needed} needed)"
+    )
+    lost = _replace_cluster(record, cluster.model_copy(update={"lost": reason}))
+    lost = _log_event(lost, "component", ComponentStatus.FAILED.value, text, now_s, cluster.service)
+    return lost, [act.Log("warning", f"project {record.project_id}: {text}")]
+
+
+def _replace_cluster(record: ProjectRecord, cluster: ClusterRecord) -> ProjectRecord:
+    clusters = [cluster if c.name == cluster.name else c for c in record.clusters]
+    return _update(record, clusters=clusters)
+
+
+def _failure_reason(record: ProjectRecord, service: str, reason: str) -> str:
+    """``reason``, naming the cluster when ``service`` belongs to one and the reason does
+    not say so already."""
+    cluster = record.cluster_of(service)
+    if cluster is None or f"cluster {cluster.name}" in reason:
+        return reason
+    training = _training(record)
+    needed = root_clusters_needed(training, len(record.clusters)) if training else 1
+    return (
+        f"cluster {cluster.name} lost ({reason}); fewer than the {needed} cluster(s) the root "
+        "aggregator needs are left"
+    )
+
+
 def _fail_or_lose(record: ProjectRecord, service: str, reason: str, now_s: float) -> Result:
     return _learner_lost(record, service, reason, now_s) or _end(
-        record, ProjectStatus.FAILED, reason, now_s
+        record, ProjectStatus.FAILED, _failure_reason(record, service, reason), now_s
     )
 
 
@@ -238,7 +346,11 @@ def _build_finished(
 ) -> Result:
     if record.status is not ProjectStatus.BUILDING:
         return record, []
-    services = [AGGREGATOR_SERVICE, *(learner_service(n) for n in record.nodes)]
+    services = [
+        AGGREGATOR_SERVICE,
+        *(c.service for c in record.clusters),
+        *(learner_service(n) for n in record.nodes),
+    ]
     record = _update(record, environment=event.environment, services=services, service_handles=[])
     for note in event.notes:
         record = _log_event(record, "builder", "note", note, now_s, Component.BUILDER.value)
@@ -269,7 +381,7 @@ def _deployment_finished(
         return record, [act.StopServices()]
     if record.status is not ProjectStatus.DEPLOYING:
         return record, []
-    text = f"started the aggregator and {len(_learners(record))} learner(s)"
+    text = _started_text(record)
     record = _update(record, aggregator_address=event.address)
     return _advance(record, ProjectStatus.TRAINING, text, now_s)
 
@@ -299,22 +411,59 @@ def _status_received(
     if aggregator and event.status is ComponentStatus.SUCCESS:
         record = _update(record, aggregator_result=dict(event.data))
         return _aggregator_succeeded(record, event.data, now_s, run=not recovering)
+    if event.component is Component.CLUSTER_AGGREGATOR:
+        return _cluster_status(record, event, service, label, now_s), []
     text = event.message or f"{label} {event.status.value}"
     return _log_event(record, "component", event.status.value, text, now_s, label), []
 
 
 def _record_round(record: ProjectRecord, data: dict[str, Any], now_s: float) -> ProjectRecord:
-    """Append the round's metrics once (QoS 1 may deliver a message twice)."""
+    """Append the round's (hierarchical FL: the cycle's) metrics once (QoS 1 may deliver a
+    message twice)."""
     entry = RoundMetrics(**{k: data.get(k) for k in ("round", "loss", "accuracy")})
     if any(r.round == entry.round for r in record.rounds):
         return record
-    text = f"round {entry.round}: loss {_fmt(entry.loss)}, accuracy {_fmt(entry.accuracy)}"
+    unit = "cycle" if record.hierarchical else "round"
+    text = f"{unit} {entry.round}: loss {_fmt(entry.loss)}, accuracy {_fmt(entry.accuracy)}"
     record = _update(
         record,
         rounds=[*record.rounds, entry],
         metrics=Metrics(round=entry.round, loss=entry.loss, accuracy=entry.accuracy),
     )
     return _log_event(record, "round", "progress", text, now_s, AGGREGATOR_SERVICE)
+
+
+def _cluster_status(
+    record: ProjectRecord, event: ev.StatusReceived, service: str, label: str, now_s: float
+) -> ProjectRecord:
+    """A cluster aggregator's ``started`` (its address), ``progress`` (a round of its
+    cluster, appended once) or ``success`` (its MLflow child run)."""
+    cluster = record.cluster_of(service)
+    if cluster is None:
+        return record
+    data = event.data
+    text = event.message or f"{label} {event.status.value}"
+    if event.status is ComponentStatus.STARTED and data.get("address"):
+        cluster = cluster.model_copy(update={"address": str(data["address"])})
+    elif event.status is ComponentStatus.SUCCESS and data.get("run_id"):
+        cluster = cluster.model_copy(update={"run_id": str(data["run_id"])})
+    elif event.status is ComponentStatus.PROGRESS:
+        entry = ClusterRoundMetrics(
+            **{k: data.get(k) for k in ClusterRoundMetrics.model_fields if k in data}
+        )
+        if any((r.cycle, r.round) == (entry.cycle, entry.round) for r in cluster.rounds):
+            return record
+        cluster = cluster.model_copy(update={"rounds": [*cluster.rounds, entry]})
+        text = (
+            f"cluster {cluster.name} cycle {entry.cycle} round {entry.round}: loss "
+            f"{_fmt(entry.loss)}, accuracy {_fmt(entry.accuracy)}"
+        )
+        return _log_event(
+            _replace_cluster(record, cluster), "round", "progress", text, now_s, label
+        )
+    return _log_event(
+        _replace_cluster(record, cluster), "component", event.status.value, text, now_s, label
+    )
 
 
 def _service_exited(
@@ -355,7 +504,7 @@ def _grace_expired(
         "re-attached after a manager restart)"
         + (f"; last log line: {clip(event.last_line)}" if event.last_line else "")
     )
-    return _end(record, ProjectStatus.FAILED, text, now_s)
+    return _fail_or_lose(record, event.service, text, now_s)
 
 
 def _cancel_requested(
@@ -429,10 +578,7 @@ def _services_found(
             "confirmed; the ones started were stopped. POST the SLA again."
         )
         return _end(record, ProjectStatus.FAILED, text, now_s)
-    text = (
-        f"started the aggregator and {len(_learners(record))} learner(s) "
-        "(confirmed after a manager restart)"
-    )
+    text = f"{_started_text(record)} (confirmed after a manager restart)"
     return _advance(record, ProjectStatus.TRAINING, text, now_s)
 
 

@@ -56,19 +56,30 @@ class ServiceSpec:
     """One FL service: ``name`` unique within the project, ``module`` run with ``python -m``
     (also the role: ``aggregator``, ``learner``), ``env`` the environment variables it gets
     (see ``flops_utils.env_vars``), ``placement`` the node it must run on (learners: the node
-    holding the data) or ``None`` for anywhere."""
+    holding the data) or ``None`` for anywhere.
+
+    Wiring: a service that ``listens`` gets a port the backend chooses and binds it
+    (``FLOPS_AGGREGATOR_ADDRESS`` = ``<bind host>:<port>``); a service with an ``upstream``
+    (the name of an earlier service that listens) gets the address that reaches it in
+    ``upstream_env``. A deployment whose services set neither is wired the classic way: the
+    first service listens and every other one connects to it.
+    """
 
     name: str
     module: str
     env: dict[str, str] = field(default_factory=dict)
     placement: Placement | None = None
+    listens: bool = False
+    upstream: str | None = None
+    upstream_env: str = env_vars.AGGREGATOR_ADDRESS
 
 
 @dataclass(frozen=True)
 class Deployment:
     """Everything an orchestrator needs to run a project.
 
-    ``services``: the aggregator first, then one learner per eligible node. ``python``:
+    ``services``: in start order: the aggregator first; hierarchical FL: then the cluster
+    aggregators; then one learner per node. ``python``:
     interpreter of the built virtualenv (``venv`` builder), else ``None``. ``images``: role
     (``learner``, ``aggregator``) → pinned image reference (``oci`` builder), else empty.
     ``resources``: the SLA's per-service ``resource_constraints`` (``memory`` and ``storage``
@@ -117,6 +128,18 @@ class Service:
         return {"name": self.name}
 
 
+def wired(services: Sequence[ServiceSpec]) -> list[ServiceSpec]:
+    """``services`` with the classic wiring applied when none listens or has an upstream:
+    the first listens, the others connect to it (``FLOPS_AGGREGATOR_ADDRESS``)."""
+    if not services or any(s.listens or s.upstream for s in services):
+        return list(services)
+    first, *others = services
+    return [
+        dataclasses.replace(first, listens=True),
+        *(dataclasses.replace(s, upstream=first.name) for s in others),
+    ]
+
+
 def with_env(spec: ServiceSpec, overrides: dict[str, str]) -> ServiceSpec:
     """``spec`` with ``overrides`` added to its environment."""
     return dataclasses.replace(spec, env={**spec.env, **overrides})
@@ -156,29 +179,41 @@ class Orchestrator(ABC):
     def deploy(
         self, deployment: Deployment, on_started: ServiceStartedCallback | None = None
     ) -> str:
-        """Start every service of ``deployment`` (the aggregator first), calling
-        ``on_started`` with each one's :data:`ServiceHandle` as soon as it runs.
+        """Start every service of ``deployment`` in order, calling ``on_started`` with each
+        one's :data:`ServiceHandle` as soon as it runs.
 
-        The backend chooses the aggregator's port: the aggregator gets
-        ``FLOPS_AGGREGATOR_ADDRESS`` = ``<aggregator_bind_host>:<port>``, every learner the
-        address that reaches it. Returns that address (``HOST:PORT``). Raises ``FlopsError``
-        when a service can't start (the ones started keep running until :meth:`stop`),
-        ``ValueError`` for a deployment the backend cannot run.
+        The backend chooses the port of each service that listens (:attr:`ServiceSpec.
+        listens`): it gets ``FLOPS_AGGREGATOR_ADDRESS`` = ``<aggregator_bind_host>:<port>``,
+        and every service naming it as ``upstream`` the address that reaches it (a listening
+        service is waited for until that address is known). Returns the address of the first
+        listening service (the classic or root aggregator, ``HOST:PORT``). Raises
+        ``FlopsError`` when a service can't start (the ones started keep running until
+        :meth:`stop`), ``ValueError`` for a deployment the backend cannot run.
         """
         self._check(deployment)
-        aggregator, *learners = deployment.services
-        port = self._reserve_port(deployment)
-        bind = {env_vars.AGGREGATOR_ADDRESS: f"{self.aggregator_bind_host}:{port}"}
-        try:
-            started = self._launch(deployment, with_env(aggregator, bind), port, on_started)
-        finally:
-            with self._lock:
-                self._reserved_ports.discard(port)
-        address = self._aggregator_address(deployment.project_id, started, port)
-        for spec in learners:
-            connect = {env_vars.AGGREGATOR_ADDRESS: address}
-            self._launch(deployment, with_env(spec, connect), None, on_started)
-        return address
+        addresses: dict[str, str] = {}
+        for spec in wired(deployment.services):
+            connect: dict[str, str] = {}
+            if spec.upstream is not None:
+                if spec.upstream not in addresses:
+                    raise ValueError(f"{spec.name}: upstream {spec.upstream!r} does not listen")
+                connect[spec.upstream_env] = addresses[spec.upstream]
+            if not spec.listens:
+                self._launch(deployment, with_env(spec, connect), None, on_started)
+                continue
+            port = self._reserve_port(deployment)
+            bind = {env_vars.AGGREGATOR_ADDRESS: f"{self.aggregator_bind_host}:{port}"}
+            try:
+                started = self._launch(
+                    deployment, with_env(spec, {**connect, **bind}), port, on_started
+                )
+            finally:
+                with self._lock:
+                    self._reserved_ports.discard(port)
+            addresses[spec.name] = self._aggregator_address(deployment.project_id, started, port)
+        if not addresses:
+            raise ValueError("the deployment has no service that listens")
+        return next(iter(addresses.values()))
 
     def reattach(self, project_id: str, handles: Sequence[ServiceHandle]) -> list[ServiceState]:
         """Take over the services a previous manager process started for the project.

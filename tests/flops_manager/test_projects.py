@@ -192,21 +192,6 @@ def register_nodes(lifecycle: ProjectLifecycle, count: int) -> None:
         )
 
 
-def test_an_sla_for_hierarchical_fl_is_refused_with_the_fix(lifecycle: ProjectLifecycle) -> None:
-    register_nodes(lifecycle, 2)
-    sla = ProjectSLA.model_validate(
-        {
-            "ml_repo_url": "https://example.com/repo.git",
-            "training_configuration": {"mode": "hierarchical"},
-        }
-    )
-
-    with pytest.raises(UnsupportedSla, match="Set mode to 'classic'"):
-        lifecycle.create(sla)
-
-    assert lifecycle.store.list_projects() == []
-
-
 @pytest.mark.parametrize(
     ("field", "value", "reason"),
     [
