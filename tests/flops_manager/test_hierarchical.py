@@ -114,9 +114,8 @@ def test_a_cluster_aggregator_prefers_a_node_without_a_learner_on_a_built_platfo
     arm = node("arm", "west", arch="linux/arm64")
     registered = [*NODES, arm]
 
-    assert cluster_aggregator_node("west", ["b1", "b2"], registered, ["linux/amd64"])[
-        "node_id"
-    ] == ("spare")
+    west = cluster_aggregator_node("west", ["b1", "b2"], registered, ["linux/amd64"])
+    assert west is not None and west["node_id"] == "spare"
     chosen = cluster_aggregator_node("east", ["a1", "a2", "a3"], registered, ["linux/amd64"])
     assert chosen is not None and chosen["node_id"] == "a1"
     assert cluster_aggregator_node("west", ["b1"], [arm], ["linux/amd64"]) is None
