@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from flops_manager.records import (
+    ClusterRoundMetrics,
     Event,
     Metrics,
     MlflowRecord,
@@ -18,6 +19,7 @@ from flops_manager.records import (
 )
 from flops_manager.sla import TAG_PATTERN, DataTag, Platform, ProjectSLA
 from flops_utils.contract.lifecycle import ProjectStatus
+from flops_utils.contract.services import AGGREGATOR_SERVICE, learner_service
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 RowCount = Annotated[int, Field(ge=0, le=2**62)]
@@ -277,6 +279,44 @@ class ProjectInternals(_View):
     aggregator_address: str | None = None
     aggregator_result: dict[str, Any] | None = None
     environment_paths: EnvironmentPaths | None = None
+    cluster_aggregator_addresses: dict[str, str] = Field(default_factory=dict)
+    """Hierarchical FL: cluster name → ``HOST:PORT`` its learners connect to."""
+
+
+class ClusterView(_View):
+    """One cluster of a hierarchical project: its ``name``, its aggregator's ``service``,
+    the ``learners`` (node ids) and their services' names (``learner_services``), the
+    learners training went on without (``lost_learners``), ``lost`` (why the root went on
+    without the cluster, else ``None``), its per-round metrics (``rounds``: ``cycle``,
+    ``round``, global ``step``, example-weighted ``loss``/``accuracy``, ``learners``,
+    ``fit_examples``, ``evaluate_examples``) and its MLflow child ``run_id``."""
+
+    name: str
+    service: str
+    learners: list[str]
+    learner_services: list[str]
+    lost_learners: list[str]
+    lost: str | None = None
+    rounds: list[ClusterRoundMetrics]
+    run_id: str | None = None
+
+
+class RootView(_View):
+    """The root aggregator of a hierarchical project: its ``service``, the cycles planned
+    (``training_cycles``) and rounds per cycle (``training_rounds``), and its per-cycle
+    metrics (``cycles``: ``round`` is the cycle)."""
+
+    service: str
+    training_cycles: int
+    training_rounds: int
+    cycles: list[RoundMetrics]
+
+
+class HierarchyView(_View):
+    """The tree of a hierarchical project: the ``root`` and its ``clusters``."""
+
+    root: RootView
+    clusters: list[ClusterView]
 
 
 class ProjectView(_View):
@@ -289,7 +329,9 @@ class ProjectView(_View):
     ``seconds``. ``rounds``: the aggregated evaluation of each round; ``metrics``: the latest
     or final ones. ``mlflow``: experiment and run ids, model URIs. ``model_image`` and
     ``inference_url``: the trained model's image and its inference server, when the SLA asks
-    for them. ``admin``: internals, present for the admin only.
+    for them. ``hierarchy``: hierarchical FL only, the tree of root, clusters and learners
+    with per-cycle and per-cluster per-round metrics (``None`` in classic FL). ``admin``:
+    internals, present for the admin only.
     """
 
     project_id: str
@@ -310,6 +352,7 @@ class ProjectView(_View):
     mlflow: MlflowRecord | None = None
     model_image: ModelImageRecord | None = None
     inference_url: str | None = None
+    hierarchy: HierarchyView | None = None
     admin: ProjectInternals | None = None
 
 
@@ -338,10 +381,36 @@ def project_view(record: ProjectRecord, admin: bool) -> ProjectView:
         mlflow=record.mlflow,
         model_image=record.model_image,
         inference_url=record.inference_url,
+        hierarchy=_hierarchy(record, sla) if record.hierarchical else None,
     )
     if admin:
         view.admin = _internals(record, environment)
     return view
+
+
+def _hierarchy(record: ProjectRecord, sla: dict[str, Any]) -> HierarchyView:
+    training = ProjectSLA.model_validate(sla).training_configuration
+    return HierarchyView(
+        root=RootView(
+            service=AGGREGATOR_SERVICE,
+            training_cycles=training.training_cycles,
+            training_rounds=training.training_rounds,
+            cycles=record.rounds,
+        ),
+        clusters=[
+            ClusterView(
+                name=c.name,
+                service=c.service,
+                learners=c.nodes,
+                learner_services=[learner_service(n) for n in c.nodes],
+                lost_learners=c.lost_learners,
+                lost=c.lost,
+                rounds=c.rounds,
+                run_id=c.run_id,
+            )
+            for c in record.clusters
+        ],
+    )
 
 
 def _environment_view(environment: dict[str, Any]) -> EnvironmentView:
@@ -357,6 +426,7 @@ def _internals(record: ProjectRecord, environment: dict[str, Any]) -> ProjectInt
         aggregator_address=record.aggregator_address,
         aggregator_result=record.aggregator_result,
         environment_paths=EnvironmentPaths(**paths) if paths else None,
+        cluster_aggregator_addresses={c.name: c.address for c in record.clusters if c.address},
     )
 
 

@@ -1,12 +1,14 @@
 """Hierarchical FL in the manager: admission by cluster, the deployment's wiring (root, cluster
 aggregators, learners), and the lifecycle's rules for lost learners and lost clusters."""
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
+from flops_manager.api_models import project_json
 from flops_manager.builds import BuildResult
 from flops_manager.errors import Conflict
 from flops_manager.lifecycle import events as ev
@@ -243,7 +245,11 @@ def training_record(min_available: int, clusters: dict[str, list[str]]) -> Proje
     nodes = [{**node(n, c), "tags": {"mnist": 10}} for c, ns in clusters.items() for n in ns]
     record = admit(sla(min_available_clients=min_available), nodes, NOW_S)
     record, _ = transition(record, ev.BuildRequested(), NOW_S)
-    record, _ = transition(record, ev.BuildFinished({"key": "k"}, (), "built"), NOW_S)
+    record, _ = transition(
+        record,
+        ev.BuildFinished(BuildResult("c" * 40, "k" * 32, True, 1.0).document(), (), "built"),
+        NOW_S,
+    )
     record, _ = transition(record, ev.DeploymentFinished("127.0.0.1:9000"), NOW_S)
     assert record.status is ProjectStatus.TRAINING
     return record
@@ -340,3 +346,38 @@ def test_cluster_rounds_and_root_cycles_are_recorded_once() -> None:
     messages = [e.message for e in after.events]
     assert "cluster west cycle 1 round 2: loss 0.4000, accuracy 0.8000" in messages
     assert "cycle 1: loss 0.5000, accuracy None" in messages
+
+
+def test_the_project_view_shows_the_tree_and_keeps_addresses_for_the_admin() -> None:
+    record = training_record(1, {"east": ["a1", "a2"], "west": ["b1"]})
+    data = {"cycle": 1, "round": 1, "step": 1, "loss": 0.4, "accuracy": 0.8, "fit_examples": 20}
+    for event in (
+        ev.StatusReceived(CA, ComponentStatus.STARTED, "east", data={"address": "10.0.0.9:30001"}),
+        ev.StatusReceived(CA, ComponentStatus.PROGRESS, "east", data=data),
+        ev.StatusReceived(Component.AGGREGATOR, ComponentStatus.PROGRESS, data={"round": 1}),
+    ):
+        record, _ = transition(record, event, NOW_S)
+
+    customer = project_json(record, admin=False)
+    admin = project_json(record, admin=True)
+
+    tree = customer["hierarchy"]
+    assert tree["root"]["service"] == "aggregator"
+    assert (tree["root"]["training_cycles"], tree["root"]["training_rounds"]) == (2, 2)
+    assert [c["round"] for c in tree["root"]["cycles"]] == [1]
+    east = tree["clusters"][0]
+    assert (east["name"], east["service"], east["learners"]) == (
+        "east",
+        "cluster-aggregator-east",
+        ["a1", "a2"],
+    )
+    assert east["learner_services"] == ["learner-a1", "learner-a2"]
+    assert east["rounds"][0]["fit_examples"] == 20
+    assert "10.0.0.9" not in json.dumps(customer)
+    assert admin["admin"]["cluster_aggregator_addresses"] == {"east": "10.0.0.9:30001"}
+    assert (
+        project_json(admit(ProjectSLA.model_validate({"ml_repo_url": "x"}), NODES, NOW_S), False)[
+            "hierarchy"
+        ]
+        is None
+    )
