@@ -50,8 +50,30 @@ def _print_event(event: dict[str, Any]) -> None:
 
 @app.command()
 def demo(
-    rounds: Annotated[int, typer.Option(min=1, help="Training rounds.")] = 5,
-    nodes: Annotated[int, typer.Option(min=1, max=8, help="Local worker nodes.")] = 2,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Training rounds (per cycle with --hierarchical).",
+            show_default="5; 2 with --hierarchical",
+        ),
+    ] = None,
+    nodes: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=8, help="Local worker nodes.", show_default="2; 4 with --hierarchical"
+        ),
+    ] = None,
+    hierarchical: Annotated[
+        bool,
+        typer.Option(
+            help="Hierarchical FL: the nodes form 2 clusters, each with its cluster aggregator, "
+            "under one root aggregator."
+        ),
+    ] = False,
+    cycles: Annotated[
+        int, typer.Option(min=1, help="With --hierarchical: training cycles of the root.")
+    ] = 2,
     timeout_s: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900,
     keep_running: Annotated[
         bool, typer.Option(help="Keep the suite (and the MLflow GUI) up until Ctrl-C.")
@@ -70,8 +92,15 @@ def demo(
     from flops_manager.demo import demo_home, example_sla, local_nodes, run_project
     from flops_manager.suite import ManagerSuite
 
+    clusters = 2 if hierarchical else 1
+    nodes = nodes or (4 if hierarchical else 2)
+    rounds = rounds or (2 if hierarchical else 5)
+    per_cluster = nodes // clusters
+    if per_cluster < 1:
+        console.print(f"[red]demo failed:[/] --hierarchical needs at least {clusters} nodes")
+        raise typer.Exit(2)
     home = demo_home().resolve()
-    console.rule("FLOps demo")
+    console.rule("FLOps demo" + (" (hierarchical FL)" if hierarchical else ""))
     console.print(f"starting the embedded suite in {home} (manager, store, Mosquitto, MLflow)")
     config = ManagerConfig.from_env(home=home, port=0)
     try:
@@ -79,15 +108,17 @@ def demo(
             token = read_api_token(home)
             client = ManagerClient(suite.url, token=token)
             console.print(f"manager  {suite.url}/api/flops\nMLflow   {suite.mlflow_url}")
-            with local_nodes(nodes, home / "nodes", suite.url, token) as workers:
+            with local_nodes(nodes, home / "nodes", suite.url, token, clusters=clusters) as workers:
                 client.wait_for_nodes(len(workers), timeout_s=30)
                 rows = client.provide_mocks(dataset="mnist", tag="mnist")
                 console.print(f"pushed MNIST partitions (tag 'mnist'): {rows}")
+                hfl = {"mode": "hierarchical", "training_cycles": cycles} if hierarchical else {}
                 sla = example_sla(
                     rounds,
-                    min_available_clients=nodes,
-                    min_fit_clients=nodes,
-                    min_evaluate_clients=nodes,
+                    min_available_clients=per_cluster,
+                    min_fit_clients=per_cluster,
+                    min_evaluate_clients=per_cluster,
+                    **hfl,
                 )
                 console.print(f"POST /api/flops/projects  (repo {sla['ml_repo_url']})")
                 project = run_project(client, sla, timeout_s, _print_event)
@@ -117,6 +148,18 @@ def _print_result(project: dict[str, Any], tracking_url: str) -> None:
     if accuracy is not None:
         console.print(f"accuracy  {accuracy:.4f} (federated evaluation on held-out local data)")
     console.print(f"phases    {timings}")
+    tree = project.get("hierarchy")
+    if tree:
+        cycles = len(tree["root"]["cycles"])
+        console.print(f"root      {cycles} cycle(s) of {tree['root']['training_rounds']} round(s)")
+        for cluster in tree["clusters"]:
+            last = cluster["rounds"][-1] if cluster["rounds"] else {}
+            accuracy_text = f"{last['accuracy']:.4f}" if last.get("accuracy") is not None else "n/a"
+            console.print(
+                f"cluster   {cluster['name']}: learners {', '.join(cluster['learners'])}; "
+                f"{len(cluster['rounds'])} round(s), last accuracy {accuracy_text}"
+                + (f" [red]lost: {cluster['lost']}[/]" if cluster.get("lost") else "")
+            )
     if mlflow:
         model = mlflow.get("registered_model_uri") or mlflow.get("model_uri")
         console.print(f"model     {model} (MLflow run {mlflow.get('run_id')})")

@@ -42,10 +42,14 @@ def local_nodes(
     manager_url: str,
     token: str | None = None,
     register_interval_s: float = 10.0,
+    clusters: int = 1,
 ) -> Iterator[list[LocalNode]]:
     """Run ``count`` data servers (``node-1`` ...) as child processes registered with the manager.
 
     ``token`` is the manager's API token (an admin token: registering nodes is admin work).
+    ``clusters``: the nodes are spread over that many clusters (``--cluster``), in turn:
+    with 1 every node is in ``local``; with 2, ``node-1`` and ``node-3`` are in
+    ``cluster-1``, ``node-2`` and ``node-4`` in ``cluster-2``.
 
     Each serves ``workdir/<node_id>`` on a free loopback port. They are stopped (SIGTERM, then
     SIGKILL after ``NODE_STOP_TIMEOUT_S``) on exit. Raises ``TimeoutError`` when one does not
@@ -78,6 +82,8 @@ def local_nodes(
                         manager_url,
                         "--register-interval-s",
                         str(register_interval_s),
+                        "--cluster",
+                        node_cluster(index, clusters),
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -95,6 +101,12 @@ def local_nodes(
         yield nodes
     finally:
         stop_process_groups(processes, NODE_STOP_TIMEOUT_S)
+
+
+def node_cluster(index: int, clusters: int) -> str:
+    """The cluster of the ``index``-th (from 1) of the demo's nodes spread over ``clusters``
+    clusters: ``local`` for one cluster, else ``cluster-<k>``."""
+    return "local" if clusters <= 1 else f"cluster-{(index - 1) % clusters + 1}"
 
 
 def example_sla(rounds: int | None = None, **training: Any) -> dict[str, Any]:
