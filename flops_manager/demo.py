@@ -43,13 +43,15 @@ def local_nodes(
     token: str | None = None,
     register_interval_s: float = 10.0,
     clusters: int = 1,
+    first: int = 1,
 ) -> Iterator[list[LocalNode]]:
     """Run ``count`` data servers (``node-1`` ...) as child processes registered with the manager.
 
     ``token`` is the manager's API token (an admin token: registering nodes is admin work).
     ``clusters``: the nodes are spread over that many clusters (``--cluster``), in turn:
     with 1 every node is in ``local``; with 2, ``node-1`` and ``node-3`` are in
-    ``cluster-1``, ``node-2`` and ``node-4`` in ``cluster-2``.
+    ``cluster-1``, ``node-2`` and ``node-4`` in ``cluster-2``. ``first``: the number of the
+    first node (``node-<first>``), to add nodes next to running ones.
 
     Each serves ``workdir/<node_id>`` on a free loopback port. They are stopped (SIGTERM, then
     SIGKILL after ``NODE_STOP_TIMEOUT_S``) on exit. Raises ``TimeoutError`` when one does not
@@ -59,7 +61,7 @@ def local_nodes(
     nodes: list[LocalNode] = []
     try:
         for index in range(1, count + 1):
-            node_id = f"node-{index}"
+            node_id = f"node-{first + index - 1}"
             data_dir = workdir / node_id
             data_dir.mkdir(parents=True, exist_ok=True)
             port = find_free_port()

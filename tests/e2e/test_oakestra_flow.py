@@ -21,9 +21,10 @@ from flow_testing import MockNodes, with_settings
 from oakestra_double import OakestraDouble, WorkerSpec
 from waiting import answers_200, wait_until
 
+from flops_manager.auth import read_api_token
 from flops_manager.client import ManagerClient
 from flops_manager.config import ManagerConfig
-from flops_manager.demo import EXAMPLE_REPO, example_sla, run_project
+from flops_manager.demo import EXAMPLE_REPO, example_sla, local_nodes, node_cluster, run_project
 from flops_manager.orchestrators.oakestra_client import OakestraClient
 from flops_manager.suite import ManagerSuite
 
@@ -34,9 +35,19 @@ pyyaml>=6.0.2, numpy 2) cannot share an environment with."""
 ROUNDS = 3
 NODES = 3
 PROJECT_TIMEOUT_S = 600
-WORKERS = tuple(WorkerSpec("local", f"node-{n}") for n in range(1, NODES + 1))
-"""One Oakestra worker per data-server node: cluster ``local``, hostname = the node id (what
-``flops-data-server`` registers by default)."""
+HFL_FIRST_NODE, HFL_NODES = NODES + 1, 6
+HFL_LEARNERS = [f"node-{n}" for n in range(HFL_FIRST_NODE, HFL_FIRST_NODE + 4)]
+WORKERS = (
+    *(WorkerSpec("local", f"node-{n}") for n in range(1, NODES + 1)),
+    *(
+        WorkerSpec(node_cluster(index, 2), f"node-{HFL_FIRST_NODE + index - 1}")
+        for index in range(1, HFL_NODES + 1)
+    ),
+)
+"""One Oakestra worker per data-server node, hostname = the node id (what ``flops-data-server``
+registers by default): node-1..3 in cluster ``local``; for hierarchical FL node-4..9 alternate
+between ``cluster-1`` and ``cluster-2`` (node-8 and node-9 hold no data: they host the cluster
+aggregators)."""
 
 pytestmark = [pytest.mark.e2e, pytest.mark.oci]
 
@@ -251,6 +262,58 @@ def test_cancelling_mid_training_deletes_everything(
 
     # Assert
     assert cancelled["status"] == "cancelled"
+    assert_nothing_left(oakestra, double)
+
+
+def test_hierarchical_fl_places_each_cluster_aggregator_in_its_cluster_and_completes(
+    suite: ManagerSuite,
+    client: ManagerClient,
+    double: OakestraDouble,
+    oakestra: OakestraClient,
+    mlflow_server: Any,
+    tmp_path: Path,
+) -> None:
+    # Setup: two clusters of two learners (tag mnist-hfl) and one spare worker each
+    token = read_api_token(suite.config.home)
+    with local_nodes(
+        HFL_NODES, tmp_path, suite.url, token, register_interval_s=2.0, clusters=2,
+        first=HFL_FIRST_NODE,
+    ):  # fmt: skip
+        client.wait_for_nodes(NODES + HFL_NODES, timeout_s=30)
+        client.provide_mocks(dataset="mnist", tag="mnist-hfl", nodes=HFL_LEARNERS)
+        document = sla(minimum=2, learners=2)
+        document["training_configuration"].update(
+            mode="hierarchical", training_cycles=2, training_rounds=2, data_tags=["mnist-hfl"]
+        )
+
+        # Execute: note where each service runs while the project trains
+        project_id = client.create_project(document)
+        training = wait_for_status(client, project_id, "training")
+        placed = {i["worker"]: i["image"] for i in _wait_for_learners(double, 4)}
+        project = client.wait_for_project(project_id, PROJECT_TIMEOUT_S, poll_s=0.5)
+
+    # Assert: the tree completed; cluster aggregators ran on the spare worker of their cluster
+    assert project["status"] == "completed", project["status_message"]
+    assert training["hierarchy"] is not None
+    clusters = {c["name"]: c for c in project["hierarchy"]["clusters"]}
+    assert {name: c["learners"] for name, c in clusters.items()} == {
+        "cluster-1": ["node-4", "node-6"],
+        "cluster-2": ["node-5", "node-7"],
+    }
+    assert all(len(c["rounds"]) == 4 for c in clusters.values())
+    assert [c["round"] for c in project["hierarchy"]["root"]["cycles"]] == [1, 2]
+    assert "aggregator" in placed["node-8"] and "aggregator" in placed["node-9"]
+    assert all("learner" in placed[node] for node in HFL_LEARNERS)
+    assert project["metrics"]["accuracy"] >= 0.85
+    import mlflow
+
+    tracking = mlflow.MlflowClient(mlflow_server.url)
+    parent_id = project["mlflow"]["run_id"]
+    children = tracking.search_runs(
+        [project["mlflow"]["experiment_id"]],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+    )
+    assert len(children) == 2
     assert_nothing_left(oakestra, double)
 
 

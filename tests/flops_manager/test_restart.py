@@ -22,6 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import requests
 from paho.mqtt.enums import CallbackAPIVersion
+from waiting import wait_until
 
 from flops_manager.broker import MosquittoBroker
 from flops_manager.builds import VenvProjectBuilder
@@ -250,6 +251,48 @@ def test_killed_manager_reattaches_and_the_project_completes(manager: ManagerPro
     ]
     assert sorted(n["node_id"] for n in manager.client().nodes()) == nodes
     assert manager.client().project(project_id)["status"] == "completed"
+    assert all(identity.wait(10) for identity in services.values())
+
+
+def test_killed_manager_reattaches_a_hierarchical_project_mid_cycle_and_it_completes(
+    manager: ManagerProcess,
+) -> None:
+    # Prepare: hierarchical FL over the one cluster (local) of the two nodes, 2 cycles of 3
+    # rounds; the manager is killed once the cluster reported a round.
+    sla = example_sla(
+        3,
+        mode="hierarchical",
+        training_cycles=2,
+        min_available_clients=2,
+        min_fit_clients=2,
+        min_evaluate_clients=2,
+    )
+    project_id = manager.client().create_project(sla)
+
+    def a_cluster_round() -> dict[str, Any] | None:
+        project = manager.client().project(project_id)
+        assert project["status"] in ("pending", "building", "deploying", "training"), project
+        tree = project.get("hierarchy") or {"clusters": [{"rounds": []}]}
+        return project if tree["clusters"][0]["rounds"] else None
+
+    before = wait_until(a_cluster_round, TRAINING_TIMEOUT_S, interval_s=0.1)
+
+    # Execute
+    manager.stop(signal.SIGKILL)
+    services = service_identities(before)
+    manager.start()
+    project = manager.client().wait_for_project(project_id, FINISH_TIMEOUT_S + 120)
+
+    # Assert: every role re-attached; the cluster's rounds of both cycles recorded once
+    assert project["status"] == "completed", project["status_message"]
+    notes = [e["message"] for e in project["events"] if e["type"] == "manager"]
+    assert notes == [
+        "manager restarted; re-attached 4 running service(s): "
+        "aggregator, cluster-aggregator-local, learner-node-1, learner-node-2"
+    ]
+    rounds = project["hierarchy"]["clusters"][0]["rounds"]
+    assert [r["step"] for r in rounds] == list(range(1, 7))
+    assert [c["round"] for c in project["hierarchy"]["root"]["cycles"]] == [1, 2]
     assert all(identity.wait(10) for identity in services.values())
 
 
