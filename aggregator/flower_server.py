@@ -318,9 +318,7 @@ def _build_strategy(
                 hint += settings.timeout_hint
             else:
                 hint = f"see the {settings.clients_name}s' failed messages for the cause"
-            raise RoundFailed(
-                f"{what}; {len(results)} left, the SLA needs {need}; {hint}."
-            )
+            raise RoundFailed(f"{what}; {len(results)} left, the SLA needs {need}; {hint}.")
 
     strategy_class: type[FedAvg] = type(f"Flops{name}", (_FlopsRounds, chosen), {})
     parameters = settings.strategy.flower_kwargs()

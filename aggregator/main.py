@@ -1,5 +1,6 @@
-"""The aggregator process: runs the SLA's Flower strategy over the learners and tracks it in
-MLflow.
+"""The aggregator process: runs the SLA's Flower strategy over the learners (classic) or over
+the cluster aggregators (hierarchical FL's root), or a cluster of learners for the root
+(:mod:`aggregator.cluster`), and tracks it in MLflow.
 
 Started as ``python -m aggregator`` (or ``flops-aggregator``) by an orchestrator, configured
 by environment variables (:mod:`flops_utils.env_vars`):
@@ -13,6 +14,19 @@ by environment variables (:mod:`flops_utils.env_vars`):
   defaults (``strategy`` defaults to FedAvg).
 - ``FLOPS_ML_REPO_DIR``: the ML repository root (defaults to the working directory).
 - ``FLOPS_CONNECT_TIMEOUT_S``: seconds to wait for the learners (defaults to 300).
+- ``FLOPS_AGGREGATOR_ROLE``: ``classic`` (default), ``root`` or ``cluster``. The root also
+  reads ``FLOPS_CLUSTERS`` (required: the participating clusters); the cluster aggregator
+  reads ``FLOPS_ROOT_AGGREGATOR_ADDRESS``, ``FLOPS_CLUSTER`` (required) and ``FLOPS_LEARNERS``
+  (optional), and no ``FLOPS_ML_REPO_DIR`` (see :mod:`aggregator.cluster`).
+
+The root aggregator runs ``training_cycles`` rounds (cycles) of the SLA's strategy over the
+cluster aggregators, each needing :func:`~flops_utils.contract.training.root_clusters_needed`
+of them and given ``training_rounds * round_timeout_s + FLOPS_CONNECT_TIMEOUT_S`` seconds per
+call; every instruction's config carries the cycle and the root's MLflow run id. It starts
+from the ModelManager's parameters and logs and registers the final model like the classic
+aggregator; its messages are the classic ones with cycles for rounds (``started`` adds
+``role`` ``root`` and ``cycles``, ``progress`` adds ``cycle``, ``learners`` counts cluster
+aggregators) and its MLflow metrics have ``step = cycle``.
 
 MQTT (``flops/<project_id>/aggregator/<status>``): ``started`` once learners can connect
 (data ``{"address", "rounds", "strategy"}``, ``strategy`` being ``{"name", ...parameters}``
@@ -27,185 +41,118 @@ the error on one line, data ``{"error", "exit_code"}``); the payloads are the mo
 EXIT_CODES` gives each one's meaning and fix).
 """
 
-import json
 import os
-import signal
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
 
+from aggregator.cluster import run_cluster
+from aggregator.config import CYCLE_KEY, PARENT_RUN_KEY, AggregatorConfig, ConfigError
 from aggregator.flower_server import (
-    DEFAULT_CONNECT_TIMEOUT_S,
-    DEFAULT_ROUND_TIMEOUT_S,
+    ConfigFn,
     RoundResult,
     TrainingSettings,
     preload,
     run_server,
 )
+from aggregator.signals import stop_cleanly_on_sigterm
 from aggregator.tracking import (
     MODEL_NAME,
     LoggedModel,
     MlflowTracker,
     ModelLoggingError,
 )
-from flops_utils import env_vars
 from flops_utils.contract.entry import run_role
-from flops_utils.contract.exit_codes import ExitCode, Role
+from flops_utils.contract.exit_codes import Role
 from flops_utils.contract.lifecycle import Stage
 from flops_utils.contract.messages import (
     AggregatorStarted,
     AggregatorSuccess,
-    Failed,
     RoundProgress,
     TrainingDone,
 )
-from flops_utils.contract.training import (
-    AggregatorSLA,
-    StrategyConfig,
-    TrainingConfiguration,
-    describe_validation_error,
-)
-from flops_utils.env_config import EnvReader
-from flops_utils.errors import FlopsError
-from flops_utils.logging import logger
+from flops_utils.contract.training import AggregatorRole
 from flops_utils.model_worker_client import (
     ModelSaveFailed,
     ModelWorker,
     RemoteUserCodeError,
 )
 from flops_utils.notifications import StatusNotifier
-from flops_utils.types import ComponentStatus, MLModelFlavor
+from flops_utils.types import ComponentStatus
 from flops_utils.user_code import UserCodeError, call_user_code
 
-
-class ConfigError(FlopsError):
-    """The aggregator's environment or SLA is incomplete or malformed."""
-
-    code = "aggregator_config_error"
-
-
-@dataclass(frozen=True)
-class AggregatorConfig:
-    """The aggregator's settings, read from the environment by :meth:`from_env`.
-
-    ``sla`` is the SLA as parsed JSON (logged to MLflow as parameters) with
-    ``training_configuration.strategy`` replaced by ``strategy`` in full, so that the run
-    records the strategy's name and every parameter in effect; ``training``, ``flavor`` and
-    ``customer_id`` are read from it by :class:`~flops_utils.contract.training.AggregatorSLA`,
-    with the SLA's defaults (rounds 3, client minimums 1, flavor pytorch, strategy FedAvg,
-    customer ``Admin``).
-    """
-
-    project_id: str
-    mqtt_url: str
-    address: str
-    mlflow_url: str
-    repo_dir: Path
-    sla: dict[str, Any]
-    customer_id: str
-    flavor: MLModelFlavor
-    training: TrainingConfiguration
-    connect_timeout_s: float
-
-    @property
-    def training_rounds(self) -> int:
-        """Flower rounds to run."""
-        return self.training.training_rounds
-
-    @property
-    def strategy(self) -> StrategyConfig:
-        """The Flower strategy with every parameter in effect."""
-        return self.training.strategy
-
-    @property
-    def round_timeout_s(self) -> float:
-        """Seconds a round may take: the SLA's, else :data:`DEFAULT_ROUND_TIMEOUT_S`."""
-        return float(self.training.round_timeout_s or DEFAULT_ROUND_TIMEOUT_S)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "AggregatorConfig":
-        """Read and check the ``FLOPS_*`` variables and the SLA. Raises :class:`ConfigError`."""
-        read = EnvReader(env, ConfigError, "the orchestrator sets it when it starts an aggregator")
-        project_id, mqtt_url = read.status_target()
-        address = read.host_port(
-            env_vars.AGGREGATOR_ADDRESS,
-            "the address the Flower server should bind, e.g. 0.0.0.0:8080",
-        )
-        mlflow_url = read.required(env_vars.MLFLOW_URL)
-        if not mlflow_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{env_vars.MLFLOW_URL}={mlflow_url!r} is not http://HOST:PORT.")
-        repo_dir = read.repo_dir()
-        document, sla = _read_sla(read.required(env_vars.SLA))
-        logged_training = {
-            **document.get("training_configuration", {}),
-            "strategy": sla.training_configuration.strategy.model_dump(mode="json"),
-        }
-        return cls(
-            project_id=project_id,
-            mqtt_url=mqtt_url,
-            address=address,
-            mlflow_url=mlflow_url,
-            repo_dir=repo_dir,
-            sla={**document, "training_configuration": logged_training},
-            customer_id=sla.customerID,
-            flavor=sla.ml_model_flavor,
-            training=sla.training_configuration,
-            connect_timeout_s=read.seconds(env_vars.CONNECT_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S),
-        )
-
-    def training_settings(self) -> TrainingSettings:
-        """The Flower server settings for this configuration."""
-        return TrainingSettings(
-            address=self.address,
-            num_rounds=self.training_rounds,
-            min_available_clients=self.training.min_available_clients,
-            min_fit_clients=self.training.min_fit_clients,
-            min_evaluate_clients=self.training.min_evaluate_clients,
-            round_timeout_s=self.round_timeout_s,
-            connect_timeout_s=self.connect_timeout_s,
-            strategy=self.strategy,
-        )
-
-
-def _read_sla(raw: str) -> tuple[dict[str, Any], AggregatorSLA]:
-    """``FLOPS_SLA`` as parsed JSON and as :class:`AggregatorSLA`. Raises
-    :class:`ConfigError` naming the field path of every problem."""
-    try:
-        document = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{env_vars.SLA} is not valid JSON ({exc}).") from exc
-    if not isinstance(document, dict):
-        raise ConfigError(f"{env_vars.SLA} must be a JSON object (the project's SLA).")
-    try:
-        return document, AggregatorSLA.model_validate(document)
-    except ValidationError as exc:
-        raise ConfigError(f"SLA {describe_validation_error(exc)}.") from None
+__all__ = ["AggregatorConfig", "ConfigError", "main", "run"]
 
 
 def run(config: AggregatorConfig, notifier: StatusNotifier) -> None:
-    """Train, track and register the model; publish ``started``, ``progress`` and
-    ``success``.
+    """Run the aggregator of ``config.role``: :func:`run_top` for the classic and the root
+    aggregator, :func:`aggregator.cluster.run_cluster` for a cluster aggregator."""
+    if config.role is AggregatorRole.CLUSTER:
+        run_cluster(config, notifier)
+    else:
+        run_top(config, notifier)
+
+
+class _TopPlan:
+    """What differs between the classic and the root aggregator: the rounds (cycles), the
+    server settings and the extra fields of their messages."""
+
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.root = config.role is AggregatorRole.ROOT
+        self.rounds = config.training_cycles if self.root else config.training_rounds
+        self.settings: TrainingSettings = (
+            config.root_settings() if self.root else config.training_settings()
+        )
+        self.word = "cycle" if self.root else "round"
+        self.started_extra: dict[str, Any] = (
+            {"role": AggregatorRole.ROOT.value, "cycles": self.rounds} if self.root else {}
+        )
+
+    def config_fn(self, run_id: str) -> ConfigFn | None:
+        """The root's instruction config: the cycle and the parent MLflow run id."""
+        if not self.root:
+            return None
+        return lambda cycle: {CYCLE_KEY: cycle, PARENT_RUN_KEY: run_id}
+
+    def progress(self, result: RoundResult) -> RoundProgress:
+        """The ``progress`` data of a finished round (the root's: a cycle)."""
+        extra: dict[str, Any] = {"cycle": result.round} if self.root else {}
+        return RoundProgress(
+            stage=Stage.ROUND,
+            round=result.round,
+            rounds=self.rounds,
+            loss=result.loss,
+            accuracy=result.accuracy,
+            learners=result.learners,
+            seconds=round(result.seconds, 3),
+            **extra,
+        )
+
+
+def run_top(config: AggregatorConfig, notifier: StatusNotifier) -> None:
+    """Train, track and register the model as the classic or the root aggregator; publish
+    ``started``, ``progress`` and ``success``.
 
     Raises what failed (the entry wrapper maps it to its exit code and publishes ``failed``):
     :class:`UserCodeError`, ``TrainingFailed``, ``AddressUnavailable``, ``TrackingError``,
     ``ModelLoggingError``, ``ModelWorkerStartError``; the MLflow run is marked ``FAILED``.
     """
     began = time.monotonic()
+    plan = _TopPlan(config)
     tracker = MlflowTracker(config.mlflow_url, config.project_id)
+    if config.repo_dir is None:
+        raise ConfigError("The classic and the root aggregator need FLOPS_ML_REPO_DIR.")
 
     def on_listening(address: str) -> None:
         started = AggregatorStarted(
             address=address,
-            rounds=config.training_rounds,
+            rounds=plan.rounds,
             strategy=config.strategy.model_dump(mode="json"),
+            **plan.started_extra,
         )
         notifier.notify(ComponentStatus.STARTED, f"aggregator listening on {address}", started)
 
@@ -214,20 +161,12 @@ def run(config: AggregatorConfig, notifier: StatusNotifier) -> None:
         accuracy = "n/a" if result.accuracy is None else f"{result.accuracy:.4f}"
         notifier.notify(
             ComponentStatus.PROGRESS,
-            f"round {result.round}/{config.training_rounds}: loss {result.loss:.4f}, "
+            f"{plan.word} {result.round}/{plan.rounds}: loss {result.loss:.4f}, "
             f"accuracy {accuracy}",
-            RoundProgress(
-                stage=Stage.ROUND,
-                round=result.round,
-                rounds=config.training_rounds,
-                loss=result.loss,
-                accuracy=result.accuracy,
-                learners=result.learners,
-                seconds=round(result.seconds, 3),
-            ),
+            plan.progress(result),
         )
 
-    _stop_cleanly_on_sigterm(tracker, notifier)
+    stop_cleanly_on_sigterm(tracker, notifier)
     try:
         tracker.check_reachable()
         flower = preload()  # Flower's imports overlap the model worker's start
@@ -237,11 +176,13 @@ def run(config: AggregatorConfig, notifier: StatusNotifier) -> None:
             )
             flower.join()  # before MLflow's imports: both import protobuf and grpc
             run_id = tracker.start_run(config.sla, tags={"flops.customer_id": config.customer_id})
-            result = run_server(config.training_settings(), initial, on_round, on_listening)
+            result = run_server(
+                plan.settings, initial, on_round, on_listening, plan.config_fn(run_id)
+            )
             last = result.rounds[-1] if result.rounds else None
             notifier.notify(
                 ComponentStatus.PROGRESS,
-                f"training done after {len(result.rounds)} rounds; logging the model",
+                f"training done after {len(result.rounds)} {plan.word}s; logging the model",
                 TrainingDone(
                     stage=Stage.TRAINING_DONE,
                     rounds=len(result.rounds),
@@ -249,7 +190,9 @@ def run(config: AggregatorConfig, notifier: StatusNotifier) -> None:
                     accuracy=last.accuracy if last else None,
                 ),
             )
-            logged = _log_final_model(model_manager, tracker, config, result.parameters)
+            logged = _log_final_model(
+                model_manager, tracker, config, result.parameters, plan.rounds
+            )
         success = AggregatorSuccess(
             experiment_id=tracker.experiment_id,
             run_id=run_id,
@@ -270,7 +213,8 @@ def run(config: AggregatorConfig, notifier: StatusNotifier) -> None:
         tracker.end_run("KILLED")  # a no-op unless interrupted (KeyboardInterrupt, SystemExit)
     notifier.notify(
         ComponentStatus.SUCCESS,
-        f"training finished after {success.rounds} rounds; model {logged.registered_model_uri}",
+        f"training finished after {success.rounds} {plan.word}s; model "
+        f"{logged.registered_model_uri}",
         success,
     )
 
@@ -280,9 +224,11 @@ def _log_final_model(
     tracker: MlflowTracker,
     config: AggregatorConfig,
     parameters: list[np.ndarray[Any, Any]],
+    step: int,
 ) -> LoggedModel:
     """Save the final model in the model worker (the repository's environment, with its
-    MLflow) and upload and register it with this process's MLflow client.
+    MLflow) and upload and register it with this process's MLflow client; ``step`` is the
+    last round (cycle for the root).
 
     Raises :class:`UserCodeError` when ``set_model_parameters``/``get_model`` raised,
     :class:`ModelLoggingError` when the model cannot be saved with the SLA's flavor, and
@@ -296,31 +242,7 @@ def _log_final_model(
             raise UserCodeError(str(exc)) from None
         except ModelSaveFailed as exc:
             raise ModelLoggingError(exc.message) from None
-        return tracker.log_saved_model(
-            model_dir, config.flavor, step=config.training_rounds, saved_with=saved
-        )
-
-
-def _stop_cleanly_on_sigterm(tracker: MlflowTracker, notifier: StatusNotifier) -> None:
-    """On SIGTERM (an orchestrator stopping the project): mark the MLflow run ``KILLED``,
-    publish ``failed`` and exit with :attr:`ExitCode.TERMINATED` at once.
-
-    Exiting from the handler (instead of raising into Flower's blocked thread pool) keeps
-    a stop from waiting for the learners' current round.
-    """
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        logger.warning("SIGTERM: stopping the aggregator")
-        tracker.end_run("KILLED")
-        notifier.notify(
-            ComponentStatus.FAILED,
-            "The aggregator was stopped by SIGTERM (the project was cancelled or stopped).",
-            Failed(error="terminated", exit_code=int(ExitCode.TERMINATED)),
-        )
-        notifier.close()
-        os._exit(ExitCode.TERMINATED)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+        return tracker.log_saved_model(model_dir, config.flavor, step=step, saved_with=saved)
 
 
 def main() -> None:

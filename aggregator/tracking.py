@@ -1,10 +1,12 @@
-"""MLflow tracking for the aggregator: one run per project, a metric per round, the model.
+"""MLflow tracking for the aggregators: one run per project, a metric per round, the model.
 
 Layout in the tracking server: experiment ``flops-<project_id>``, one run named
 ``flops-<project_id>`` holding the SLA flattened as parameters (``training_configuration.
 training_rounds`` etc.), the metrics ``loss`` and ``accuracy`` with ``step = round``, and the
 final global model logged with the repository's flavor and registered as the model
-``flops-<project_id>``.
+``flops-<project_id>``. In hierarchical FL that run is the root aggregator's (``step =
+cycle``), and each cluster aggregator adds a child run ``flops-<project_id>-<cluster>`` (tag
+``mlflow.parentRunId``) with ``step = (cycle - 1) * training_rounds + round``.
 
 MLflow is imported lazily (it takes seconds). The aggregator talks to the tracking server
 over HTTP only (the server proxies artifacts), and telemetry is switched off so MLflow never
@@ -147,6 +149,11 @@ class MlflowTracker:
             "start it (flops-observatory) or fix FLOPS_MLFLOW_URL."
         )
 
+    def prepare(self) -> None:
+        """Import MLflow and create its client now (the import takes seconds), so that the
+        first :meth:`start_run` does not pay for it."""
+        self._mlflow_client()
+
     def _mlflow_client(self) -> Any:
         if self._client is None:
             import mlflow
@@ -155,10 +162,17 @@ class MlflowTracker:
             self._client = mlflow.MlflowClient(tracking_uri=self.tracking_url)
         return self._client
 
-    def start_run(self, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
-        """Create (or reuse) the experiment and start the project's run.
+    def start_run(
+        self,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str] | None = None,
+        run_name: str | None = None,
+    ) -> str:
+        """Create (or reuse) the experiment and start a run in it (default name: the
+        experiment's, ``flops-<project_id>``).
 
-        ``params`` (e.g. the SLA) is flattened with :func:`flatten_params`. Returns the run id.
+        ``params`` (e.g. the SLA) is flattened with :func:`flatten_params`; ``tags`` are set
+        on the run (``mlflow.parentRunId`` nests it under another run). Returns the run id.
         """
         from mlflow.entities import Param
 
@@ -173,7 +187,7 @@ class MlflowTracker:
                 self.experiment_id = experiment.experiment_id
             run = client.create_run(
                 self.experiment_id,
-                run_name=self.name,
+                run_name=run_name or self.name,
                 tags={"flops.project_id": self.project_id, **(tags or {})},
             )
             self.run_id = run.info.run_id

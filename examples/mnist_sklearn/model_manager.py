@@ -21,8 +21,8 @@ class ModelManager(ModelManagerTemplate):
         self.model = LogisticRegression(max_iter=LOCAL_EPOCHS, warm_start=True)
         # Start from zeros so the aggregator can send parameters before any training.
         self.model.classes_ = np.arange(NUM_CLASSES)
-        self.model.coef_ = np.zeros((NUM_CLASSES, NUM_FEATURES))
-        self.model.intercept_ = np.zeros(NUM_CLASSES)
+        self.model.coef_ = np.zeros((NUM_CLASSES, NUM_FEATURES), dtype=np.float32)
+        self.model.intercept_ = np.zeros(NUM_CLASSES, dtype=np.float32)
         self.train = self.test = None
 
     def set_model_data(self) -> None:

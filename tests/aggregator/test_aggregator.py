@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aggregator.flower_client import RootUnreachable
 from aggregator.flower_server import (
     DEFAULT_ROUND_TIMEOUT_S,
     AddressUnavailable,
@@ -23,7 +24,7 @@ from aggregator.tracking import (
     flatten_params,
 )
 from flops_utils.contract.exit_codes import ExitCode, exit_code_for
-from flops_utils.contract.training import FedAvgConfig, FedYogiConfig
+from flops_utils.contract.training import AggregatorRole, FedAvgConfig, FedYogiConfig
 from flops_utils.model_worker_client import ModelWorkerStartError
 from flops_utils.net import find_free_port
 from flops_utils.types import MLModelFlavor
@@ -131,6 +132,59 @@ def test_config_errors_name_the_variable(overrides: dict[str, str], message: str
         AggregatorConfig.from_env(_env(**overrides))
 
 
+def test_config_reads_each_roles_variables() -> None:
+    # Execute
+    root = AggregatorConfig.from_env(
+        _env(FLOPS_AGGREGATOR_ROLE="root", FLOPS_CLUSTERS="a, b,c", FLOPS_CONNECT_TIMEOUT_S="7")
+    )
+    cluster = AggregatorConfig.from_env(
+        _env(
+            FLOPS_AGGREGATOR_ROLE="cluster",
+            FLOPS_CLUSTER="a",
+            FLOPS_ROOT_AGGREGATOR_ADDRESS="10.0.0.2:9000",
+            FLOPS_LEARNERS="n1,n2",
+            FLOPS_ML_REPO_DIR="/nonexistent",  # a cluster aggregator runs no user code
+        )
+    )
+    classic = AggregatorConfig.from_env(_env())
+
+    # Assert: the root waits for min(2, 3) clusters, a whole cycle (5 rounds) per call.
+    assert (root.role, root.clusters) == (AggregatorRole.ROOT, ("a", "b", "c"))
+    settings = root.root_settings()
+    assert (settings.min_available_clients, settings.min_fit_clients) == (2, 2)
+    assert settings.round_timeout_s == 5 * DEFAULT_ROUND_TIMEOUT_S + 7
+    assert settings.num_rounds == root.training_cycles == 1
+    assert (cluster.role, cluster.cluster, cluster.root_address) == (
+        AggregatorRole.CLUSTER,
+        "a",
+        "10.0.0.2:9000",
+    )
+    assert (cluster.learners, cluster.repo_dir) == (("n1", "n2"), None)
+    assert classic.role is AggregatorRole.CLASSIC
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"FLOPS_AGGREGATOR_ROLE": "leaf"}, "FLOPS_AGGREGATOR_ROLE='leaf' is not an aggregator"),
+        ({"FLOPS_AGGREGATOR_ROLE": "root"}, "FLOPS_CLUSTERS is not set"),
+        ({"FLOPS_AGGREGATOR_ROLE": "root", "FLOPS_CLUSTERS": " , "}, "FLOPS_CLUSTERS names no"),
+        (
+            {"FLOPS_AGGREGATOR_ROLE": "cluster", "FLOPS_ROOT_AGGREGATOR_ADDRESS": "r:1"},
+            "FLOPS_CLUSTER is not set",
+        ),
+        (
+            {"FLOPS_AGGREGATOR_ROLE": "cluster", "FLOPS_CLUSTER": "a"},
+            "FLOPS_ROOT_AGGREGATOR_ADDRESS is not set",
+        ),
+    ],
+)
+def test_role_config_errors_name_the_variable(overrides: dict[str, str], message: str) -> None:
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=message):
+        AggregatorConfig.from_env(_env(**overrides))
+
+
 def test_the_aggregators_errors_map_to_the_catalogues_codes() -> None:
     # Execute / Assert
     assert exit_code_for(ConfigError("x")) is ExitCode.CONFIG_ERROR
@@ -138,6 +192,7 @@ def test_the_aggregators_errors_map_to_the_catalogues_codes() -> None:
     assert exit_code_for(AddressUnavailable("x")) is ExitCode.ADDRESS_UNAVAILABLE
     assert exit_code_for(RoundFailed("x")) is ExitCode.TRAINING_FAILED
     assert exit_code_for(LearnersMissing("x")) is ExitCode.TRAINING_FAILED
+    assert exit_code_for(RootUnreachable("x")) is ExitCode.AGGREGATOR_UNREACHABLE
     assert exit_code_for(UserCodeError("x")) is ExitCode.USER_CODE_ERROR
     assert exit_code_for(TrackingError("x")) is ExitCode.TRACKING_UNAVAILABLE
     assert exit_code_for(ModelLoggingError("x")) is ExitCode.MODEL_LOGGING_FAILED

@@ -2,7 +2,7 @@
 
 Two levels, both with real Flower over loopback:
 
-- in process: :func:`aggregator.flower_server.run_server` with three Flower clients in
+- in process: :class:`aggregator.flower_server.FlowerServer` with three Flower clients in
   threads whose models are fixed numbers, so each strategy's aggregate can be checked
   exactly (and FedProx's ``proximal_mu`` seen in the fit config);
 - end to end (``conftest.py``): aggregator and learner processes training the MNIST example
@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from waiting import wait_until
 
-from aggregator.flower_server import RoundFailed, TrainingResult, TrainingSettings, run_server
+from aggregator.flower_server import FlowerServer, RoundFailed, TrainingResult, TrainingSettings
 from flops_utils.contract.training import STRATEGY_ADAPTER, STRATEGY_NAMES, StrategyConfig
 from flops_utils.net import find_free_port
 from observatory.mlflow_server import MlflowServer
@@ -88,18 +89,22 @@ class _FixedClient:
 
 
 def _run(
-    strategy: StrategyConfig, rounds: int = 1, failing: float | None = None
+    strategy: StrategyConfig,
+    rounds: int = 1,
+    failing: float | None = None,
+    minimum: int = len(LEARNERS),
 ) -> tuple[TrainingResult, list[_FixedClient]]:
-    """Train ``rounds`` rounds of ``strategy`` over :data:`LEARNERS` in this process; the
-    learner whose value is ``failing`` raises in fit."""
+    """Train ``rounds`` rounds of ``strategy`` over :data:`LEARNERS` in this process, every
+    client minimum of the SLA set to ``minimum``; the learner whose value is ``failing``
+    raises in fit (its Flower client ends, as a learner that dies mid-training)."""
     from flwr.client import start_client
 
     settings = TrainingSettings(
         address=f"127.0.0.1:{find_free_port()}",
         num_rounds=rounds,
-        min_available_clients=len(LEARNERS),
-        min_fit_clients=len(LEARNERS),
-        min_evaluate_clients=len(LEARNERS),
+        min_available_clients=minimum,
+        min_fit_clients=minimum,
+        min_evaluate_clients=minimum,
         round_timeout_s=TIMEOUT_S,
         connect_timeout_s=TIMEOUT_S,
         strategy=strategy,
@@ -109,10 +114,13 @@ def _run(
     outcome: dict[str, Any] = {}
 
     def serve() -> None:
+        # As run_server, but round 1 waits for every learner (not only for the minimum).
         try:
-            outcome["result"] = run_server(
-                settings, [np.zeros(2), np.zeros((2, 2))], on_listening=lambda _: listening.set()
-            )
+            with FlowerServer(settings) as flower:
+                listening.set()
+                wait_until(lambda: flower.connected() == len(LEARNERS), TIMEOUT_S)
+                outcome["result"] = flower.train([np.zeros(2), np.zeros((2, 2))])
+                flower.disconnect()
         except Exception as exc:
             outcome["error"] = exc
         finally:
@@ -212,14 +220,35 @@ def test_adaptive_strategy_keeps_its_state_across_rounds() -> None:
     assert result.parameters[0] == pytest.approx(np.full(2, second), rel=1e-6)
 
 
-def test_a_learner_failing_fails_the_round_with_any_strategy() -> None:
-    # Prepare: the mixin's failure check runs before FedMedian's own aggregation, which
-    # would otherwise skip the round silently.
+def test_a_learner_failing_below_the_minimum_fails_the_round_with_any_strategy() -> None:
+    # Prepare: all 3 learners are needed; the mixin's failure check runs before FedMedian's
+    # own aggregation, which would otherwise aggregate the two results left.
     strategy = STRATEGY_ADAPTER.validate_python({"name": "FedMedian"})
 
     # Execute / Assert
-    with pytest.raises(RoundFailed, match=r"Round 1 training: 1 of 3 learner\(s\) failed"):
+    with pytest.raises(
+        RoundFailed, match=r"Round 1 training: 1 of 3 learner\(s\) failed.*2 left, the SLA needs 3"
+    ):
         _run(strategy, failing=9.0)
+
+
+def test_a_learner_dying_mid_training_is_tolerated_while_the_minimum_is_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: 3 learners, the SLA needs 2; the one of value 9 dies in its first fit.
+    strategy = STRATEGY_ADAPTER.validate_python({"name": "FedAvg"})
+
+    # Execute
+    with caplog.at_level("WARNING", logger="flops"):
+        result, clients = _run(strategy, rounds=2, failing=9.0, minimum=2)
+
+    # Assert: both rounds ran over the two others: FedAvg of (1, 1 sample) and (2, 1 sample).
+    assert [(r.round, r.learners, r.fit_examples) for r in result.rounds] == [(1, 2, 2), (2, 2, 2)]
+    for parameter in result.parameters:
+        assert parameter == pytest.approx(np.full_like(parameter, 1.5))
+    assert [c.error is None for c in clients] == [True, True, False]
+    assert "Round 1 training: 1 of 3 learner(s) failed" in caplog.text
+    assert "going on with the other 2 (the SLA needs 2)" in caplog.text
 
 
 # End to end: the MNIST example with FedMedian and FedAdam, two rounds each.

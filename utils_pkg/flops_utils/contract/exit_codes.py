@@ -96,10 +96,11 @@ EXIT_CODES: dict[ExitCode, ExitMeaning] = {
         _ALL,
     ),
     ExitCode.AGGREGATOR_UNREACHABLE: ExitMeaning(
-        "The learner could not reach the aggregator, or the connection broke before training "
-        "ended.",
-        "Check the aggregator's status messages and FLOPS_AGGREGATOR_ADDRESS.",
-        frozenset({Role.LEARNER}),
+        "The learner could not reach its aggregator (a cluster aggregator: the root "
+        "aggregator), or the connection broke before training ended.",
+        "Check the aggregator's status messages and FLOPS_AGGREGATOR_ADDRESS (cluster "
+        "aggregator: FLOPS_ROOT_AGGREGATOR_ADDRESS).",
+        frozenset({Role.LEARNER, Role.AGGREGATOR}),
     ),
     ExitCode.DATA_UNAVAILABLE: ExitMeaning(
         "The node's data server is unreachable or holds none of the SLA's data tags.",
@@ -112,8 +113,9 @@ EXIT_CODES: dict[ExitCode, ExitMeaning] = {
         _ALL,
     ),
     ExitCode.TRAINING_FAILED: ExitMeaning(
-        "Too few learners connected in time, or a learner failed, disconnected or exceeded "
-        "round_timeout_s during a round.",
+        "Too few learners (or, for a root aggregator, cluster aggregators) connected in time, "
+        "or a round kept fewer results than the SLA's minimum because clients failed, "
+        "disconnected or exceeded round_timeout_s.",
         "Read the learners' failed messages; check min_available_clients and round_timeout_s.",
         frozenset({Role.AGGREGATOR}),
     ),
@@ -160,6 +162,7 @@ ERROR_EXIT_CODES: dict[str, ExitCode] = {
     "invalid_manager_url": ExitCode.CONFIG_ERROR,
     "data_storage_error": ExitCode.CONFIG_ERROR,
     "aggregator_unreachable": ExitCode.AGGREGATOR_UNREACHABLE,
+    "root_aggregator_unreachable": ExitCode.AGGREGATOR_UNREACHABLE,
     "data_unavailable": ExitCode.DATA_UNAVAILABLE,
     "training_failed": ExitCode.TRAINING_FAILED,
     "tracking_error": ExitCode.TRACKING_UNAVAILABLE,
