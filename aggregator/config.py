@@ -161,6 +161,7 @@ class AggregatorConfig:
             connect_timeout_s=self.connect_timeout_s,
             strategy=self.strategy,
             clients_name="cluster aggregator",
+            timeout_name="the cycle timeout",
             timeout_hint=(
                 "a cycle may take training_rounds * round_timeout_s + FLOPS_CONNECT_TIMEOUT_S; "
                 "raise round_timeout_s in the SLA if the clusters need longer"

@@ -101,7 +101,8 @@ class TrainingSettings:
     seconds a client may take per fit or evaluate call; ``connect_timeout_s``: seconds to
     wait for ``min_available_clients`` clients; ``strategy``: the Flower strategy and its
     parameters (defaults to FedAvg); ``clients_name``: what the clients are, for messages
-    (``learner``, or ``cluster aggregator`` at the root); ``timeout_hint``: how to give the
+    (``learner``, or ``cluster aggregator`` at the root); ``timeout_name``: what the timeout
+    is called in messages; ``timeout_hint``: how to give the
     clients longer, ending a timeout's message.
     """
 
@@ -114,6 +115,7 @@ class TrainingSettings:
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     strategy: StrategyConfig = DEFAULT_STRATEGY
     clients_name: str = "learner"
+    timeout_name: str = "round_timeout_s"
     timeout_hint: str = "raise round_timeout_s in the SLA if the learners need longer"
 
 
@@ -314,7 +316,7 @@ def _build_strategy(
                 return
             # Flower reports a timeout as a closed stream; the elapsed time tells them apart.
             if time.monotonic() - outcomes.phase_began >= settings.round_timeout_s:
-                hint = f"the timeout ({settings.round_timeout_s:g}s) was exceeded; "
+                hint = f"{settings.timeout_name} ({settings.round_timeout_s:g}s) was exceeded; "
                 hint += settings.timeout_hint
             else:
                 hint = f"see the {settings.clients_name}s' failed messages for the cause"

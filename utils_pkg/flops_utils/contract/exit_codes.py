@@ -96,7 +96,7 @@ EXIT_CODES: dict[ExitCode, ExitMeaning] = {
         _ALL,
     ),
     ExitCode.AGGREGATOR_UNREACHABLE: ExitMeaning(
-        "The learner could not reach its aggregator (a cluster aggregator: the root "
+        "The learner could not reach the aggregator (a cluster aggregator: the root "
         "aggregator), or the connection broke before training ended.",
         "Check the aggregator's status messages and FLOPS_AGGREGATOR_ADDRESS (cluster "
         "aggregator: FLOPS_ROOT_AGGREGATOR_ADDRESS).",
