@@ -42,7 +42,6 @@ from flops_manager.client import ManagerClient
 from flops_manager.config import ManagerConfig
 from flops_manager.demo import EXAMPLE_REPO, local_nodes
 from flops_manager.suite import ManagerSuite
-from flops_utils.data_client import DataClient
 from image_builder.python_env import find_links, uv_command
 from image_builder.venv_builder import BuiltEnvironment, VenvBuilder
 
@@ -146,7 +145,7 @@ def main() -> None:
             with local_nodes(2, scratch / "nodes", suite.url, token) as nodes:
                 table = mnist_table()
                 for index, node in enumerate(nodes):
-                    with DataClient(node.location) as data:
+                    with node.client() as data:
                         data.put_table(TAG, table.slice(index * SHARD_ROWS, SHARD_ROWS))
                 client.wait_for_nodes(2, timeout_s=60, tag=TAG)
                 for name in args.repos.split(","):

@@ -137,6 +137,7 @@ def provide_mock_data(
     partitioning: str = "iid",
     alpha: float = 0.5,
     seed: int = 42,
+    credentials: dict[str, tuple[str, str]] | None = None,
 ) -> dict[str, int]:
     """Partition a bundled dataset across nodes and store part *i* on node *i* under ``tag``.
 
@@ -145,6 +146,10 @@ def provide_mock_data(
         node_locations: ``{node_id: "grpc://HOST:PORT"}``; parts follow this order.
         tag: data tag to store under; defaults to ``dataset_name``.
         partitioning, alpha, seed: as in :func:`partition`.
+        credentials: ``{node_id: (token, certificate PEM)}`` for secure data servers (a write
+            token or the owner's credential, and the server's certificate); a node missing
+            here is reached with :class:`DataClient`'s defaults (``$FLOPS_DATA_TOKEN`` /
+            ``$FLOPS_DATA_SERVER_CERT`` if set, else plain gRPC without a token).
 
     Returns ``{node_id: rows stored}``. Each node's previous table for ``tag`` is replaced.
     Raises :class:`UnknownDataset`, :class:`InvalidPartitioning`,
@@ -159,7 +164,8 @@ def provide_mock_data(
     parts = partition(dataset, len(node_locations), partitioning, alpha, seed)
     stored: dict[str, int] = {}
     for (node_id, location), part in zip(node_locations.items(), parts, strict=True):
-        with DataClient(location) as client:
+        token, cert = (credentials or {}).get(node_id, (None, None))
+        with DataClient(location, token=token, tls_root_certs=cert) as client:
             stored[node_id] = client.put_table(tag, dataset_to_table(part))
         logger.info(
             "mock data: %d rows of %s as %r on %s", stored[node_id], dataset_name, tag, node_id

@@ -17,6 +17,14 @@ Protocol (the client is :class:`flops_utils.data_client.DataClient`):
 
 Errors the caller caused are raised as ``FlightServerError`` whose ``extra_info`` is JSON
 ``{"code", "message", "details"}`` of a :class:`flops_utils.errors.FlopsError`.
+
+With a :class:`data_server.security.DataServerSecurity` the server speaks TLS
+(``grpc+tls://``) and every call needs ``authorization: Bearer <credential>``: read tokens
+may read (and list) only their tags, ``do_put`` and ``drop`` need the node owner's credential
+or a manager write token (see :mod:`data_server.security`). Refusals are
+``FlightUnauthenticatedError`` (no or invalid credential) and ``FlightUnauthorizedError``
+(the credential does not allow the call). Without one, the server is open (plain gRPC, no
+authentication: ``FLOPS_INSECURE=data``, in-process tests).
 """
 
 from __future__ import annotations
@@ -30,9 +38,18 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from data_server.security import (
+    MIDDLEWARE_KEY,
+    AuthMiddleware,
+    AuthMiddlewareFactory,
+    Caller,
+    DataServerSecurity,
+    unauthorized,
+)
 from data_server.storage import StorageError, TagInfo, TagStorage
 from flops_utils.data_client import (
     ROWS_METADATA_KEY,
+    DataTagsNotFound,
     InvalidDataTable,
     InvalidDataTag,
     validate_tag,
@@ -116,19 +133,76 @@ def _flight_info(info: TagInfo) -> flight.FlightInfo:
     return flight.FlightInfo(info.schema, descriptor, [endpoint], info.rows, info.size_bytes)
 
 
+OWNER = Caller("owner")
+"""The caller of every call on a server without security."""
+
+
+def _check_read(caller: Caller, tags: list[str]) -> None:
+    """Refuse (``FlightUnauthorizedError``) when ``caller`` may not read one of ``tags``."""
+    denied = [tag for tag in tags if not caller.may_read(tag)]
+    if denied:
+        raise unauthorized(
+            f"the data token does not cover tag(s) {denied} (it allows {sorted(caller.tags)}). "
+            "Ask the manager for a token for these tags (the SLA's data_tags)."
+        )
+
+
+def _scoped(caller: Caller, tag: str, call: Callable[[], Any]) -> Any:
+    """Run ``call`` (a storage read of ``tag``); a read token holder learns of a missing tag
+    only that it is missing, not which other tags the server holds."""
+    try:
+        return call()
+    except DataTagsNotFound:
+        if caller.kind == "owner":
+            raise
+        raise DataTagsNotFound(
+            f"This data server has no data tag {tag!r}. Ask the node's owner to push it."
+        ) from None
+
+
+def _check_write(caller: Caller, what: str) -> None:
+    """Refuse (``FlightUnauthorizedError``) unless ``caller`` may write."""
+    if not caller.may_write:
+        raise unauthorized(
+            f"a read token may not {what}. Use the node owner's credential "
+            "(<data-dir>/.security/owner-token on the node) or a manager write token."
+        )
+
+
 class FlopsFlightServer(flight.FlightServerBase):  # type: ignore[misc]
     """The Flight service over one :class:`TagStorage` (see the module docstring).
 
     Args:
         storage: where tagged tables live.
-        location: ``grpc://HOST:PORT`` to listen on (port 0: the OS picks one).
+        location: ``grpc://HOST:PORT`` to listen on (port 0: the OS picks one);
+            ``grpc+tls://HOST:PORT`` with ``security``.
+        security: TLS material and credentials; ``None`` serves plain gRPC to anyone.
 
     Starts listening when constructed (pyarrow's behaviour); ``port`` is the bound port.
     """
 
-    def __init__(self, storage: TagStorage, location: str) -> None:
-        super().__init__(location)
+    def __init__(
+        self, storage: TagStorage, location: str, security: DataServerSecurity | None = None
+    ) -> None:
+        if security is None:
+            super().__init__(location)
+        else:
+            super().__init__(
+                location,
+                tls_certificates=[flight.CertKeyPair(cert=security.cert_pem, key=security.key_pem)],
+                middleware={MIDDLEWARE_KEY: AuthMiddlewareFactory(security)},
+            )
         self.storage = storage
+        self.security = security
+
+    def _caller(self, context: flight.ServerCallContext) -> Caller:
+        """The authenticated caller of this call (:data:`OWNER` without security)."""
+        if self.security is None:
+            return OWNER
+        middleware = context.get_middleware(MIDDLEWARE_KEY)
+        if not isinstance(middleware, AuthMiddleware):  # the factory refuses before this
+            raise unauthorized("the call was not authenticated.")
+        return middleware.caller
 
     def _guard(self, call: Callable[[], Any]) -> Any:
         """Run ``call``; FLOps errors and I/O errors go to the client as FlightServerError."""
@@ -148,33 +222,46 @@ class FlopsFlightServer(flight.FlightServerBase):  # type: ignore[misc]
         self, context: flight.ServerCallContext, criteria: bytes
     ) -> Iterator[flight.FlightInfo]:
         """Yield a FlightInfo per stored tag, filtered by JSON criteria ``{"tags": [...]}``."""
+        caller = self._caller(context)
         tags = self._guard(lambda: _parse_criteria(criteria))
+        if tags is not None:
+            _check_read(caller, tags)
         infos = self._guard(lambda: self.storage.infos(tags))
         for info in infos:
-            yield _flight_info(info)
+            if caller.may_read(info.tag):
+                yield _flight_info(info)
 
     def get_flight_info(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
         """Describe one tag (rows, bytes, schema); ``data_tags_not_found`` if missing."""
-        info = self._guard(lambda: self.storage.info(_tag_from_descriptor(descriptor)))
-        return _flight_info(info)
+        return _flight_info(self._readable_info(context, descriptor))
+
+    def _readable_info(
+        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
+    ) -> TagInfo:
+        caller = self._caller(context)
+        tag: str = self._guard(lambda: _tag_from_descriptor(descriptor))
+        _check_read(caller, [tag])
+        info: TagInfo = self._guard(lambda: _scoped(caller, tag, lambda: self.storage.info(tag)))
+        return info
 
     def get_schema(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.SchemaResult:
         """Return one tag's schema (with its ``huggingface`` metadata)."""
-        info = self._guard(lambda: self.storage.info(_tag_from_descriptor(descriptor)))
-        return flight.SchemaResult(info.schema)
+        return flight.SchemaResult(self._readable_info(context, descriptor).schema)
 
     def do_get(
         self, context: flight.ServerCallContext, ticket: flight.Ticket
     ) -> flight.GeneratorStream:
         """Stream the table of the tag named by ``ticket``."""
+        caller = self._caller(context)
+        tag: str = self._guard(lambda: validate_tag(_decode(ticket.ticket, "ticket")))
+        _check_read(caller, [tag])
 
         def open_stream() -> flight.GeneratorStream:
-            tag = validate_tag(_decode(ticket.ticket, "ticket"))
-            schema, batches = self.storage.open_batches(tag)
+            schema, batches = _scoped(caller, tag, lambda: self.storage.open_batches(tag))
             return flight.GeneratorStream(schema, batches)
 
         return self._guard(open_stream)
@@ -187,6 +274,7 @@ class FlopsFlightServer(flight.FlightServerBase):  # type: ignore[misc]
         writer: flight.FlightMetadataWriter,
     ) -> None:
         """Replace the descriptor's tag with the uploaded stream, atomically."""
+        _check_write(self._caller(context), "store data")
 
         def receive() -> int:
             tag = _tag_from_descriptor(descriptor)
@@ -223,11 +311,14 @@ class FlopsFlightServer(flight.FlightServerBase):  # type: ignore[misc]
 
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[bytes]:
         """Run ``tags`` or ``drop`` (see :meth:`list_actions`)."""
+        caller = self._caller(context)
 
         def run() -> list[bytes]:
             if action.type == "tags":
-                return [json.dumps(self.storage.tags()).encode()]
+                tags = {t: n for t, n in self.storage.tags().items() if caller.may_read(t)}
+                return [json.dumps(tags).encode()]
             if action.type == "drop":
+                _check_write(caller, "drop data")
                 body = action.body.to_pybytes() if action.body is not None else b""
                 tag = validate_tag(_decode(body, "drop action body"))
                 dropped = self.storage.drop(tag)
@@ -248,6 +339,8 @@ class DataServer:
         host: address to bind. Defaults to ``127.0.0.1``; ``0.0.0.0`` binds every interface.
         port: TCP port; 0 (default) lets the OS pick one (read it from :attr:`port`).
         on_change: called after a tag was written or dropped (e.g. to re-register the node).
+        security: serve TLS and require credentials (see :mod:`data_server.security`);
+            ``None`` (the default) serves plain gRPC without authentication.
 
     ``start()`` returns once the server listens; ``stop()`` shuts it down, waiting at most
     :data:`STOP_TIMEOUT_S` seconds for running calls. Also a context manager.
@@ -261,8 +354,10 @@ class DataServer:
         host: str = "127.0.0.1",
         port: int = 0,
         on_change: Callable[[], None] | None = None,
+        security: DataServerSecurity | None = None,
     ) -> None:
         self.host = host
+        self.security = security
         self.requested_port = port
         self.storage = TagStorage(data_dir, on_change=on_change)
         self._server: FlopsFlightServer | None = None
@@ -281,21 +376,27 @@ class DataServer:
         return self._port
 
     @property
+    def scheme(self) -> str:
+        """``grpc+tls`` with security, else ``grpc``."""
+        return "grpc" if self.security is None else "grpc+tls"
+
+    @property
     def location(self) -> str:
-        """``grpc://HOST:PORT`` clients on this machine connect to (wildcards → 127.0.0.1)."""
+        """``grpc://HOST:PORT`` (``grpc+tls://`` with security) clients on this machine connect
+        to (wildcards → 127.0.0.1)."""
         host = "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        return f"grpc://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def start(self) -> DataServer:
         """Start listening; returns ``self``. Idempotent."""
         if self._server is not None:
             return self
         bind_host = f"[{self.host}]" if ":" in self.host else self.host
-        bind = f"grpc://{bind_host}:{self.requested_port}"
+        bind = f"{self.scheme}://{bind_host}:{self.requested_port}"
         try:
-            self._server = FlopsFlightServer(self.storage, bind)
+            self._server = FlopsFlightServer(self.storage, bind, self.security)
         except (pa.ArrowException, OSError) as exc:
             raise DataServerStartError(
                 f"The data server cannot listen on {self.host}:{self.requested_port} ({exc}). "

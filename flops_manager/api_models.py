@@ -131,12 +131,21 @@ class NodeRegistration(_Body):
     ``tags`` maps each data tag the node holds to its row count. ``cluster`` and ``hostname``
     are the Oakestra cluster name and worker hostname the node runs under (the ``oakestra``
     orchestrator places the node's learner there with a ``direct`` constraint); ``hostname``
-    defaults to ``node_id``.
+    defaults to ``node_id``. ``data_server_cert``: the PEM certificate of a TLS data server
+    (``grpc+tls://``), given to the node's learners to trust; absent for a plain one.
     """
 
     node_id: str = Field(pattern=NODE_ID_PATTERN)
     data_server: str = Field(
-        pattern=r"^grpc(\+tcp)?://[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", max_length=256
+        pattern=r"^grpc(\+tcp|\+tls)?://[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", max_length=256
+    )
+    data_server_cert: str | None = Field(
+        default=None,
+        max_length=16_384,
+        pattern=(
+            r"^-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+"
+            r"-----END CERTIFICATE-----\r?\n?$"
+        ),
     )
     architecture: Platform = Platform.LINUX_AMD64
     cluster: str = Field(default="local", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -156,6 +165,13 @@ class Node(_View):
     hostname: str
     tags: dict[str, int]
     last_seen: float
+
+
+class NodeRegistered(Node):
+    """``POST /nodes``: the registered node and ``data_token_public_key``, the PEM of the
+    manager's Ed25519 key that signs data tokens (left out with ``FLOPS_INSECURE=data``)."""
+
+    data_token_public_key: str | None = None
 
 
 class NodeList(_View):
@@ -198,7 +214,7 @@ class MockRequest(_Body):
     partitioning: Literal["iid", "dirichlet"] = "iid"
     alpha: float = Field(default=0.5, gt=0, le=1000)
     seed: int = Field(default=42, ge=0)
-    nodes: list[str] | None = Field(default=None, min_length=1)
+    nodes: list[str] | None = Field(default=None, min_length=1, max_length=10_000)
 
 
 class MockResult(BaseModel):
@@ -434,3 +450,13 @@ def project_json(record: ProjectRecord, admin: bool) -> dict[str, Any]:
     """:func:`project_view` as a JSON-ready dict; ``admin`` is left out for a customer."""
     view = project_view(record, admin)
     return view.model_dump(mode="json", exclude=None if admin else {"admin"})
+
+
+class NodeCredentialView(_View):
+    """``POST /nodes/{node_id}/credential``: a node credential for the node's data server
+    (``FLOPS_MANAGER_TOKEN``); it registers and refreshes that node only. ``expires_at`` in
+    seconds since the epoch."""
+
+    node_id: str
+    token: str
+    expires_at: float

@@ -30,10 +30,11 @@ from flops_manager.api_models import (
     EventQuery,
     MockRequest,
     MockResult,
-    Node,
+    NodeCredentialView,
     NodeDeleted,
     NodeList,
     NodePath,
+    NodeRegistered,
     NodeRegistration,
     ProjectCreated,
     ProjectList,
@@ -45,11 +46,18 @@ from flops_manager.api_models import (
     node_view,
     project_json,
 )
-from flops_manager.auth import Authenticator, Forbidden, Principal, bearer_token
-from flops_manager.errors import INTERNAL_ERROR_STATUS, NotFound, http_status
+from flops_manager.auth import (
+    Authenticator,
+    Forbidden,
+    NodeCredentials,
+    Principal,
+    bearer_token,
+)
+from flops_manager.data_access import DataAccess
+from flops_manager.errors import INTERNAL_ERROR_STATUS, NotFound, Unprocessable, http_status
 from flops_manager.projects import ProjectLifecycle
 from flops_manager.records import ProjectRecord
-from flops_manager.sla import ProjectSLA
+from flops_manager.sla import ProjectSLA, check_repo_url
 from flops_manager.store import ProjectStore
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
@@ -70,6 +78,13 @@ PATTERN_HINTS = {
     "data_server": "must be grpc://HOST:PORT (the node's Arrow Flight data server)",
 }
 """Readable messages for fields whose rule is a regular expression (by field name)."""
+
+MAX_BODY_BYTES = 1024 * 1024
+"""Largest request body the API reads (an SLA is a few hundred bytes); larger ones get 413."""
+
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of objects/arrays a JSON body may have (an SLA has 3 levels); deeper ones
+get 422 before they are parsed, since Python's JSON parser recurses once per level."""
 
 SSE_POLL_S = 0.25
 SSE_HEARTBEAT_S = 15.0
@@ -174,6 +189,8 @@ def create_app(
     store: ProjectStore,
     tracking_url: str,
     authenticator: Authenticator,
+    node_credentials: NodeCredentials | None = None,
+    data_access: DataAccess | None = None,
 ) -> OpenAPI:
     """Build the WSGI app.
 
@@ -182,6 +199,10 @@ def create_app(
         store: projects and nodes.
         tracking_url: MLflow GUI URL returned by ``GET /tracking``.
         authenticator: checks the bearer token of every request but ``PUBLIC_PATHS``.
+        node_credentials: issues node credentials (``POST /nodes/{id}/credential``); without
+            it that route answers 404.
+        data_access: the data-token issuer: node registrations get its public key and
+            ``POST /mocks`` pushes with its write tokens; ``None`` with ``FLOPS_INSECURE=data``.
     """
     app = OpenAPI(
         __name__,
@@ -203,11 +224,21 @@ def create_app(
     nodes_tag = Tag(name="nodes", description="worker nodes and their data servers")
     admin_tag = Tag(name="admin", description="administration")
 
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+
     @app.before_request
-    def _authenticate() -> None:
+    def _authenticate() -> Response | None:
         if request.path.startswith(PUBLIC_PATHS) or request.method == "OPTIONS":
-            return
-        g.principal = authenticator.authenticate(bearer_token(request.headers.get("Authorization")))
+            return None
+        principal = authenticator.authenticate(bearer_token(request.headers.get("Authorization")))
+        g.principal = principal
+        if principal.node is not None and not _node_may_call(principal.node):
+            raise Forbidden(
+                "A node credential may only register its node (POST /api/flops/nodes) and "
+                f"refresh itself (POST /api/flops/nodes/{principal.node}/credential); use an "
+                "admin or customer token for anything else."
+            )
+        return _refuse_deep_json()
 
     @app.errorhandler(FlopsError)
     def _flops_error(error: FlopsError) -> Response:
@@ -222,7 +253,13 @@ def create_app(
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:
         code = (error.name or "error").lower().replace(" ", "_")
-        return error_response(error.code or 500, code, error.description or error.name)
+        description = error.description or error.name
+        if error.code == 413:
+            description = (
+                f"The request body is larger than {MAX_BODY_BYTES // 1024} KiB, the most this "
+                "API reads; an SLA is a few hundred bytes."
+            )
+        return error_response(error.code or 500, code, description)
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
@@ -252,6 +289,7 @@ def create_app(
                 f"The SLA's customerID {body.customerID!r} is not you ({principal.customer!r}); "
                 "set customerID to your own id."
             )
+        check_repo_url(body.ml_repo_url, allow_local=principal.admin)
         project = lifecycle.create(body)
         location = f"{API_PREFIX}/projects/{project.project_id}"
         created = ProjectCreated(
@@ -292,7 +330,7 @@ def create_app(
         if not query.follow:
             events = [e.model_dump(mode="json") for e in project.events]
             return {"project_id": path.project_id, "events": events}
-        start = int(request.headers.get("Last-Event-ID", "-1") or -1) + 1
+        start = _last_event_id(request.headers.get("Last-Event-ID")) + 1
         stream = _event_stream(store, path.project_id, max(start, 0))
         return Response(
             stream_with_context(stream),
@@ -311,14 +349,33 @@ def create_app(
         """The MLflow tracking GUI's URL."""
         return {"url": tracking_url}
 
-    @api.post("/nodes", tags=[nodes_tag], responses={200: Node})
+    @api.post("/nodes", tags=[nodes_tag], responses={200: NodeRegistered})
     def register_node(body: NodeRegistration) -> dict[str, Any]:
-        """Register a worker node (or refresh its tags); data servers call this periodically."""
-        caller().require_admin("register worker nodes")
+        """Register a worker node (or refresh its tags); data servers call this periodically
+        with their node credential (or an admin token)."""
+        caller().require_node(body.node_id, "register this node")
         node = {**body.model_dump(mode="json"), "last_seen": time.time()}
         node["hostname"] = body.hostname or body.node_id
         store.upsert_node(node)
-        return node_view(node).model_dump(mode="json")
+        view = node_view(node).model_dump(mode="json")
+        if data_access is None:  # FLOPS_INSECURE=data: data servers check no tokens
+            return view
+        answer = NodeRegistered(**view, data_token_public_key=data_access.public_key_pem())
+        return answer.model_dump(mode="json")
+
+    @api.post("/nodes/<node_id>/credential", tags=[nodes_tag], responses={200: NodeCredentialView})
+    def node_credential(path: NodePath) -> dict[str, Any]:
+        """Issue a node credential: the admin for any node id (to start its data server
+        with), a data server for its own node (to refresh its credential before it expires).
+        The credential registers and refreshes that node only."""
+        caller().require_node(path.node_id, "issue this node's credential")
+        if node_credentials is None:
+            raise NotFound("This manager issues no node credentials; use the admin token.")
+        issued = node_credentials.issue(path.node_id)
+        view = NodeCredentialView(
+            node_id=issued.node_id, token=issued.token, expires_at=issued.expires_at
+        )
+        return view.model_dump(mode="json")
 
     @api.get("/nodes", tags=[nodes_tag], responses={200: NodeList})
     def list_nodes() -> dict[str, Any]:
@@ -341,6 +398,7 @@ def create_app(
         from data_server.mock_provider import provide_mock_data
 
         caller().require_admin("push mock data")
+        access = data_access
         nodes = {n["node_id"]: n for n in store.list_nodes()}
         wanted = body.nodes or list(nodes)
         unknown = [n for n in wanted if n not in nodes]
@@ -357,6 +415,9 @@ def create_app(
             body.partitioning,
             body.alpha,
             body.seed,
+            credentials={
+                n: access.write_credentials(nodes[n]) if access else ("", "") for n in wanted
+            },
         )
         for node_id, count in rows.items():
             node = nodes[node_id]
@@ -374,6 +435,76 @@ def create_app(
 
     app.register_api(api)
     return app
+
+
+def _node_may_call(node_id: str) -> bool:
+    """Whether a node credential of ``node_id`` may make this request: register (``POST
+    /nodes``) or refresh its own credential."""
+    own = f"{API_PREFIX}/nodes/{node_id}/credential"
+    return request.method == "POST" and request.path.rstrip("/") in (f"{API_PREFIX}/nodes", own)
+
+
+def _refuse_deep_json() -> Response | None:
+    """422 for a request body nested deeper than ``MAX_JSON_DEPTH`` (checked on the raw bytes,
+    before any parser recurses into it); ``None`` to go on."""
+    if request.method not in ("POST", "PUT", "PATCH") or not request.is_json:
+        return None
+    if json_depth(request.get_data(cache=True)) <= MAX_JSON_DEPTH:
+        return None
+    return error_response(
+        422,
+        "validation_error",
+        f"The request body nests objects or arrays more than {MAX_JSON_DEPTH} levels deep; "
+        "send the SLA as documented (GET /openapi/openapi.json).",
+        [{"field": "(body)", "message": "nested too deeply"}],
+    )
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of ``{``/``[`` in the JSON text ``body``, brackets inside strings
+    not counted (the text need not be valid JSON). Linear in ``len(body)``."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x7B, 0x5B):  # { [
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x7D, 0x5D):  # } ]
+            depth -= 1
+    return deepest
+
+
+def _last_event_id(header: str | None) -> int:
+    """The ``Last-Event-ID`` header as an event index (-1 when absent or empty). Raises
+    ``InvalidLastEventId`` (422) for anything but a non-negative integer."""
+    if header is None or not header.strip():
+        return -1
+    value = header.strip()
+    if not value.isdigit() or len(value) > 12:
+        raise InvalidLastEventId()
+    return int(value)
+
+
+class InvalidLastEventId(Unprocessable):
+    """A ``Last-Event-ID`` header that is not an event index this API sent."""
+
+    code = "validation_error"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The Last-Event-ID header must be the id of an event this stream sent (a "
+            "non-negative integer); omit it to stream from the first event.",
+            details=[{"field": "Last-Event-ID", "message": "not a non-negative integer"}],
+        )
 
 
 def _event_stream(store: ProjectStore, project_id: str, start: int) -> Iterator[str]:

@@ -7,14 +7,31 @@ Persistence is on: Mosquitto keeps retained messages, persistent sessions and th
 messages queued for disconnected persistent clients (the manager's listener while the manager
 restarts) in ``<workdir>/mosquitto.db``, saved every ``AUTOSAVE_INTERVAL_S`` seconds and on a
 clean shutdown, so a broker restarted on the same port and workdir still delivers them.
+
+Authentication is on by default: ``allow_anonymous false`` and Mosquitto's dynamic-security
+plugin with its state in ``<workdir>/dynamic-security.json``. The manager's admin credential
+(``flops_manager.mqtt_access``) is generated at the first start into
+``<workdir>/manager-credential.json`` (0600, workdir 0700) and (re)written into that state
+before every start; the per-project credentials the manager issues at run time are kept there
+too, so they survive a broker restart. ``anonymous=True`` (``FLOPS_INSECURE=mqtt``) lets
+anonymous clients do anything, as before; the plugin and the admin credential stay (when the
+plugin is installed), so that the manager can still issue credentials.
 """
 
+import glob
+import json
 import os
 import pwd
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
+from flops_manager.mqtt_access import (
+    MqttCredential,
+    load_or_create_credential,
+    password_hash,
+)
 from flops_utils.errors import FlopsError
 from flops_utils.net import find_free_port, wait_for_port
 from flops_utils.processes import StartStop, stop_process_groups
@@ -23,6 +40,62 @@ START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 AUTOSAVE_INTERVAL_S = 5
 """Seconds between saves of the persistence file (Mosquitto's ``autosave_interval``)."""
+
+DYNSEC_FILE = "dynamic-security.json"
+"""The dynamic-security plugin's state (clients, roles, groups) in the workdir."""
+
+DYNSEC_PLUGIN_PATTERNS = (
+    "/usr/lib/*/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/*/mosquitto_dynamic_security.so",
+)
+"""Where Debian, Alpine and source installs put the plugin."""
+
+ADMIN_ROLE = "flops-manager-admin"
+ANONYMOUS_ROLE = "flops-anonymous"
+ANONYMOUS_GROUP = "flops-anonymous"
+
+SYNC_TOPIC_FILTER = "flops-manager/sync/#"
+"""The manager listener's own marker topics (``flops_manager.mqtt_listener``)."""
+
+
+def _acl(acltype: str, topic: str, allow: bool = True) -> dict[str, Any]:
+    return {"acltype": acltype, "topic": topic, "allow": allow}
+
+
+ADMIN_ACLS = [
+    _acl("publishClientSend", "$CONTROL/dynamic-security/#"),
+    _acl("publishClientReceive", "$CONTROL/dynamic-security/#"),
+    _acl("subscribePattern", "$CONTROL/dynamic-security/#"),
+    _acl("publishClientReceive", "$SYS/#"),
+    _acl("subscribePattern", "$SYS/#"),
+    _acl("publishClientReceive", "#"),
+    _acl("subscribePattern", "#"),
+    _acl("unsubscribePattern", "#"),
+    _acl("publishClientSend", SYNC_TOPIC_FILTER),
+]
+"""The manager's admin credential: administer dynamic security, read every status message,
+publish its listener's sync marker (not status messages: those come from services)."""
+
+ANONYMOUS_ACLS = [
+    _acl("publishClientSend", "#"),
+    _acl("publishClientReceive", "#"),
+    _acl("subscribePattern", "#"),
+    _acl("unsubscribePattern", "#"),
+    _acl("publishClientReceive", "$SYS/#"),
+    _acl("subscribePattern", "$SYS/#"),
+]
+"""Anonymous clients of an ``anonymous=True`` broker: everything but ``$CONTROL``."""
+
+DEFAULT_ACL_ACCESS = {
+    "publishClientSend": False,
+    "publishClientReceive": True,
+    "subscribe": False,
+    "unsubscribe": True,
+}
+"""The plugin's defaults for a client whose roles say nothing about a topic (its own)."""
 
 
 class BrokerUnavailable(FlopsError):
@@ -45,6 +118,70 @@ def find_mosquitto() -> str:
     return found
 
 
+def find_dynsec_plugin() -> str | None:
+    """The path of Mosquitto's dynamic-security plugin, or ``None`` when it is not installed."""
+    for pattern in DYNSEC_PLUGIN_PATTERNS:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+def write_dynsec_state(path: Path, admin: MqttCredential, anonymous: bool) -> None:
+    """Create or update the dynamic-security state at ``path`` (0600): the admin client and
+    role (new password hash), the anonymous group (``anonymous=True``) or none; every other
+    client and role (the credentials issued to projects) stays."""
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        state = {}
+    if not isinstance(state, dict):
+        state = {}
+    clients = [c for c in _entries(state, "clients") if c.get("username") != admin.username]
+    clients.append(
+        {
+            "username": admin.username,
+            "textname": "FLOps manager",
+            "roles": [{"rolename": ADMIN_ROLE}],
+            **password_hash(admin.password),
+        }
+    )
+    ours = {ADMIN_ROLE, ANONYMOUS_ROLE}
+    roles = [r for r in _entries(state, "roles") if r.get("rolename") not in ours]
+    roles.append({"rolename": ADMIN_ROLE, "acls": ADMIN_ACLS})
+    groups = [g for g in _entries(state, "groups") if g.get("groupname") != ANONYMOUS_GROUP]
+    state.pop("anonymousGroup", None)
+    if anonymous:
+        roles.append({"rolename": ANONYMOUS_ROLE, "acls": ANONYMOUS_ACLS})
+        groups.append(
+            {"groupname": ANONYMOUS_GROUP, "roles": [{"rolename": ANONYMOUS_ROLE}], "clients": []}
+        )
+        state["anonymousGroup"] = ANONYMOUS_GROUP
+    state.update(clients=clients, roles=roles, groups=groups, defaultACLAccess=DEFAULT_ACL_ACCESS)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(state, out, indent=1)
+    os.replace(tmp, path)
+
+
+def _entries(state: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    value = state.get(key)
+    return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
+
+
+def configured_anonymous(workdir: Path) -> bool | None:
+    """Whether the broker config in ``workdir`` allows anonymous clients; ``None`` when there
+    is no config (or it lacks the dynamic-security plugin while refusing anonymous ones)."""
+    try:
+        text = (workdir / "mosquitto.conf").read_text()
+    except OSError:
+        return None
+    if "allow_anonymous true" in text.splitlines():
+        return True
+    return False if "plugin_opt_config_file" in text else None
+
+
 class MosquittoBroker(StartStop):
     """A Mosquitto broker on ``host:port`` (port 0 picks a free one), stopped on exit.
 
@@ -53,15 +190,23 @@ class MosquittoBroker(StartStop):
             file ``mosquitto.db`` (reusing a workdir keeps queued messages and sessions).
         host: interface to listen on. Defaults to loopback.
         port: TCP port; 0 picks a free one.
+        anonymous: let anonymous clients publish and subscribe anything (the insecure mode);
+            default: only clients with a credential, see the module's docstring.
 
     Use as a context manager or call :meth:`start` / :meth:`stop` (or :meth:`detach` to leave
-    it running). ``url`` is ``mqtt://HOST:PORT``; ``pid`` the broker process once started.
+    it running). ``url`` is ``mqtt://HOST:PORT``; ``pid`` the broker process once started;
+    ``admin`` the manager's admin credential once started (``None`` for an anonymous broker
+    without the dynamic-security plugin).
     """
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, workdir: Path, host: str = "127.0.0.1", port: int = 0, anonymous: bool = False
+    ) -> None:
         self.workdir = workdir
         self.host = host
         self.port = port or find_free_port(host)
+        self.anonymous = anonymous
+        self.admin: MqttCredential | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -77,29 +222,46 @@ class MosquittoBroker(StartStop):
     def start(self) -> "MosquittoBroker":
         """Start the broker and wait until it accepts connections.
 
-        Raises ``BrokerUnavailable`` when mosquitto is missing or not listening after
-        ``START_TIMEOUT_S`` seconds (the message quotes its log).
+        Raises ``BrokerUnavailable`` when mosquitto is missing (or, unless ``anonymous``, its
+        dynamic-security plugin) or not listening after ``START_TIMEOUT_S`` seconds (the
+        message quotes its log).
         """
         executable = find_mosquitto()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        plugin = find_dynsec_plugin()
+        if plugin is None and not self.anonymous:
+            raise BrokerUnavailable(
+                "Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so) is not "
+                "installed; install Mosquitto 2.0 or later, or run the broker without "
+                "authentication with FLOPS_INSECURE=mqtt."
+            )
+        self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.workdir, 0o700)
         config = self.workdir / "mosquitto.conf"
         log = self.workdir / "mosquitto.log"
-        config.write_text(
-            f"listener {self.port} {self.host}\n"
+        lines = [
+            f"listener {self.port} {self.host}",
             # As root, Mosquitto would switch to the user 'mosquitto', who cannot write the
             # persistence file and log in the workdir; stay the user who owns them.
-            f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {self.workdir.resolve()}/\n"
-            f"autosave_interval {AUTOSAVE_INTERVAL_S}\n"
-            f"log_dest file {log}\n"
-        )
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}",
+            f"allow_anonymous {'true' if self.anonymous else 'false'}",
+            "persistence true",
+            f"persistence_location {self.workdir.resolve()}/",
+            f"autosave_interval {AUTOSAVE_INTERVAL_S}",
+            f"log_dest file {log}",
+        ]
+        if plugin is not None:
+            self.admin = load_or_create_credential(self.workdir)
+            state = self.workdir / DYNSEC_FILE
+            write_dynsec_state(state, self.admin, self.anonymous)
+            lines += [f"plugin {plugin}", f"plugin_opt_config_file {state.resolve()}"]
+        config.write_text("\n".join(lines) + "\n")
+        os.chmod(config, 0o600)
         self._process = subprocess.Popen(
             [executable, "-c", str(config)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            umask=0o077,  # its persistence file, log and plugin state: owner only
         )
         if not wait_for_port(self.host, self.port, START_TIMEOUT_S):
             self.stop()

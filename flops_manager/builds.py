@@ -27,12 +27,18 @@ from flops_manager.errors import ConfigurationError
 from flops_utils import env_vars
 from flops_utils.contract.exit_codes import Role, describe_exit
 from flops_utils.logging import logger
-from flops_utils.processes import run_to_log
+from image_builder.build_processes import BuildRegistry, run_bounded
 from image_builder.errors import BuilderError
+from image_builder.python_env import redact_paths
 
 if TYPE_CHECKING:
     from flops_manager.config import ManagerConfig
     from flops_manager.sla import ProjectSLA
+    from image_builder.repo import FetchLimits
+
+SERVICE_STOP_GRACE_S = 15.0
+"""Seconds a cancelled image builder service gets to stop its own processes (git, uv,
+buildah) before its process group is killed."""
 
 DEFAULT_BUILD_TIMEOUT_S = 3600.0
 """How long :class:`ImageBuildService` lets one image build run (cold multi-platform builds of
@@ -95,6 +101,12 @@ class ProjectBuilder(Protocol):
     produces_images: bool
     """True when :meth:`build` returns OCI images (``BuildResult.images``)."""
 
+    def cancel(self, project_id: str) -> bool:
+        """Stop the running build of ``project_id`` (its git, installer or image builder
+        processes, whole process groups); the build then raises
+        :class:`~image_builder.errors.BuildCancelled`. ``False`` when none is running."""
+        ...
+
     def build(self, project_id: str, sla: ProjectSLA, workdir: Path) -> BuildResult:
         """Build (or reuse) what runs ``sla``'s repository; ``workdir`` is scratch space.
         Raises :class:`~flops_utils.errors.FlopsError` subclasses naming cause and fix."""
@@ -114,16 +126,26 @@ class VenvProjectBuilder:
 
     produces_images = False
 
-    def __init__(self, cache_dir: Path) -> None:
+    def __init__(
+        self,
+        cache_dir: Path,
+        *,
+        fetch_limits: FetchLimits | None = None,
+        allow_local_packages: bool = False,
+    ) -> None:
         from image_builder.venv_builder import VenvBuilder
 
-        self.venv = VenvBuilder(cache_dir)
+        self.venv = VenvBuilder(
+            cache_dir, fetch_limits=fetch_limits, allow_local_packages=allow_local_packages
+        )
+        self.builds = BuildRegistry()
 
     def build(self, project_id: str, sla: ProjectSLA, workdir: Path) -> BuildResult:
         """The cached environment of ``sla.ml_repo_url`` at ``sla.ml_repo_ref`` (built if
         missing) as ``user_python``; the roles run with this process's interpreter. Raises the
-        errors of :meth:`VenvBuilder.build`."""
-        env = self.venv.build(sla.ml_repo_url, sla.ml_repo_ref, workdir)
+        errors of :meth:`VenvBuilder.build`, and ``BuildCancelled`` after :meth:`cancel`."""
+        with self.builds.scope(project_id):
+            env = self.venv.build(sla.ml_repo_url, sla.ml_repo_ref, workdir)
         return BuildResult(
             commit=env.commit,
             key=env.key,
@@ -135,6 +157,11 @@ class VenvProjectBuilder:
             notes=env.notes,
             versions=env.versions,
         )
+
+    def cancel(self, project_id: str) -> bool:
+        """Stop the running build of ``project_id`` (:meth:`BuildRegistry.cancel`: its git
+        and uv processes, by process group); ``False`` when none is running."""
+        return self.builds.cancel(project_id)
 
     def build_model_image(
         self, project_id: str, model_uri: str, mlflow_url: str, workdir: Path
@@ -200,6 +227,14 @@ class ImageBuildService:
         self.mqtt_url = mqtt_url
         self.timeout_s = timeout_s
         self.python = python
+        self.builds = BuildRegistry()
+
+    def cancel(self, project_id: str) -> bool:
+        """Stop the running image build of ``project_id``: SIGTERM to the service's process
+        group (the service then stops its git, uv and buildah processes and exits), SIGKILL
+        after :data:`~image_builder.build_processes.STOP_GRACE_S` seconds. ``False`` when
+        none is running."""
+        return self.builds.cancel(project_id)
 
     def environment(self, project_id: str, sla: ProjectSLA, workdir: Path) -> dict[str, str]:
         """The service's ``FLOPS_*`` variables for one project (see :mod:`image_builder.main`)."""
@@ -226,7 +261,8 @@ class ImageBuildService:
         :attr:`timeout_s` seconds, or ends without writing an outcome.
         """
         workdir = Path(workdir)
-        outcome = self._run_service(self.environment(project_id, sla, workdir), workdir)
+        with self.builds.scope(project_id):
+            outcome = self._run_service(self.environment(project_id, sla, workdir), workdir)
         images = {role: str(image["ref"]) for role, image in outcome["images"].items()}
         return BuildResult(
             commit=str(outcome["commit"]),
@@ -253,7 +289,8 @@ class ImageBuildService:
             env_vars.BUILD_RESULT_FILE: str(workdir / "result.json"),
             **self.settings.environment(),
         }
-        outcome = self._run_service(settings, workdir)
+        with self.builds.scope(project_id):
+            outcome = self._run_service(settings, workdir)
         image = outcome["images"]["model"]
         return ModelImageResult(
             ref=str(image["ref"]),
@@ -274,18 +311,19 @@ class ImageBuildService:
         result_file.unlink(missing_ok=True)
         log_path = workdir / "image-builder.log"
         log_path.unlink(missing_ok=True)
-        returncode = run_to_log(
-            [self.python, "-m", "image_builder.main"],
-            log_path,
-            self.timeout_s,
-            env={**os.environ, **settings},
-        )
-        if returncode is None:
-            raise ImageBuildFailed(
-                f"The image build did not finish within {self.timeout_s:.0f} s; the "
-                "manager's image-builder.log of the project has its output (ask the admin), "
-                "or raise the build timeout."
-            )
+        with log_path.open("ab") as log:
+            returncode = run_bounded(
+                [self.python, "-m", "image_builder.main"],
+                timeout_s=self.timeout_s,
+                timeout_error=lambda: ImageBuildFailed(
+                    f"The image build did not finish within {self.timeout_s:.0f} s; the "
+                    "manager's image-builder.log of the project has its output (ask the "
+                    "admin), or raise the build timeout."
+                ),
+                env={**os.environ, **settings},
+                stdout=log,
+                stop_grace_s=SERVICE_STOP_GRACE_S,
+            ).returncode
         outcome = _read_outcome(result_file)
         if outcome.get("status") == "success":
             logger.info(
@@ -294,8 +332,9 @@ class ImageBuildService:
             )  # fmt: skip
             return outcome
         if outcome.get("message"):
+            hidden = {str(workdir): "<build directory>", str(self.cache_dir): "<builder cache>"}
             raise ImageBuildFailed(
-                str(outcome["message"]),
+                redact_paths(str(outcome["message"]), hidden),
                 details=[f"error: {outcome.get('error')}", *outcome.get("details", [])],
             )
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]

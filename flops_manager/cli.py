@@ -108,7 +108,14 @@ def demo(
             token = read_api_token(home)
             client = ManagerClient(suite.url, token=token)
             console.print(f"manager  {suite.url}/api/flops\nMLflow   {suite.mlflow_url}")
-            with local_nodes(nodes, home / "nodes", suite.url, token, clusters=clusters) as workers:
+            with local_nodes(
+                nodes,
+                home / "nodes",
+                suite.url,
+                token,
+                clusters=clusters,
+                secure=config.secure("data"),
+            ) as workers:
                 client.wait_for_nodes(len(workers), timeout_s=30)
                 rows = client.provide_mocks(dataset="mnist", tag="mnist")
                 console.print(f"pushed MNIST partitions (tag 'mnist'): {rows}")
@@ -192,11 +199,22 @@ def submit(
 
 
 @app.command()
-def token() -> None:
-    """Print the embedded manager's API token ($FLOPS_HOME/api-token)."""
-    from flops_manager.auth import read_api_token
+def token(
+    node: Annotated[
+        str | None,
+        typer.Option(
+            help="Print a node credential for this node id instead: its data server "
+            "registers and refreshes that node with it, and can do nothing else."
+        ),
+    ] = None,
+) -> None:
+    """Print the embedded manager's API token ($FLOPS_HOME/api-token), or a node credential."""
+    from flops_manager.auth import NodeCredentials, read_api_token
     from flops_manager.demo import demo_home
 
+    if node is not None:
+        print(NodeCredentials(demo_home().resolve()).issue(node).token)
+        return
     value = read_api_token(demo_home())
     if value is None:
         console.print("[red]error:[/] no API token yet; start flops-manager once to create it")
@@ -248,11 +266,41 @@ DataServer = Annotated[
 ]
 
 
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="The data server's --data-dir on this node: its owner credential and TLS "
+        "certificate are read from there (else from FLOPS_DATA_TOKEN / FLOPS_DATA_SERVER_CERT).",
+    ),
+]
+
+
+def _data_client(data_server: str, data_dir: Path | None) -> Any:
+    """A ``DataClient`` of ``data_server`` with the owner's credential of ``data_dir`` when
+    given; exits 1 when that directory holds none."""
+    from data_server.security import owner_credentials
+    from flops_utils.data_client import DataClient
+
+    if data_dir is None:
+        return DataClient(data_server)
+    try:
+        token, cert = owner_credentials(data_dir)
+    except OSError:
+        console.print(
+            f"[red]error:[/] {data_dir} holds no data server credential; pass the --data-dir "
+            "of a data server that has started (without --insecure) on this node"
+        )
+        raise typer.Exit(1) from None
+    return DataClient(data_server, token=token, tls_root_certs=cert)
+
+
 @data_app.command("put")
 def data_put(
     file: Annotated[Path, typer.Argument(help="A Parquet file, e.g. Dataset.to_parquet's.")],
     tag: Annotated[str, typer.Option(help="The data tag SLAs select it by.")],
     data_server: DataServer = "grpc://127.0.0.1:8815",
+    data_dir: DataDir = None,
 ) -> None:
     """Store a Parquet file under a data tag, replacing what the tag held.
 
@@ -260,11 +308,9 @@ def data_put(
     ``ClassLabel``, ``Array2D``, ...) travel in the file's schema metadata and come back from
     ``load_dataset()`` on the learners.
     """
-    from flops_utils.data_client import DataClient
-
     table = _read_parquet(file)
     try:
-        with DataClient(data_server) as client:
+        with _data_client(data_server, data_dir) as client:
             rows = client.put_table(tag, table)
     except FlopsError as exc:
         _fail(exc)
@@ -272,12 +318,10 @@ def data_put(
 
 
 @data_app.command("ls")
-def data_ls(data_server: DataServer = "grpc://127.0.0.1:8815") -> None:
+def data_ls(data_server: DataServer = "grpc://127.0.0.1:8815", data_dir: DataDir = None) -> None:
     """List the node's data tags and their row counts."""
-    from flops_utils.data_client import DataClient
-
     try:
-        with DataClient(data_server) as client:
+        with _data_client(data_server, data_dir) as client:
             tags = client.list_tags()
     except FlopsError as exc:
         _fail(exc)
@@ -289,12 +333,11 @@ def data_ls(data_server: DataServer = "grpc://127.0.0.1:8815") -> None:
 def data_drop(
     tag: Annotated[str, typer.Argument(help="The data tag to delete.")],
     data_server: DataServer = "grpc://127.0.0.1:8815",
+    data_dir: DataDir = None,
 ) -> None:
     """Delete the dataset stored under a tag."""
-    from flops_utils.data_client import DataClient
-
     try:
-        with DataClient(data_server) as client:
+        with _data_client(data_server, data_dir) as client:
             dropped = client.drop(tag)
     except FlopsError as exc:
         _fail(exc)

@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from flops_manager.auth import Authenticator
 
 
+SecurityControl = Literal["mqtt", "flower", "data", "local"]
+"""A security control ``FLOPS_INSECURE`` can turn off (see :class:`ManagerConfig`)."""
+
+
 class ManagerConfig(BaseModel):
     """Where the manager keeps its state and which components it uses.
 
@@ -26,6 +30,11 @@ class ManagerConfig(BaseModel):
             (``FLOPS_DB_URL``; default ``<home>/db``).
         mqtt_url: ``mqtt://HOST:PORT`` of an existing broker (``FLOPS_MQTT_URL``); empty starts
             the embedded Mosquitto.
+        mqtt_admin_username / mqtt_admin_password: with ``mqtt_url``, a client of that
+            broker's dynamic-security plugin allowed to administer it (the manager issues and
+            revokes per-project credentials with it and reads every status message)
+            (``FLOPS_MQTT_ADMIN_USERNAME`` / ``FLOPS_MQTT_ADMIN_PASSWORD``); the embedded broker
+            makes its own.
         mlflow_url: URL of an existing MLflow tracking server (``FLOPS_MLFLOW_URL``); empty starts
             the embedded one.
         mlflow_public_url: the MLflow GUI address a user's browser can reach
@@ -59,6 +68,13 @@ class ManagerConfig(BaseModel):
             ``oakestra`` (Oakestra RS256 access tokens) (``FLOPS_AUTH``, default ``token``).
         jwt_public_key_file: PEM file of the Oakestra root orchestrator's public key, needed
             with ``auth=oakestra`` (``FLOPS_JWT_PUBLIC_KEY_FILE``).
+        insecure: security controls turned off, comma-separated (``FLOPS_INSECURE``; default
+            none, every control on): ``mqtt`` (anonymous broker, no per-project MQTT
+            credentials), ``flower`` (plain gRPC, no Flower client authentication), ``data``
+            (plain Arrow Flight, no data tokens), ``local`` (allow ``auth=oakestra``, that is
+            many customers, with the ``local`` orchestrator, which runs every customer's code
+            as the manager's own user on the manager's machine). The manager logs a warning at
+            start for each.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -68,6 +84,8 @@ class ManagerConfig(BaseModel):
     port: int = Field(default=8080, ge=0, le=65535)
     db_url: str = ""
     mqtt_url: str = ""
+    mqtt_admin_username: str = ""
+    mqtt_admin_password: str = Field(default="", repr=False)
     mlflow_url: str = ""
     mlflow_public_url: str = ""
     orchestrator: str = "local"
@@ -85,6 +103,7 @@ class ManagerConfig(BaseModel):
     oakestra_port_range: str = Field(default="30000-30999", pattern=r"^\d{1,5}-\d{1,5}$")
     auth: Literal["token", "oakestra"] = "token"
     jwt_public_key_file: str = ""
+    insecure: frozenset[SecurityControl] = frozenset()
 
     @property
     def store_url(self) -> str:
@@ -94,16 +113,28 @@ class ManagerConfig(BaseModel):
     def authenticator(self) -> "Authenticator":
         """The :class:`Authenticator` this configuration selects.
 
-        ``token`` creates ``<home>/api-token`` when missing. Raises ``ConfigurationError``
+        Node credentials (:class:`~flops_manager.auth.NodeCredentials`) are accepted with
+        either. ``token`` creates ``<home>/api-token`` when missing. Raises ``ConfigurationError``
         when ``auth=oakestra`` has no readable public key file.
         """
-        from flops_manager.auth import ApiTokenAuth, OakestraJwtAuth, load_or_create_api_token
+        from flops_manager.auth import (
+            ApiTokenAuth,
+            NodeCredentials,
+            OakestraJwtAuth,
+            WithNodeCredentials,
+            load_or_create_api_token,
+        )
         from flops_manager.errors import ConfigurationError
 
+        nodes = NodeCredentials(self.home.resolve())
         if self.auth == "token":
-            return ApiTokenAuth(load_or_create_api_token(self.home.resolve()))
+            return WithNodeCredentials(
+                ApiTokenAuth(load_or_create_api_token(self.home.resolve())), nodes
+            )
         try:
-            return OakestraJwtAuth(Path(self.jwt_public_key_file).read_text())
+            return WithNodeCredentials(
+                OakestraJwtAuth(Path(self.jwt_public_key_file).read_text()), nodes
+            )
         except OSError as exc:
             raise ConfigurationError(
                 f"FLOPS_AUTH=oakestra needs the Oakestra public key: cannot read "
@@ -119,6 +150,8 @@ class ManagerConfig(BaseModel):
             "port": "FLOPS_MANAGER_PORT",
             "db_url": "FLOPS_DB_URL",
             "mqtt_url": "FLOPS_MQTT_URL",
+            "mqtt_admin_username": "FLOPS_MQTT_ADMIN_USERNAME",
+            "mqtt_admin_password": "FLOPS_MQTT_ADMIN_PASSWORD",
             "mlflow_url": "FLOPS_MLFLOW_URL",
             "mlflow_public_url": "FLOPS_MLFLOW_PUBLIC_URL",
             "orchestrator": "FLOPS_ORCHESTRATOR",
@@ -136,9 +169,17 @@ class ManagerConfig(BaseModel):
             "oakestra_port_range": "FLOPS_OAKESTRA_PORT_RANGE",
             "auth": "FLOPS_AUTH",
             "jwt_public_key_file": "FLOPS_JWT_PUBLIC_KEY_FILE",
+            "insecure": "FLOPS_INSECURE",
         }
         values: dict[str, object] = {
             field: os.environ[var] for field, var in names.items() if os.environ.get(var)
         }
+        if isinstance(values.get("insecure"), str):
+            listed = str(values["insecure"]).split(",")
+            values["insecure"] = frozenset(c.strip() for c in listed if c.strip())
         values.update(overrides)
         return cls.model_validate(values)
+
+    def secure(self, control: SecurityControl) -> bool:
+        """Whether the security ``control`` is on (not listed in ``insecure``)."""
+        return control not in self.insecure

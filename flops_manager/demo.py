@@ -13,12 +13,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import requests
 
 from flops_manager.client import ManagerClient
 from flops_utils import env_vars
 from flops_utils.net import find_free_port, wait_for_port
 from flops_utils.processes import stop_process_groups
+
+if TYPE_CHECKING:
+    from flops_utils.data_client import DataClient
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_REPO = SOURCE_ROOT / "examples" / "mnist_sklearn"
@@ -34,6 +39,17 @@ class LocalNode:
     data_dir: Path
     location: str
 
+    def client(self) -> "DataClient":
+        """A data client of this node's data server with the node owner's credential (read,
+        write and drop every tag), over TLS when the data server serves it."""
+        from data_server.security import owner_credentials
+        from flops_utils.data_client import DataClient
+
+        token, cert = owner_credentials(self.data_dir)
+        if not cert:
+            return DataClient(self.location, token="", tls_root_certs="")
+        return DataClient(self.location, token=token, tls_root_certs=cert)
+
 
 @contextmanager
 def local_nodes(
@@ -44,14 +60,18 @@ def local_nodes(
     register_interval_s: float = 10.0,
     clusters: int = 1,
     first: int = 1,
+    secure: bool = True,
 ) -> Iterator[list[LocalNode]]:
     """Run ``count`` data servers (``node-1`` ...) as child processes registered with the manager.
 
-    ``token`` is the manager's API token (an admin token: registering nodes is admin work).
+    ``token`` is the manager's API token (an admin token); each data server gets a node
+    credential the admin token issues (``POST /nodes/{id}/credential``), not the admin token.
     ``clusters``: the nodes are spread over that many clusters (``--cluster``), in turn:
     with 1 every node is in ``local``; with 2, ``node-1`` and ``node-3`` are in
     ``cluster-1``, ``node-2`` and ``node-4`` in ``cluster-2``. ``first``: the number of the
-    first node (``node-<first>``), to add nodes next to running ones.
+    first node (``node-<first>``), to add nodes next to running ones. ``secure``: the data
+    servers serve TLS and check data tokens (``False``: ``--insecure``, for a manager with
+    ``FLOPS_INSECURE=data``).
 
     Each serves ``workdir/<node_id>`` on a free loopback port. They are stopped (SIGTERM, then
     SIGKILL after ``NODE_STOP_TIMEOUT_S``) on exit. Raises ``TimeoutError`` when one does not
@@ -65,6 +85,7 @@ def local_nodes(
             data_dir = workdir / node_id
             data_dir.mkdir(parents=True, exist_ok=True)
             port = find_free_port()
+            credential = node_credential(manager_url, token, node_id) if token else ""
             log = (workdir / f"{node_id}.log").open("ab")
             processes.append(
                 subprocess.Popen(
@@ -86,11 +107,12 @@ def local_nodes(
                         str(register_interval_s),
                         "--cluster",
                         node_cluster(index, clusters),
+                        *([] if secure else ["--insecure"]),
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    env={**os.environ, env_vars.MANAGER_TOKEN: token or ""},
+                    env={**os.environ, env_vars.MANAGER_TOKEN: credential},
                     start_new_session=True,
                 )
             )
@@ -103,6 +125,19 @@ def local_nodes(
         yield nodes
     finally:
         stop_process_groups(processes, NODE_STOP_TIMEOUT_S)
+
+
+def node_credential(manager_url: str, admin_token: str, node_id: str) -> str:
+    """A node credential for ``node_id`` issued by the manager at ``manager_url`` with the
+    admin's ``admin_token``. Raises ``requests.HTTPError`` when the manager refuses."""
+    response = requests.post(
+        f"{manager_url}/api/flops/nodes/{node_id}/credential",
+        headers={"Authorization": f"Bearer {admin_token}"},
+        timeout=30,
+    )
+    response.raise_for_status()
+    token: str = response.json()["token"]
+    return token
 
 
 def node_cluster(index: int, clusters: int) -> str:

@@ -13,6 +13,11 @@ starts again:
 - it is gone: start a new one on the recorded port (a free port the first time, or when
   another program took the recorded port; services of the earlier manager then lose their
   broker or tracking server, which is logged).
+
+A running broker is re-used only when it was started in the mode asked for (authentication on,
+or anonymous with ``FLOPS_INSECURE=mqtt``) and the manager's admin credential is still in
+``$FLOPS_HOME/mosquitto``; otherwise it is restarted on the same port and workdir (the
+credentials it issued survive in its dynamic-security state).
 """
 
 import json
@@ -24,13 +29,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from flops_manager.broker import START_TIMEOUT_S as BROKER_START_TIMEOUT_S
-from flops_manager.broker import MosquittoBroker
+from flops_manager.broker import MosquittoBroker, configured_anonymous
+from flops_manager.mqtt_access import MqttCredential, read_credential
 from flops_manager.process_identity import ProcessIdentity
 from flops_utils.logging import logger
 from flops_utils.net import wait_for_port
 
 STATE_FILE = "embedded.json"
 """Name of the state file under ``$FLOPS_HOME``."""
+
+BROKER_WORKDIR = "mosquitto"
+"""The embedded broker's workdir under ``$FLOPS_HOME`` (config, persistence, plugin state and
+the manager's admin credential)."""
 
 STOP_TIMEOUT_S = 10.0
 """Seconds a re-used component gets to stop after SIGTERM before SIGKILL."""
@@ -114,24 +124,55 @@ class EmbeddedState:
             os.replace(tmp, self.path)
 
 
-def start_broker(home: Path, state: EmbeddedState, host: str = "127.0.0.1") -> EmbeddedComponent:
-    """Re-use the recorded Mosquitto of ``home`` or start one (workdir ``home/mosquitto``).
+def start_broker(
+    home: Path, state: EmbeddedState, host: str = "127.0.0.1", anonymous: bool = False
+) -> EmbeddedComponent:
+    """Re-use the recorded Mosquitto of ``home`` or start one (workdir ``home/mosquitto``);
+    ``anonymous``: without authentication (``FLOPS_INSECURE=mqtt``). Its admin credential is
+    :func:`broker_admin` afterwards.
 
-    Raises ``BrokerUnavailable`` when mosquitto is missing or does not start.
+    Raises ``BrokerUnavailable`` when mosquitto (or, unless ``anonymous``, its
+    dynamic-security plugin) is missing or does not start.
     """
     port = state.port("mqtt")
     process = state.process("mqtt")
+    workdir = home / BROKER_WORKDIR
     if port and process is not None and process.is_alive():
-        if wait_for_port(host, port, BROKER_START_TIMEOUT_S):
+        if not _same_mode(workdir, anonymous):
+            logger.warning(
+                "Mosquitto (pid %d) runs %s authentication; restarting it %s",
+                process.pid,
+                "without" if configured_anonymous(workdir) else "with another",
+                "without authentication" if anonymous else "with authentication",
+            )
+            process.stop_group(STOP_TIMEOUT_S)
+        elif wait_for_port(host, port, BROKER_START_TIMEOUT_S):
             logger.info("re-using Mosquitto on port %d (pid %d)", port, process.pid)
             return EmbeddedComponent("mqtt", f"mqtt://{host}:{port}", process, None)
-        logger.warning("Mosquitto (pid %d) does not answer on %d; restarting it", process.pid, port)
-        process.stop_group(STOP_TIMEOUT_S)
+        else:
+            logger.warning(
+                "Mosquitto (pid %d) does not answer on %d; restarting it", process.pid, port
+            )
+            process.stop_group(STOP_TIMEOUT_S)
     port = _usable_port(host, port, "Mosquitto")
-    broker = MosquittoBroker(home / "mosquitto", host=host, port=port).start()
+    broker = MosquittoBroker(workdir, host=host, port=port, anonymous=anonymous).start()
     identity = ProcessIdentity.of(broker.pid) if broker.pid is not None else None
     state.record("mqtt", broker.port, identity)
     return EmbeddedComponent("mqtt", broker.url, identity, broker)
+
+
+def broker_admin(home: Path) -> MqttCredential | None:
+    """The manager's admin credential of the embedded broker of ``home`` (``None`` for an
+    anonymous broker without the dynamic-security plugin, or before the first start)."""
+    return read_credential(home / BROKER_WORKDIR)
+
+
+def _same_mode(workdir: Path, anonymous: bool) -> bool:
+    """Whether the broker configured in ``workdir`` runs in the mode asked for, with the
+    admin credential still there when authentication is on."""
+    if configured_anonymous(workdir) is not anonymous:
+        return False
+    return anonymous or read_credential(workdir) is not None
 
 
 def start_mlflow(home: Path, state: EmbeddedState, host: str = "127.0.0.1") -> EmbeddedComponent:

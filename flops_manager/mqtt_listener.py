@@ -1,9 +1,11 @@
 """The manager's MQTT subscriber: every component status message goes to the project lifecycle.
 
-One persistent paho client (fixed client id, ``clean_session=False``, QoS 1) subscribed to
-``flops/+/+/+``; paho's network thread reconnects by itself and the subscription is renewed on
-every (re)connect. Because the session is persistent, the broker queues the QoS 1 status
-messages published while the manager is down and delivers them when it connects again;
+One persistent paho client (a client id stable across restarts, ``clean_session=False``, QoS 1;
+the manager's admin credential on a broker with authentication, see
+``flops_manager.mqtt_access``) subscribed to ``flops/+/+/+``; paho's network thread reconnects
+by itself and the subscription is renewed on every (re)connect. Because the session is
+persistent, the broker queues the QoS 1 status messages published while the manager is down and
+delivers them when it connects again;
 :meth:`StatusListener.wait_for_backlog` tells when those have been received.
 
 Acknowledgements are manual: a valid message is acknowledged only when the handler calls the
@@ -48,13 +50,25 @@ class StatusListener:
         handler: see :data:`StatusHandler`; an exception it raises is logged and the message
             acknowledged (a message that cannot be handled must not come back forever).
         client_id: MQTT client id; keep it stable so the broker queues messages across
-            reconnects.
+            reconnects (the manager uses ``mqtt_access.listener_client_id(home)``).
+        username / password: the credential to connect with (``None``: anonymous); it needs
+            to subscribe ``flops/+/+/+`` and to publish and subscribe its sync topic.
+
+    ``connects`` counts the successful (re)connections; ``refused`` is the broker's last
+    refusal (e.g. ``Not authorized``), logged as an error once per reason.
     """
 
     def __init__(
-        self, mqtt_url: str, handler: StatusHandler, client_id: str = "flops-manager"
+        self,
+        mqtt_url: str,
+        handler: StatusHandler,
+        client_id: str = "flops-manager",
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.handler = handler
+        self.connects = 0
+        self.refused = ""
         self._host, self._port = parse_mqtt_url(mqtt_url)
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -62,6 +76,8 @@ class StatusListener:
             clean_session=False,
             manual_ack=True,
         )
+        if username is not None:
+            self._client.username_pw_set(username, password)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.reconnect_delay_set(min_delay=1, max_delay=5)
@@ -101,7 +117,12 @@ class StatusListener:
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
     ) -> None:
         if getattr(rc, "is_failure", False):
+            if str(rc) != self.refused:
+                logger.error("the MQTT broker refused the manager's connection: %s", rc)
+            self.refused = str(rc)
             return
+        self.connects += 1
+        self.refused = ""
         client.subscribe([(ALL_STATUS_TOPICS, 1), (self._sync_topic, 1)])
         client.publish(self._sync_topic, self._sync_token, qos=1)
 

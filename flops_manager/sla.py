@@ -7,10 +7,13 @@ The training configuration and the strategy models live in
 they are re-exported here.
 """
 
+import re
+import urllib.parse
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flops_manager.auth import Forbidden
 from flops_utils.contract.training import (
     DEFAULT_STRATEGY,
     STRATEGY_ADAPTER,
@@ -43,12 +46,16 @@ __all__ = [
     "FedProxConfig",
     "FedTrimmedAvgConfig",
     "FedYogiConfig",
+    "LocalRepoNotAllowed",
     "Platform",
     "PostTrainingStep",
     "ProjectSLA",
     "ResourceConstraints",
     "StrategyConfig",
     "TrainingConfiguration",
+    "check_repo_url",
+    "is_local_repo_url",
+    "repo_url_problem",
 ]
 
 _URL_CHAR = r"[^\s\x00-\x1f\x7f]"
@@ -58,6 +65,65 @@ REPO_URL_PATTERN = (
 )
 """``ml_repo_url``: an https/http/ssh/git/file URL, an scp-like ``user@host:path``, or a local
 path; no whitespace or control characters."""
+
+
+_REMOTE_SCHEMES = frozenset({"https", "http", "ssh", "git", "git+ssh", "ssh+git"})
+_SCP_LIKE = re.compile(r"^(?:[\w.+-]+@)?[\w.-]+:(?!//)\S+$")
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+
+
+class LocalRepoNotAllowed(Forbidden):
+    """``ml_repo_url`` names a directory of the manager's host (a path or ``file://`` URL),
+    which only a caller allowed to read the host (an admin) may build from (HTTP 403)."""
+
+    code = "ml_repo_url_not_allowed"
+
+
+def repo_url_problem(url: str) -> str | None:
+    """Why ``url`` (an ``ml_repo_url``) is malformed, or ``None``. Checked without touching
+    the file system: URLs must parse (``https://[evil`` does not) and name a host, except
+    ``file://``; a port must be a number in range."""
+    text = url.strip()
+    if "://" not in text:
+        return None
+    try:
+        parsed = urllib.parse.urlsplit(text)
+        parsed.port  # noqa: B018 - raises ValueError for a malformed or out-of-range port
+    except ValueError as exc:
+        return f"is not a well-formed URL ({exc})"
+    scheme = parsed.scheme.lower()
+    if scheme != "file" and not parsed.hostname:
+        return "names no host"
+    if scheme not in _REMOTE_SCHEMES and scheme != "file":
+        return f"uses the unsupported scheme {scheme!r}"
+    return None
+
+
+def is_local_repo_url(url: str) -> bool:
+    """True when ``url`` names a directory of the manager's host: a ``file://`` URL or a path
+    (anything that is neither a remote URL nor scp-like ``user@host:path``)."""
+    text = url.strip()
+    if "://" in text:
+        return urllib.parse.urlsplit(text).scheme.lower() == "file"
+    return text.startswith(("/", ".", "~")) or not _SCP_LIKE.match(text)
+
+
+def check_repo_url(url: str, allow_local: bool) -> None:
+    """Refuse an ``ml_repo_url`` on the manager's host unless ``allow_local``.
+
+    Call it when accepting an SLA, with ``allow_local`` true for admins (and the embedded
+    single-user manager): a customer could otherwise build from any directory the manager can
+    read (``/proc/self/root/...``). Raises :class:`LocalRepoNotAllowed` (HTTP 403). The
+    message carries the URL without credentials and nothing about the host's files.
+    """
+    if allow_local or not is_local_repo_url(url):
+        return
+    shown = _USERINFO.sub(r"\g<scheme>***@", url.strip())
+    raise LocalRepoNotAllowed(
+        f"ml_repo_url {shown!r} names a directory on the manager's host, which only an admin "
+        "may build from; push the repository to a git server and give its https:// or "
+        "ssh:// URL."
+    )
 
 
 class Platform(StrEnum):
@@ -96,8 +162,19 @@ class ProjectSLA(_Strict):
     ml_model_flavor: MLModelFlavor = MLModelFlavor.PYTORCH
     use_devel_base_images: bool = False
     supported_platforms: list[Platform] = Field(
-        default_factory=lambda: [Platform.LINUX_AMD64], min_length=1
+        default_factory=lambda: [Platform.LINUX_AMD64], min_length=1, max_length=len(Platform)
     )
     training_configuration: TrainingConfiguration = Field(default_factory=TrainingConfiguration)
-    post_training_steps: list[PostTrainingStep] = Field(default_factory=list)
+    post_training_steps: list[PostTrainingStep] = Field(
+        default_factory=list, max_length=len(PostTrainingStep)
+    )
     resource_constraints: ResourceConstraints = Field(default_factory=ResourceConstraints)
+
+    @field_validator("ml_repo_url")
+    @classmethod
+    def _well_formed_repo_url(cls, value: str) -> str:
+        """A URL that does not parse is a validation error (422), not a build failure."""
+        problem = repo_url_problem(value)
+        if problem is not None:
+            raise ValueError(f"ml_repo_url {problem}")
+        return value

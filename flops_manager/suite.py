@@ -24,10 +24,26 @@ from waitress import wasyncore
 from waitress.server import BaseWSGIServer, MultiSocketServer
 
 from flops_manager.app import create_app
+from flops_manager.auth import WithNodeCredentials
 from flops_manager.builds import make_builder
 from flops_manager.config import ManagerConfig
-from flops_manager.embedded import EmbeddedComponent, EmbeddedState, start_broker, start_mlflow
+from flops_manager.credentials import ProjectCredentials
+from flops_manager.data_access import DataAccess
+from flops_manager.embedded import (
+    EmbeddedComponent,
+    EmbeddedState,
+    broker_admin,
+    start_broker,
+    start_mlflow,
+)
 from flops_manager.errors import ConfigurationError
+from flops_manager.mqtt_access import (
+    MqttAccess,
+    MqttAccessControl,
+    MqttCredential,
+    NoMqttAccess,
+    listener_client_id,
+)
 from flops_manager.mqtt_listener import StatusListener
 from flops_manager.orchestrators import make_orchestrator
 from flops_manager.projects import ProjectLifecycle
@@ -93,8 +109,10 @@ class ManagerSuite(StartStop):
     def start(self) -> "ManagerSuite":
         """Start every component (the broker and MLflow in parallel, re-using those a previous
         manager left running), reconcile unfinished projects, then serve the API."""
+        check_isolation(self.config)
         home = self.config.home.resolve()
         home.mkdir(parents=True, exist_ok=True)
+        restrict_home(home)
         self._lock_home(home)
         try:
             state = EmbeddedState(home)
@@ -127,11 +145,25 @@ class ManagerSuite(StartStop):
                     f"this machine, but the {self.config.builder!r} builder makes images; set "
                     "FLOPS_BUILDER=venv."
                 )
+            admin = self._broker_admin(home)
+            credentials = self._credentials(home, admin)
             self._lifecycle = ProjectLifecycle(
-                store, builder, orchestrator, home / "projects", self.mqtt_url, self.mlflow_url
+                store,
+                builder,
+                orchestrator,
+                home / "projects",
+                self.mqtt_url,
+                self.mlflow_url,
+                credentials=credentials,
             )
             recovering = self._lifecycle.begin_recovery()
-            self._listener = StatusListener(self.mqtt_url, self._lifecycle.on_status)
+            self._listener = StatusListener(
+                self.mqtt_url,
+                self._lifecycle.on_status,
+                client_id=listener_client_id(home),
+                username=admin.username if admin else None,
+                password=admin.password if admin else None,
+            )
             self._listener.start()
             if recovering and not self._listener.wait_for_backlog(BACKLOG_TIMEOUT_S):
                 logger.warning(
@@ -143,7 +175,15 @@ class ManagerSuite(StartStop):
             if recovering:
                 logger.info("reconciled %d unfinished project(s)", len(recovering))
             public_mlflow = self.config.mlflow_public_url or self.mlflow_url
-            app = create_app(self._lifecycle, store, public_mlflow, self.config.authenticator())
+            authenticator = self.config.authenticator()
+            nodes = (
+                authenticator.credentials
+                if isinstance(authenticator, WithNodeCredentials)
+                else None
+            )
+            app = create_app(
+                self._lifecycle, store, public_mlflow, authenticator, nodes, credentials.data
+            )
             self._server = waitress.create_server(
                 app, host=self.config.host, port=self.config.port, threads=API_THREADS
             )
@@ -151,6 +191,7 @@ class ManagerSuite(StartStop):
             self.url = f"http://{self.config.host}:{port}"
             self._thread = threading.Thread(target=self._server.run, name="api", daemon=True)
             self._thread.start()
+            restrict_home(home)  # also what the components created meanwhile
         except BaseException:
             self.stop(keep_running=True)  # a failed start must not end running projects
             raise
@@ -160,8 +201,33 @@ class ManagerSuite(StartStop):
         return self
 
     def _start_broker(self, home: Path, state: EmbeddedState) -> None:
-        self._broker = start_broker(home, state)
+        self._broker = start_broker(home, state, anonymous=not self.config.secure("mqtt"))
         self.mqtt_url = self._broker.url
+
+    def _broker_admin(self, home: Path) -> MqttCredential | None:
+        """The broker's admin credential: the embedded broker's own, or the configured one of
+        an external broker (``None`` when there is none). Raises ``ConfigurationError`` for
+        an external broker without one while MQTT security is on."""
+        if self._broker is not None:
+            return broker_admin(home)
+        if self.config.mqtt_admin_username:
+            return MqttCredential(self.config.mqtt_admin_username, self.config.mqtt_admin_password)
+        if self.config.secure("mqtt"):
+            raise ConfigurationError(
+                f"The MQTT broker {self.mqtt_url} (FLOPS_MQTT_URL) needs an admin credential of "
+                "its dynamic-security plugin, with which the manager issues per-project "
+                "credentials: set FLOPS_MQTT_ADMIN_USERNAME and FLOPS_MQTT_ADMIN_PASSWORD (or "
+                "FLOPS_INSECURE=mqtt for an anonymous broker on a test machine)."
+            )
+        return None
+
+    def _credentials(self, home: Path, admin: MqttCredential | None) -> ProjectCredentials:
+        """The issuers of the controls that are on (``FLOPS_INSECURE`` turns them off)."""
+        mqtt: MqttAccessControl = NoMqttAccess()
+        if self.config.secure("mqtt") and admin is not None:
+            mqtt = MqttAccess(self.mqtt_url, admin.username, admin.password)
+        data = DataAccess(home) if self.config.secure("data") else None
+        return ProjectCredentials(mqtt, data=data)
 
     def _start_mlflow(self, home: Path, state: EmbeddedState) -> None:
         self._mlflow = start_mlflow(home, state)
@@ -170,7 +236,7 @@ class ManagerSuite(StartStop):
     def _lock_home(self, home: Path) -> None:
         """Hold ``home/manager.lock`` (``flock``; released when this process ends, even when
         killed). Waits up to ``HOME_LOCK_TIMEOUT_S`` for a manager that is stopping."""
-        fd = os.open(home / "manager.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(home / "manager.lock", os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + HOME_LOCK_TIMEOUT_S
         while True:
             try:
@@ -236,6 +302,59 @@ class ManagerSuite(StartStop):
             with contextlib.suppress(OSError):
                 os.close(self._home_lock)  # releases the flock
             self._home_lock = None
+
+
+def check_isolation(config: ManagerConfig) -> None:
+    """Refuse a configuration that would run one customer's code where it reaches another's,
+    and log a warning for each security control ``FLOPS_INSECURE`` turns off.
+
+    The ``local`` orchestrator runs learners and aggregators, and so the customers' repository
+    code, as the manager's own user on its machine, where ``FLOPS_HOME`` holds every
+    credential; that is fine for one user (``auth=token``) but not for many (``auth=oakestra``).
+    Raises ``ConfigurationError`` for that combination unless ``FLOPS_INSECURE`` lists ``local``.
+    """
+    for control in sorted(config.insecure):
+        logger.warning(
+            "security control %r is OFF (FLOPS_INSECURE=%s): %s",
+            control,
+            ",".join(sorted(config.insecure)),
+            INSECURE_CONSEQUENCES[control],
+        )
+    if config.auth == "oakestra" and config.orchestrator == "local" and config.secure("local"):
+        raise ConfigurationError(
+            "FLOPS_AUTH=oakestra serves many customers, but the local orchestrator would run "
+            "their repositories' code as the manager's own user, next to every credential in "
+            "FLOPS_HOME. Use FLOPS_ORCHESTRATOR=oakestra, or FLOPS_AUTH=token for a single "
+            "user (or FLOPS_INSECURE=local to accept the risk on a test machine)."
+        )
+
+
+INSECURE_CONSEQUENCES: dict[str, str] = {
+    "mqtt": "the broker accepts anonymous clients; anyone on the network can read every "
+    "status message and complete or fail any project",
+    "flower": "aggregators serve plain gRPC to any client; anyone who learns an address "
+    "receives the global model and can poison it",
+    "data": "data servers serve plain Arrow Flight without tokens; anyone on the network can "
+    "read, replace or drop a node's training data",
+    "local": "customers' code runs as the manager's user next to every credential",
+}
+"""What turning off each ``FLOPS_INSECURE`` control exposes (logged at start)."""
+
+
+def restrict_home(home: Path) -> None:
+    """Make ``home`` (``FLOPS_HOME``) private to the manager's user: the directory and each
+    directory directly in it mode 0700, each file directly in it 0600.
+
+    Everything the manager keeps (the store, MLflow's database and artifacts, models, logs,
+    tokens, keys, the environment cache) lies under ``home``, so no other user of the machine
+    can reach any of it; files created later inside are covered by the directories' modes.
+    Raises ``OSError`` when ``home`` belongs to another user.
+    """
+    home.chmod(0o700)
+    for entry in home.iterdir():
+        if entry.is_symlink():
+            continue
+        entry.chmod(0o700 if entry.is_dir() else 0o600)
 
 
 def _close_server(

@@ -24,5 +24,9 @@ Modules (imported on demand; nothing heavy at package import):
   model served by MLflow's scoring server, built with an ``OciBuilder``'s setup.
 - :mod:`image_builder.main`: the image builder as a service (``flops-image-builder``),
   reporting over MQTT.
+- :mod:`image_builder.confinement`: repository input stays inside the repository (symbolic
+  links, ``-r``/``-c`` includes, local packages, ``${VAR}``), checked before any installer runs.
+- :mod:`image_builder.build_processes`: every program a build runs, bounded in time, in its own
+  process group, and stopped when its build is cancelled (``BuildRegistry``).
 - :mod:`image_builder.errors`: the builder's ``FlopsError`` subclasses.
 """

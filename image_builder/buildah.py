@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from flops_utils.logging import logger
-from flops_utils.processes import run_to_log
+from image_builder.build_processes import run_bounded
 from image_builder.errors import (
     BaseImageError,
     BuilderError,
@@ -77,15 +77,17 @@ def require_tools() -> tuple[str, str]:
 def run_tool(
     command: Sequence[str], timeout_s: float, what: str
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` capturing text output; :class:`ImageBuildError` after ``timeout_s``."""
-    try:
-        return subprocess.run(
-            list(command), capture_output=True, text=True, timeout=timeout_s, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise ImageBuildError(
+    """Run ``command`` capturing text output; :class:`ImageBuildError` after ``timeout_s``.
+
+    Runs through :func:`~image_builder.build_processes.run_bounded` (own process group,
+    stopped when the build is cancelled)."""
+    return run_bounded(
+        command,
+        timeout_s=timeout_s,
+        timeout_error=lambda: ImageBuildError(
             f"{what} did not finish within {timeout_s:.0f} s; check the registry connection."
-        ) from None
+        ),
+    )
 
 
 class Buildah:
@@ -184,14 +186,18 @@ class Buildah:
         started = time.monotonic()
         logger.info("building the %s image %s for %s", role, tag, platform)
         log_path.unlink(missing_ok=True)
-        returncode = run_to_log(
-            command, log_path, self.build_timeout_s, header=f"$ {shlex.join(command)}\n"
-        )
-        if returncode is None:
-            raise ImageBuildError(
-                f"Building the {role} image did not finish within "
-                f"{self.build_timeout_s:.0f} s; see {log_path}, or raise build_timeout_s."
-            )
+        with log_path.open("ab") as log:
+            log.write(f"$ {shlex.join(command)}\n".encode())
+            log.flush()
+            returncode = run_bounded(
+                command,
+                timeout_s=self.build_timeout_s,
+                timeout_error=lambda: ImageBuildError(
+                    f"Building the {role} image did not finish within "
+                    f"{self.build_timeout_s:.0f} s; see {log_path}, or raise build_timeout_s."
+                ),
+                stdout=log,
+            ).returncode
         output = log_path.read_text(encoding="utf-8", errors="replace")
         if returncode != 0:
             raise build_failure(role, output, log_path)

@@ -114,8 +114,11 @@ def read_requirements(path: Path, keep_mlflow: bool = False) -> list[str]:
     """
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DependencyFileError(f"Cannot read {path.name}: {exc}; fix the file.") from exc
+    except UnicodeDecodeError:
+        raise DependencyFileError(f"{path.name} is not UTF-8 text; fix the file.") from None
+    except OSError as exc:  # the message names no host path: only the file's own name
+        reason = exc.strerror or type(exc).__name__
+        raise DependencyFileError(f"Cannot read {path.name}: {reason}; fix the file.") from None
     if path.name in ("conda.yaml", "conda.yml"):
         lines = conda_to_requirements(text, file_name=path.name)
     elif path.name == "pyproject.toml":

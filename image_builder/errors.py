@@ -19,6 +19,13 @@ class RepoFetchError(BuilderError):
     code = "ml_repo_fetch_failed"
 
 
+class RepoFetchLimitError(RepoFetchError):
+    """Fetching the ML repository exceeded a bound: total time, the git server's minimum
+    transfer rate, or the size of the checkout."""
+
+    code = "ml_repo_fetch_limit"
+
+
 class RepoRefError(BuilderError):
     """The requested ``ref`` (branch, tag or commit) does not exist in the ML repository."""
 
@@ -37,6 +44,14 @@ class DependencyFileError(BuilderError):
     code = "dependency_file_invalid"
 
 
+class UnsafeRepoInputError(DependencyFileError):
+    """A file of the ML repository points outside the repository (a symbolic link, an absolute
+    or ``..`` path, an environment variable) or asks for a local package build; refused before
+    any installer reads it."""
+
+    code = "ml_repo_unsafe_input"
+
+
 class DependencyInstallError(BuilderError):
     """The resolver (uv) cannot install the repository's requirements."""
 
@@ -47,6 +62,12 @@ class EnvironmentBuildError(BuilderError):
     """The environment cannot be built for a reason outside the repository (uv missing, timeout)."""
 
     code = "environment_build_failed"
+
+
+class BuildCancelled(BuilderError):
+    """The build was cancelled (its project was cancelled); its processes were stopped."""
+
+    code = "build_cancelled"
 
 
 class BuildToolMissingError(BuilderError):

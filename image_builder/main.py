@@ -41,12 +41,15 @@ failed, 5 internal error).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,7 @@ from flops_utils.env_config import EnvReader
 from flops_utils.errors import FlopsError
 from flops_utils.notifications import StatusNotifier
 from flops_utils.types import ComponentStatus, MLModelFlavor
+from image_builder.build_processes import BuildRegistry, BuildScope
 from image_builder.model_image import ModelImage, ModelImageBuilder
 from image_builder.oci_builder import BuildStep, BuiltImages, OciBuilder, ProgressCallback
 
@@ -308,9 +312,30 @@ def _write_result(path: Path | None, document: Mapping[str, Any]) -> None:
 
 def main(env: Mapping[str, str] | None = None) -> int:
     """Entry point of ``flops-image-builder``; returns the
-    :class:`~flops_utils.contract.exit_codes.ExitCode`."""
+    :class:`~flops_utils.contract.exit_codes.ExitCode`.
+
+    SIGTERM cancels the build: every program it runs (git, uv, buildah) is stopped, by
+    process group, and the build fails with :class:`~image_builder.errors.BuildCancelled`
+    (how the manager cancels a project's image build)."""
     env = os.environ if env is None else env
-    return run_role(Role.BUILDER, lambda: _read_request(env), run, env)
+    registry = BuildRegistry()
+    name = env.get(env_vars.PROJECT_ID) or "image build"
+    with registry.scope(name) as scope, _cancel_on_sigterm(scope):
+        return run_role(Role.BUILDER, lambda: _read_request(env), run, env)
+
+
+@contextlib.contextmanager
+def _cancel_on_sigterm(scope: BuildScope) -> Iterator[None]:
+    """Cancel ``scope`` on SIGTERM during the ``with`` block (main thread only; elsewhere
+    signals cannot be handled and nothing is installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: scope.cancel())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _read_request(env: Mapping[str, str]) -> BuildRequest:

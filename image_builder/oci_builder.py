@@ -173,6 +173,7 @@ from image_builder.python_env import (
 from image_builder.repo import (
     DEFAULT_GIT_TIMEOUT_S,
     CheckedOutRepo,
+    FetchLimits,
     checked_out_repo,
     content_hash,
     copy_repo_files,
@@ -391,7 +392,10 @@ class OciBuilder:
     Timeouts are seconds: ``build_timeout_s`` per ``buildah build`` or host-side uv run
     (default 1800), ``push_timeout_s`` per push or base image pull (default 900),
     ``registry_timeout_s`` per registry query (default 60), ``lock_timeout_s`` to wait for a
-    concurrent build of the same key (default 3600), ``git_timeout_s`` per git command.
+    concurrent build of the same key (default 3600), ``git_timeout_s`` for the whole fetch
+    unless ``fetch_limits`` (:class:`~image_builder.repo.FetchLimits`) bound it.
+    ``allow_local_packages``: accept local package requirements inside the repository
+    (default ``False``: refused, :mod:`image_builder.confinement`).
     """
 
     produces_images = True
@@ -411,8 +415,12 @@ class OciBuilder:
         registry_timeout_s: float = 60.0,
         lock_timeout_s: float = 3600.0,
         git_timeout_s: float = DEFAULT_GIT_TIMEOUT_S,
+        fetch_limits: FetchLimits | None = None,
+        allow_local_packages: bool = False,
     ) -> None:
         self.cache_dir = Path(cache_dir).resolve()
+        self.fetch_limits = fetch_limits or FetchLimits(timeout_s=git_timeout_s)
+        self.allow_local_packages = allow_local_packages
         self.registry = registry.rstrip("/")
         self.base_image = base_image
         self.namespace = namespace.strip("/")
@@ -601,7 +609,12 @@ class OciBuilder:
         workdir = Path(workdir)
         step = time.monotonic()
         with checked_out_repo(
-            ml_repo_url, ref, workdir, timeout_s=self.git_timeout_s, exclude=[self.cache_dir]
+            ml_repo_url,
+            ref,
+            workdir,
+            exclude=[self.cache_dir],
+            limits=self.fetch_limits,
+            allow_local_packages=self.allow_local_packages,
         ) as checked_out:
             commit = checked_out.fetched.commit
             report(

@@ -34,6 +34,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from flops_utils.logging import logger
+from image_builder.build_processes import run_bounded
 from image_builder.dependencies import requirement_name
 from image_builder.errors import BuilderError, DependencyInstallError, EnvironmentBuildError
 
@@ -262,12 +263,18 @@ def attributed_install_error(
     )
 
 
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~>@-])/(?:[\w.@+~-]+/?)+")
+"""An absolute POSIX path that is not part of a URL (``https://host/a`` has a word character
+or ``/`` before each of its slashes)."""
+
+
 def redact_paths(text: str, hidden: dict[str, str]) -> str:
-    """``text`` with every path of ``hidden`` (longest first) replaced by its label, so that
-    installer output shown to users names no directory of the manager's host."""
+    """``text`` with every path of ``hidden`` (longest first) replaced by its label, then every
+    other absolute path (``/a/b``, not part of a URL) replaced by ``<path>``, so that output of
+    git or an installer shown to users names no directory of the manager's host."""
     for path in sorted(hidden, key=len, reverse=True):
         text = text.replace(path, hidden[path])
-    return text
+    return _ABSOLUTE_PATH.sub("<path>", text)
 
 
 def find_links() -> list[str]:
@@ -390,22 +397,19 @@ def run_uv(
 
     uv gets this process's environment without :data:`FOREIGN_ENVIRONMENT`, with plain
     output (``NO_COLOR``, ``UV_NO_PROGRESS``) and ``env`` on top. ``timeout_s`` is in seconds;
-    after it the process is killed and ``timeout_error()`` is raised.
+    after it the process is killed and ``timeout_error()`` is raised. It runs through
+    :func:`~image_builder.build_processes.run_bounded`: in its own process group, stopped when
+    the build is cancelled (:class:`~image_builder.errors.BuildCancelled`).
     """
     environment = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENVIRONMENT}
     environment.update({"NO_COLOR": "1", "UV_NO_PROGRESS": "1", **(env or {})})
-    try:
-        return subprocess.run(
-            [*command, *arguments],
-            cwd=cwd,
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise timeout_error() from None
+    return run_bounded(
+        [*command, *arguments],
+        timeout_s=timeout_s,
+        timeout_error=timeout_error,
+        env=environment,
+        cwd=cwd,
+    )
 
 
 def uv_command() -> list[str]:

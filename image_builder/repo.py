@@ -27,16 +27,28 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import git
-
 from flops_utils.logging import logger
+from image_builder.build_processes import run_bounded
+from image_builder.confinement import (
+    check_contract_files,
+    check_dependency_file,
+    check_requirement_lines,
+)
 from image_builder.dependencies import DEPENDENCY_FILES, dependency_hash, read_requirements
-from image_builder.errors import RepoFetchError, RepoLayoutError, RepoRefError
+from image_builder.errors import (
+    EnvironmentBuildError,
+    RepoFetchError,
+    RepoFetchLimitError,
+    RepoLayoutError,
+    RepoRefError,
+)
+from image_builder.python_env import redact_paths
 
 REQUIRED_FILES = ("model_manager.py", "data_manager.py")
 """Files the user contract (README, "Your ML repository") requires at the repository root,
@@ -55,7 +67,45 @@ MAX_COPY_FILES = 50_000
 """A plain directory with more files than this is refused, not copied."""
 
 DEFAULT_GIT_TIMEOUT_S = 300.0
-"""Seconds one git command (fetch, checkout) may take before it is killed."""
+"""Seconds the whole fetch of a git repository (every git command) may take."""
+
+DEFAULT_LOW_SPEED_BYTES_PER_S = 1000
+"""A git HTTP transfer slower than this for :data:`DEFAULT_LOW_SPEED_TIME_S` is aborted
+(git's ``http.lowSpeedLimit``, curl's ``CURLOPT_LOW_SPEED_LIMIT``)."""
+
+DEFAULT_LOW_SPEED_TIME_S = 30
+"""Seconds below :data:`DEFAULT_LOW_SPEED_BYTES_PER_S` before git aborts (``http.lowSpeedTime``)."""
+
+DEFAULT_MAX_FETCH_BYTES = 2 << 30
+"""A git checkout (``.git`` included) larger than this (2 GiB) is stopped and refused."""
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """Bounds of one repository fetch, so that a slow or huge repository (a tarpit git server)
+    cannot hold a build worker.
+
+    ``timeout_s``: seconds for the whole fetch (every git command together).
+    ``low_speed_bytes_per_s`` / ``low_speed_time_s``: an HTTP(S) transfer slower than this
+    rate for that many seconds is aborted by git (other transports: ``timeout_s`` only).
+    ``max_bytes``: size of the checkout, ``.git`` included, checked every
+    ``size_check_interval_s`` seconds while git runs.
+    """
+
+    timeout_s: float = DEFAULT_GIT_TIMEOUT_S
+    low_speed_bytes_per_s: int = DEFAULT_LOW_SPEED_BYTES_PER_S
+    low_speed_time_s: int = DEFAULT_LOW_SPEED_TIME_S
+    max_bytes: int = DEFAULT_MAX_FETCH_BYTES
+    size_check_interval_s: float = 1.0
+
+    def git_options(self) -> list[str]:
+        """git's ``-c`` options for these bounds."""
+        return [
+            "-c", f"http.lowSpeedLimit={max(1, self.low_speed_bytes_per_s)}",
+            "-c", f"http.lowSpeedTime={max(1, self.low_speed_time_s)}",
+            "-c", "protocol.ext.allow=never",
+        ]  # fmt: skip
+
 
 _REMOTE_SCHEMES = frozenset({"https", "http", "ssh", "git", "git+ssh", "ssh+git"})
 _SCP_LIKE = re.compile(r"^(?:[\w.+-]+@)?[\w.-]+:(?!//)\S+$")
@@ -65,7 +115,9 @@ _GIT_ENV = {
     # Fail instead of waiting for a password on a terminal that nobody watches.
     "GIT_TERMINAL_PROMPT": "0",
     "GIT_SSH_COMMAND": os.environ.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes"),
+    "LC_ALL": "C",
 }
+_LOW_SPEED_MARKERS = ("operation too slow", "curl 28", "low speed")
 _GIT_NOISE_PREFIXES = (
     "hint:",
     "warning:",
@@ -123,13 +175,20 @@ def checked_out_repo(
     *,
     timeout_s: float = DEFAULT_GIT_TIMEOUT_S,
     exclude: Sequence[Path] = (),
+    limits: FetchLimits | None = None,
+    allow_local_packages: bool = False,
 ) -> Iterator[CheckedOutRepo]:
     """Fetch ``ml_repo_url`` at ``ref`` into a scratch directory under ``workdir``, validate it
     and read its requirements; the scratch directory is removed when the ``with`` block ends.
 
     ``workdir`` is created if missing and never copied from a plain directory, nor is anything
-    in ``exclude``. Raises what :func:`fetch_repo`, :func:`validate_repo` and
-    :func:`~image_builder.dependencies.read_requirements` raise.
+    in ``exclude``. ``limits`` bound the fetch (default: :class:`FetchLimits` with
+    ``timeout_s``). The contract files, the dependency file and every file its lines include
+    must stay inside the repository, and local package requirements are refused unless
+    ``allow_local_packages`` (:mod:`image_builder.confinement`), all before an installer sees
+    them. Raises what :func:`fetch_repo`, :func:`validate_repo`,
+    :func:`~image_builder.dependencies.read_requirements` and the confinement checks
+    (:class:`~image_builder.errors.UnsafeRepoInputError`) raise.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -141,12 +200,31 @@ def checked_out_repo(
             scratch / "repo",
             timeout_s=timeout_s,
             exclude=[workdir.resolve(), *exclude],
+            limits=limits,
         )
         layout = validate_repo(fetched.path, fetched.source)
-        requirements = read_requirements(layout.dependency_file, keep_mlflow=True)
+        requirements = read_checked_requirements(
+            fetched.path, layout, allow_local_packages=allow_local_packages
+        )
         yield CheckedOutRepo(fetched, layout, requirements, dependency_hash(requirements))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def read_checked_requirements(
+    repo_dir: Path, layout: RepoLayout, *, allow_local_packages: bool = False
+) -> list[str]:
+    """The requirement lines of ``layout.dependency_file`` (mlflow pins kept), after checking
+    that the contract files and the dependency file stay inside ``repo_dir``; the lines (and
+    the files they include) are checked too. Raises
+    :class:`~image_builder.errors.UnsafeRepoInputError` or ``DependencyFileError``."""
+    check_contract_files(repo_dir, [layout.model_manager, layout.data_manager])
+    check_dependency_file(repo_dir, layout.dependency_file)
+    requirements = read_requirements(layout.dependency_file, keep_mlflow=True)
+    check_requirement_lines(
+        repo_dir, layout.dependency_file, requirements, allow_local_packages=allow_local_packages
+    )
+    return requirements
 
 
 def redact_url(text: str) -> str:
@@ -161,11 +239,13 @@ def fetch_repo(
     *,
     timeout_s: float = DEFAULT_GIT_TIMEOUT_S,
     exclude: Sequence[Path] = (),
+    limits: FetchLimits | None = None,
 ) -> FetchedRepo:
     """Fetch ``ml_repo_url`` at ``ref`` into ``dest`` (created; must not exist or be empty).
 
     ``ref``: branch, tag or commit SHA (full or abbreviated); ``None`` is the remote's HEAD.
-    ``timeout_s``: seconds each git command may take. ``exclude``: directories never copied
+    ``limits``: bounds of a git fetch (default ``FetchLimits(timeout_s=timeout_s)``; a fetch
+    beyond them raises :class:`RepoFetchLimitError`). ``exclude``: directories never copied
     from a plain directory (``dest`` is always excluded, so a work dir inside the source is
     safe). Returns a :class:`FetchedRepo`. Raises :class:`RepoFetchError` if the URL is
     unsupported, the path does not exist, a plain directory exceeds :data:`MAX_COPY_BYTES` /
@@ -186,11 +266,12 @@ def fetch_repo(
     if any(dest.iterdir()):
         raise FileExistsError(f"{dest} is not empty")
 
+    bounds = limits or FetchLimits(timeout_s=timeout_s)
     local = _local_path(url, source)
     if local is None:
-        return _fetch_git(url, source, ref, dest, timeout_s)
+        return _fetch_git(url, source, ref, dest, bounds)
     if _is_git_repo(local):
-        return _fetch_git(local.as_uri(), source, ref, dest, timeout_s)
+        return _fetch_git(local.as_uri(), source, ref, dest, bounds)
     if ref is not None:
         raise RepoRefError(
             f"ref {ref!r} was given but {source} is not a git repository; drop the ref or "
@@ -209,9 +290,9 @@ def validate_repo(repo_dir: Path, source: str | None = None) -> RepoLayout:
     present. ``source`` names the repository in the message (defaults to ``repo_dir``).
     Raises :class:`RepoLayoutError` naming every missing file; ``details`` lists them.
     """
-    missing = [name for name in REQUIRED_FILES if not (repo_dir / name).is_file()]
+    missing = [name for name in REQUIRED_FILES if not _present(repo_dir / name)]
     dependency_file = next(
-        (repo_dir / name for name in DEPENDENCY_FILES if (repo_dir / name).is_file()), None
+        (repo_dir / name for name in DEPENDENCY_FILES if _present(repo_dir / name)), None
     )
     if dependency_file is None:
         missing.append(f"a dependency file ({_or_list(DEPENDENCY_FILES)})")
@@ -228,6 +309,12 @@ def validate_repo(repo_dir: Path, source: str | None = None) -> RepoLayout:
         data_manager=repo_dir / REQUIRED_FILES[1],
         dependency_file=dependency_file,
     )
+
+
+def _present(path: Path) -> bool:
+    """A regular file or a symbolic link (whose target is not looked at: where it leads is
+    checked by :mod:`image_builder.confinement`, without telling whether it exists)."""
+    return path.is_symlink() or path.is_file()
 
 
 def copy_repo_files(src: Path, dest: Path, exclude: Sequence[Path] = ()) -> None:
@@ -314,7 +401,13 @@ def _local_path(url: str, source: str) -> Path | None:
             "https://, ssh://, git://, file:// or a local path."
         )
     if "://" in url:
-        parsed = urllib.parse.urlparse(url)
+        try:
+            parsed = urllib.parse.urlparse(url)
+            parsed.port  # noqa: B018 - raises ValueError for a malformed port
+        except ValueError:
+            raise RepoFetchError(
+                f"ml_repo_url {source!r} is not a well-formed URL; fix it."
+            ) from None
         scheme = parsed.scheme.lower()
         if scheme in _REMOTE_SCHEMES:
             return None
@@ -336,8 +429,8 @@ def _local_path(url: str, source: str) -> Path | None:
     path = path.resolve()
     if not path.is_dir():
         raise RepoFetchError(
-            f"ml_repo_url {source!r} is neither a reachable URL nor an existing directory "
-            f"({path} does not exist); fix the URL or path."
+            f"ml_repo_url {source!r} is not a reachable URL, and as a path it does not exist "
+            "or is not a directory; fix the URL or path."
         )
     return path
 
@@ -349,76 +442,150 @@ def _is_git_repo(path: Path) -> bool:
     return (path / "HEAD").is_file() and (path / "objects").is_dir() and (path / "refs").is_dir()
 
 
-def _fetch_git(url: str, source: str, ref: str | None, dest: Path, timeout_s: float) -> FetchedRepo:
-    repo = git.Repo.init(dest, kill_after_timeout=timeout_s)
+def _fetch_git(
+    url: str, source: str, ref: str | None, dest: Path, limits: FetchLimits
+) -> FetchedRepo:
+    git = _Git(dest, source, limits)
+    git.run("init", "--quiet", str(dest), cwd=dest.parent)
+    git.run("remote", "add", "origin", url)
+    target = ref or "HEAD"
     try:
-        runner = repo.git
-        _run_git(runner, source, timeout_s, "remote", "add", "origin", url)
-        target = ref or "HEAD"
-        try:
-            _run_git(
-                runner, source, timeout_s, "fetch", "--depth", "1", "--no-tags", "origin", target
-            )
-            checkout = "FETCH_HEAD"
-        except RepoFetchError as exc:
-            stderr = str(exc.details[0]) if exc.details else ""
-            if ref is None or not any(marker in stderr for marker in _REF_MISSING_MARKERS):
-                raise
-            if not _HEX_REF.match(ref):
-                raise RepoRefError(
-                    f"ref {ref!r} is not a branch, tag or commit of {source}; fix the ref."
-                ) from None
-            # An abbreviated SHA, or a server refusing to serve a commit by SHA: fetch it all.
-            logger.info("fetching all of %s to find commit %s", source, ref)
-            _run_git(runner, source, timeout_s, "fetch", "--tags", "origin")
-            resolved = _resolve_commit(runner, ref, timeout_s)
-            if resolved is None:
-                raise RepoRefError(
-                    f"ref {ref!r} is not a branch, tag or commit of {source}; fix the ref."
-                ) from None
-            checkout = resolved
-        _run_git(runner, source, timeout_s, "checkout", "--quiet", "--detach", "--force", checkout)
-        commit = _run_git(runner, source, timeout_s, "rev-parse", "HEAD").strip()
-    finally:
-        repo.close()
+        git.run("fetch", "--depth", "1", "--no-tags", "origin", target)
+        checkout = "FETCH_HEAD"
+    except RepoFetchLimitError:
+        raise
+    except RepoFetchError as exc:
+        stderr = str(exc.details[0]) if exc.details else ""
+        if ref is None or not any(marker in stderr for marker in _REF_MISSING_MARKERS):
+            raise
+        if not _HEX_REF.match(ref):
+            raise RepoRefError(
+                f"ref {ref!r} is not a branch, tag or commit of {source}; fix the ref."
+            ) from None
+        # An abbreviated SHA, or a server refusing to serve a commit by SHA: fetch it all.
+        logger.info("fetching all of %s to find commit %s", source, ref)
+        git.run("fetch", "--tags", "origin")
+        resolved = git.resolve_commit(ref)
+        if resolved is None:
+            raise RepoRefError(
+                f"ref {ref!r} is not a branch, tag or commit of {source}; fix the ref."
+            ) from None
+        checkout = resolved
+    git.run("checkout", "--quiet", "--detach", "--force", checkout)
+    commit = git.run("rev-parse", "HEAD").strip()
     return FetchedRepo(path=dest, commit=commit, source=source, is_git=True)
 
 
-def _resolve_commit(runner: git.Git, ref: str, timeout_s: float) -> str | None:
-    try:
-        sha: str = runner.rev_parse(
-            "--verify", "--quiet", f"{ref}^{{commit}}", kill_after_timeout=timeout_s
-        )
-    except git.GitCommandError:
-        return None
-    return sha.strip() or None
+class _Git:
+    """git commands on the repository at ``dest``, within one fetch's ``limits``: a deadline
+    shared by every command, git's low-speed abort, a size cap on ``dest``; each command runs
+    in its own process group through :func:`~image_builder.build_processes.run_bounded`, so
+    that cancelling the build stops it."""
 
+    def __init__(self, dest: Path, source: str, limits: FetchLimits) -> None:
+        self.dest = dest
+        self.source = source
+        self.limits = limits
+        self.deadline = time.monotonic() + limits.timeout_s
+        self.executable = shutil.which("git") or "git"
+        self.env = {**os.environ, **_GIT_ENV}
 
-def _run_git(runner: git.Git, source: str, timeout_s: float, *args: str) -> str:
-    """Run one git command; raise :class:`RepoFetchError` with git's error in one sentence.
-
-    The raw (redacted) stderr is kept as ``details[0]`` for the caller's classification.
-    """
-    try:
-        with runner.custom_environment(**_GIT_ENV):
-            output: str = getattr(runner, args[0].replace("-", "_"))(
-                *args[1:], kill_after_timeout=timeout_s
+    def run(self, *args: str, cwd: Path | None = None) -> str:
+        """Run ``git <args>`` in ``dest`` (or ``cwd``); its stdout. Raises
+        :class:`RepoFetchError` with git's error in one sentence (the raw redacted stderr as
+        ``details[0]``), :class:`RepoFetchLimitError` beyond a bound."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._timeout()
+        try:
+            result = run_bounded(
+                [self.executable, *self.limits.git_options(), *args],
+                timeout_s=remaining,
+                timeout_error=self._timeout,
+                env=self.env,
+                cwd=cwd or self.dest,
+                watch=self._size_watch(),
             )
-        return output
-    except git.GitCommandError as exc:
-        stderr = redact_url(_git_stderr(exc))
-        logger.debug("git %s failed for %s: %s", args[0], source, stderr)
+        except FileNotFoundError:
+            raise EnvironmentBuildError(
+                "git is not installed on the build machine; install it (apt-get install git)."
+            ) from None
+        if result.returncode == 0:
+            too_big = self._size_error()  # a command may finish between two checks
+            if too_big is not None:
+                raise too_big
+            return str(result.stdout)
+        stderr = redact_url(str(result.stderr))
+        logger.debug("git %s failed for %s: %s", args[0], self.source, stderr)
+        if any(marker in stderr.lower() for marker in _LOW_SPEED_MARKERS):
+            raise RepoFetchLimitError(
+                f"The git server of {self.source} sent less than "
+                f"{self.limits.low_speed_bytes_per_s} bytes/s for "
+                f"{self.limits.low_speed_time_s} s, so the fetch was stopped; check that the "
+                "repository's server is reachable and not overloaded.",
+                details=[stderr],
+            )
         raise RepoFetchError(
-            f"Cannot fetch the ML repository {source}: {condense_git_error(stderr)}; check "
+            f"Cannot fetch the ML repository {self.source}: "
+            f"{condense_git_error(redact_paths(stderr, {str(self.dest): '<repo>'}))}; check "
             "ml_repo_url and that the repository is reachable without a password prompt.",
             details=[stderr],
-        ) from None
+        )
+
+    def resolve_commit(self, ref: str) -> str | None:
+        """The full SHA of commit ``ref``, or ``None`` if it names none."""
+        try:
+            sha = self.run("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+        except RepoFetchLimitError:
+            raise
+        except RepoFetchError:
+            return None
+        return sha.strip() or None
+
+    def _timeout(self) -> RepoFetchLimitError:
+        return RepoFetchLimitError(
+            f"Fetching the ML repository {self.source} did not finish within "
+            f"{self.limits.timeout_s:.0f} s, so it was stopped; check that the repository's "
+            "server is reachable, or use a smaller repository."
+        )
+
+    def _size_watch(self) -> Callable[[], Exception | None]:
+        """A ``watch`` for :func:`run_bounded`: the error once ``dest`` exceeds the size cap
+        (checked every ``size_check_interval_s`` seconds)."""
+        next_check = time.monotonic() + self.limits.size_check_interval_s
+
+        def watch() -> Exception | None:
+            nonlocal next_check
+            if time.monotonic() < next_check:
+                return None
+            next_check = time.monotonic() + self.limits.size_check_interval_s
+            return self._size_error()
+
+        return watch
+
+    def _size_error(self) -> RepoFetchLimitError | None:
+        """The error when ``dest`` is above ``limits.max_bytes``, else ``None``."""
+        if tree_bytes(self.dest, self.limits.max_bytes) <= self.limits.max_bytes:
+            return None
+        size = f"{self.limits.max_bytes / (1 << 20):g} MiB"
+        return RepoFetchLimitError(
+            f"The ML repository {self.source} is larger than {size} (its checkout, history "
+            "included), so the fetch was stopped; keep large data and models out of the "
+            "repository."
+        )
 
 
-def _git_stderr(exc: git.GitCommandError) -> str:
-    text = str(exc.stderr or "")
-    match = re.match(r"^\s*stderr: '(?P<body>.*)'\s*$", text, flags=re.DOTALL)
-    return match.group("body") if match else text
+def tree_bytes(directory: Path, stop_above: int | None = None) -> int:
+    """Bytes of the files under ``directory`` (``lstat`` sizes, links not followed); stops
+    counting once above ``stop_above``."""
+    total = 0
+    for root, _, filenames in os.walk(directory):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+            if stop_above is not None and total > stop_above:
+                return total
+    return total
 
 
 def condense_git_error(stderr: str) -> str:

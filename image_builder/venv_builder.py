@@ -53,6 +53,7 @@ from functools import cached_property
 from pathlib import Path
 
 from flops_utils.logging import logger
+from image_builder.build_processes import run_bounded
 from image_builder.dependencies import (
     python_mismatch_note,
     requested_python,
@@ -78,7 +79,13 @@ from image_builder.python_env import (
     user_env_support_lines,
     uv_command,
 )
-from image_builder.repo import DEFAULT_GIT_TIMEOUT_S, FetchedRepo, checked_out_repo, copy_repo_files
+from image_builder.repo import (
+    DEFAULT_GIT_TIMEOUT_S,
+    FetchedRepo,
+    FetchLimits,
+    checked_out_repo,
+    copy_repo_files,
+)
 
 FORMAT_VERSION = 2
 """Bumped when the environment layout changes, so old cache entries are not reused."""
@@ -126,8 +133,12 @@ class VenvBuilder:
     ``sys.path`` (default: the directory holding ``flops_utils``). ``base_python``: interpreter
     for ``uv venv`` (default: the manager's own base interpreter). Timeouts are seconds:
     ``install_timeout_s`` per uv call (default 900), ``lock_timeout_s`` to wait for a
-    concurrent build of the same key (default 1800), ``git_timeout_s`` per git command
-    (default 300).
+    concurrent build of the same key (default 1800), ``git_timeout_s`` for the whole fetch
+    (default 300) unless ``fetch_limits`` (:class:`~image_builder.repo.FetchLimits`) bound it.
+    ``allow_local_packages``: install local package requirements (``./pkg``, ``-e .``) that
+    stay inside the repository; default ``False`` refuses them, since building one runs its
+    code on this machine (:mod:`image_builder.confinement`). Every program a build runs is
+    stopped when its build scope is cancelled (:mod:`image_builder.build_processes`).
     """
 
     produces_images = False
@@ -143,8 +154,12 @@ class VenvBuilder:
         install_timeout_s: float = 900.0,
         lock_timeout_s: float = 1800.0,
         git_timeout_s: float = DEFAULT_GIT_TIMEOUT_S,
+        fetch_limits: FetchLimits | None = None,
+        allow_local_packages: bool = False,
     ) -> None:
         self.cache_dir = Path(cache_dir).resolve()
+        self.fetch_limits = fetch_limits or FetchLimits(timeout_s=git_timeout_s)
+        self.allow_local_packages = allow_local_packages
         self.support_requirements = tuple(support_requirements)
         self.source_roots = tuple(
             Path(root).resolve() for root in (source_roots or default_source_roots()[-1:])
@@ -198,8 +213,9 @@ class VenvBuilder:
             ml_repo_url,
             ref,
             Path(workdir),
-            timeout_s=self.git_timeout_s,
             exclude=[self.cache_dir],
+            limits=self.fetch_limits,
+            allow_local_packages=self.allow_local_packages,
         ) as checked_out:
             fetched = checked_out.fetched
             key = self.environment_key(fetched.commit, checked_out.dependencies_hash)
@@ -320,7 +336,7 @@ class VenvBuilder:
         install = ["pip", "install", "--python", str(venv / "bin" / "python"),
                    "-r", str(staging / "requirements.txt"),
                    *[arg for link in find_links() for arg in ("--find-links", link)]]  # fmt: skip
-        hidden = {str(staging / "repo"): "<repository>", str(staging): "<build directory>"}
+        hidden = self._hidden(staging)
 
         def run(args: list[str]) -> tuple[int, str]:
             result = self._uv(args, cwd=staging, check=False)
@@ -347,24 +363,20 @@ class VenvBuilder:
         """Import what the model worker and ``load_dataset()`` need with the environment's
         interpreter; :class:`EnvironmentBuildError` with the import error otherwise."""
         code = f"{USER_ENV_IMPORT_CHECK}, mlflow, flops_utils.model_worker"
-        try:
-            result = subprocess.run(
-                [str(venv / "bin" / "python"), "-c", code],
-                cwd="/",
-                capture_output=True,
-                text=True,
-                timeout=self.install_timeout_s,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise EnvironmentBuildError(
+        result = run_bounded(
+            [str(venv / "bin" / "python"), "-c", code],
+            timeout_s=self.install_timeout_s,
+            timeout_error=lambda: EnvironmentBuildError(
                 "Importing numpy, pyarrow, datasets and mlflow in the repository's environment "
                 f"did not finish within {self.install_timeout_s:.0f} s; the machine may be "
                 "overloaded."
-            ) from None
+            ),
+            cwd="/",
+        )
         if result.returncode != 0:
-            lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+            lines = [line for line in str(result.stderr).strip().splitlines() if line.strip()]
             last = lines[-1].strip() if lines else f"exit status {result.returncode}"
+            last = redact_paths(last, self._hidden(venv.parent))
             raise EnvironmentBuildError(
                 f"The repository's environment installed, but FLOps cannot use it: {last}. "
                 "Pin versions of numpy, pyarrow, datasets and mlflow that work together in the "
@@ -385,10 +397,19 @@ class VenvBuilder:
             cwd=cwd,
         )
         if check and result.returncode != 0:
+            stderr = redact_paths(str(result.stderr), self._hidden(cwd))
             raise EnvironmentBuildError(
-                f"uv {args[0]} failed: {condense_uv_error(result.stderr)}; check the uv setup."
+                f"uv {args[0]} failed: {condense_uv_error(stderr)}; check the uv setup."
             )
         return result
+
+    def _hidden(self, staging: Path) -> dict[str, str]:
+        """Paths of this machine replaced in messages for users (:func:`redact_paths`)."""
+        return {
+            str(staging / "repo"): "<repository>",
+            str(staging): "<build directory>",
+            str(self.cache_dir): "<environment cache>",
+        }
 
 
 def _is_complete(env_dir: Path) -> bool:

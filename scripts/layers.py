@@ -51,6 +51,7 @@ MANAGER_TIERS: dict[str, int] = {
     "flops_manager.errors": 0,
     "flops_manager.auth": 0,
     "flops_manager.broker": 0,
+    "flops_manager.mqtt_access": 0,
     "flops_manager.client": 0,
     "flops_manager.process_identity": 0,
     # 1, services the lifecycle drives (orchestrators, builds, config, ...): the default

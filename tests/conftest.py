@@ -43,8 +43,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def mqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
-    """A real Mosquitto broker for the whole test session; ``.url`` is ``mqtt://HOST:PORT``."""
-    with MosquittoBroker(Path(tmp_path_factory.mktemp("mosquitto"))) as broker:
+    """A real Mosquitto broker for the whole test session; ``.url`` is ``mqtt://HOST:PORT``.
+
+    Anonymous clients may do anything on it (the components' tests start services without
+    credentials); it still has the dynamic-security plugin and an admin credential
+    (``.admin``), so that credentials can be granted on it too."""
+    workdir = Path(tmp_path_factory.mktemp("mosquitto"))
+    with MosquittoBroker(workdir, anonymous=True) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def secure_mqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    """A real Mosquitto broker with authentication (the manager's default): no anonymous
+    client; ``.admin`` is the admin credential (``mqtt_testing.admin_access`` grants)."""
+    with MosquittoBroker(Path(tmp_path_factory.mktemp("mosquitto-secure"))) as broker:
         yield broker
 
 

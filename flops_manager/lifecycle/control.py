@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flops_manager.builds import ProjectBuilder
+from flops_manager.credentials import ProjectCredentials
 from flops_manager.errors import NotFound
 from flops_manager.lifecycle import actions as act
 from flops_manager.lifecycle import events as ev
@@ -47,6 +48,8 @@ class ProjectLifecycle:
         max_workers: projects that can build/deploy/post-train at the same time.
         exit_grace_s: seconds to wait for a service's final status message after it exited
             with code 0 or an unknown code. Defaults to :data:`AGGREGATOR_EXIT_GRACE_S`.
+        credentials: issues each service's per-project credentials and revokes them when the
+            project ends; default: none (every control off, for component tests).
     """
 
     def __init__(
@@ -59,13 +62,17 @@ class ProjectLifecycle:
         mlflow_url: str,
         max_workers: int = 4,
         exit_grace_s: float = AGGREGATOR_EXIT_GRACE_S,
+        credentials: ProjectCredentials | None = None,
     ) -> None:
         self.store = store
         self.builder = builder
         self.orchestrator = orchestrator
         self.exit_grace_s = exit_grace_s
         self.runner = LifecycleRunner(store, self._execute)
-        self.pipeline = Pipeline(self.runner, builder, orchestrator, workdir, mqtt_url, mlflow_url)
+        self.credentials = credentials or ProjectCredentials.none()
+        self.pipeline = Pipeline(
+            self.runner, builder, orchestrator, workdir, mqtt_url, mlflow_url, self.credentials
+        )
         self.post_training = PostTraining(self.runner, builder, orchestrator, workdir, mlflow_url)
         self.recovery = RestartRecovery(self.runner, orchestrator)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="project")
@@ -100,6 +107,7 @@ class ProjectLifecycle:
         Returns the record afterwards; raises ``NotFound`` for an unknown id."""
         self.get(project_id)
         self.runner.apply(project_id, ev.CancelRequested())
+        self.builder.cancel(project_id)  # a clone or install under way stops now
         return self.get(project_id)
 
     def active_projects(self) -> list[str]:
@@ -207,3 +215,9 @@ class ProjectLifecycle:
             self.orchestrator.stop(project_id)
         except Exception:
             logger.exception("project %s: stopping its services failed", project_id)
+        record = self.store.get_project(project_id)
+        if record is None or record.status.is_terminal:
+            try:
+                self.credentials.revoke(project_id)
+            except Exception:
+                logger.exception("project %s: revoking its credentials failed", project_id)

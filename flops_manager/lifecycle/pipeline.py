@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flops_manager.builds import BuildResult, ProjectBuilder
+from flops_manager.credentials import ProjectCredentials
 from flops_manager.lifecycle import events as ev
 from flops_manager.lifecycle.runner import LifecycleRunner
 from flops_manager.orchestrators.base import (
@@ -42,6 +43,7 @@ class Pipeline:
         workdir: per-project scratch space goes under ``workdir/<project_id>``.
         mqtt_url: broker the services publish their status to.
         mlflow_url: tracking server the aggregator logs to.
+        credentials: issues each service's per-project credentials (default: none).
     """
 
     def __init__(
@@ -52,7 +54,9 @@ class Pipeline:
         workdir: Path,
         mqtt_url: str,
         mlflow_url: str,
+        credentials: ProjectCredentials | None = None,
     ) -> None:
+        self.credentials = credentials or ProjectCredentials.none()
         self.runner = runner
         self.builder = builder
         self.orchestrator = orchestrator
@@ -67,7 +71,9 @@ class Pipeline:
         ``PipelineFailed``. Never raises."""
         outcome: ev.LifecycleEvent
         try:
-            _, sla = self._load(project_id)
+            record, sla = self._load(project_id)
+            if record.status is not ProjectStatus.BUILDING:
+                return  # cancelled while it waited for a build worker
             env = self.builder.build(project_id, sla, self.workdir / project_id / "build")
             with self._lock:
                 self._built[project_id] = env
@@ -145,7 +151,12 @@ class Pipeline:
             env_vars.SLA: json.dumps(sla.model_dump(mode="json")),
         }
         by_id = {str(n["node_id"]): n for n in registered}
-        aggregator_env = dict(aggregating)
+        issued = self.credentials
+        project_id = record.project_id
+        aggregator_env = {
+            **aggregating,
+            **issued.aggregator(project_id, AGGREGATOR_SERVICE, cluster=False),
+        }
         if record.hierarchical:
             aggregator_env[env_vars.AGGREGATOR_ROLE] = AggregatorRole.ROOT.value
             aggregator_env[env_vars.CLUSTERS] = ",".join(c.name for c in record.clusters)
@@ -163,6 +174,7 @@ class Pipeline:
                     module="aggregator",
                     env={
                         **aggregating,
+                        **issued.aggregator(project_id, cluster.service, cluster=True),
                         env_vars.AGGREGATOR_ROLE: AggregatorRole.CLUSTER.value,
                         env_vars.CLUSTER: cluster.name,
                         env_vars.LEARNERS: ",".join(cluster.nodes),
@@ -178,12 +190,14 @@ class Pipeline:
             if node is None:
                 raise NodeGone(node_id)
             cluster_record = record.cluster_of(learner_service(node_id))
+            tags = list(sla.training_configuration.data_tags)
             services.append(
                 ServiceSpec(
                     name=learner_service(node_id),
                     module="learner",
                     env={
                         **common,
+                        **issued.learner(project_id, learner_service(node_id), node, tags),
                         env_vars.DATA_SERVER: node["data_server"],
                         env_vars.DATA_TAGS: ",".join(sla.training_configuration.data_tags),
                         env_vars.LEARNER_NAME: node_id,

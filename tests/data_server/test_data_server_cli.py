@@ -5,17 +5,21 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pyarrow as pa
 import pytest
 from waiting import wait_until
 
+from data_server.main import newest_credential
 from data_server.registration import NodeRegistrar, node_architecture, registration_payload
+from data_server.security import owner_credentials
 from data_server.server import DataServer
 from flops_utils.contract.exit_codes import ExitCode
 from flops_utils.data_client import DataClient
@@ -135,7 +139,8 @@ def test_cli_registers_retries_reports_new_tags_and_stops_on_sigterm(
         # Execute
         assert wait_for_port("127.0.0.1", port, START_TIMEOUT_S), log.read_text()
         retried = manager.wait_for_count(2, START_TIMEOUT_S)[1]
-        with DataClient(f"grpc://127.0.0.1:{port}") as client:
+        token, cert = owner_credentials(tmp_path / "data")
+        with DataClient(f"grpc+tls://127.0.0.1:{port}", token=token, tls_root_certs=cert) as client:
             client.put_table("mnist", pa.table({"label": list(range(42))}))
         with_tags = manager.wait_for(lambda body: body["tags"] == {"mnist": 42}, START_TIMEOUT_S)
     finally:
@@ -146,21 +151,31 @@ def test_cli_registers_retries_reports_new_tags_and_stops_on_sigterm(
     assert retried == {
         "path": "/api/flops/nodes",
         "node_id": "edge-1",
-        "data_server": f"grpc://127.0.0.1:{port}",
+        "data_server": f"grpc+tls://127.0.0.1:{port}",
         "architecture": node_architecture(),
         "cluster": "lab",
         "tags": {},
+        "data_server_cert": cert,
     }
     assert with_tags["node_id"] == "edge-1"
     assert "will retry" in log.read_text()
     assert (tmp_path / "data" / "mnist.parquet").is_file()
 
 
-def test_cli_serves_without_a_manager_and_stops_on_sigint(tmp_path: Path) -> None:
+def test_cli_insecure_serves_plain_grpc_without_a_manager_and_stops_on_sigint(
+    tmp_path: Path,
+) -> None:
     port = find_free_port()
     log = tmp_path / "server.log"
     process = start_cli(
-        "--data-dir", str(tmp_path / "data"), "--port", str(port), "--node-id", "n", log=log
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--port",
+        str(port),
+        "--node-id",
+        "n",
+        "--insecure",
+        log=log,
     )
     try:
         assert wait_for_port("127.0.0.1", port, START_TIMEOUT_S), log.read_text()
@@ -172,6 +187,8 @@ def test_cli_serves_without_a_manager_and_stops_on_sigint(tmp_path: Path) -> Non
         stop(process)
 
     assert code == 0, log.read_text()
+    assert "security is off" in log.read_text()
+    assert not (tmp_path / "data" / ".security").exists()
 
 
 def test_cli_exits_10_when_the_port_is_taken(tmp_path: Path) -> None:
@@ -258,3 +275,17 @@ def test_registrar_reports_failure_without_raising_and_succeeds_later(
     assert alive_ok is True and alive.successes == 1
     assert manager.posts[-1]["architecture"] == "linux/arm64"
     assert manager.posts[-1]["tags"] == {"a": 1}
+
+
+def test_the_newest_node_credential_is_used_at_start() -> None:
+    def credential(issued_s: float) -> str:
+        claims = {"sub": "n", "iat": int(issued_s), "exp": int(issued_s) + 3600}
+        return jwt.encode(claims, "k" * 32, algorithm="HS256")
+
+    now = time.time()
+    older, newer = credential(now - 60), credential(now)
+
+    assert newest_credential(None, older) == older
+    assert newest_credential(older, newer) == newer  # e.g. issued by a new manager
+    assert newest_credential(newer, older) == newer  # the refreshed one kept on the node
+    assert newest_credential(newer, "admin-token") == newer

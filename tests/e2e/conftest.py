@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from flow_testing import MockNodes
+from mqtt_testing import manager_mqtt
 
 from flops_manager.auth import read_api_token
 from flops_manager.broker import MosquittoBroker
@@ -28,7 +29,7 @@ def manager_config(
     return ManagerConfig(
         home=Path(tmp_path_factory.mktemp("flops-home")),
         port=0,
-        mqtt_url=mqtt_broker.url,
+        **manager_mqtt(mqtt_broker),
         mlflow_url=mlflow_server.url,
     )
 

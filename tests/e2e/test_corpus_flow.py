@@ -22,7 +22,6 @@ from flops_manager.client import ManagerClient
 from flops_manager.config import ManagerConfig
 from flops_manager.demo import local_nodes, run_project
 from flops_manager.suite import ManagerSuite
-from flops_utils.data_client import DataClient
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
 TAG = "mnist-corpus"
@@ -62,7 +61,7 @@ def client(
         with local_nodes(2, Path(tmp_path_factory.mktemp("nodes")), suite.url, token) as nodes:
             table = mnist_table()
             for index, node in enumerate(nodes):
-                with DataClient(node.location) as data:
+                with node.client() as data:
                     data.put_table(TAG, table.slice(index * SHARD_ROWS, SHARD_ROWS))
             api.wait_for_nodes(2, timeout_s=60, tag=TAG)
             yield api

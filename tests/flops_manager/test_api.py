@@ -11,6 +11,7 @@ import jsonschema_rs
 import pytest
 import requests
 from flask.testing import FlaskClient
+from mqtt_testing import manager_mqtt
 from waiting import wait_until
 from werkzeug.test import TestResponse
 
@@ -52,7 +53,7 @@ def suite(
     tmp_path_factory: pytest.TempPathFactory, mqtt_broker: MosquittoBroker
 ) -> Iterator[ManagerSuite]:
     home = Path(tmp_path_factory.mktemp("manager"))
-    config = ManagerConfig(home=home, port=0, mqtt_url=mqtt_broker.url, mlflow_url=UNUSED_MLFLOW)
+    config = ManagerConfig(home=home, port=0, **manager_mqtt(mqtt_broker), mlflow_url=UNUSED_MLFLOW)
     with ManagerSuite(config) as running:
         yield running
 

@@ -19,6 +19,7 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from mqtt_testing import manager_mqtt
 from schemathesis.core.result import Ok
 from schemathesis.schemas import BaseSchema
 from waiting import wait_until
@@ -38,7 +39,7 @@ def served(
 ) -> Iterator[ManagerSuite]:
     home = Path(tmp_path_factory.mktemp("manager-schema"))
     config = ManagerConfig(
-        home=home, port=0, mqtt_url=mqtt_broker.url, mlflow_url="http://127.0.0.1:9"
+        home=home, port=0, **manager_mqtt(mqtt_broker), mlflow_url="http://127.0.0.1:9"
     )
     with ManagerSuite(config) as suite:
         yield suite
@@ -71,7 +72,7 @@ def test_every_operation_answers_as_documented(served: ManagerSuite) -> None:
         check()
 
     assert len(sent) >= MIN_REQUESTS, f"only {len(sent)} generated requests"
-    assert len(set(sent)) == 10, f"operations covered: {sorted(set(sent))}"
+    assert len(set(sent)) == 11, f"operations covered: {sorted(set(sent))}"
 
 
 def test_a_real_project_is_sent_exactly_as_documented(served: ManagerSuite) -> None:

@@ -10,6 +10,7 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from mqtt_testing import manager_mqtt
 
 from flops_manager.auth import (
     ApiTokenAuth,
@@ -22,7 +23,7 @@ from flops_manager.config import ManagerConfig
 from flops_manager.errors import ConfigurationError
 from flops_manager.suite import ManagerSuite
 
-UNCLONABLE = "file:///nonexistent/repo.git"
+UNCLONABLE = "https://127.0.0.1:9/none.git"  # a customer may not name a local path
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +49,10 @@ def base_url(
     config = ManagerConfig(
         home=home,
         port=0,
-        mqtt_url=mqtt_broker.url,
+        **manager_mqtt(mqtt_broker),
         mlflow_url="http://127.0.0.1:9",
         auth="oakestra",
+        insecure=frozenset({"local"}),  # many customers on the local orchestrator: a test
         jwt_public_key_file=str(public_key),
     )
     with ManagerSuite(config) as suite:
@@ -67,7 +69,7 @@ def oakestra_token(
     """An access token as Oakestra's system manager issues it (RS256, 10 minutes), issued
     now or at ``issued_at_s`` (seconds since the epoch)."""
     now = int(time.time() if issued_at_s is None else issued_at_s)
-    claims = {"sub": sub, "roles": roles, "iat": now, "exp": now + int(ttl_s)}
+    claims = {"sub": sub, "roles": roles, "type": "access", "iat": now, "exp": now + int(ttl_s)}
     return jwt.encode(claims, key, algorithm="RS256")
 
 

@@ -362,7 +362,7 @@ def test_restarted_broker_delivers_messages_queued_for_a_persistent_session(
     # Prepare: a persistent subscriber that goes away; a message for it; the broker restarts.
     port = find_free_port()
     received: list[bytes] = []
-    with MosquittoBroker(tmp_path, port=port) as broker:
+    with MosquittoBroker(tmp_path, port=port, anonymous=True) as broker:
         _session(broker.port, received).disconnect()
         publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="publisher")
         publisher.connect("127.0.0.1", port)
@@ -372,7 +372,7 @@ def test_restarted_broker_delivers_messages_queued_for_a_persistent_session(
         publisher.loop_stop()
 
     # Execute
-    with MosquittoBroker(tmp_path, port=port) as broker:
+    with MosquittoBroker(tmp_path, port=port, anonymous=True) as broker:
         subscriber = _session(broker.port, received)
         deadline = time.monotonic() + 5
         while not received and time.monotonic() < deadline:

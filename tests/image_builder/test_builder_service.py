@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from builder_testing import copy_example
-from mqtt_testing import MqttRecorder
+from mqtt_testing import MqttRecorder, manager_mqtt
 from waiting import wait_until
 
 from flops_manager.broker import MosquittoBroker
@@ -285,7 +285,7 @@ def test_local_orchestrator_refuses_the_oci_builder_at_start(
     config = ManagerConfig(
         home=tmp_path,
         port=0,
-        mqtt_url=mqtt_broker.url,
+        **manager_mqtt(mqtt_broker),
         mlflow_url=mlflow_server.url,
         builder="oci",
         registry="127.0.0.1:5000",

@@ -247,3 +247,24 @@ def test_tables_without_metadata_get_inferred_features() -> None:
     dataset = table_to_dataset(pa.table({"x": pa.array([1, 2], pa.int32())}))
 
     assert dataset.features == datasets.Features({"x": datasets.Value("int32")})
+
+
+def test_a_certificate_switches_to_tls_and_the_env_supplies_the_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from data_server.security import DataServerSecurity
+
+    security = DataServerSecurity.load(tmp_path / "node", "node-1", ["127.0.0.1"])
+    with DataServer(tmp_path / "node", security=security) as secure:
+        plain_location = secure.location.replace("grpc+tls://", "grpc://")
+        monkeypatch.setenv(env_vars.DATA_TOKEN, security.owner_token)
+        monkeypatch.setenv(env_vars.DATA_SERVER_CERT, security.cert_pem)
+        with DataClient(plain_location) as from_env:
+            stored = from_env.put_table("numbers", pa.table({"x": [1, 2, 3]}))
+            location = from_env.location
+        without_env = DataClient(secure.location, token="", tls_root_certs="")
+        with without_env, pytest.raises(DataServerUnavailable, match="FLOPS_DATA_SERVER_CERT"):
+            without_env.list_tags()
+
+    assert stored == 3
+    assert location == secure.location

@@ -15,6 +15,13 @@ Wire protocol (shared with ``data_server.server``): descriptor ``FlightDescripto
 ``{tag: rows}``) and ``drop`` (body = tag, result JSON ``{"tag", "dropped"}``). User errors
 travel as ``FlightServerError`` whose ``extra_info`` is JSON ``{"code", "message", "details"}``.
 
+Security (``data_server.security``): a secure data server speaks TLS with a self-signed
+certificate, which the client trusts as its only root (``tls_root_certs``; the manager gives
+learners the certificate the node registered, ``$FLOPS_DATA_SERVER_CERT``), and wants
+``authorization: Bearer <token>`` on every call (a learner's read token from the manager,
+``$FLOPS_DATA_TOKEN``, or the node owner's credential). Refusals raise
+:class:`DataAccessDenied`.
+
 How features survive storage and transfer: HuggingFace features live in the Arrow schema
 metadata key ``huggingface``. Extension types (``Array2D`` is one, registered by ``datasets``)
 are replaced by their plain storage types before a table is sent or stored
@@ -101,6 +108,12 @@ class InvalidDataTable(DataPlaneError):
     code = "invalid_data_table"
 
 
+class DataAccessDenied(DataPlaneError):
+    """The data server refused the call: no, an invalid, an expired or a too narrow token."""
+
+    code = "data_access_denied"
+
+
 class IncompatibleDataTags(DataPlaneError):
     """The tables of several requested tags have different features and cannot be joined."""
 
@@ -117,6 +130,7 @@ ERRORS_BY_CODE: dict[str, type[DataPlaneError]] = {
         DataTagsNotFound,
         InvalidDataTable,
         IncompatibleDataTags,
+        DataAccessDenied,
     )
 }
 """Error ``code`` → exception class; the server sends codes, the client raises the class."""
@@ -165,6 +179,11 @@ def normalize_location(location: str) -> str:
     Accepted schemes: ``grpc``, ``grpc+tcp``, ``grpc+tls``. Raises :class:`DataConfigError`
     for anything else or a missing port.
     """
+    return _parse_location(location)[0]
+
+
+def _parse_location(location: str) -> tuple[str, str, str]:
+    """``(normalized location, scheme, host)``; see :func:`normalize_location`."""
     text = location.strip() if isinstance(location, str) else ""
     if text and "://" not in text:
         text = f"grpc://{text}"
@@ -176,7 +195,14 @@ def normalize_location(location: str) -> str:
             f"Data server location {location!r} is not of the form grpc://HOST:PORT. "
             f"Fix ${env_vars.DATA_SERVER} or the node's registered data server address."
         )
-    return text.rstrip("/")
+    return text.rstrip("/"), match.group(1), match.group(2).strip("[]")
+
+
+def _env_or(value: str | None, name: str) -> str | None:
+    """``value``, or when it is ``None`` the non-empty environment variable ``name``."""
+    if value is not None:
+        return value or None
+    return os.environ.get(name, "").strip() or None
 
 
 def _strip_extension_metadata(metadata: dict[bytes, bytes] | None) -> dict[bytes, bytes] | None:
@@ -285,9 +311,17 @@ class DataClient:
     """A connection to one node's Arrow Flight data server.
 
     Args:
-        location: ``grpc://HOST:PORT`` (``HOST:PORT`` is accepted too).
+        location: ``grpc://HOST:PORT`` (``HOST:PORT`` is accepted too); ``grpc+tls://`` for
+            TLS (also used whenever ``tls_root_certs`` is set).
         timeout_s: seconds a metadata call may take. Defaults to 30.
         transfer_timeout_s: seconds one table upload or download may take. Defaults to 600.
+        token: the bearer credential sent with every call (a data token or the node owner's
+            credential). ``None``: ``$FLOPS_DATA_TOKEN`` if set, else none; ``""``: none.
+        tls_root_certs: PEM certificate(s) the server's certificate must chain to (the node's
+            registered certificate). ``None``: ``$FLOPS_DATA_SERVER_CERT`` if set, else the
+            system's roots for ``grpc+tls`` and plain gRPC otherwise; ``""``: not from env.
+        override_hostname: the name to check the server's certificate against instead of the
+            location's host.
 
     Every method raises :class:`DataServerUnavailable` (naming the address) when no server
     answers, :class:`InvalidDataTag` for a malformed tag, and another :class:`DataPlaneError`
@@ -299,15 +333,28 @@ class DataClient:
         location: str,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S,
+        token: str | None = None,
+        tls_root_certs: str | None = None,
+        override_hostname: str | None = None,
     ) -> None:
         import pyarrow.flight as flight
 
-        self.location = normalize_location(location)
+        self.location, scheme, _ = _parse_location(location)
+        root_certs = _env_or(tls_root_certs, env_vars.DATA_SERVER_CERT)
+        if root_certs and scheme != "grpc+tls":
+            self.location = "grpc+tls://" + self.location.split("://", 1)[1]
         self.timeout_s = timeout_s
         self.transfer_timeout_s = transfer_timeout_s
         self._flight = flight
+        credential = _env_or(token, env_vars.DATA_TOKEN)
+        self._headers = [(b"authorization", f"Bearer {credential}".encode())] if credential else []
+        tls: dict[str, Any] = {}
+        if root_certs:
+            tls["tls_root_certs"] = root_certs.encode()
+        if override_hostname:
+            tls["override_hostname"] = override_hostname
         try:
-            self._client = flight.connect(self.location)
+            self._client = flight.connect(self.location, **tls)
         except Exception as exc:  # pyarrow raises ArrowInvalid & co for a bad URI
             raise DataConfigError(
                 f"Cannot use data server location {self.location!r}: {_first_line(exc)}. "
@@ -326,7 +373,7 @@ class DataClient:
 
     def _options(self, transfer: bool = False) -> Any:
         timeout = self.transfer_timeout_s if transfer else self.timeout_s
-        return self._flight.FlightCallOptions(timeout=timeout)
+        return self._flight.FlightCallOptions(timeout=timeout, headers=self._headers)
 
     @contextmanager
     def _translated(self, what: str) -> Iterator[None]:
@@ -340,6 +387,11 @@ class DataClient:
             raise
         except flight.FlightServerError as exc:
             raise self._server_error(exc, what) from exc
+        except (flight.FlightUnauthenticatedError, flight.FlightUnauthorizedError) as exc:
+            raise DataAccessDenied(
+                f"The data server at {self.location} refused to {what}: {_first_line(exc)}",
+                details=[{"location": self.location}],
+            ) from exc
         except (flight.FlightUnavailableError, flight.FlightTimedOutError) as exc:
             reason = (
                 f"it did not answer within the timeout ({_first_line(exc)})"
@@ -348,7 +400,8 @@ class DataClient:
             )
             raise DataServerUnavailable(
                 f"Cannot reach the data server at {self.location} to {what}: {reason}. "
-                "Check that flops-data-server runs there and the address is right.",
+                "Check that flops-data-server runs there and the address is right (a secure "
+                f"data server needs TLS with its certificate, ${env_vars.DATA_SERVER_CERT}).",
                 details=[{"location": self.location}],
             ) from exc
         except (pa.ArrowException, OSError) as exc:

@@ -64,6 +64,39 @@ CONNECT_TIMEOUT_S = "FLOPS_CONNECT_TIMEOUT_S"
 """Optional. Seconds a learner keeps trying to reach its aggregator, and an aggregator waits
 for ``min_available_clients`` learners to connect. Defaults: learner 60, aggregator 300."""
 
+# -- per-project credentials the manager issues to a project's services (docs/security.md) -----
+
+MQTT_USERNAME = "FLOPS_MQTT_USERNAME"
+"""Optional. The service's MQTT user name (issued per project and service by the manager;
+the broker lets it publish only its own project's, own component's status topics). Unset:
+connect anonymously (a broker with authentication refuses that)."""
+
+MQTT_PASSWORD = "FLOPS_MQTT_PASSWORD"
+"""The password of :data:`MQTT_USERNAME`."""
+
+TLS_CA_CERT = "FLOPS_TLS_CA_CERT"
+"""Optional. PEM of the project's certificate authority (issued by the manager): learners and
+cluster aggregators verify their aggregator's certificate with it. Unset: plain gRPC."""
+
+TLS_CERT = "FLOPS_TLS_CERT"
+"""Aggregators only, optional: PEM certificate chain of the aggregator's Flower server, signed
+by :data:`TLS_CA_CERT`'s authority. Unset: the aggregator serves plain gRPC."""
+
+TLS_KEY = "FLOPS_TLS_KEY"
+"""Aggregators only: PEM private key of :data:`TLS_CERT`."""
+
+FLOWER_TOKEN = "FLOPS_FLOWER_TOKEN"
+"""Optional. The project's Flower client secret: aggregators accept only Flower clients that
+send it, learners and cluster aggregators send it. Unset: no client authentication."""
+
+DATA_TOKEN = "FLOPS_DATA_TOKEN"
+"""Learners only, optional: the read-only token (signed by the manager, scoped to the project,
+the node and the SLA's data tags) the learner presents to its node's data server."""
+
+DATA_SERVER_CERT = "FLOPS_DATA_SERVER_CERT"
+"""Learners only, optional: PEM certificate of the node's data server (registered by it), which
+the learner trusts for the TLS connection. Unset: plain gRPC to the data server."""
+
 MANAGER_TOKEN = "FLOPS_MANAGER_TOKEN"
 """The manager's API token, for processes that call its REST API (e.g. a data server
 registering its node)."""

@@ -107,6 +107,20 @@ def _remote_error(exc_type: str, message: str) -> RemoteUserCodeError:
     return cls(message)
 
 
+SERVICE_SECRETS = frozenset(
+    {
+        env_vars.MQTT_USERNAME,
+        env_vars.MQTT_PASSWORD,
+        env_vars.TLS_KEY,
+        env_vars.FLOWER_TOKEN,
+        env_vars.MANAGER_TOKEN,
+    }
+)
+"""Credentials of the learner or aggregator that the repository's code in the worker never
+sees: it cannot publish the service's status or join the federation as another client. The
+data token stays: ``load_dataset()`` reads the node's data with it."""
+
+
 class ModelWorker(ModelManagerTemplate):
     """The repository's ``ModelManager`` in a worker process; use as a context manager.
 
@@ -114,8 +128,9 @@ class ModelWorker(ModelManagerTemplate):
         repo_dir: the ML repository root (the worker imports ``model_manager`` from it).
         python: the interpreter of the repository's environment; default
             ``$FLOPS_USER_PYTHON``, else this interpreter.
-        env: the worker's environment (default: this process's); ``FLOPS_DATA_*`` reach
-            ``load_dataset()`` through it.
+        env: the worker's environment (default: this process's) without the service's own
+            credentials (:data:`SERVICE_SECRETS`); ``FLOPS_DATA_*`` reach ``load_dataset()``
+            through it.
         start_timeout_s: seconds for the worker to start and instantiate ``ModelManager``.
 
     :meth:`start` (called by ``__enter__``) starts the worker and instantiates the user's
@@ -133,7 +148,8 @@ class ModelWorker(ModelManagerTemplate):
     ) -> None:
         self.repo_dir = Path(repo_dir)
         self.python = str(python or os.environ.get(env_vars.USER_PYTHON) or sys.executable)
-        self.env = dict(os.environ if env is None else env)
+        given = os.environ if env is None else env
+        self.env = {k: v for k, v in given.items() if k not in SERVICE_SECRETS}
         self.start_timeout_s = start_timeout_s
         self.facts: dict[str, Any] = {}
         self._process: subprocess.Popen[bytes] | None = None

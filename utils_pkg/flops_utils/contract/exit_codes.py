@@ -160,6 +160,7 @@ ERROR_EXIT_CODES: dict[str, ExitCode] = {
     "image_builder_config_error": ExitCode.CONFIG_ERROR,
     "model_worker_start_error": ExitCode.CONFIG_ERROR,
     "invalid_manager_url": ExitCode.CONFIG_ERROR,
+    "mqtt_connection_refused": ExitCode.CONFIG_ERROR,
     "data_storage_error": ExitCode.CONFIG_ERROR,
     "aggregator_unreachable": ExitCode.AGGREGATOR_UNREACHABLE,
     "root_aggregator_unreachable": ExitCode.AGGREGATOR_UNREACHABLE,
