@@ -156,13 +156,14 @@ class NodeRegistration(_Body):
 
 
 class Node(_View):
-    """A registered worker node; ``last_seen`` in seconds since the epoch."""
+    """A registered worker node; ``last_seen`` in seconds since the epoch. Where it can be
+    reached (``data_server``, ``hostname``) is the admin's to know: ``null`` for customers."""
 
     node_id: str
-    data_server: str
+    data_server: str | None
     architecture: Platform
     cluster: str
-    hostname: str
+    hostname: str | None
     tags: dict[str, int]
     last_seen: float
 
@@ -180,12 +181,14 @@ class NodeList(_View):
     nodes: list[Node]
 
 
-def node_view(node: dict[str, Any]) -> Node:
+def node_view(node: dict[str, Any], admin: bool = True) -> Node:
     """The API view of a stored node document (its store keys such as ``_id`` left out;
-    ``hostname`` defaults to the node id). Raises ``pydantic.ValidationError`` for a document
-    missing a field of :class:`Node`."""
+    ``hostname`` defaults to the node id); without ``admin``, its address fields are ``None``.
+    Raises ``pydantic.ValidationError`` for a document missing a field of :class:`Node`."""
     fields = {k: v for k, v in node.items() if k in Node.model_fields}
     fields["hostname"] = fields.get("hostname") or node.get("node_id")
+    if not admin:
+        fields.update(data_server=None, hostname=None)
     return Node.model_validate(fields)
 
 

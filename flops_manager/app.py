@@ -379,10 +379,11 @@ def create_app(
 
     @api.get("/nodes", tags=[nodes_tag], responses={200: NodeList})
     def list_nodes() -> dict[str, Any]:
-        """Every registered node with its data server, architecture, cluster, hostname and
-        tags."""
+        """Every registered node with its architecture, cluster and tags; the admin also
+        gets where each is reached (data server, hostname)."""
+        admin = caller().admin
         nodes = store.list_nodes()
-        return {"nodes": [node_view(n).model_dump(mode="json") for n in nodes]}
+        return {"nodes": [node_view(n, admin).model_dump(mode="json") for n in nodes]}
 
     @api.delete("/nodes/<node_id>", tags=[nodes_tag], responses={200: NodeDeleted})
     def delete_node(path: NodePath) -> dict[str, Any]:

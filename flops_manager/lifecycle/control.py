@@ -22,6 +22,7 @@ from flops_manager.lifecycle.pipeline import Pipeline
 from flops_manager.lifecycle.post_training import PostTraining
 from flops_manager.lifecycle.recovery import RestartRecovery
 from flops_manager.lifecycle.runner import Ack, LifecycleRunner
+from flops_manager.lifecycle.scheduling import FairQueue
 from flops_manager.orchestrators.base import Orchestrator
 from flops_manager.records import ProjectRecord
 from flops_manager.sla import ProjectSLA
@@ -29,6 +30,9 @@ from flops_manager.store import ProjectStore
 from flops_utils.contract.lifecycle import ACTIVE
 from flops_utils.logging import logger
 from flops_utils.mqtt_topics import ParsedTopic
+
+BUILDS_PER_CUSTOMER = 2
+"""Default for the most builds of one customer running at the same time."""
 
 AGGREGATOR_EXIT_GRACE_S = 5.0
 """Seconds to wait for a service's final status message after it exited with code 0 or with
@@ -50,6 +54,8 @@ class ProjectLifecycle:
             with code 0 or an unknown code. Defaults to :data:`AGGREGATOR_EXIT_GRACE_S`.
         credentials: issues each service's per-project credentials and revokes them when the
             project ends; default: none (every control off, for component tests).
+        builds_per_customer: the most builds of one customer running at the same time; the
+            ``max_workers`` build workers serve customers in turn (:class:`FairQueue`).
     """
 
     def __init__(
@@ -63,6 +69,7 @@ class ProjectLifecycle:
         max_workers: int = 4,
         exit_grace_s: float = AGGREGATOR_EXIT_GRACE_S,
         credentials: ProjectCredentials | None = None,
+        builds_per_customer: int = BUILDS_PER_CUSTOMER,
     ) -> None:
         self.store = store
         self.builder = builder
@@ -76,6 +83,7 @@ class ProjectLifecycle:
         self.post_training = PostTraining(self.runner, builder, orchestrator, workdir, mlflow_url)
         self.recovery = RestartRecovery(self.runner, orchestrator)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="project")
+        self.builds = FairQueue(max_workers, min(builds_per_customer, max_workers))
         self._closing = threading.Event()
 
     # -- the API's requests ----------------------------------------------------------------
@@ -163,6 +171,7 @@ class ProjectLifecycle:
         finishes in its thread without moving on: the next manager process resumes both."""
         self._closing.set()
         self.runner.close()
+        self.builds.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def fail_unfinished(self, reason: str) -> list[str]:
@@ -185,7 +194,9 @@ class ProjectLifecycle:
 
     def _execute_one(self, project_id: str, action: act.Action) -> None:
         if isinstance(action, act.StartBuild):
-            self._submit(self.pipeline.build, project_id)
+            record = self.store.get_project(project_id)
+            customer = record.customer_id if record is not None else ""
+            self.builds.submit(customer, lambda: self.pipeline.build(project_id))
         elif isinstance(action, act.Deploy):
             self._submit(self.pipeline.deploy, project_id)
         elif isinstance(action, act.RunPostTraining):

@@ -274,3 +274,53 @@ def test_many_customers_on_the_local_orchestrator_are_refused(tmp_path: Path) ->
     with pytest.raises(ConfigurationError, match="FLOPS_ORCHESTRATOR=oakestra"):
         ManagerSuite(config).start()
     assert not (tmp_path / "home").exists()  # refused before anything was created
+
+
+def _customer_token(key: rsa.RSAPrivateKey, customer: str) -> str:
+    now = int(time.time())
+    claims = {"sub": customer, "roles": ["USER"], "type": "access", "iat": now, "exp": now + 600}
+    return jwt.encode(claims, key, algorithm="RS256")
+
+
+def test_customers_never_learn_node_addresses(
+    oakestra_api_url: str, oakestra_key: rsa.RSAPrivateKey
+) -> None:
+    admin = Api(oakestra_api_url, _oakestra_token(oakestra_key, "access"))
+    alice = Api(oakestra_api_url, _customer_token(oakestra_key, "alice"))
+    address = "grpc://10.1.2.3:8815"
+    node = {"node_id": "edge-9", "data_server": address, "hostname": "worker-9", "tags": {"x": 1}}
+    assert admin("POST", "/nodes", json=node).status_code == 200
+    too_many = {
+        "customerID": "alice",
+        "ml_repo_url": "https://127.0.0.1:9/none.git",
+        "training_configuration": {"data_tags": ["x"], "min_available_clients": 5},
+    }
+
+    listed = alice("GET", "/nodes")
+    refused = alice("POST", "/projects", json=too_many)
+
+    assert listed.status_code == 200
+    assert {n["node_id"] for n in listed.json()["nodes"]} >= {"edge-9"}
+    assert refused.status_code == 409
+    for answer in (listed, refused):
+        assert address not in answer.text and "10.1.2.3" not in answer.text
+        assert "worker-9" not in answer.text
+    assert address in admin("GET", "/nodes").text
+
+
+@pytest.mark.parametrize("url", ["/proc/self/root/etc", "file:///etc", "./examples/x"])
+def test_a_customer_cannot_build_from_a_manager_directory(
+    oakestra_api_url: str, oakestra_key: rsa.RSAPrivateKey, url: str
+) -> None:
+    alice = Api(oakestra_api_url, _customer_token(oakestra_key, "alice"))
+    body = {
+        "customerID": "alice",
+        "ml_repo_url": url,
+        "training_configuration": {"data_tags": ["x"]},
+    }
+
+    refused = alice("POST", "/projects", json=body)
+
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"] == "ml_repo_url_not_allowed"
+    assert alice("GET", "/projects").json()["total"] == 0
