@@ -5,7 +5,10 @@ connections) send requests for a fixed time per scenario. Scenarios:
 
 - ``GET /api/flops/projects/{id}`` of one stored project (with its event log);
 - ``GET /api/flops/projects`` (first page of 50) with 1000 stored projects;
-- ``POST /api/flops/projects`` with an invalid SLA (rejected with 422).
+- ``POST /api/flops/projects`` with an invalid SLA (rejected with 422);
+- ``GET /api/flops/projects/{id}`` again while ``FOLLOWERS`` clients follow the event stream
+  of a project that is building (its repository on a local git server that never answers),
+  FLOps only (the baseline has no event stream). Goal: p99 ≤ 100 ms with 100 followers.
 
 The baseline serves the same JSON bodies from memory with no validation, auth or store. Prints
 requests/s, p50 and p99 latency (ms) for both and the ratio of throughputs. Goal: p99 ≤ 50 ms at
@@ -15,9 +18,11 @@ Usage: ``uv run python benchmarks/api_load.py [--clients 32] [--seconds 5]``.
 """
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +38,7 @@ from flops_utils.contract.lifecycle import ProjectStatus
 from flops_utils.net import find_free_port, wait_for_port
 from flops_utils.processes import stop_process_groups
 
+FOLLOWERS = 100
 PROJECTS = 1000
 EVENTS_PER_PROJECT = 12
 INVALID_SLA = json.dumps({"ml_repo_url": "x", "training_configuration": {"training_rounds": 0}})
@@ -89,6 +95,74 @@ def fill_store(home: Path) -> str:
         )
     store.close()
     return project_id
+
+
+def silent_git_server() -> tuple[str, socket.socket]:
+    """A git URL on a loopback server that accepts connections and never answers (a build
+    from it stays in ``building`` until git's low-speed limit, 30 s); close the socket to
+    stop it."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    return f"http://127.0.0.1:{server.getsockname()[1]}/silent.git", server
+
+
+def follow(port: int, path: str, token: str, stop: threading.Event) -> int:
+    """Follow the event stream at ``path`` until ``stop``; returns the HTTP status."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+    response = connection.getresponse()
+    if response.status == 200:
+
+        def close_when_stopped() -> None:
+            stop.wait()
+            connection.close()
+
+        threading.Thread(target=close_when_stopped, daemon=True).start()
+    else:
+        response.read()
+        connection.close()
+    return response.status
+
+
+def with_followers(
+    port: int, token: str, path: str, seconds: float
+) -> tuple[dict[str, float], int]:
+    """``load`` of ``GET path`` by 32 clients while ``FOLLOWERS`` clients follow the events
+    of a project building from a silent git server; returns the load and how many followers
+    were accepted (the rest got 429)."""
+    url, server = silent_git_server()
+    sla = json.dumps(
+        {"ml_repo_url": url, "ml_model_flavor": "sklearn", "training_configuration": {}}
+    )
+    node = json.dumps(
+        {"node_id": "bench-node", "data_server": "grpc://127.0.0.1:9", "tags": {"mnist": 9}}
+    )
+    fetch(port, "POST", "/api/flops/nodes", token, node)
+    building = json.loads(fetch(port, "POST", "/api/flops/projects", token, sla))["project_id"]
+    stop = threading.Event()
+    statuses: list[int] = []
+    events = f"/api/flops/projects/{building}/events?follow=1"
+    workers = [
+        threading.Thread(target=lambda: statuses.append(follow(port, events, token, stop)))
+        for _ in range(FOLLOWERS)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    try:
+        measured = load(port, "GET", path, None, token, 32, seconds)
+    finally:
+        stop.set()
+        server.close()
+    return measured, statuses.count(200)
 
 
 def start(command: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
@@ -174,8 +248,8 @@ def main() -> None:
             ("POST /projects rejected", "POST", "/api/flops/projects", INVALID_SLA),
         ]
         bodies = [fetch(manager_port, m, p, token, b) for _, m, p, b in scenarios]
-        for index, body in enumerate(bodies):
-            (home / f"body{index}.json").write_bytes(body)
+        for index, answer in enumerate(bodies):
+            (home / f"body{index}.json").write_bytes(answer)
         baseline = start(
             [sys.executable, "-c", BASELINE_APP, str(baseline_port)]
             + [str(home / f"body{i}.json") for i in range(3)],
@@ -188,6 +262,7 @@ def main() -> None:
                 ours = load(manager_port, method, path, body, token, args.clients, args.seconds)
                 base = load(baseline_port, method, path, body, token, args.clients, args.seconds)
                 results.append((name, ours, base))
+            followed, accepted = with_followers(manager_port, token, scenarios[0][2], args.seconds)
         finally:
             stop_process_groups([manager, baseline])
     print(f"{args.clients} concurrent clients, {args.seconds:g} s per scenario and server")
@@ -201,6 +276,13 @@ def main() -> None:
             f"{base['rps']:>13.0f}{base['p50']:>8.1f}{base['p99']:>8.1f}"
             f"{ours['rps'] / base['rps']:>7.2f}"
         )
+    alone = results[0][1]
+    print(
+        f"\nGET /projects/{{id}} while {accepted} of {FOLLOWERS} clients follow an event stream: "
+        f"{followed['rps']:.0f} req/s, p50 {followed['p50']:.1f} ms, p99 {followed['p99']:.1f} ms "
+        f"(without followers: p99 {alone['p99']:.1f} ms; "
+        f"ratio {followed['p99'] / alone['p99']:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ with the traceback repeats, never the traceback itself.
 """
 
 import difflib
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -54,7 +55,14 @@ from flops_manager.auth import (
     bearer_token,
 )
 from flops_manager.data_access import DataAccess
-from flops_manager.errors import INTERNAL_ERROR_STATUS, NotFound, Unprocessable, http_status
+from flops_manager.errors import (
+    INTERNAL_ERROR_STATUS,
+    NotFound,
+    TooManyRequests,
+    Unprocessable,
+    http_status,
+)
+from flops_manager.lifecycle.changes import ProjectChanges
 from flops_manager.projects import ProjectLifecycle
 from flops_manager.records import ProjectRecord
 from flops_manager.sla import ProjectSLA, check_repo_url
@@ -86,8 +94,13 @@ MAX_JSON_DEPTH = 32
 """Deepest nesting of objects/arrays a JSON body may have (an SLA has 3 levels); deeper ones
 get 422 before they are parsed, since Python's JSON parser recurses once per level."""
 
-SSE_POLL_S = 0.25
+SSE_POLL_MAX_S = 2.0
+"""Seconds an event stream sleeps at most between two reads of its project."""
 SSE_HEARTBEAT_S = 15.0
+MAX_FOLLOWERS = 100
+"""Default for the most event streams followed at once (see :class:`Followers`)."""
+FOLLOWERS_PER_CUSTOMER = 16
+"""The most event streams one customer follows at once."""
 SSE_MAX_S = 24 * 3600.0
 
 _ERRORS: dict[str | int | HTTPStatus, type[BaseModel] | dict[Any, Any] | None] = {
@@ -96,6 +109,7 @@ _ERRORS: dict[str | int | HTTPStatus, type[BaseModel] | dict[Any, Any] | None] =
     404: ErrorBody,
     409: ErrorBody,
     422: ErrorBody,
+    429: ErrorBody,
     500: ErrorBody,
     502: ErrorBody,
     503: ErrorBody,
@@ -191,6 +205,7 @@ def create_app(
     authenticator: Authenticator,
     node_credentials: NodeCredentials | None = None,
     data_access: DataAccess | None = None,
+    max_followers: int = MAX_FOLLOWERS,
 ) -> OpenAPI:
     """Build the WSGI app.
 
@@ -203,6 +218,8 @@ def create_app(
             it that route answers 404.
         data_access: the data-token issuer: node registrations get its public key and
             ``POST /mocks`` pushes with its write tokens; ``None`` with ``FLOPS_INSECURE=data``.
+        max_followers: the most event streams followed at once (each holds a worker thread
+            of the server); more get 429.
     """
     app = OpenAPI(
         __name__,
@@ -225,6 +242,7 @@ def create_app(
     admin_tag = Tag(name="admin", description="administration")
 
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    followers = Followers(max_followers, FOLLOWERS_PER_CUSTOMER)
 
     @app.before_request
     def _authenticate() -> Response | None:
@@ -248,6 +266,8 @@ def create_app(
         response = error_response(status, error.code, error.message, error.details)
         if response.status_code == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
+        if response.status_code == 429:
+            response.headers["Retry-After"] = "5"
         return response
 
     @app.errorhandler(HTTPException)
@@ -331,7 +351,10 @@ def create_app(
             events = [e.model_dump(mode="json") for e in project.events]
             return {"project_id": path.project_id, "events": events}
         start = _last_event_id(request.headers.get("Last-Event-ID")) + 1
-        stream = _event_stream(store, path.project_id, max(start, 0))
+        slot = followers.take(caller())
+        stream = _event_stream(
+            store, path.project_id, max(start, 0), lifecycle.runner.changes, slot
+        )
         return Response(
             stream_with_context(stream),
             mimetype="text/event-stream",
@@ -508,22 +531,86 @@ class InvalidLastEventId(Unprocessable):
         )
 
 
-def _event_stream(store: ProjectStore, project_id: str, start: int) -> Iterator[str]:
-    """Server-sent events of the project's log from index ``start``, until it ends."""
-    sent = start
-    began = last_write = time.monotonic()
-    while time.monotonic() - began < SSE_MAX_S:
-        project = store.get_project(project_id)
-        if project is None:
-            return
-        events = project.events
-        for index in range(sent, len(events)):
-            yield f"id: {index}\ndata: {events[index].model_dump_json()}\n\n"
-            last_write = time.monotonic()
-        sent = max(sent, len(events))
-        if project.status.is_terminal:
-            return
-        if time.monotonic() - last_write > SSE_HEARTBEAT_S:
-            yield ": keep-alive\n\n"
-            last_write = time.monotonic()
-        time.sleep(SSE_POLL_S)
+def _event_stream(
+    store: ProjectStore,
+    project_id: str,
+    start: int,
+    changes: ProjectChanges,
+    slot: Callable[[], None],
+) -> Iterator[str]:
+    """Server-sent events of the project's log from index ``start``, until it ends.
+
+    Between changes it sleeps on ``changes`` (no store reads while nothing happens), waking
+    at least every ``SSE_POLL_MAX_S`` seconds (a change persisted by another manager process
+    on a shared store) and writing a comment every ``SSE_HEARTBEAT_S`` seconds. ``slot`` is
+    called once the stream ends (it frees the caller's follower slot)."""
+    try:
+        sent = start
+        began = last_write = time.monotonic()
+        version = changes.version(project_id)
+        while time.monotonic() - began < SSE_MAX_S:
+            project = store.get_project(project_id)
+            if project is None:
+                return
+            events = project.events
+            for index in range(sent, len(events)):
+                yield f"id: {index}\ndata: {events[index].model_dump_json()}\n\n"
+                last_write = time.monotonic()
+            sent = max(sent, len(events))
+            if project.status.is_terminal:
+                return
+            if time.monotonic() - last_write > SSE_HEARTBEAT_S:
+                yield ": keep-alive\n\n"
+                last_write = time.monotonic()
+            version = changes.wait(project_id, version, SSE_POLL_MAX_S)
+    finally:
+        slot()
+
+
+class Followers:
+    """Bounds how many event streams are followed at once: each holds one of the API's
+    worker threads while it lasts, so the others must stay free for every other request.
+
+    Args:
+        total: the most streams at once (the API's threads minus those kept for requests).
+        per_customer: the most streams of one customer at once (the admin: ``total``).
+
+    :meth:`take` raises :class:`TooManyFollowers` (429) past either bound. Thread-safe.
+    """
+
+    def __init__(self, total: int, per_customer: int) -> None:
+        self.total = total
+        self.per_customer = per_customer
+        self._lock = threading.Lock()
+        self._count: dict[str, int] = {}
+
+    def take(self, principal: Principal) -> Callable[[], None]:
+        """Take a slot for ``principal``; returns the function that gives it back (idempotent)."""
+        key = "" if principal.admin else principal.customer
+        limit = self.total if principal.admin else self.per_customer
+        with self._lock:
+            if sum(self._count.values()) >= self.total or self._count.get(key, 0) >= limit:
+                raise TooManyFollowers(limit if self._count.get(key, 0) >= limit else self.total)
+            self._count[key] = self._count.get(key, 0) + 1
+        given_back = threading.Event()
+
+        def give_back() -> None:
+            with self._lock:
+                if given_back.is_set():
+                    return
+                given_back.set()
+                self._count[key] -= 1
+
+        return give_back
+
+
+class TooManyFollowers(TooManyRequests):
+    """More event streams followed at once than the API allows."""
+
+    code = "too_many_followers"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"{limit} event streams are followed at once already, the most this manager "
+            "serves; close one, or poll GET /api/flops/projects/{id}/events without follow=1."
+        )

@@ -46,6 +46,12 @@ class Unprocessable(FlopsError):
     code = "unprocessable"
 
 
+class TooManyRequests(FlopsError):
+    """The caller asks for more at once than the manager serves (e.g. event streams)."""
+
+    code = "too_many_requests"
+
+
 class ServiceUnavailable(FlopsError):
     """A component the request needs (broker, MLflow, data server) is not reachable."""
 
@@ -111,6 +117,7 @@ HTTP_STATUS: dict[type[FlopsError], int] = {
     NotFound: 404,
     Conflict: 409,
     Unprocessable: 422,
+    TooManyRequests: 429,
     InvalidDataTag: 422,
     InvalidPartitioning: 422,
     UnknownDataset: 422,

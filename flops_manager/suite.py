@@ -52,8 +52,12 @@ from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 from flops_utils.processes import StartStop
 
-API_THREADS = 16
-"""waitress worker threads; each event-stream follower holds one while it listens."""
+API_THREADS = 128
+"""waitress worker threads; each event-stream follower holds one while it listens (they are
+bounded to ``API_THREADS - API_FREE_THREADS``, and sleep until their project changes)."""
+
+API_FREE_THREADS = 28
+"""Worker threads event streams never take: the other requests' share."""
 
 API_STOP_TIMEOUT_S = 5.0
 """Seconds a stop waits for the API requests being served."""
@@ -182,7 +186,13 @@ class ManagerSuite(StartStop):
                 else None
             )
             app = create_app(
-                self._lifecycle, store, public_mlflow, authenticator, nodes, credentials.data
+                self._lifecycle,
+                store,
+                public_mlflow,
+                authenticator,
+                nodes,
+                credentials.data,
+                max_followers=API_THREADS - API_FREE_THREADS,
             )
             self._server = waitress.create_server(
                 app, host=self.config.host, port=self.config.port, threads=API_THREADS

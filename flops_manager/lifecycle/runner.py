@@ -23,6 +23,7 @@ from typing import Any
 
 from flops_manager.lifecycle import actions as act
 from flops_manager.lifecycle import events as ev
+from flops_manager.lifecycle.changes import ProjectChanges
 from flops_manager.lifecycle.reducer import transition
 from flops_manager.records import ProjectRecord
 from flops_manager.store import ProjectStore
@@ -159,6 +160,7 @@ class LifecycleRunner:
         self._recovering: dict[str, Recovery] = {}
         self._closing = threading.Event()
         self._scheduler = Scheduler()
+        self.changes = ProjectChanges()
 
     # -- inputs ---------------------------------------------------------------------------
     def post(
@@ -283,6 +285,7 @@ class LifecycleRunner:
         fields, push = persisted_change(old, new)
         if fields or push:
             self.store.update_project(project_id, fields, push=push)
+            self.changes.changed(project_id)
         return new, actions
 
     def _run_actions(
