@@ -178,7 +178,9 @@ def run_cluster(config: AggregatorConfig, notifier: StatusNotifier) -> None:
             )
             tracker.prepare()  # MLflow's import, before the first cycle
             work = ClusterWork(config, server, tracker, notifier)
-            run_root_client(work, config.root_address, config.connect_timeout_s)
+            run_root_client(
+                work, config.root_address, config.connect_timeout_s, config.root_security
+            )
             server.disconnect()
         tracker.end_run("FINISHED")
     except Exception:

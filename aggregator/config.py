@@ -3,7 +3,7 @@
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from flops_utils.contract.training import (
 )
 from flops_utils.env_config import EnvReader
 from flops_utils.errors import FlopsError
+from flops_utils.flower_security import ClientSecurity, SecurityConfigError, ServerSecurity
 from flops_utils.types import MLModelFlavor
 
 CYCLE_KEY = "flops_cycle"
@@ -53,6 +54,9 @@ class AggregatorConfig:
     customer ``Admin``). ``role`` is ``FLOPS_AGGREGATOR_ROLE``; ``clusters`` (root),
     ``cluster``, ``root_address`` and ``learners`` (cluster) are empty for the other roles;
     ``repo_dir`` is ``None`` for a cluster aggregator (it runs no user code).
+    ``server_security`` (``FLOPS_TLS_CA_CERT``, ``FLOPS_TLS_CERT``, ``FLOPS_TLS_KEY``,
+    ``FLOPS_FLOWER_TOKEN``) is how its Flower server serves; ``root_security`` (the CA and the
+    token) how a cluster aggregator connects to the root (unset for the other roles).
     """
 
     project_id: str
@@ -70,6 +74,8 @@ class AggregatorConfig:
     cluster: str = ""
     root_address: str = ""
     learners: tuple[str, ...] = ()
+    server_security: ServerSecurity = field(default_factory=ServerSecurity, repr=False)
+    root_security: ClientSecurity = field(default_factory=ClientSecurity, repr=False)
 
     @property
     def training_rounds(self) -> int:
@@ -130,6 +136,7 @@ class AggregatorConfig:
             connect_timeout_s=read.seconds(env_vars.CONNECT_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S),
             role=role,
             **_role_fields(role, read),
+            **_security_fields(role, env, project_id),
         )
 
     def training_settings(self) -> TrainingSettings:
@@ -144,6 +151,7 @@ class AggregatorConfig:
             round_timeout_s=self.round_timeout_s,
             connect_timeout_s=self.connect_timeout_s,
             strategy=self.strategy,
+            security=self.server_security,
         )
 
     def root_settings(self) -> TrainingSettings:
@@ -160,6 +168,7 @@ class AggregatorConfig:
             round_timeout_s=self.cycle_timeout_s,
             connect_timeout_s=self.connect_timeout_s,
             strategy=self.strategy,
+            security=self.server_security,
             clients_name="cluster aggregator",
             timeout_name="the cycle timeout",
             timeout_hint=(
@@ -202,6 +211,20 @@ def _role_fields(role: AggregatorRole, read: EnvReader) -> dict[str, Any]:
             "learners": _names(read.env.get(env_vars.LEARNERS)),
         }
     return {}
+
+
+def _security_fields(
+    role: AggregatorRole, env: Mapping[str, str], project_id: str
+) -> dict[str, Any]:
+    """``server_security`` for every role, ``root_security`` for a cluster aggregator (a
+    client of the root, with the same CA and token). Raises :class:`ConfigError`."""
+    try:
+        fields: dict[str, Any] = {"server_security": ServerSecurity.from_env(env)}
+        if role is AggregatorRole.CLUSTER:
+            fields["root_security"] = ClientSecurity.from_env(env, project_id)
+    except SecurityConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    return fields
 
 
 def _read_sla(raw: str) -> tuple[dict[str, Any], AggregatorSLA]:

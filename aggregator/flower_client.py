@@ -4,16 +4,24 @@ With :mod:`aggregator.flower_server`, the only aggregator modules that import ``
 uses the ``start_client`` gRPC-bidi API like the learner (``learner.flower_client``, which the
 aggregator does not import). Flower's gRPC-bidi transport does not retry a refused connection,
 so :func:`run_root_client` retries by itself until the root listens or ``max_wait_s`` has
-passed.
+passed. With a :class:`~flops_utils.flower_security.ClientSecurity` it connects with TLS and
+the project's client token (:func:`~flops_utils.flower_security.secured_flower_client`); a
+refused certificate or token ends the attempts at once.
 """
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from numpy.typing import NDArray
 
 from aggregator.flower_server import TrainingFailed
+from flops_utils.flower_security import (
+    ClientSecurity,
+    credentials_refused,
+    secured_flower_client,
+)
 from flops_utils.net import wait_for_port
 
 # Flower reads this at import time; without it every start sends a telemetry event to the
@@ -50,20 +58,25 @@ class RootTask(Protocol):
         ...
 
 
-def run_root_client(task: RootTask, root_address: str, max_wait_s: float) -> int:
+def run_root_client(
+    task: RootTask,
+    root_address: str,
+    max_wait_s: float,
+    security: ClientSecurity | None = None,
+) -> int:
     """Serve ``task`` to the root aggregator at ``root_address`` until the root ends training.
 
     Args:
         task: answers the root's fit and evaluate instructions.
         root_address: ``HOST:PORT`` of the root's Flower server.
         max_wait_s: seconds to keep retrying while the root refuses connections.
+        security: the project's CA and client token (default: plain gRPC, no token).
 
     Returns the number of instructions served. Raises what ``task`` raised, and
-    :class:`RootUnreachable` when no connection was made within ``max_wait_s`` or the
-    connection broke before the root ended training.
+    :class:`RootUnreachable` when no connection was made within ``max_wait_s``, the root
+    refused the credentials, or the connection broke before the root ended training.
     """
-    import grpc
-    from flwr.client import NumPyClient, start_client
+    from flwr.client import NumPyClient
 
     served = 0
 
@@ -86,6 +99,17 @@ def run_root_client(task: RootTask, root_address: str, max_wait_s: float) -> int
             return task.evaluate(parameters, config)
 
     client = _ClusterClient().to_client()
+    with secured_flower_client(security or ClientSecurity()):
+        _connect(client, root_address, max_wait_s, lambda: served)
+    return served
+
+
+def _connect(client: Any, root_address: str, max_wait_s: float, served: Callable[[], int]) -> None:
+    """``start_client`` with retries while the root is not up; ``served()`` tells how many
+    instructions came so far. Raises :class:`RootUnreachable` (see :func:`run_root_client`)."""
+    import grpc
+    from flwr.client import start_client
+
     deadline = time.monotonic() + max_wait_s
     host, _, port = root_address.rpartition(":")
     attempts = 0
@@ -94,10 +118,17 @@ def run_root_client(task: RootTask, root_address: str, max_wait_s: float) -> int
         wait_for_port(host.strip("[]"), int(port), max(deadline - time.monotonic(), 0.1))
         try:
             start_client(server_address=root_address, client=client)
-            return served
+            return
         except grpc.RpcError as exc:
             status = exc.code() if isinstance(exc, grpc.Call) else None
-            if served == 0 and status == grpc.StatusCode.UNAVAILABLE:
+            refused = credentials_refused(exc)
+            if served() == 0 and refused is not None:
+                raise RootUnreachable(
+                    f"The secured connection to the root aggregator at {root_address} was "
+                    f"refused: {refused}; the cluster's and the root's project credentials "
+                    "(issued by the manager) do not match."
+                ) from exc
+            if served() == 0 and status == grpc.StatusCode.UNAVAILABLE:
                 if time.monotonic() < deadline:
                     time.sleep(RETRY_DELAY_S)
                     continue
@@ -108,6 +139,6 @@ def run_root_client(task: RootTask, root_address: str, max_wait_s: float) -> int
                 ) from exc
             raise RootUnreachable(
                 f"Lost the connection to the root aggregator at {root_address} after "
-                f"{served} instructions ({status}); the root stopped or failed, see its "
+                f"{served()} instructions ({status}); the root stopped or failed, see its "
                 "status messages."
             ) from exc

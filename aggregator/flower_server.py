@@ -30,6 +30,10 @@ The strategy is the SLA's ``training_configuration.strategy`` (:mod:`flops_manag
 FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad, FedMedian or FedTrimmedAvg, each Flower's own
 class with the SLA's parameters. One mixin placed before that class in the MRO adds the
 checks above and records each phase's outcome, so every strategy behaves alike towards FLOps.
+
+Security (``TrainingSettings.security``, a :class:`~flops_utils.flower_security.ServerSecurity`):
+the server serves TLS with the project's certificate and refuses, with ``UNAUTHENTICATED``,
+every call without the project's client token before Flower's servicer registers the client.
 """
 
 import contextlib
@@ -44,6 +48,7 @@ from numpy.typing import NDArray
 
 from flops_utils.contract.training import DEFAULT_STRATEGY, StrategyConfig
 from flops_utils.errors import FlopsError
+from flops_utils.flower_security import ServerSecurity
 from flops_utils.logging import logger
 
 if TYPE_CHECKING:
@@ -103,7 +108,9 @@ class TrainingSettings:
     parameters (defaults to FedAvg); ``clients_name``: what the clients are, for messages
     (``learner``, or ``cluster aggregator`` at the root); ``timeout_name``: what the timeout
     is called in messages; ``timeout_hint``: how to give the
-    clients longer, ending a timeout's message.
+    clients longer, ending a timeout's message; ``security``: TLS and the clients' token
+    (:class:`~flops_utils.flower_security.ServerSecurity`; the default is plain gRPC
+    without client authentication).
     """
 
     address: str
@@ -117,6 +124,7 @@ class TrainingSettings:
     clients_name: str = "learner"
     timeout_name: str = "round_timeout_s"
     timeout_hint: str = "raise round_timeout_s in the SLA if the learners need longer"
+    security: ServerSecurity = field(default_factory=ServerSecurity)
 
 
 @dataclass(frozen=True)
@@ -169,9 +177,10 @@ def preload() -> threading.Thread:
     def load() -> None:
         with contextlib.suppress(Exception):
             from flwr.server import Server  # noqa: F401
-            from flwr.server.superlink.fleet.grpc_bidi.grpc_server import (  # noqa: F401
-                start_grpc_server,
+            from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import (  # noqa: F401
+                FlowerServiceServicer,
             )
+            from flwr.supercore.grpc import generic_create_grpc_server  # noqa: F401
 
     thread = threading.Thread(target=load, name="flower-preload", daemon=True)
     thread.start()
@@ -361,23 +370,27 @@ class FlowerServer:
     def start(self) -> str:
         """Bind ``settings.address`` and accept clients; returns the address.
 
+        Serves TLS and refuses clients without the token as ``settings.security`` says.
         Raises :class:`AddressUnavailable` when the address can't be bound.
         """
         from flwr.server import Server
-        from flwr.server.superlink.fleet.grpc_bidi.grpc_server import start_grpc_server
 
         client_manager = _bounded_client_manager(self.settings.connect_timeout_s)
         self._server = Server(client_manager=client_manager)
         try:
-            self._grpc_server = start_grpc_server(
-                client_manager=client_manager, server_address=self.settings.address
+            self._grpc_server = _start_grpc_server(
+                client_manager, self.settings.address, self.settings.security
             )
         except (SystemExit, RuntimeError) as exc:
             raise AddressUnavailable(
                 f"Cannot listen on {self.settings.address} ({exc}); free the port or set "
                 "FLOPS_AGGREGATOR_ADDRESS to another HOST:PORT."
             ) from exc
-        logger.info("Flower server listening on %s", self.settings.address)
+        logger.info(
+            "Flower server listening on %s (%s)",
+            self.settings.address,
+            self.settings.security.describe(),
+        )
         return self.settings.address
 
     def __enter__(self) -> "FlowerServer":
@@ -483,6 +496,34 @@ class FlowerServer:
         if self._server is None or self._grpc_server is None:
             raise RuntimeError("FlowerServer.start() was not called (or stop() was).")
         return self._server
+
+
+def _start_grpc_server(client_manager: Any, address: str, security: ServerSecurity) -> Any:
+    """Flower's gRPC-bidi server on ``address`` (started), with ``security``'s TLS
+    certificates and token interceptor.
+
+    The same as Flower's ``start_grpc_server`` (its servicer, its default limits), which
+    accepts no interceptors; ``generic_create_grpc_server`` raises ``SystemExit`` when the
+    port is in use and ``RuntimeError`` when it can't be bound.
+    """
+    from flwr.proto.transport_pb2_grpc import add_FlowerServiceServicer_to_server
+    from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import (
+        FlowerServiceServicer,
+    )
+    from flwr.supercore.grpc import generic_create_grpc_server
+
+    interceptors = security.interceptors()
+    server = generic_create_grpc_server(
+        servicer_and_add_fn=(
+            FlowerServiceServicer(client_manager),
+            add_FlowerServiceServicer_to_server,
+        ),
+        server_address=address,
+        certificates=security.certificates(),
+        interceptors=interceptors or None,
+    )
+    server.start()
+    return server
 
 
 def _bounded_client_manager(connect_timeout_s: float) -> Any:

@@ -11,7 +11,12 @@ partitions:
 - POST → first aggregated round with a cold environment (empty cache: clone + uv build) and a warm
   one (cache hit).
 
-Usage: ``uv run python benchmarks/overhead.py [--rounds 5] [--repeats 3]``.
+The manager runs with its security controls on (the default: Flower with TLS and client tokens,
+authenticated MQTT, Arrow Flight with TLS and tokens); ``--insecure flower`` (or any of
+``mqtt,flower,data``, the manager's ``FLOPS_INSECURE``) turns controls off, so that two runs give
+a control's cost (goal with every control on: ratio ≤ 1.15).
+
+Usage: ``uv run python benchmarks/overhead.py [--rounds 5] [--repeats 3] [--insecure flower]``.
 """
 
 import argparse
@@ -92,10 +97,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--insecure",
+        default="",
+        help="security controls to turn off, comma-separated: mqtt, flower, data",
+    )
     args = parser.parse_args()
+    insecure = frozenset(c.strip() for c in args.insecure.split(",") if c.strip())
     with tempfile.TemporaryDirectory(prefix="flops-bench-") as tmp:
         home = Path(tmp)
-        with ManagerSuite(ManagerConfig(home=home, port=0)) as suite:
+        with ManagerSuite(ManagerConfig(home=home, port=0, insecure=insecure)) as suite:
             token = read_api_token(home)
             client = ManagerClient(suite.url, token=token)
             with local_nodes(2, home / "nodes", suite.url, token) as nodes:
@@ -117,6 +128,7 @@ def main() -> None:
                     plain.append(plain_run(python, nodes, args.rounds))
     median_flops, median_plain = statistics.median(flops_training), statistics.median(plain)
     print(f"example mnist_sklearn, 2 learners, {args.rounds} rounds, {args.repeats} repeats")
+    print(f"security controls off: {', '.join(sorted(insecure)) or 'none'}")
     print(f"{'':34}{'FLOps':>10}{'plain Flower':>14}{'ratio':>8}")
     print(
         f"{'training phase, median (s)':34}{median_flops:>10.2f}{median_plain:>14.2f}"

@@ -8,20 +8,14 @@ client token; the learner's data token and its data server's certificate). Each 
 off when ``FLOPS_INSECURE`` lists it; then the service gets no variable for it.
 """
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+import threading
+from dataclasses import dataclass, field
+from typing import Any
 
 from flops_manager.data_access import DataAccess
 from flops_manager.mqtt_access import MqttAccessControl, NoMqttAccess
+from flops_manager.pki import FlowerCredentials, ProjectCA
 from flops_utils.types import Component
-
-
-class FlowerIssuer(Protocol):
-    """Issues a project's Flower credentials (:mod:`flops_manager.pki`)."""
-
-    def aggregator_env(self, project_id: str) -> dict[str, str]: ...  # pragma: no cover
-
-    def learner_env(self, project_id: str) -> dict[str, str]: ...  # pragma: no cover
 
 
 @dataclass
@@ -35,8 +29,21 @@ class ProjectCredentials:
     """
 
     mqtt: MqttAccessControl
-    flower: FlowerIssuer | None = None
+    flower: ProjectCA | None = None
     data: DataAccess | None = None
+    _issued: dict[str, FlowerCredentials] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _flower(self, project_id: str) -> FlowerCredentials | None:
+        """The project's Flower credentials, issued at its first service: the aggregators'
+        certificate and the learners' token must belong together."""
+        if self.flower is None:
+            return None
+        with self._lock:
+            issued = self._issued.get(project_id)
+            if issued is None:
+                issued = self._issued[project_id] = self.flower.issue_flower_credentials(project_id)
+            return issued
 
     @classmethod
     def none(cls) -> "ProjectCredentials":
@@ -49,8 +56,9 @@ class ProjectCredentials:
         """The environment variables of learner ``service`` on ``node`` (its stored node
         document) reading ``tags``. Raises the issuers' errors (``FlopsError``)."""
         env = self.mqtt.grant(project_id, service, Component.LEARNER)
-        if self.flower is not None:
-            env.update(self.flower.learner_env(project_id))
+        flower = self._flower(project_id)
+        if flower is not None:
+            env.update(flower.learner_env())
         if self.data is not None:
             env.update(self.data.learner_env(project_id, node, tags))
         return env
@@ -61,8 +69,9 @@ class ProjectCredentials:
         Flower client of the root)."""
         component = Component.CLUSTER_AGGREGATOR if cluster else Component.AGGREGATOR
         env = self.mqtt.grant(project_id, service, component)
-        if self.flower is not None:
-            env.update(self.flower.aggregator_env(project_id))
+        flower = self._flower(project_id)
+        if flower is not None:
+            env.update(flower.aggregator_env())
         return env
 
     def builder(self, project_id: str, service: str) -> dict[str, str]:
@@ -71,5 +80,7 @@ class ProjectCredentials:
 
     def revoke(self, project_id: str) -> None:
         """Withdraw every credential of ``project_id`` that can be withdrawn (MQTT; the
-        Flower and data credentials expire on their own). Idempotent."""
+        Flower certificate (7 days) and data tokens (24 h) expire on their own). Idempotent."""
+        with self._lock:
+            self._issued.pop(project_id, None)
         self.mqtt.revoke(project_id)

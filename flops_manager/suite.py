@@ -46,6 +46,7 @@ from flops_manager.mqtt_access import (
 )
 from flops_manager.mqtt_listener import StatusListener
 from flops_manager.orchestrators import make_orchestrator
+from flops_manager.pki import ProjectCA
 from flops_manager.projects import ProjectLifecycle
 from flops_manager.store import open_store
 from flops_utils.errors import FlopsError
@@ -237,7 +238,8 @@ class ManagerSuite(StartStop):
         if self.config.secure("mqtt") and admin is not None:
             mqtt = MqttAccess(self.mqtt_url, admin.username, admin.password)
         data = DataAccess(home) if self.config.secure("data") else None
-        return ProjectCredentials(mqtt, data=data)
+        flower = ProjectCA(home) if self.config.secure("flower") else None
+        return ProjectCredentials(mqtt, flower=flower, data=data)
 
     def _start_mlflow(self, home: Path, state: EmbeddedState) -> None:
         self._mlflow = start_mlflow(home, state)

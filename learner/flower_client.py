@@ -7,7 +7,10 @@ with two learners); swapping the engine means rewriting this module only.
 
 Flower's gRPC-bidi transport does not retry a refused connection (its retry invoker is unused
 for that transport), so :func:`run_client` retries by itself until the aggregator is up or
-``max_wait_s`` has passed.
+``max_wait_s`` has passed. With a :class:`~flops_utils.flower_security.ClientSecurity` it
+connects with TLS and the project's client token
+(:func:`~flops_utils.flower_security.secured_flower_client`); a refused certificate or token
+ends the attempts at once.
 """
 
 import contextlib
@@ -22,6 +25,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from flops_utils.errors import FlopsError
+from flops_utils.flower_security import (
+    ClientSecurity,
+    credentials_refused,
+    secured_flower_client,
+)
 from flops_utils.logging import logger
 from flops_utils.ml_repo_templates import ModelManagerTemplate
 from flops_utils.net import wait_for_port
@@ -164,7 +172,10 @@ def preload() -> threading.Thread:
 
 
 def run_client(
-    model_manager: ModelManagerTemplate, aggregator_address: str, max_wait_s: float = 60.0
+    model_manager: ModelManagerTemplate,
+    aggregator_address: str,
+    max_wait_s: float = 60.0,
+    security: ClientSecurity | None = None,
 ) -> ClientStats:
     """Train ``model_manager`` with the aggregator at ``aggregator_address`` until it says stop.
 
@@ -172,17 +183,29 @@ def run_client(
         model_manager: the user's ModelManager, with its data already loaded.
         aggregator_address: ``HOST:PORT`` of the aggregator's Flower server.
         max_wait_s: seconds to keep retrying while the aggregator refuses connections.
+        security: the project's CA and client token (default: plain gRPC, no token).
 
     Returns the :class:`ClientStats` of the session. Raises :class:`UserCodeError` when a
     ModelManager method raised, :class:`AggregatorUnreachable` when no connection was made
-    within ``max_wait_s`` or the connection broke before the aggregator ended training, and
+    within ``max_wait_s``, the aggregator refused the credentials (at once, without
+    retrying) or the connection broke before the aggregator ended training, and
     ``ValueError`` when the address has no numeric port.
     """
+    calls = _ModelManagerCalls(model_manager)
+    client = _numpy_client(calls).to_client()
+    with secured_flower_client(security or ClientSecurity()):
+        _connect(client, calls, aggregator_address, max_wait_s)
+    return calls.stats
+
+
+def _connect(
+    client: Any, calls: _ModelManagerCalls, aggregator_address: str, max_wait_s: float
+) -> None:
+    """``start_client`` with retries while the aggregator is not up; raises as
+    :func:`run_client` says."""
     import grpc
     from flwr.client import start_client
 
-    calls = _ModelManagerCalls(model_manager)
-    client = _numpy_client(calls).to_client()
     deadline = time.monotonic() + max_wait_s
     host, _, port = aggregator_address.rpartition(":")
     attempts = 0
@@ -192,7 +215,7 @@ def run_client(
         wait_for_port(host.strip("[]"), int(port), max(deadline - time.monotonic(), 0.1))
         try:
             start_client(server_address=aggregator_address, client=client)
-            return calls.stats
+            return
         except Exception as exc:
             # Flower's gRPC-bidi client re-raises whatever the client raised; a user error may
             # also surface as the broken stream it caused.
@@ -202,6 +225,13 @@ def run_client(
                 raise
             status = exc.code() if isinstance(exc, grpc.Call) else None
             never_connected = calls.stats.instructions == 0
+            refused = credentials_refused(exc) if never_connected else None
+            if refused is not None:
+                raise AggregatorUnreachable(
+                    f"The secured connection to the aggregator at {aggregator_address} was "
+                    f"refused: {refused}; the learner's and the aggregator's project "
+                    "credentials (issued by the manager) do not match."
+                ) from exc
             if (
                 never_connected
                 and status == grpc.StatusCode.UNAVAILABLE

@@ -12,6 +12,9 @@ environment variables (:mod:`flops_utils.env_vars`):
   repository's ``ModelManager`` runs in a model worker process started with it
   (:class:`flops_utils.model_worker_client.ModelWorker`; default: this interpreter).
 - ``FLOPS_CONNECT_TIMEOUT_S``: seconds to retry reaching the aggregator (defaults to 60).
+- ``FLOPS_TLS_CA_CERT``, ``FLOPS_FLOWER_TOKEN``: optional; connect to the aggregator with
+  TLS, verifying its certificate against this CA and the project's name, and authenticate
+  with the project's token (:mod:`flops_utils.flower_security`).
 
 It publishes ``flops/<project_id>/learner/{started,success,failed}`` (instance = the learner
 name; payloads: :mod:`flops_utils.contract.messages`) and exits with a
@@ -22,7 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flops_utils import env_vars
@@ -31,6 +34,7 @@ from flops_utils.contract.exit_codes import Role
 from flops_utils.contract.messages import LearnerStarted, LearnerSuccess
 from flops_utils.env_config import EnvReader
 from flops_utils.errors import FlopsError
+from flops_utils.flower_security import ClientSecurity, SecurityConfigError
 from flops_utils.logging import logger
 from flops_utils.model_worker_client import ModelWorker, ModelWorkerDataError
 from flops_utils.notifications import StatusNotifier
@@ -59,7 +63,8 @@ class DataUnavailable(FlopsError):
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    """The learner's settings, read from the environment by :meth:`from_env`."""
+    """The learner's settings, read from the environment by :meth:`from_env`;
+    ``flower_security`` is how it connects to the aggregator (TLS CA and client token)."""
 
     project_id: str
     mqtt_url: str
@@ -68,6 +73,7 @@ class LearnerConfig:
     name: str
     data_tags: tuple[str, ...]
     connect_timeout_s: float
+    flower_security: ClientSecurity = field(default_factory=ClientSecurity, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "LearnerConfig":
@@ -80,6 +86,10 @@ class LearnerConfig:
         repo_dir = read.repo_dir()
         connect_timeout_s = read.seconds(env_vars.CONNECT_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S)
         tags = tuple(t.strip() for t in env.get(env_vars.DATA_TAGS, "").split(",") if t.strip())
+        try:
+            security = ClientSecurity.from_env(env, project_id)
+        except SecurityConfigError as exc:
+            raise ConfigError(str(exc)) from None
         return cls(
             project_id=project_id,
             mqtt_url=mqtt_url,
@@ -88,6 +98,7 @@ class LearnerConfig:
             name=env.get(env_vars.LEARNER_NAME) or "learner",
             data_tags=tags,
             connect_timeout_s=connect_timeout_s,
+            flower_security=security,
         )
 
 
@@ -108,7 +119,12 @@ def run(config: LearnerConfig, notifier: StatusNotifier) -> None:
     preload()  # Flower's imports overlap the model worker's start
     with ModelWorker(config.repo_dir) as model_manager:
         _load_data(model_manager)
-        stats = run_client(model_manager, config.aggregator_address, config.connect_timeout_s)
+        stats = run_client(
+            model_manager,
+            config.aggregator_address,
+            config.connect_timeout_s,
+            config.flower_security,
+        )
     seconds = time.monotonic() - began
     logger.info(
         "learner %s done: %d fit rounds, %.2fs mean fit time",
