@@ -24,6 +24,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
+from flops_utils.contract.services import experiment_name
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 from flops_utils.types import MLModelFlavor
@@ -78,11 +79,6 @@ class LoggedModel:
     registered_model: str
     version: int
     registered_model_uri: str
-
-
-def experiment_name(project_id: str) -> str:
-    """The experiment (and registered model) name of a project: ``flops-<project_id>``."""
-    return f"flops-{project_id}"
 
 
 def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -463,3 +463,13 @@ class NodeCredentialView(_View):
     node_id: str
     token: str
     expires_at: float
+
+
+class TrackingCredential(_View):
+    """``POST /tracking/credential``: the caller's own MLflow user and a new password (the
+    previous one stops working); with it the MLflow GUI at ``url`` shows the caller's own
+    experiments and registered models only."""
+
+    url: str
+    username: str
+    password: str

@@ -43,6 +43,7 @@ from flops_manager.api_models import (
     ProjectQuery,
     ProjectSummary,
     ProjectView,
+    TrackingCredential,
     TrackingInfo,
     node_view,
     project_json,
@@ -63,6 +64,7 @@ from flops_manager.errors import (
     http_status,
 )
 from flops_manager.lifecycle.changes import ProjectChanges
+from flops_manager.mlflow_access import MlflowAccessControl
 from flops_manager.projects import ProjectLifecycle
 from flops_manager.records import ProjectRecord
 from flops_manager.sla import ProjectSLA, check_repo_url
@@ -206,6 +208,7 @@ def create_app(
     node_credentials: NodeCredentials | None = None,
     data_access: DataAccess | None = None,
     max_followers: int = MAX_FOLLOWERS,
+    tracking_access: MlflowAccessControl | None = None,
 ) -> OpenAPI:
     """Build the WSGI app.
 
@@ -220,6 +223,8 @@ def create_app(
             ``POST /mocks`` pushes with its write tokens; ``None`` with ``FLOPS_INSECURE=data``.
         max_followers: the most event streams followed at once (each holds a worker thread
             of the server); more get 429.
+        tracking_access: gives customers their MLflow user (``POST /tracking/credential``);
+            ``None`` with ``FLOPS_INSECURE=mlflow``.
     """
     app = OpenAPI(
         __name__,
@@ -371,6 +376,24 @@ def create_app(
     def tracking() -> dict[str, str]:
         """The MLflow tracking GUI's URL."""
         return {"url": tracking_url}
+
+    @api.post("/tracking/credential", responses={200: TrackingCredential})
+    def tracking_credential() -> dict[str, str]:
+        """A new password for the caller's own MLflow user, to log in to the MLflow GUI
+        (``GET /tracking``), which then shows the caller's own experiments and models only."""
+        principal = caller()
+        issued = (
+            tracking_access.customer_credential(principal.customer) if tracking_access else None
+        )
+        if issued is None:
+            raise NotFound(
+                "This manager's MLflow server has no authentication (FLOPS_INSECURE=mlflow); "
+                "open GET /api/flops/tracking's URL without logging in."
+            )
+        answer = TrackingCredential(
+            url=tracking_url, username=issued.username, password=issued.password
+        )
+        return answer.model_dump(mode="json")
 
     @api.post("/nodes", tags=[nodes_tag], responses={200: NodeRegistered})
     def register_node(body: NodeRegistration) -> dict[str, Any]:

@@ -113,10 +113,16 @@ class ProjectBuilder(Protocol):
         ...
 
     def build_model_image(
-        self, project_id: str, model_uri: str, mlflow_url: str, workdir: Path
+        self,
+        project_id: str,
+        model_uri: str,
+        mlflow_url: str,
+        workdir: Path,
+        tracking_env: Mapping[str, str] | None = None,
     ) -> ModelImageResult:
-        """Build (or reuse) the image serving the MLflow model ``model_uri``; only called
-        when :attr:`produces_images`."""
+        """Build (or reuse) the image serving the MLflow model ``model_uri``, read from the
+        tracking server with ``tracking_env`` (the project's ``MLFLOW_TRACKING_USERNAME`` /
+        ``_PASSWORD``); only called when :attr:`produces_images`."""
         ...
 
 
@@ -164,7 +170,12 @@ class VenvProjectBuilder:
         return self.builds.cancel(project_id)
 
     def build_model_image(
-        self, project_id: str, model_uri: str, mlflow_url: str, workdir: Path
+        self,
+        project_id: str,
+        model_uri: str,
+        mlflow_url: str,
+        workdir: Path,
+        tracking_env: Mapping[str, str] | None = None,
     ) -> ModelImageResult:
         """Raises :class:`ImageBuildFailed`: virtualenvs are not images."""
         raise ImageBuildFailed(
@@ -228,6 +239,9 @@ class ImageBuildService:
         self.timeout_s = timeout_s
         self.python = python
         self.builds = BuildRegistry()
+        self.service_credentials: Callable[[str], dict[str, str]] = lambda project_id: {}
+        """The builder service's own credentials for a project id (its MQTT user); the
+        suite sets it to :meth:`ProjectCredentials.builder`."""
 
     def cancel(self, project_id: str) -> bool:
         """Stop the running image build of ``project_id``: SIGTERM to the service's process
@@ -239,6 +253,7 @@ class ImageBuildService:
     def environment(self, project_id: str, sla: ProjectSLA, workdir: Path) -> dict[str, str]:
         """The service's ``FLOPS_*`` variables for one project (see :mod:`image_builder.main`)."""
         env = {
+            **self.service_credentials(project_id),
             env_vars.PROJECT_ID: project_id,
             env_vars.MQTT_URL: self.mqtt_url,
             env_vars.ML_REPO_URL: sla.ml_repo_url,
@@ -273,13 +288,21 @@ class ImageBuildService:
         )
 
     def build_model_image(
-        self, project_id: str, model_uri: str, mlflow_url: str, workdir: Path
+        self,
+        project_id: str,
+        model_uri: str,
+        mlflow_url: str,
+        workdir: Path,
+        tracking_env: Mapping[str, str] | None = None,
     ) -> ModelImageResult:
         """Run the image builder service for the trained-model image of ``model_uri`` (an
         MLflow model URI such as ``models:/<name>/<version>``) held by the tracking server at
-        ``mlflow_url``. Raises :class:`ImageBuildFailed` as :meth:`build` does."""
+        ``mlflow_url``, read with ``tracking_env`` (the project's MLflow user). Raises
+        :class:`ImageBuildFailed` as :meth:`build` does."""
         workdir = Path(workdir)
         settings = {
+            **(tracking_env or {}),
+            **self.service_credentials(project_id),
             env_vars.PROJECT_ID: project_id,
             env_vars.MQTT_URL: self.mqtt_url,
             env_vars.MODEL_URI: model_uri,

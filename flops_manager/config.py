@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from flops_manager.auth import Authenticator
 
 
-SecurityControl = Literal["mqtt", "flower", "data", "local"]
+SecurityControl = Literal["mqtt", "flower", "data", "mlflow", "local"]
 """A security control ``FLOPS_INSECURE`` can turn off (see :class:`ManagerConfig`)."""
 
 
@@ -37,6 +37,10 @@ class ManagerConfig(BaseModel):
             makes its own.
         mlflow_url: URL of an existing MLflow tracking server (``FLOPS_MLFLOW_URL``); empty starts
             the embedded one.
+        mlflow_admin_username / mlflow_admin_password: with ``mlflow_url``, an admin of
+            that server's basic-auth app (the manager creates per-project and per-customer
+            users with it) (``FLOPS_MLFLOW_ADMIN_USERNAME`` / ``FLOPS_MLFLOW_ADMIN_PASSWORD``);
+            the embedded server makes its own.
         mlflow_public_url: the MLflow GUI address a user's browser can reach
             (``FLOPS_MLFLOW_PUBLIC_URL``); defaults to ``mlflow_url``.
         orchestrator: orchestrator backend name (``FLOPS_ORCHESTRATOR``, default ``local``).
@@ -58,6 +62,8 @@ class ManagerConfig(BaseModel):
             Oakestra's default account).
         oakestra_namespace: namespace of the applications and services
             (``FLOPS_OAKESTRA_NAMESPACE``, default ``flops``).
+        oakestra_organization: the Oakestra organization to log in to
+            (``FLOPS_OAKESTRA_ORGANIZATION``, default ``root``, Oakestra's default one).
         oakestra_mqtt_url / oakestra_mlflow_url: the broker and MLflow addresses the services
             on the workers reach (``FLOPS_OAKESTRA_MQTT_URL`` / ``FLOPS_OAKESTRA_MLFLOW_URL``;
             default: ``mqtt_url`` / ``mlflow_url``).
@@ -71,9 +77,11 @@ class ManagerConfig(BaseModel):
         insecure: security controls turned off, comma-separated (``FLOPS_INSECURE``; default
             none, every control on): ``mqtt`` (anonymous broker, no per-project MQTT
             credentials), ``flower`` (plain gRPC, no Flower client authentication), ``data``
-            (plain Arrow Flight, no data tokens), ``local`` (allow ``auth=oakestra``, that is
-            many customers, with the ``local`` orchestrator, which runs every customer's code
-            as the manager's own user on the manager's machine). The manager logs a warning at
+            (plain Arrow Flight, no data tokens), ``mlflow`` (an MLflow server without
+            authentication: anyone who reaches it reads and writes every run), ``local``
+            (allow ``auth=oakestra``, that is many customers, with the ``local`` orchestrator,
+            which runs every customer's code as the manager's own user on the manager's
+            machine). The manager logs a warning at
             start for each.
     """
 
@@ -87,6 +95,8 @@ class ManagerConfig(BaseModel):
     mqtt_admin_username: str = ""
     mqtt_admin_password: str = Field(default="", repr=False)
     mlflow_url: str = ""
+    mlflow_admin_username: str = ""
+    mlflow_admin_password: str = Field(default="", repr=False)
     mlflow_public_url: str = ""
     orchestrator: str = "local"
     builder: str = ""
@@ -98,6 +108,7 @@ class ManagerConfig(BaseModel):
     oakestra_user: str = "Admin"
     oakestra_password: str = Field(default="Admin", repr=False)
     oakestra_namespace: str = Field(default="flops", pattern=r"^[a-zA-Z0-9]{1,30}$")
+    oakestra_organization: str = "root"
     oakestra_mqtt_url: str = ""
     oakestra_mlflow_url: str = ""
     oakestra_port_range: str = Field(default="30000-30999", pattern=r"^\d{1,5}-\d{1,5}$")
@@ -153,6 +164,8 @@ class ManagerConfig(BaseModel):
             "mqtt_admin_username": "FLOPS_MQTT_ADMIN_USERNAME",
             "mqtt_admin_password": "FLOPS_MQTT_ADMIN_PASSWORD",
             "mlflow_url": "FLOPS_MLFLOW_URL",
+            "mlflow_admin_username": "FLOPS_MLFLOW_ADMIN_USERNAME",
+            "mlflow_admin_password": "FLOPS_MLFLOW_ADMIN_PASSWORD",
             "mlflow_public_url": "FLOPS_MLFLOW_PUBLIC_URL",
             "orchestrator": "FLOPS_ORCHESTRATOR",
             "builder": "FLOPS_BUILDER",
@@ -164,6 +177,7 @@ class ManagerConfig(BaseModel):
             "oakestra_user": "FLOPS_OAKESTRA_USER",
             "oakestra_password": "FLOPS_OAKESTRA_PASSWORD",
             "oakestra_namespace": "FLOPS_OAKESTRA_NAMESPACE",
+            "oakestra_organization": "FLOPS_OAKESTRA_ORGANIZATION",
             "oakestra_mqtt_url": "FLOPS_OAKESTRA_MQTT_URL",
             "oakestra_mlflow_url": "FLOPS_OAKESTRA_MLFLOW_URL",
             "oakestra_port_range": "FLOPS_OAKESTRA_PORT_RANGE",

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flops_manager.data_access import DataAccess
+from flops_manager.mlflow_access import MlflowAccessControl, NoMlflowAccess
 from flops_manager.mqtt_access import MqttAccessControl, NoMqttAccess
 from flops_manager.pki import FlowerCredentials, ProjectCA
+from flops_utils.contract.services import experiment_name
 from flops_utils.types import Component
 
 
@@ -31,6 +33,8 @@ class ProjectCredentials:
     mqtt: MqttAccessControl
     flower: ProjectCA | None = None
     data: DataAccess | None = None
+    mlflow: MlflowAccessControl = field(default_factory=NoMlflowAccess)
+    _tracking: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)
     _issued: dict[str, FlowerCredentials] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -63,12 +67,27 @@ class ProjectCredentials:
             env.update(self.data.learner_env(project_id, node, tags))
         return env
 
-    def aggregator(self, project_id: str, service: str, cluster: bool) -> dict[str, str]:
+    def tracking(self, project_id: str, customer_id: str) -> dict[str, str]:
+        """``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` of the project's MLflow user (EDIT on
+        its experiment and registered model; the customer's user may READ both), created at
+        the first call; empty with MLflow security off. After a manager restart the next call
+        creates a new password (the old one stops working)."""
+        with self._lock:
+            env = self._tracking.get(project_id)
+            if env is None:
+                env = self.mlflow.project(project_id, experiment_name(project_id), customer_id)
+                self._tracking[project_id] = env
+            return dict(env)
+
+    def aggregator(
+        self, project_id: str, service: str, cluster: bool, customer_id: str
+    ) -> dict[str, str]:
         """The environment variables of the aggregator ``service``: the classic or root one,
         or with ``cluster`` a cluster aggregator (a Flower server for its learners and a
-        Flower client of the root)."""
+        Flower client of the root), logging to MLflow as the project of ``customer_id``."""
         component = Component.CLUSTER_AGGREGATOR if cluster else Component.AGGREGATOR
         env = self.mqtt.grant(project_id, service, component)
+        env.update(self.tracking(project_id, customer_id))
         flower = self._flower(project_id)
         if flower is not None:
             env.update(flower.aggregator_env())
@@ -79,8 +98,11 @@ class ProjectCredentials:
         return self.mqtt.grant(project_id, service, Component.BUILDER)
 
     def revoke(self, project_id: str) -> None:
-        """Withdraw every credential of ``project_id`` that can be withdrawn (MQTT; the
-        Flower certificate (7 days) and data tokens (24 h) expire on their own). Idempotent."""
+        """Withdraw every credential of ``project_id`` that can be withdrawn (MQTT, MLflow;
+        the Flower certificate (7 days) and data tokens (24 h) expire on their own).
+        Idempotent."""
         with self._lock:
             self._issued.pop(project_id, None)
+            self._tracking.pop(project_id, None)
         self.mqtt.revoke(project_id)
+        self.mlflow.revoke(project_id)

@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from flops_manager.broker import START_TIMEOUT_S as BROKER_START_TIMEOUT_S
 from flops_manager.broker import MosquittoBroker, configured_anonymous
@@ -34,6 +34,9 @@ from flops_manager.mqtt_access import MqttCredential, read_credential
 from flops_manager.process_identity import ProcessIdentity
 from flops_utils.logging import logger
 from flops_utils.net import wait_for_port
+
+if TYPE_CHECKING:
+    from observatory.mlflow_server import MlflowCredential
 
 STATE_FILE = "embedded.json"
 """Name of the state file under ``$FLOPS_HOME``."""
@@ -175,8 +178,13 @@ def _same_mode(workdir: Path, anonymous: bool) -> bool:
     return anonymous or read_credential(workdir) is not None
 
 
-def start_mlflow(home: Path, state: EmbeddedState, host: str = "127.0.0.1") -> EmbeddedComponent:
-    """Re-use the recorded MLflow server of ``home`` or start one (workdir ``home/mlflow``).
+def start_mlflow(
+    home: Path, state: EmbeddedState, host: str = "127.0.0.1", authentication: bool = False
+) -> EmbeddedComponent:
+    """Re-use the recorded MLflow server of ``home`` or start one (workdir ``home/mlflow``);
+    ``authentication``: MLflow's basic-auth app (the admin credential is :func:`mlflow_admin`
+    afterwards). A running server in the other mode (or whose admin credential is gone) is
+    restarted on the same port and workdir.
 
     Raises ``MlflowServerError`` when it does not start.
     """
@@ -185,20 +193,39 @@ def start_mlflow(home: Path, state: EmbeddedState, host: str = "127.0.0.1") -> E
     port = state.port("mlflow")
     process = state.process("mlflow")
     if port and process is not None and process.is_alive():
-        probe = MlflowServer(home / "mlflow", host=host, port=port)
+        probe = MlflowServer(home / "mlflow", host=host, port=port, authentication=authentication)
         deadline = time.monotonic() + MLFLOW_ADOPT_TIMEOUT_S
         while process.is_alive() and time.monotonic() < deadline:
             if probe.healthy(timeout_s=1.0):
-                logger.info("re-using the MLflow server on port %d (pid %d)", port, process.pid)
-                return EmbeddedComponent("mlflow", probe.url, process, None)
+                if probe.serves_as_configured():
+                    logger.info("re-using the MLflow server on port %d (pid %d)", port, process.pid)
+                    return EmbeddedComponent("mlflow", probe.url, process, None)
+                logger.warning(
+                    "MLflow (pid %d) does not run %s authentication; restarting it",
+                    process.pid,
+                    "with" if authentication else "without",
+                )
+                break
             time.sleep(0.2)
-        logger.warning("MLflow (pid %d) does not answer on %d; restarting it", process.pid, port)
+        else:
+            logger.warning(
+                "MLflow (pid %d) does not answer on %d; restarting it", process.pid, port
+            )
         process.stop_group(STOP_TIMEOUT_S)
     port = _usable_port(host, port, "MLflow")
-    server = MlflowServer(home / "mlflow", host=host, port=port).start()
+    server = MlflowServer(home / "mlflow", host=host, port=port, authentication=authentication)
+    server.start()
     identity = ProcessIdentity.of(server.pid) if server.pid is not None else None
     state.record("mlflow", server.port, identity)
     return EmbeddedComponent("mlflow", server.url, identity, server)
+
+
+def mlflow_admin(home: Path) -> "MlflowCredential | None":
+    """The admin credential of the embedded MLflow server of ``home`` (``None`` before its
+    first start with authentication)."""
+    from observatory.mlflow_server import read_admin_credential
+
+    return read_admin_credential(home / "mlflow")
 
 
 def _usable_port(host: str, port: int, what: str) -> int:

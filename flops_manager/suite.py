@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import waitress
@@ -25,7 +26,7 @@ from waitress.server import BaseWSGIServer, MultiSocketServer
 
 from flops_manager.app import create_app
 from flops_manager.auth import WithNodeCredentials
-from flops_manager.builds import make_builder
+from flops_manager.builds import ImageBuildService, make_builder
 from flops_manager.config import ManagerConfig
 from flops_manager.credentials import ProjectCredentials
 from flops_manager.data_access import DataAccess
@@ -33,10 +34,12 @@ from flops_manager.embedded import (
     EmbeddedComponent,
     EmbeddedState,
     broker_admin,
+    mlflow_admin,
     start_broker,
     start_mlflow,
 )
 from flops_manager.errors import ConfigurationError
+from flops_manager.mlflow_access import MlflowAccess, MlflowAccessControl, NoMlflowAccess
 from flops_manager.mqtt_access import (
     MqttAccess,
     MqttAccessControl,
@@ -52,6 +55,7 @@ from flops_manager.store import open_store
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 from flops_utils.processes import StartStop
+from observatory.mlflow_server import MlflowCredential
 
 API_THREADS = 128
 """waitress worker threads; each event-stream follower holds one while it listens (they are
@@ -152,6 +156,8 @@ class ManagerSuite(StartStop):
                 )
             admin = self._broker_admin(home)
             credentials = self._credentials(home, admin)
+            if isinstance(builder, ImageBuildService):  # the builder reports over MQTT too
+                builder.service_credentials = partial(credentials.builder, service="builder")
             self._lifecycle = ProjectLifecycle(
                 store,
                 builder,
@@ -194,6 +200,7 @@ class ManagerSuite(StartStop):
                 nodes,
                 credentials.data,
                 max_followers=API_THREADS - API_FREE_THREADS,
+                tracking_access=credentials.mlflow,
             )
             self._server = waitress.create_server(
                 app, host=self.config.host, port=self.config.port, threads=API_THREADS
@@ -239,10 +246,33 @@ class ManagerSuite(StartStop):
             mqtt = MqttAccess(self.mqtt_url, admin.username, admin.password)
         data = DataAccess(home) if self.config.secure("data") else None
         flower = ProjectCA(home) if self.config.secure("flower") else None
-        return ProjectCredentials(mqtt, flower=flower, data=data)
+        tracking: MlflowAccessControl = NoMlflowAccess()
+        mlflow_admin = self._mlflow_admin(home)
+        if mlflow_admin is not None:
+            tracking = MlflowAccess(self.mlflow_url, mlflow_admin.username, mlflow_admin.password)
+        return ProjectCredentials(mqtt, flower=flower, data=data, mlflow=tracking)
+
+    def _mlflow_admin(self, home: Path) -> MlflowCredential | None:
+        """The tracking server's admin: the embedded server's own or the configured one of an
+        external server; ``None`` with ``FLOPS_INSECURE=mlflow``. Raises
+        ``ConfigurationError`` for an external server without one while the control is on."""
+        if not self.config.secure("mlflow"):
+            return None
+        if self._mlflow is not None:
+            return mlflow_admin(home)
+        if self.config.mlflow_admin_username:
+            return MlflowCredential(
+                self.config.mlflow_admin_username, self.config.mlflow_admin_password
+            )
+        raise ConfigurationError(
+            f"The MLflow server {self.mlflow_url} (FLOPS_MLFLOW_URL) needs an admin of its "
+            "basic-auth app, with which the manager gives each project and customer its own "
+            "user: set FLOPS_MLFLOW_ADMIN_USERNAME and FLOPS_MLFLOW_ADMIN_PASSWORD (or "
+            "FLOPS_INSECURE=mlflow for a server without authentication on a test machine)."
+        )
 
     def _start_mlflow(self, home: Path, state: EmbeddedState) -> None:
-        self._mlflow = start_mlflow(home, state)
+        self._mlflow = start_mlflow(home, state, authentication=self.config.secure("mlflow"))
         self.mlflow_url = self._mlflow.url
 
     def _lock_home(self, home: Path) -> None:
@@ -348,6 +378,8 @@ INSECURE_CONSEQUENCES: dict[str, str] = {
     "receives the global model and can poison it",
     "data": "data servers serve plain Arrow Flight without tokens; anyone on the network can "
     "read, replace or drop a node's training data",
+    "mlflow": "the tracking server has no authentication; anyone who reaches it reads and "
+    "changes every project's runs and models",
     "local": "customers' code runs as the manager's user next to every credential",
 }
 """What turning off each ``FLOPS_INSECURE`` control exposes (logged at start)."""

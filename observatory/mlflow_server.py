@@ -4,15 +4,33 @@ The server keeps runs and the model registry in SQLite (``<workdir>/mlflow.db``)
 artifacts itself (``--serve-artifacts``, stored under ``<workdir>/artifacts``), so clients
 only ever talk HTTP to it and need no storage credentials. It runs in its own process group
 so that stopping it also stops its uvicorn worker.
+
+With ``authentication=True`` it runs MLflow's basic-auth app (``mlflow server --app-name
+basic-auth``): every request but ``/health`` and ``/static`` needs an MLflow user's password,
+and a user sees only the experiments and registered models they were granted
+(``default_permission = NO_PERMISSIONS``). Its files in the workdir (0700):
+
+- ``basic_auth.ini`` (0600): the auth app's config (``MLFLOW_AUTH_CONFIG_PATH``), which also
+  holds the admin credential (user :data:`ADMIN_USERNAME`, a random password generated at the
+  first start and reused afterwards; the app creates the admin user from it when its user
+  database is empty). :func:`read_admin_credential` reads it.
+- ``basic_auth.db``: the auth app's users, password hashes and permissions (SQLite).
+
+The admin password is never on a command line or in the server's environment; the Flask secret
+key the app needs for CSRF protection is generated per start and passed in the environment.
 """
 
+import base64
+import configparser
 import os
+import secrets
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flops_utils.errors import FlopsError
@@ -39,6 +57,91 @@ runner (MLflow's GenAI jobs, unused by FLOps; it starts seven more processes, wh
 server's start and stop on a small machine)."""
 
 
+ADMIN_USERNAME = "flops-admin"
+"""The MLflow user name of the manager's admin credential (an MLflow admin: every permission)."""
+
+AUTH_CONFIG_FILE = "basic_auth.ini"
+"""The basic-auth app's config file in the workdir (0600; holds the admin credential)."""
+
+AUTH_DB_FILE = "basic_auth.db"
+"""The basic-auth app's user and permission database (SQLite) in the workdir."""
+
+PASSWORD_BYTES = 32
+"""Random bytes of every generated password (``secrets.token_urlsafe``); MLflow requires at
+least 12 characters (``mlflow.utils.validation._validate_password``)."""
+
+AUTH_ENV_DROPPED = ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD")
+"""Variables of the caller's environment the server must not see: they would override the admin
+credential of :data:`AUTH_CONFIG_FILE` (``mlflow.server.auth.config.read_auth_config``)."""
+
+AUTH_CACHE_TTL_S = 600
+"""Seconds the server keeps a verified password in memory (``auth_cache_ttl_seconds``):
+checking one costs about 0.3 s of CPU (scrypt), on every request otherwise. Password changes and
+user deletions drop the entry at once in the worker that handles them, which is the only one
+(``--workers 1``), so a revoked credential stops working immediately."""
+
+PROBE_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
+"""A read-only REST call that needs a user on a basic-auth server (``/health`` needs none)."""
+
+
+@dataclass(frozen=True)
+class MlflowCredential:
+    """An MLflow user name and password (the password stays out of ``repr``)."""
+
+    username: str
+    password: str = field(repr=False)
+
+    def env(self) -> dict[str, str]:
+        """``{MLFLOW_TRACKING_USERNAME: ..., MLFLOW_TRACKING_PASSWORD: ...}``: how MLflow clients
+        (the ``mlflow`` Python API, so the aggregator) authenticate."""
+        return {
+            "MLFLOW_TRACKING_USERNAME": self.username,
+            "MLFLOW_TRACKING_PASSWORD": self.password,
+        }
+
+
+def new_password() -> str:
+    """A random password of :data:`PASSWORD_BYTES` bytes (URL-safe base64, 43 characters)."""
+    return secrets.token_urlsafe(PASSWORD_BYTES)
+
+
+def read_admin_credential(workdir: Path) -> MlflowCredential | None:
+    """The admin credential in ``workdir``'s :data:`AUTH_CONFIG_FILE`; ``None`` when there is
+    none (a server never started with authentication) or the file is unreadable."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        if not parser.read(workdir / AUTH_CONFIG_FILE):
+            return None
+        section = parser["mlflow"]
+        return MlflowCredential(section["admin_username"], section["admin_password"])
+    except (OSError, KeyError, configparser.Error):
+        return None
+
+
+def write_auth_config(workdir: Path) -> MlflowCredential:
+    """Write ``workdir``'s :data:`AUTH_CONFIG_FILE` (0600; ``workdir`` made 0700), keeping the
+    admin credential of an existing one and generating it the first time. Returns it."""
+    workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(workdir, 0o700)
+    admin = read_admin_credential(workdir) or MlflowCredential(ADMIN_USERNAME, new_password())
+    parser = configparser.ConfigParser(interpolation=None)
+    parser["mlflow"] = {
+        "default_permission": "NO_PERMISSIONS",
+        "database_uri": f"sqlite:///{(workdir / AUTH_DB_FILE).resolve()}",
+        "admin_username": admin.username,
+        "admin_password": admin.password,
+        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+        "grant_default_workspace_access": "false",
+        "auth_cache_ttl_seconds": str(AUTH_CACHE_TTL_S),
+    }
+    tmp = workdir / f".{AUTH_CONFIG_FILE}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        parser.write(out)
+    os.replace(tmp, workdir / AUTH_CONFIG_FILE)
+    return admin
+
+
 class MlflowServerError(FlopsError):
     """The MLflow tracking server did not start (the message quotes its log)."""
 
@@ -55,10 +158,13 @@ class MlflowServer(StartStop):
         port: TCP port; 0 picks a free one.
         start_timeout_s: seconds :meth:`start` waits for ``/health``. Defaults to
             :data:`START_TIMEOUT_S`.
+        authentication: run MLflow's basic-auth app (see the module docstring); ``False``
+            serves everyone without a password, as before.
 
     Use as a context manager or call :meth:`start` / :meth:`stop` (or :meth:`detach`). ``url`` is
     ``http://HOST:PORT``; ``start_seconds`` is how long the last successful :meth:`start`
-    took; ``pid`` is the last started server process (also its process group id).
+    took; ``pid`` is the last started server process (also its process group id); ``admin`` is
+    the admin :class:`MlflowCredential` once an authenticating server started (else ``None``).
     """
 
     def __init__(
@@ -67,8 +173,11 @@ class MlflowServer(StartStop):
         host: str = "127.0.0.1",
         port: int = 0,
         start_timeout_s: float = START_TIMEOUT_S,
+        authentication: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
+        self.authentication = authentication
+        self.admin: MlflowCredential | None = None
         self.host = host
         self.port = port or find_free_port(host)
         self.start_timeout_s = start_timeout_s
@@ -105,7 +214,20 @@ class MlflowServer(StartStop):
             str(self.port),
             "--workers",
             "1",
+            *(["--app-name", "basic-auth"] if self.authentication else []),
         ]
+
+    def environment(self) -> dict[str, str]:
+        """The server's environment: the caller's, :data:`OFFLINE_ENV` and, with
+        authentication, the auth config's path and a fresh Flask secret key (CSRF protection of
+        the sign-up form), without :data:`AUTH_ENV_DROPPED`."""
+        env = {**os.environ, **OFFLINE_ENV}
+        if self.authentication:
+            for name in AUTH_ENV_DROPPED:
+                env.pop(name, None)
+            env["MLFLOW_AUTH_CONFIG_PATH"] = str((self.workdir / AUTH_CONFIG_FILE).resolve())
+            env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_urlsafe(PASSWORD_BYTES)
+        return env
 
     def start(self) -> "MlflowServer":
         """Start the server and wait until ``GET /health`` answers 200.
@@ -119,6 +241,8 @@ class MlflowServer(StartStop):
         self._check_port_free()
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "artifacts").mkdir(exist_ok=True)
+        if self.authentication:
+            self.admin = write_auth_config(self.workdir)
         began = time.monotonic()
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
@@ -127,7 +251,7 @@ class MlflowServer(StartStop):
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=self.workdir,
-                env={**os.environ, **OFFLINE_ENV},
+                env=self.environment(),
                 start_new_session=True,
             )
         self.pid = self._process.pid
@@ -171,6 +295,33 @@ class MlflowServer(StartStop):
                 return int(response.status) == 200
         except (OSError, urllib.error.URLError):
             return False
+
+    def serves_as_configured(self, timeout_s: float = 5.0) -> bool:
+        """Whether the server on ``url`` runs in this object's mode: with ``authentication``, it
+        refuses an anonymous REST call (401) and accepts the admin credential of the workdir;
+        without, it answers the anonymous call. ``False`` when it does not answer."""
+        if not self.authentication:
+            return self._probe_status(None, timeout_s) == 200
+        admin = read_admin_credential(self.workdir)
+        return (
+            admin is not None
+            and self._probe_status(None, timeout_s) == 401
+            and self._probe_status(admin, timeout_s) == 200
+        )
+
+    def _probe_status(self, credential: MlflowCredential | None, timeout_s: float) -> int | None:
+        """The HTTP status of :data:`PROBE_PATH` as ``credential`` (anonymous: ``None``)."""
+        request = urllib.request.Request(f"{self.url}{PROBE_PATH}")
+        if credential is not None:
+            token = base64.b64encode(f"{credential.username}:{credential.password}".encode())
+            request.add_header("Authorization", f"Basic {token.decode()}")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except (OSError, urllib.error.URLError):
+            return None
 
     def running(self) -> bool:
         """Whether the server process started by :meth:`start` is still alive."""

@@ -80,7 +80,9 @@ class ProjectLifecycle:
         self.pipeline = Pipeline(
             self.runner, builder, orchestrator, workdir, mqtt_url, mlflow_url, self.credentials
         )
-        self.post_training = PostTraining(self.runner, builder, orchestrator, workdir, mlflow_url)
+        self.post_training = PostTraining(
+            self.runner, builder, orchestrator, workdir, mlflow_url, self.credentials
+        )
         self.recovery = RestartRecovery(self.runner, orchestrator)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="project")
         self.builds = FairQueue(max_workers, min(builds_per_customer, max_workers))

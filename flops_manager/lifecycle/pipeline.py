@@ -155,7 +155,9 @@ class Pipeline:
         project_id = record.project_id
         aggregator_env = {
             **aggregating,
-            **issued.aggregator(project_id, AGGREGATOR_SERVICE, cluster=False),
+            **issued.aggregator(
+                project_id, AGGREGATOR_SERVICE, cluster=False, customer_id=record.customer_id
+            ),
         }
         if record.hierarchical:
             aggregator_env[env_vars.AGGREGATOR_ROLE] = AggregatorRole.ROOT.value
@@ -174,7 +176,12 @@ class Pipeline:
                     module="aggregator",
                     env={
                         **aggregating,
-                        **issued.aggregator(project_id, cluster.service, cluster=True),
+                        **issued.aggregator(
+                            project_id,
+                            cluster.service,
+                            cluster=True,
+                            customer_id=record.customer_id,
+                        ),
                         env_vars.AGGREGATOR_ROLE: AggregatorRole.CLUSTER.value,
                         env_vars.CLUSTER: cluster.name,
                         env_vars.LEARNERS: ",".join(cluster.nodes),

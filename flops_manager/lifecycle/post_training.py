@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 
 from flops_manager.builds import ProjectBuilder
+from flops_manager.credentials import ProjectCredentials
 from flops_manager.lifecycle import events as ev
 from flops_manager.lifecycle.reducer import model_uri
 from flops_manager.lifecycle.runner import LifecycleRunner
@@ -28,6 +29,7 @@ class PostTraining:
         orchestrator: runs it (:meth:`Orchestrator.deploy_inference`).
         workdir: per-project scratch space goes under ``workdir/<project_id>``.
         mlflow_url: tracking server the image's build fetches the model from.
+        credentials: the project's MLflow user the build reads the model with.
     """
 
     def __init__(
@@ -37,7 +39,9 @@ class PostTraining:
         orchestrator: Orchestrator,
         workdir: Path,
         mlflow_url: str,
+        credentials: ProjectCredentials | None = None,
     ) -> None:
+        self.credentials = credentials or ProjectCredentials.none()
         self.runner = runner
         self.builder = builder
         self.orchestrator = orchestrator
@@ -92,7 +96,7 @@ class PostTraining:
             )
             return image
         if image is None:  # deploying needs the image: build it first if no step did
-            image = self._build_image(project_id, uri)
+            image = self._build_image(project_id, uri, record.customer_id)
         if step is not PostTrainingStep.DEPLOY_TRAINED_MODEL_IMAGE:
             return image
         if not self.orchestrator.serves_models:
@@ -114,9 +118,13 @@ class PostTraining:
         )
         return image
 
-    def _build_image(self, project_id: str, uri: str) -> ModelImageRecord:
+    def _build_image(self, project_id: str, uri: str, customer_id: str) -> ModelImageRecord:
         built = self.builder.build_model_image(
-            project_id, uri, self.mlflow_url, self.workdir / project_id / "model-build"
+            project_id,
+            uri,
+            self.mlflow_url,
+            self.workdir / project_id / "model-build",
+            self.credentials.tracking(project_id, customer_id),
         )
         image = ModelImageRecord(**dataclasses.asdict(built))
         how = "reused" if built.reused else f"built in {built.seconds:.1f} s"

@@ -31,6 +31,7 @@ def manager_config(
         port=0,
         **manager_mqtt(mqtt_broker),
         mlflow_url=mlflow_server.url,
+        insecure=frozenset({"mlflow"}),
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import requests
 from paho.mqtt.enums import CallbackAPIVersion
 from waiting import wait_until
 
@@ -26,7 +27,6 @@ from flops_manager.config import ManagerConfig
 from flops_manager.demo import example_sla, local_nodes
 from flops_manager.suite import ManagerSuite
 from flops_utils import env_vars
-from observatory.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.e2e
 
@@ -84,12 +84,8 @@ def _all_started(project_id: str, services: int) -> dict[str, str] | None:
 
 
 @pytest.fixture(scope="module")
-def secure_suite(
-    tmp_path_factory: pytest.TempPathFactory, mlflow_server: MlflowServer
-) -> Iterator[ManagerSuite]:
-    config = ManagerConfig(
-        home=Path(tmp_path_factory.mktemp("secure-home")), port=0, mlflow_url=mlflow_server.url
-    )
+def secure_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagerSuite]:
+    config = ManagerConfig(home=Path(tmp_path_factory.mktemp("secure-home")), port=0)
     assert not config.insecure
     with ManagerSuite(config) as suite:
         yield suite
@@ -153,3 +149,23 @@ def test_a_secure_project_trains_and_leaks_no_secret(
     assert not _can_connect(secure_suite.mqtt_url, None, None)
     assert not _can_connect(secure_suite.mqtt_url, learner_user, learner_password)
     assert os.stat(home).st_mode & 0o077 == 0
+    _check_tracking(secure_suite, token, project_id)
+
+
+def _check_tracking(suite: ManagerSuite, token: str, project_id: str) -> None:
+    """MLflow refuses anonymous calls; the customer's own credential (from the API) shows
+    the project's experiment with its rounds."""
+    search = f"{suite.mlflow_url}/api/2.0/mlflow/experiments/search"
+    anonymous = requests.get(search, params={"max_results": 100}, timeout=30)
+    issued = requests.post(
+        f"{suite.url}/api/flops/tracking/credential",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    ).json()
+    login = (issued["username"], issued["password"])
+    found = requests.get(search, params={"max_results": 100}, auth=login, timeout=30)
+
+    assert anonymous.status_code == 401
+    assert found.status_code == 200
+    names = [e["name"] for e in found.json().get("experiments", [])]
+    assert f"flops-{project_id}" in names

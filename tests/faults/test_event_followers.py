@@ -64,7 +64,11 @@ def suite(
     monkeypatch.setattr(suite_module, "API_THREADS", THREADS)
     monkeypatch.setattr(suite_module, "API_FREE_THREADS", FREE)
     config = ManagerConfig(
-        home=tmp_path / "home", port=0, **manager_mqtt(mqtt_broker), mlflow_url="http://127.0.0.1:9"
+        home=tmp_path / "home",
+        port=0,
+        **manager_mqtt(mqtt_broker),
+        mlflow_url="http://127.0.0.1:9",
+        insecure=frozenset({"mlflow"}),
     )
     with ManagerSuite(config) as running:
         yield running

@@ -39,7 +39,11 @@ def served(
 ) -> Iterator[ManagerSuite]:
     home = Path(tmp_path_factory.mktemp("manager-schema"))
     config = ManagerConfig(
-        home=home, port=0, **manager_mqtt(mqtt_broker), mlflow_url="http://127.0.0.1:9"
+        home=home,
+        port=0,
+        **manager_mqtt(mqtt_broker),
+        mlflow_url="http://127.0.0.1:9",
+        insecure=frozenset({"mlflow"}),
     )
     with ManagerSuite(config) as suite:
         yield suite

@@ -52,7 +52,7 @@ def base_url(
         **manager_mqtt(mqtt_broker),
         mlflow_url="http://127.0.0.1:9",
         auth="oakestra",
-        insecure=frozenset({"local"}),  # many customers on the local orchestrator: a test
+        insecure=frozenset({"local", "mlflow"}),  # many customers, local; MLflow without auth
         jwt_public_key_file=str(public_key),
     )
     with ManagerSuite(config) as suite:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -28,6 +29,7 @@ from flops_manager.broker import MosquittoBroker
 from flops_manager.builds import VenvProjectBuilder
 from flops_manager.client import ManagerClient
 from flops_manager.demo import example_sla, local_nodes
+from flops_manager.embedded import mlflow_admin
 from flops_manager.orchestrators.local import LocalOrchestrator
 from flops_manager.process_identity import ProcessIdentity
 from flops_manager.projects import ProjectLifecycle, ProjectStatus
@@ -210,10 +212,14 @@ def assert_completed_with_every_round(manager: ManagerProcess, project: dict[str
     assert run_id
     import mlflow
 
-    tracking = mlflow.MlflowClient(manager.client().tracking_url())
-    steps = sorted(m.step for m in tracking.get_metric_history(run_id, "accuracy"))
+    admin = mlflow_admin(manager.home)  # the embedded MLflow has authentication on
+    assert admin is not None
+    with mock.patch.dict(os.environ, admin.env()):
+        tracking = mlflow.MlflowClient(manager.client().tracking_url())
+        steps = sorted(m.step for m in tracking.get_metric_history(run_id, "accuracy"))
+        status = tracking.get_run(run_id).info.status
     assert steps == list(range(1, ROUNDS + 1))
-    assert tracking.get_run(run_id).info.status == "FINISHED"
+    assert status == "FINISHED"
 
 
 def embedded_pids(home: Path) -> dict[str, int]:

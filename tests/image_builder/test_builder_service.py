@@ -290,6 +290,7 @@ def test_local_orchestrator_refuses_the_oci_builder_at_start(
         builder="oci",
         registry="127.0.0.1:5000",
         base_image="127.0.0.1:5000/flops/base:1",
+        insecure=frozenset({"mlflow"}),
     )
     with pytest.raises(ConfigurationError, match="runs virtualenvs on this machine") as caught:
         ManagerSuite(config).start()

@@ -45,7 +45,13 @@ def suite(
     tmp_path_factory: pytest.TempPathFactory, mqtt_broker: MosquittoBroker
 ) -> Iterator[ManagerSuite]:
     home = Path(tmp_path_factory.mktemp("manager-limits"))
-    config = ManagerConfig(home=home, port=0, **manager_mqtt(mqtt_broker), mlflow_url=UNUSED_MLFLOW)
+    config = ManagerConfig(
+        home=home,
+        port=0,
+        **manager_mqtt(mqtt_broker),
+        mlflow_url=UNUSED_MLFLOW,
+        insecure=frozenset({"mlflow"}),
+    )
     with ManagerSuite(config) as running:
         yield running
 
@@ -190,7 +196,13 @@ def test_a_world_readable_home_is_made_private_at_start(
     os.chmod(home, 0o755)
     os.chmod(home / "db", 0o755)
     os.chmod(home / "api-token", 0o644)
-    config = ManagerConfig(home=home, port=0, **manager_mqtt(mqtt_broker), mlflow_url=UNUSED_MLFLOW)
+    config = ManagerConfig(
+        home=home,
+        port=0,
+        **manager_mqtt(mqtt_broker),
+        mlflow_url=UNUSED_MLFLOW,
+        insecure=frozenset({"mlflow"}),
+    )
 
     with ManagerSuite(config):
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [home, home / "db"]}
@@ -228,7 +240,7 @@ def oakestra_api_url(
         **manager_mqtt(mqtt_broker),
         mlflow_url=UNUSED_MLFLOW,
         auth="oakestra",
-        insecure=frozenset({"local"}),  # many customers on the local orchestrator: a test
+        insecure=frozenset({"local", "mlflow"}),  # many customers, local; MLflow without auth
         jwt_public_key_file=str(public),
     )
     with ManagerSuite(config) as running:
@@ -269,6 +281,7 @@ def test_many_customers_on_the_local_orchestrator_are_refused(tmp_path: Path) ->
         jwt_public_key_file=str(public),
         mqtt_url="mqtt://127.0.0.1:9",
         mlflow_url=UNUSED_MLFLOW,
+        insecure=frozenset({"mlflow"}),
     )
 
     with pytest.raises(ConfigurationError, match="FLOPS_ORCHESTRATOR=oakestra"):

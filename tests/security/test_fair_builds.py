@@ -131,7 +131,7 @@ def test_a_tarpit_customer_does_not_stall_another_customers_build(
         **manager_mqtt(mqtt_broker),
         mlflow_url="http://127.0.0.1:9",
         auth="oakestra",
-        insecure=frozenset({"local"}),  # many customers on the local orchestrator: a test
+        insecure=frozenset({"local", "mlflow"}),  # many customers, local; MLflow without auth
         jwt_public_key_file=str(public),
     )
     with ManagerSuite(config) as suite:

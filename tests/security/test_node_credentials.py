@@ -24,7 +24,13 @@ def suite(
     tmp_path_factory: pytest.TempPathFactory, mqtt_broker: MosquittoBroker
 ) -> Iterator[ManagerSuite]:
     home = Path(tmp_path_factory.mktemp("manager-nodes"))
-    config = ManagerConfig(home=home, port=0, **manager_mqtt(mqtt_broker), mlflow_url=UNUSED_MLFLOW)
+    config = ManagerConfig(
+        home=home,
+        port=0,
+        **manager_mqtt(mqtt_broker),
+        mlflow_url=UNUSED_MLFLOW,
+        insecure=frozenset({"mlflow"}),
+    )
     with ManagerSuite(config) as running:
         yield running
 

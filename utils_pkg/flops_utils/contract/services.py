@@ -43,3 +43,8 @@ def instance_of(service: str) -> str:
     """The part of ``service`` after its role (the node id, the cluster); empty for the
     aggregator. Raises ``ValueError`` like :func:`role_of`."""
     return service[len(role_of(service).value) + 1 :]
+
+
+def experiment_name(project_id: str) -> str:
+    """The MLflow experiment (and registered model) name of a project: ``flops-<project_id>``."""
+    return f"flops-{project_id}"
