@@ -170,7 +170,7 @@ def _print_result(project: dict[str, Any], tracking_url: str) -> None:
     if mlflow:
         model = mlflow.get("registered_model_uri") or mlflow.get("model_uri")
         console.print(f"model     {model} (MLflow run {mlflow.get('run_id')})")
-    console.print(f"MLflow    {tracking_url}")
+    console.print(f"MLflow    {tracking_url} (log in with: flops tracking)")
     colour = "green" if project["status"] == "completed" else "red"
     console.print(f"status    [{colour}]{project['status']}[/] {project.get('status_message', '')}")
     if project["status"] != "completed":
@@ -220,6 +220,19 @@ def token(
         console.print("[red]error:[/] no API token yet; start flops-manager once to create it")
         raise typer.Exit(1)
     print(value)
+
+
+@app.command()
+def tracking(manager_url: ManagerUrl = "http://127.0.0.1:8080", token: Token = None) -> None:
+    """Print the MLflow GUI's address and a login for it: your own MLflow user with a new
+    password (the previous one stops working); the GUI shows your projects only."""
+    try:
+        login = _client(manager_url, token).tracking_credential()
+    except FlopsError as exc:
+        _fail(exc)
+    console.print(f"MLflow    {login['url']}")
+    console.print(f"user      {login['username']}")
+    print(f"password  {login['password']}")
 
 
 @app.command()

@@ -83,6 +83,13 @@ class ManagerClient:
         """The MLflow GUI's URL."""
         return str(self.request("GET", "/tracking")["url"])
 
+    def tracking_credential(self) -> dict[str, str]:
+        """``{"url", "username", "password"}``: the caller's MLflow user with a new password
+        (the previous one stops working). Raises ``ApiError`` (404) when MLflow runs without
+        authentication."""
+        answer: dict[str, str] = self.request("POST", "/tracking/credential")
+        return answer
+
     def wait_for_nodes(
         self, count: int, timeout_s: float, tag: str | None = None
     ) -> list[dict[str, Any]]:
