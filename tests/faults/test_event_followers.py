@@ -2,7 +2,6 @@
 the event stream make GET /projects and /healthz unanswered"): followers are bounded below the
 server's thread count, the rest get 429, and every other request is still answered."""
 
-import http.server
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import pytest
 import requests
 from mqtt_testing import manager_mqtt
+from tarpit_testing import tarpit_server
 from waiting import wait_until
 
 import flops_manager.suite as suite_module
@@ -23,38 +23,10 @@ THREADS = 12
 FREE = 4
 
 
-class _Tarpit(http.server.BaseHTTPRequestHandler):
-    """A git server that answers slowly, so that a project stays ``building``."""
-
-    stop: threading.Event
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-git-upload-pack-advertisement")
-        self.end_headers()
-        try:
-            while not self.stop.wait(1.0):
-                self.wfile.write(b"0")
-                self.wfile.flush()
-        except OSError:
-            return
-
-    def log_message(self, format: str, *args: object) -> None:
-        return
-
-
 @pytest.fixture
 def tarpit() -> Iterator[str]:
-    stop = threading.Event()
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), type("Tarpit", (_Tarpit,), {"stop": stop})
-    )
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/slow.git"
-    stop.set()
-    server.shutdown()
-    server.server_close()
+    with tarpit_server() as url:
+        yield f"{url}/slow.git"
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ byte a second; git fetches from it over real HTTP. Bounds are shrunk through
 :class:`~image_builder.repo.FetchLimits`, never by sleeping.
 """
 
-import http.server
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import git
 import pytest
 from builder_testing import commit_all, copy_example
+from tarpit_testing import tarpit_server
 from waiting import wait_until
 
 from flops_manager.builds import VenvProjectBuilder
@@ -29,39 +29,11 @@ from image_builder.repo import FetchLimits, fetch_repo
 from image_builder.venv_builder import VenvBuilder
 
 
-class _Tarpit(http.server.BaseHTTPRequestHandler):
-    """Answers every GET with 200 and then one byte a second until stopped."""
-
-    stop: threading.Event
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-git-upload-pack-advertisement")
-        self.end_headers()
-        try:
-            while not self.stop.wait(1.0):
-                self.wfile.write(b"0")
-                self.wfile.flush()
-        except OSError:
-            return  # git gave up
-
-    def log_message(self, format: str, *args: object) -> None:
-        return
-
-
 @pytest.fixture
 def tarpit() -> Iterator[str]:
     """The URL of a repository on a tarpit git HTTP server."""
-    stop = threading.Event()
-    handler = type("Tarpit", (_Tarpit,), {"stop": stop})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/slow/repo.git"
-    stop.set()
-    server.shutdown()
-    server.server_close()
+    with tarpit_server() as url:
+        yield f"{url}/slow/repo.git"
 
 
 def test_tarpit_below_the_minimum_rate_fails_within_the_bound(tarpit: str, tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 repositories (a tarpit git server) cannot hold every build worker while another customer's
 project waits."""
 
-import http.server
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from mqtt_testing import manager_mqtt
+from tarpit_testing import tarpit_server
 from waiting import wait_until
 
 from flops_manager.broker import MosquittoBroker
@@ -66,38 +66,10 @@ def test_free_workers_go_to_customers_in_turn() -> None:
     queue.close()
 
 
-class _Tarpit(http.server.BaseHTTPRequestHandler):
-    """A git HTTP server that answers and then sends one byte a second."""
-
-    stop: threading.Event
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-git-upload-pack-advertisement")
-        self.end_headers()
-        try:
-            while not self.stop.wait(1.0):
-                self.wfile.write(b"0")
-                self.wfile.flush()
-        except OSError:
-            return
-
-    def log_message(self, format: str, *args: object) -> None:
-        return
-
-
 @pytest.fixture
 def tarpit() -> Iterator[str]:
-    stop = threading.Event()
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), type("Tarpit", (_Tarpit,), {"stop": stop})
-    )
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    stop.set()
-    server.shutdown()
-    server.server_close()
+    with tarpit_server() as url:
+        yield url
 
 
 def _token(key: rsa.RSAPrivateKey, customer: str, roles: list[str]) -> dict[str, str]:
