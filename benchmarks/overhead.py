@@ -52,6 +52,18 @@ def flops_run(client: ManagerClient, sla: dict[str, Any]) -> tuple[float, float,
     return first_round - posted, project["phases"]["training"]["seconds"], project
 
 
+def _data_access(node: Any) -> dict[str, str]:
+    """The node owner's token and certificate for a plain client of a secure data server
+    (``{}`` for a data server started ``--insecure``)."""
+    from data_server.security import owner_credentials
+
+    try:
+        token, cert = owner_credentials(node.data_dir)
+    except OSError:
+        return {}
+    return {env_vars.DATA_TOKEN: token, env_vars.DATA_SERVER_CERT: cert}
+
+
 def plain_run(
     python: str, nodes: list[Any], rounds: int, repo: Path = EXAMPLE_REPO, tag: str = "mnist"
 ) -> float:
@@ -71,7 +83,7 @@ def plain_run(
     clients = [
         subprocess.Popen(
             [python, str(PLAIN), "client", address],
-            env={**env, env_vars.DATA_SERVER: node.location},
+            env={**env, env_vars.DATA_SERVER: node.location, **_data_access(node)},
             cwd=repo,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -109,7 +121,8 @@ def main() -> None:
         with ManagerSuite(ManagerConfig(home=home, port=0, insecure=insecure)) as suite:
             token = read_api_token(home)
             client = ManagerClient(suite.url, token=token)
-            with local_nodes(2, home / "nodes", suite.url, token) as nodes:
+            secure_data = "data" not in insecure
+            with local_nodes(2, home / "nodes", suite.url, token, secure=secure_data) as nodes:
                 client.wait_for_nodes(2, timeout_s=30)
                 client.provide_mocks(dataset="mnist", tag="mnist")
                 sla = example_sla(
@@ -119,7 +132,7 @@ def main() -> None:
                     min_evaluate_clients=2,
                 )
                 cold_latency, _, project = flops_run(client, sla)
-                python = project["environment"]["python"]
+                python = project["admin"]["environment_paths"]["python"]
                 warm_latency, flops_training, plain = [], [], []
                 for _ in range(args.repeats):
                     latency, training, _ = flops_run(client, sla)

@@ -97,6 +97,11 @@ class ProjectCredentials:
         """The environment variables of an image builder run for ``project_id``."""
         return self.mqtt.grant(project_id, service, Component.BUILDER)
 
+    def end_runs(self, project_id: str, status: str) -> list[str]:
+        """End the project's MLflow runs still ``RUNNING`` with ``status`` (``FAILED`` or
+        ``KILLED``); returns their ids."""
+        return self.mlflow.end_runs(experiment_name(project_id), status)
+
     def revoke(self, project_id: str) -> None:
         """Withdraw every credential of ``project_id`` that can be withdrawn (MQTT, MLflow;
         the Flower certificate (7 days) and data tokens (24 h) expire on their own).

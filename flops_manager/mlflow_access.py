@@ -25,6 +25,7 @@ REST paths: ``mlflow/server/auth/routes.py`` and ``mlflow/server/handlers.py`` o
 
 import hashlib
 import re
+import time
 from typing import Any, Protocol
 
 import requests
@@ -93,9 +94,86 @@ class MlflowAccessControl(Protocol):
         """Delete the project's MLflow user."""
         ...
 
+    def end_runs(self, experiment_name: str, status: str) -> list[str]:
+        """End the experiment's ``RUNNING`` runs with ``status``; returns their ids."""
+        ...
+
+
+def end_running_runs(
+    tracking_url: str,
+    experiment_name: str,
+    status: str,
+    auth: tuple[str, str] | None = None,
+    timeout_s: float = REQUEST_TIMEOUT_S,
+) -> list[str]:
+    """Mark every ``RUNNING`` run of the experiment ``experiment_name`` (a project's: its
+    aggregator's run and the cluster aggregators' child runs) as ended with ``status``
+    (``FAILED`` or ``KILLED``), now: a run whose process was killed never ends by itself.
+    Returns the run ids changed. Raises :class:`MlflowAccessError` when the server refuses or
+    does not answer."""
+    url = tracking_url.rstrip("/")
+
+    def call(step: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = requests.post(f"{url}{path}", json=body, auth=auth, timeout=timeout_s)
+        except requests.RequestException as exc:
+            raise MlflowAccessError(
+                f"Could not {step}: the MLflow tracking server at {url} does not answer "
+                f"({type(exc).__name__})."
+            ) from exc
+        if not response.ok:
+            raise MlflowAccessError(
+                f"The MLflow tracking server at {url} refused to {step} "
+                f"(HTTP {response.status_code})."
+            )
+        return _json(response)
+
+    try:
+        found = requests.get(
+            f"{url}{_EXPERIMENTS}/get-by-name",
+            params={"experiment_name": experiment_name},
+            auth=auth,
+            timeout=timeout_s,
+        )
+    except requests.RequestException as exc:
+        raise MlflowAccessError(
+            f"Could not look up the experiment: the MLflow tracking server at {url} does not "
+            f"answer ({type(exc).__name__})."
+        ) from exc
+    if not found.ok:
+        return []  # no experiment: the aggregator never started a run
+    experiment_id = str(_json(found).get("experiment", {}).get("experiment_id", ""))
+    search = {
+        "experiment_ids": [experiment_id],
+        "filter": "attributes.status = 'RUNNING'",
+        "max_results": 1000,
+    }
+    runs = call("search the project's runs", "/api/2.0/mlflow/runs/search", search)
+    ended = []
+    now_ms = int(time.time() * 1000)
+    for run in runs.get("runs", []):
+        run_id = str(run["info"]["run_id"])
+        body = {"run_id": run_id, "status": status, "end_time": now_ms}
+        call("end a run", "/api/2.0/mlflow/runs/update", body)
+        ended.append(run_id)
+    return ended
+
 
 class NoMlflowAccess:
-    """The :class:`MlflowAccessControl` of a server without authentication: no users."""
+    """The :class:`MlflowAccessControl` of a server without authentication: no users.
+
+    Args:
+        tracking_url: the server (for :meth:`end_runs`); empty: no server to talk to.
+    """
+
+    def __init__(self, tracking_url: str = "") -> None:
+        self.tracking_url = tracking_url
+
+    def end_runs(self, experiment_name: str, status: str) -> list[str]:
+        """:func:`end_running_runs` without a login."""
+        if not self.tracking_url:
+            return []
+        return end_running_runs(self.tracking_url, experiment_name, status)
 
     def project(self, project_id: str, experiment_name: str, customer_id: str) -> dict[str, str]:
         """``{}``: the aggregators connect anonymously."""
@@ -132,6 +210,11 @@ class MlflowAccess:
         self.tracking_url = tracking_url.rstrip("/")
         self.admin = MlflowCredential(admin_username, admin_password)
         self.timeout_s = timeout_s
+
+    def end_runs(self, experiment_name: str, status: str) -> list[str]:
+        """:func:`end_running_runs` as the admin."""
+        auth = (self.admin.username, self.admin.password)
+        return end_running_runs(self.tracking_url, experiment_name, status, auth, self.timeout_s)
 
     def project(self, project_id: str, experiment_name: str, customer_id: str) -> dict[str, str]:
         """Prepare MLflow for a project and return its aggregators' credential.

@@ -246,7 +246,7 @@ class ManagerSuite(StartStop):
             mqtt = MqttAccess(self.mqtt_url, admin.username, admin.password)
         data = DataAccess(home) if self.config.secure("data") else None
         flower = ProjectCA(home) if self.config.secure("flower") else None
-        tracking: MlflowAccessControl = NoMlflowAccess()
+        tracking: MlflowAccessControl = NoMlflowAccess(self.mlflow_url)
         mlflow_admin = self._mlflow_admin(home)
         if mlflow_admin is not None:
             tracking = MlflowAccess(self.mlflow_url, mlflow_admin.username, mlflow_admin.password)

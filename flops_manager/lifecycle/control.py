@@ -27,9 +27,13 @@ from flops_manager.orchestrators.base import Orchestrator
 from flops_manager.records import ProjectRecord
 from flops_manager.sla import ProjectSLA
 from flops_manager.store import ProjectStore
-from flops_utils.contract.lifecycle import ACTIVE
+from flops_utils.contract.lifecycle import ACTIVE, ProjectStatus
+from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 from flops_utils.mqtt_topics import ParsedTopic
+
+RUN_END_STATUS = {ProjectStatus.FAILED: "FAILED", ProjectStatus.CANCELLED: "KILLED"}
+"""The MLflow status the project's runs still ``RUNNING`` get when it ends so."""
 
 BUILDS_PER_CUSTOMER = 2
 """Default for the most builds of one customer running at the same time."""
@@ -229,6 +233,13 @@ class ProjectLifecycle:
         except Exception:
             logger.exception("project %s: stopping its services failed", project_id)
         record = self.store.get_project(project_id)
+        if record is not None and record.status in RUN_END_STATUS:
+            try:  # a killed aggregator never ends its MLflow run itself
+                self.credentials.end_runs(project_id, RUN_END_STATUS[record.status])
+            except FlopsError as exc:
+                logger.warning("project %s: its MLflow runs stay open: %s", project_id, exc)
+            except Exception:
+                logger.exception("project %s: ending its MLflow runs failed", project_id)
         if record is None or record.status.is_terminal:
             try:
                 self.credentials.revoke(project_id)
