@@ -161,6 +161,9 @@ class ProjectRecord(_Record):
     mlflow: MlflowRecord | None = None
     model_image: ModelImageRecord | None = None
     inference_url: str | None = None
+    repo_userinfo: str | None = None
+    """The secret user-info of the SLA's ``ml_repo_url`` (``user:token``), kept apart from
+    ``sla`` (whose URL has none): only the build puts it back; no view shows it."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

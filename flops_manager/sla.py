@@ -99,6 +99,35 @@ def repo_url_problem(url: str) -> str | None:
     return None
 
 
+_URL_AUTHORITY = re.compile(
+    r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<authority>[^/]*)(?P<rest>.*)$"
+)
+
+
+def split_userinfo(url: str) -> tuple[str, str | None]:
+    """``url`` without the secret of its user-info, and that user-info: ``https://alice:tok@h/r``
+    → ``("https://h/r", "alice:tok")``; a bare token of an http(s) URL (``https://tok@h/r``)
+    too. URLs without a secret (``ssh://git@host/r``, ``git@host:r``, paths) come back as they
+    are, with ``None``. The repository's credential is stored apart from the SLA, which views,
+    logs and the aggregator's MLflow parameters show."""
+    match = _URL_AUTHORITY.match(url)
+    if match is None or "@" not in match["authority"]:
+        return url, None
+    userinfo, _, host = match["authority"].rpartition("@")
+    is_http = match["scheme"].lower() in ("http://", "https://")
+    if ":" not in userinfo and not is_http:
+        return url, None
+    return f"{match['scheme']}{host}{match['rest']}", userinfo
+
+
+def with_userinfo(url: str, userinfo: str | None) -> str:
+    """``url`` with ``userinfo`` put back (the inverse of :func:`split_userinfo`)."""
+    match = _URL_AUTHORITY.match(url)
+    if not userinfo or match is None:
+        return url
+    return f"{match['scheme']}{userinfo}@{match['authority']}{match['rest']}"
+
+
 def is_local_repo_url(url: str) -> bool:
     """True when ``url`` names a directory of the manager's host: a ``file://`` URL or a path
     (anything that is neither a remote URL nor scp-like ``user@host:path``)."""

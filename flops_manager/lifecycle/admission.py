@@ -6,7 +6,7 @@ from typing import Any
 
 from flops_manager.errors import Conflict, Unprocessable
 from flops_manager.records import ClusterRecord, Event, Phase, ProjectRecord
-from flops_manager.sla import ProjectSLA
+from flops_manager.sla import ProjectSLA, split_userinfo
 from flops_utils.contract.lifecycle import ProjectStatus
 from flops_utils.contract.services import cluster_aggregator_service
 from flops_utils.types import FLOpsMode
@@ -197,6 +197,8 @@ def new_record(
     learners' node ids."""
     project_id = uuid.uuid4().hex[:12]
     pending = ProjectStatus.PENDING
+    stored = sla.model_dump(mode="json")
+    stored["ml_repo_url"], userinfo = split_userinfo(sla.ml_repo_url)
     return ProjectRecord(
         _id=project_id,
         project_id=project_id,
@@ -205,7 +207,8 @@ def new_record(
         status_message="accepted",
         created_at=now_s,
         updated_at=now_s,
-        sla=sla.model_dump(mode="json"),
+        sla=stored,
+        repo_userinfo=userinfo,
         nodes=node_ids,
         clusters=[
             ClusterRecord(name=name, service=cluster_aggregator_service(name), nodes=members)

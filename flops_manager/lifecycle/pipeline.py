@@ -24,7 +24,7 @@ from flops_manager.orchestrators.base import (
     ServiceSpec,
 )
 from flops_manager.records import ProjectRecord
-from flops_manager.sla import ProjectSLA
+from flops_manager.sla import ProjectSLA, with_userinfo
 from flops_utils import env_vars
 from flops_utils.contract.lifecycle import ProjectStatus
 from flops_utils.contract.services import AGGREGATOR_SERVICE, learner_service
@@ -74,7 +74,9 @@ class Pipeline:
             record, sla = self._load(project_id)
             if record.status is not ProjectStatus.BUILDING:
                 return  # cancelled while it waited for a build worker
-            env = self.builder.build(project_id, sla, self.workdir / project_id / "build")
+            url = with_userinfo(sla.ml_repo_url, record.repo_userinfo)  # stored apart
+            clone = sla.model_copy(update={"ml_repo_url": url})
+            env = self.builder.build(project_id, clone, self.workdir / project_id / "build")
             with self._lock:
                 self._built[project_id] = env
             cached = "reused from the cache" if env.cache_hit else f"built in {env.seconds:.1f} s"

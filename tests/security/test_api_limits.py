@@ -3,8 +3,12 @@ access token, a private ``FLOPS_HOME``, credentials in repository URLs (issue: s
 default, attacks 5 and 6). Each answer must be a 4xx with a JSON error, never a 500, and
 nothing of the attacker's input may be stored."""
 
+import base64
+import http.server
+import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -337,3 +341,49 @@ def test_a_customer_cannot_build_from_a_manager_directory(
     assert refused.status_code == 403, refused.text
     assert refused.json()["error"] == "ml_repo_url_not_allowed"
     assert alice("GET", "/projects").json()["total"] == 0
+
+
+class _BasicAuthGit(http.server.BaseHTTPRequestHandler):
+    """A git HTTP server that asks for basic auth and records the credentials it gets."""
+
+    seen: list[str]
+
+    def do_GET(self) -> None:
+        header = self.headers.get("Authorization")
+        if header is None:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="git"')
+            self.end_headers()
+            return
+        self.seen.append(base64.b64decode(header.split()[1]).decode())
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+def test_repository_credentials_are_stored_apart_and_still_reach_git(
+    suite: ManagerSuite, api: Api
+) -> None:
+    seen: list[str] = []
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), type("Git", (_BasicAuthGit,), {"seen": seen})
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    secret = "ghp_ApartT0ken"
+    url = f"http://alice:{secret}@127.0.0.1:{server.server_address[1]}/repo.git"
+    try:
+        project_id = api("POST", "/projects", json=sla(ml_repo_url=url)).json()["project_id"]
+        deadline = time.monotonic() + 60
+        while api("GET", f"/projects/{project_id}").json()["status"] != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        server.shutdown()
+        server.server_close()
+    record = suite.lifecycle.get(project_id)
+
+    assert secret not in json.dumps(record.sla)  # the SLA (views, MLflow params) has none
+    assert record.repo_userinfo == f"alice:{secret}"
+    assert f"alice:{secret}" in seen  # the build still cloned with it
