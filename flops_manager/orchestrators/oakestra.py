@@ -18,11 +18,21 @@ one instance:
   ``storage``, ``one_shot`` (an FL service ends by itself), and the MQTT and MLflow addresses
   the workers reach (``service_mqtt_url``/``service_mlflow_url``, default: the manager's).
 
-The base class's watcher polls every service (``GET /api/service/{id}``) every
-``poll_interval_s`` and reports an instance that reached a terminal status
-(:data:`TERMINAL_STATUSES`) through ``on_service_exit``: ``COMPLETED``/``DEAD`` as exit code 0,
-``FAILED`` and scheduling failures as 1, with Oakestra's status (and ``status_detail``) as the
-last line. :meth:`~OakestraOrchestrator.stop` deletes the application, which deletes its
+The base class's watcher polls every ``poll_interval_s``; all services of a project are read
+in one request (``GET /api/services/{application id}``, shared by the project's services for
+half an interval), as the root's system manager is a single worker. An instance that reached a
+terminal status (:data:`TERMINAL_STATUSES`) is reported through ``on_service_exit``:
+``COMPLETED`` as exit code 0; ``DEAD`` (the container exited with an error) as a crash, with
+the exit code the runtime gave in its ``status_detail`` (else 1); ``FAILED`` (it could not
+start) and scheduling failures as 1. The last line is Oakestra's status with the instance's
+own ``status_detail`` and the last line of its ``logs`` (the job-level ``status_detail`` stays
+"Waiting for scheduling decision" and is never used). A service that ended is deleted at once:
+Oakestra's cluster manager restarts ``FAILED`` and ``DEAD`` instances about every 15 s, so it
+would crash-loop or rejoin training. ``NO_WORKER_CAPACITY`` is not an end (Oakestra retries
+it), and an instance of an unknown node stays ``CLUSTER_SCHEDULED`` for ever: a service that
+has not run within ``start_timeout_s`` ends with a message naming its node.
+Statuses reach the root only with the cluster's push every 15 s, so every end is seen up to
+15 s late. :meth:`~OakestraOrchestrator.stop` deletes the application, which deletes its
 services and undeploys their instances; it finds the application by name, so nothing is left
 behind even without handles. Handles hold the application and service ids and the published
 port, so a restarted manager re-attaches by polling them again and keeps their ports reserved.
@@ -30,8 +40,10 @@ port, so a restarted manager re-attaches by polling them again and keeps their p
 
 from __future__ import annotations
 
+import re
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +60,7 @@ from flops_manager.orchestrators.base import (
     ServiceState,
 )
 from flops_manager.orchestrators.oakestra_client import (
+    CRASHED_STATUSES,
     SCHEDULING_FAILURES,
     TERMINAL_STATUSES,
     OakestraClient,
@@ -69,16 +82,30 @@ included) before the deployment fails."""
 PORT_RANGE = (30000, 30999)
 """Default ports (inclusive) the aggregators and trained-model servers publish on workers."""
 
-EXITED_OK = frozenset({"COMPLETED", "DEAD"})
-"""Terminal instance statuses of a service that exited 0 (one-shot or not)."""
+EXITED_OK = frozenset({"COMPLETED"})
+"""The terminal instance status of a one-shot service that exited 0."""
+
+UNKNOWN_CRASH_RC = 1
+"""Return code reported for a ``DEAD`` instance whose ``status_detail`` gives no exit code
+(and for ``FAILED`` instances and scheduling failures, which never ran)."""
+
+_EXIT_CODE = re.compile(
+    r"(?:exit(?:ed)?(?: with)?(?: status)? code|exit status)[:= ]*(-?\d+)", re.I
+)
 
 
 @dataclass(eq=False)
 class _OakestraService(Service):
-    """A watched Oakestra service of a project."""
+    """A watched Oakestra service of a project. ``where``: its placement in words (empty:
+    anywhere); ``deployed_s``: ``time.monotonic()`` when it was deployed (or re-attached);
+    ``has_run``: its instance was seen running; ``outcome``: how it ended, once seen."""
 
     application_id: str
     service_id: str
+    where: str = field(default="", kw_only=True)
+    deployed_s: float = field(default_factory=time.monotonic, kw_only=True)
+    has_run: bool = field(default=False, kw_only=True)
+    outcome: ServiceExit | None = field(default=None, kw_only=True)
 
     def handle(self) -> ServiceHandle:
         return {
@@ -92,21 +119,67 @@ class _OakestraService(Service):
 def instance_outcome(job: dict[str, Any]) -> tuple[str, str] | None:
     """``(status, detail)`` when the service's instance ended (or could not be placed), else
     ``None`` while it is pending or running. ``job`` is :meth:`OakestraClient.get_service`'s
-    answer; a service-level scheduling failure (e.g. ``TargetClusterNotFound``) counts too.
+    answer; a service-level scheduling failure (e.g. ``TargetClusterNotActive``) counts too.
+    ``detail`` is the instance's own ``status_detail`` and the last line of its ``logs``
+    (never the job's ``status_detail``, which stays "Waiting for scheduling decision").
     """
     status = str(job.get("status") or "")
-    detail = str(job.get("status_detail") or "")
-    if status in SCHEDULING_FAILURES:
-        return status, detail
+    if status in SCHEDULING_FAILURES and not job.get("instance_list"):
+        return status, ""
     for instance in job.get("instance_list") or []:
         instance_status = str(instance.get("status") or "")
         if instance_status in TERMINAL_STATUSES:
-            return instance_status, str(instance.get("status_detail") or detail)
+            return instance_status, _instance_detail(instance)
     return None
+
+
+def _instance_detail(instance: dict[str, Any]) -> str:
+    """The instance's ``status_detail`` and, unless it completed, its last output line."""
+    detail = str(instance.get("status_detail") or "")
+    if instance.get("status") in EXITED_OK:
+        return detail
+    lines = [line for line in str(instance.get("logs") or "").splitlines() if line.strip()]
+    if lines:
+        detail += ("; " if detail else "") + f"its last output: {lines[-1].strip()[-300:]}"
+    return detail
 
 
 def _exit_line(status: str, detail: str) -> str:
     return f"Oakestra reports the instance {status}" + (f": {detail}" if detail else "")
+
+
+def exit_of(status: str, detail: str, where: str = "") -> ServiceExit:
+    """The :class:`ServiceExit` of an instance that ended with ``status``: ``COMPLETED`` 0;
+    ``DEAD`` (a crash) the exit code ``detail`` names, else :data:`UNKNOWN_CRASH_RC`; any
+    other status :data:`UNKNOWN_CRASH_RC`. ``where``: the placement in words, for scheduling
+    failures."""
+    if status in EXITED_OK:
+        return ServiceExit(0, _exit_line(status, detail))
+    if status in CRASHED_STATUSES:
+        found = _EXIT_CODE.search(detail)
+        code = int(found.group(1)) if found else UNKNOWN_CRASH_RC
+        return ServiceExit(code or UNKNOWN_CRASH_RC, _exit_line(f"{status} (it crashed)", detail))
+    if status in SCHEDULING_FAILURES:
+        text = f"Oakestra could not place it{f' on {where}' if where else ''}: {status}"
+        return ServiceExit(UNKNOWN_CRASH_RC, text + (f" ({detail})" if detail else ""))
+    if status == "FAILED":
+        return ServiceExit(UNKNOWN_CRASH_RC, _exit_line(f"{status} (it could not start)", detail))
+    return ServiceExit(UNKNOWN_CRASH_RC, _exit_line(status, detail))
+
+
+def _pending_text(service: _OakestraService, status: str) -> str:
+    """Why a service has not run yet, naming its node (an unknown node leaves the instance
+    ``CLUSTER_SCHEDULED`` for ever)."""
+    if not service.where:
+        return f"its instance is still {status}; check the worker nodes and the registry"
+    return (
+        f"its instance is still {status} for {service.where}; check that Oakestra has a "
+        "worker of that hostname in that cluster, with the capacity the SLA asks"
+    )
+
+
+def _placement_text(placement: Any) -> str:
+    return f"node {placement.hostname!r} of cluster {placement.cluster!r}" if placement else ""
 
 
 class OakestraOrchestrator(Orchestrator):
@@ -121,6 +194,9 @@ class OakestraOrchestrator(Orchestrator):
             in their environment); empty keeps the manager's.
         poll_interval_s: seconds between status polls.
         aggregator_start_timeout_s: seconds the aggregator may take to run.
+        start_timeout_s: seconds any other service's instance may take to run before the
+            service ends (an instance of an unknown node stays ``CLUSTER_SCHEDULED`` for
+            ever); default: ``aggregator_start_timeout_s``.
         port_range: ``(first, last)`` ports (inclusive) the aggregators and trained-model
             servers publish on their worker; open them in the workers' firewalls.
     """
@@ -141,6 +217,7 @@ class OakestraOrchestrator(Orchestrator):
         poll_interval_s: float = POLL_INTERVAL_S,
         aggregator_start_timeout_s: float = AGGREGATOR_START_TIMEOUT_S,
         port_range: tuple[int, int] = PORT_RANGE,
+        start_timeout_s: float | None = None,
     ) -> None:
         super().__init__(on_service_exit, poll_interval_s)
         self.client = client
@@ -148,6 +225,11 @@ class OakestraOrchestrator(Orchestrator):
         self.service_mqtt_url = service_mqtt_url
         self.service_mlflow_url = service_mlflow_url
         self.aggregator_start_timeout_s = aggregator_start_timeout_s
+        self.start_timeout_s = (
+            aggregator_start_timeout_s if start_timeout_s is None else start_timeout_s
+        )
+        self._jobs_lock = threading.Lock()
+        self._jobs: dict[str, tuple[float, dict[str, dict[str, Any]]]] = {}
         self.port_range = port_range
         self._applications: dict[str, str] = {}
         self._inference_ports: dict[str, int] = {}
@@ -239,7 +321,9 @@ class OakestraOrchestrator(Orchestrator):
             "project %s: Oakestra service %s for %s%s", project_id, service_id, spec.name,
             f" on {placement.cluster}/{placement.hostname}" if placement else "",
         )  # fmt: skip
-        return _OakestraService(spec.name, app_id, service_id, port=port)
+        return _OakestraService(
+            spec.name, app_id, service_id, port=port, where=_placement_text(placement)
+        )
 
     def deploy_inference(self, project_id: str, image: str, resources: dict[str, int]) -> str:
         """Run ``image`` as the one service of the application
@@ -297,35 +381,95 @@ class OakestraOrchestrator(Orchestrator):
         :class:`OakestraError` when it ends or cannot be placed first (then its end is not
         reported again), or after :attr:`aggregator_start_timeout_s`."""
         deadline = time.monotonic() + self.aggregator_start_timeout_s
+        status = "REQUESTED"
         while time.monotonic() < deadline:
             job = self.client.get_service(service.service_id)
             outcome = instance_outcome(job)
             if outcome is not None:
                 self._mark_ended(service)  # the deployment's error reports it
-                raise OakestraError(
-                    f"The {service.name} could not start on Oakestra: {_exit_line(*outcome)}."
-                )
+                self._remove(service)  # else Oakestra restarts it
+                ended = exit_of(*outcome, where=service.where)
+                raise OakestraError(f"The {service.name} could not start on Oakestra: "
+                                    f"{ended.last_line}.")  # fmt: skip
             for instance in job.get("instance_list") or []:
+                status = str(instance.get("status") or status)
                 host = instance.get("host_ip") or instance.get("publicip")
                 if instance.get("status") == "RUNNING" and host:
+                    service.has_run = True
                     return str(host)
             time.sleep(min(self.poll_interval_s, 0.5))
+        self._mark_ended(service)
+        self._remove(service)
         raise OakestraError(
             f"The {service.name} did not start on Oakestra within "
-            f"{self.aggregator_start_timeout_s:.0f} s; check the worker nodes and the registry."
+            f"{self.aggregator_start_timeout_s:.0f} s: {_pending_text(service, status)}."
         )
 
     # -- poll, remove, re-attach --------------------------------------------------------
     def _poll(self, service: Service) -> ServiceExit | None:
-        """Raises ``OakestraError`` when Oakestra does not answer (the watcher retries)."""
+        """How ``service`` ended (see the module docstring), from the project's services
+        read at most once per half interval; a service that ended is deleted at once.
+        Raises ``OakestraError`` when Oakestra does not answer (the watcher retries)."""
         assert isinstance(service, _OakestraService)
+        if service.outcome is not None:
+            return service.outcome
+        job = self._project_jobs(service.application_id, service.deployed_s).get(service.service_id)
+        if job is None:  # confirm before reporting it gone
+            try:
+                job = self.client.get_service(service.service_id)
+            except OakestraNotFound:
+                job = None
+        ended = self._ended(service, job)
+        if ended is not None:
+            service.outcome = ended
+            self._remove(service)
+            logger.info(
+                "%s (Oakestra service %s) ended and was deleted: %s",
+                service.name, service.service_id, ended.last_line,
+            )  # fmt: skip
+        return ended
+
+    def _ended(self, service: _OakestraService, job: dict[str, Any] | None) -> ServiceExit | None:
+        """How ``service`` (Oakestra's ``job``, ``None``: gone) ended, or ``None``."""
+        if job is None:
+            return ServiceExit(
+                UNKNOWN_CRASH_RC, _exit_line("UNDEPLOYED", "the service was deleted")
+            )
+        outcome = instance_outcome(job)
+        if outcome is not None:
+            return exit_of(*outcome, where=service.where)
+        statuses = [str(i.get("status") or "") for i in job.get("instance_list") or []]
+        if "RUNNING" in statuses:
+            service.has_run = True
+        elif not service.has_run and time.monotonic() - service.deployed_s > self.start_timeout_s:
+            status = statuses[0] if statuses else str(job.get("status") or "REQUESTED")
+            return ServiceExit(
+                UNKNOWN_CRASH_RC,
+                f"Oakestra did not start it within {self.start_timeout_s:.0f} s: "
+                f"{_pending_text(service, status)}",
+            )
+        return None
+
+    def _project_jobs(self, application_id: str, since_s: float) -> dict[str, dict[str, Any]]:
+        """Service id → job of every service of the application, read with one request and
+        kept for half a poll interval (``{}`` once the application is gone); read again when
+        the copy is older than ``since_s`` (``time.monotonic()``)."""
+        now = time.monotonic()
+        with self._jobs_lock:
+            cached = self._jobs.get(application_id)
+            if (
+                cached is not None
+                and cached[0] >= since_s
+                and now - cached[0] < self.poll_interval_s / 2
+            ):
+                return cached[1]
         try:
-            outcome = instance_outcome(self.client.get_service(service.service_id))
+            jobs = {str(j["_id"]): j for j in self.client.list_services(application_id)}
         except OakestraNotFound:
-            outcome = ("UNDEPLOYED", "the service was deleted")
-        if outcome is None:
-            return None
-        return ServiceExit(0 if outcome[0] in EXITED_OK else 1, _exit_line(*outcome))
+            jobs = {}
+        with self._jobs_lock:
+            self._jobs[application_id] = (time.monotonic(), jobs)
+        return jobs
 
     def _remove(self, service: Service) -> None:
         assert isinstance(service, _OakestraService)
@@ -340,6 +484,9 @@ class OakestraOrchestrator(Orchestrator):
         with self._lock:
             app_ids = {s.application_id for s in services if isinstance(s, _OakestraService)}
             known = self._applications.pop(project_id, None)
+        with self._jobs_lock:
+            for app_id in app_ids | ({known} if known else set()):
+                self._jobs.pop(app_id, None)
         if known is not None:
             app_ids.add(known)
         try:
@@ -370,11 +517,14 @@ class OakestraOrchestrator(Orchestrator):
             port=int(port) if port is not None else None,
         )
         try:
-            outcome = instance_outcome(self.client.get_service(service.service_id))
+            job = self.client.get_service(service.service_id)
         except OakestraNotFound:
             return None, ServiceState(name, False, "the Oakestra service is gone")
+        outcome = instance_outcome(job)
         if outcome is not None:
-            return None, ServiceState(name, False, _exit_line(*outcome))
+            self._remove(service)  # else Oakestra restarts a FAILED or DEAD instance
+            return None, ServiceState(name, False, exit_of(*outcome).last_line)
+        service.has_run = any(i.get("status") == "RUNNING" for i in job.get("instance_list") or [])
         return service, ServiceState(name, True, "")
 
     def close(self, stop_services: bool = True) -> None:
@@ -387,9 +537,10 @@ class OakestraOrchestrator(Orchestrator):
 def from_config(config: Any, workdir: Path, on_service_exit: ServiceExitCallback) -> Orchestrator:
     """The orchestrator of ``config`` (:class:`~flops_manager.config.ManagerConfig`):
     ``oakestra_url``, ``oakestra_user``, ``oakestra_password``, ``oakestra_namespace``,
-    ``oakestra_mqtt_url``, ``oakestra_mlflow_url`` and, when the configuration has it,
-    ``oakestra_port_range`` (``FIRST-LAST``, default :data:`PORT_RANGE`). Raises
-    ``ConfigurationError`` without a URL or with a malformed port range."""
+    ``oakestra_mqtt_url``, ``oakestra_mlflow_url`` and, when the configuration has them,
+    ``oakestra_organization`` (default ``root``) and ``oakestra_port_range``
+    (``FIRST-LAST``, default :data:`PORT_RANGE`). Raises ``ConfigurationError`` without a URL
+    or with a malformed port range."""
     from flops_manager.errors import ConfigurationError
 
     if not config.oakestra_url:
@@ -403,7 +554,12 @@ def from_config(config: Any, workdir: Path, on_service_exit: ServiceExitCallback
             port_range = parse_port_range(str(config.oakestra_port_range))
         except ValueError as exc:
             raise ConfigurationError(f"FLOPS_OAKESTRA_PORT_RANGE: {exc}.") from None
-    client = OakestraClient(config.oakestra_url, config.oakestra_user, config.oakestra_password)
+    client = OakestraClient(
+        config.oakestra_url,
+        config.oakestra_user,
+        config.oakestra_password,
+        organization=str(getattr(config, "oakestra_organization", "") or "root"),
+    )
     return OakestraOrchestrator(
         client,
         on_service_exit,

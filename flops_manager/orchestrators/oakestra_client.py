@@ -3,15 +3,24 @@
 It speaks the API as the current Oakestra code serves it (routes from
 ``root_orchestrator/system-manager-python/blueprints`` of oakestra/oakestra):
 
-- login ``POST /api/auth/login`` → access token (RS256, 10 minutes) + refresh token (30 days);
-  the access token is renewed with ``POST /api/auth/refresh`` shortly before it expires (its
-  ``exp`` claim is read without verifying the signature), and once more on a 401; when the
-  refresh token is refused too, the client logs in again.
+- login ``POST /api/auth/login`` (``username``, ``password``, ``organization_name``; an
+  unknown organization is a 404) → access token (RS256, 10 minutes) + refresh token (30
+  days); the access token is renewed with ``POST /api/auth/refresh`` shortly before it
+  expires (its ``exp`` claim is read without verifying the signature), and once more on a 401;
+  when the refresh token is refused too, the client logs in again. The jwt-generator makes a
+  new key pair at every root start, so after a root restart a token gets 422 ``{"msg":
+  "Signature verification failed"}`` (or ``Invalid header string``): the client logs in again
+  and repeats the request once.
 - ``POST /api/application/`` answers a JSON *string* encoding all of the caller's applications;
   ``GET /api/application/<id>`` answers ``null`` (a bug), so applications are read from
   ``GET /api/applications/<user id>`` (the user id comes from ``GET /api/user/<username>``).
 - ``POST /api/service/`` answers ``{"job_id", "deployed_services", "failed_services"}``, or
-  400 for any problem; ``GET /api/service/<id>`` answers a JSON string.
+  400 for any problem; ``GET /api/service/<id>`` answers a JSON string, ``GET
+  /api/services/<application id>`` all of an application's services in one.
+- Error bodies are only ``{"code", "status"}``. Deleting a service that is gone answers 500
+  (not retried: it is gone); deleting an application that is gone 501.
+- ``GET /api/clusters/active``: each cluster's ``_id`` a plain string, with ``vcpus``,
+  ``memory`` and ``active_nodes``.
 - Every request has a timeout; connection errors, timeouts and 500/502/503/504 answers are
   retried with exponential backoff; other 4xx/5xx answers raise at once with Oakestra's
   status and body.
@@ -63,18 +72,31 @@ SCHEDULING_FAILURES = frozenset(
         "TargetClusterNotActive",
         "TargetClusterNoCapacity",
         "NoActiveClusterWithCapacity",
-        "NO_WORKER_CAPACITY",
         "NO_QUALIFIED_WORKER_FOUND",
         "NO_NODE_FOUND",
     }
 )
 """Statuses with which Oakestra gives up placing a service or an instance
-(``NegativeSchedulingStatus`` in ``oakestra_utils.types.statuses``)."""
+(``NegativeSchedulingStatus`` in ``oakestra_utils.types.statuses``). ``NO_WORKER_CAPACITY`` is
+not one: the cluster manager tries that instance again."""
+
+RETRIED_STATUSES = frozenset({"FAILED", "DEAD", "NO_WORKER_CAPACITY"})
+"""Instance statuses the cluster manager restarts (about every 15 s) until the instance is
+undeployed: a service that ended this way crash-loops unless it is deleted."""
+
+CRASHED_STATUSES = frozenset({"DEAD"})
+"""The container exited with an error (or, not one-shot, at all), as the NodeEngine marks
+it; ``FAILED`` means the instance could not be started (image pull, runtime)."""
 
 TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "DEAD", "UNDEPLOYED"}) | SCHEDULING_FAILURES
-"""Instance statuses after which the instance does not run again. ``COMPLETED``: a one-shot
-service exited 0; ``DEAD``: a long-running service exited 0; ``FAILED``: it exited non-zero or
-could not start. Before: ``REQUESTED → CLUSTER_SCHEDULED → NODE_SCHEDULED → RUNNING``."""
+"""Instance statuses after which FLOps counts the instance as ended. ``COMPLETED``: a one-shot
+service exited 0; ``DEAD``: it crashed (see :data:`CRASHED_STATUSES`); ``FAILED``: it could
+not start. ``FAILED`` and ``DEAD`` instances are restarted by Oakestra (see
+:data:`RETRIED_STATUSES`), so an ended service must be deleted. Before: ``REQUESTED →
+CLUSTER_SCHEDULED → NODE_SCHEDULED → RUNNING``."""
+
+JWT_REJECTIONS = ("Signature verification failed", "Invalid header string")
+"""flask-jwt-extended's 422 ``msg`` for a token of another key pair (a restarted root)."""
 
 
 def oakestra_name(*parts: str) -> str:
@@ -147,8 +169,8 @@ def microservice(
         cluster, node: place the instance on this worker (a ``direct`` constraint, the only
             placement Oakestra honours); both or neither.
         platform: ``linux/amd64`` or ``linux/arm64``; passed through to the worker.
-        one_shot: the service ends by itself (exit 0 → ``COMPLETED`` instead of ``DEAD``);
-            FL services do, so True by default (Oakestra's default is False).
+        one_shot: the service ends by itself (exit 0 → ``COMPLETED``; any other end is
+            ``DEAD``); FL services do, so True by default (Oakestra's default is False).
         privileged: run privileged.
         rr_ip: the service's round-robin IP (``addresses.rr_ip``, in 10.30.0.0/16).
 
@@ -196,6 +218,8 @@ class OakestraClient:
     Args:
         base_url: e.g. ``http://oakestra-root:10000`` (no trailing ``/api``).
         username, password: an Oakestra user (Oakestra's default is ``Admin``/``Admin``).
+        organization: the organization to log in to (``organization_name``; Oakestra's
+            default organization is ``root``).
         timeout_s: seconds each HTTP request may take (connect and read). Defaults to 10.
         retries: how many times a connection error, timeout or 500/502/503/504 is retried.
             Defaults to 3.
@@ -221,8 +245,10 @@ class OakestraClient:
         backoff_s: float = 0.5,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
+        organization: str = "root",
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.organization = organization
         self.clock = clock
         self.username = username
         self._password = password
@@ -248,10 +274,21 @@ class OakestraClient:
         response = self._send(
             "POST",
             "/api/auth/login",
-            json={"username": self.username, "password": self._password},
+            json={
+                "username": self.username,
+                "password": self._password,
+                "organization_name": self.organization,
+            },
             auth=False,
         )
-        if response.status_code in (401, 403, 404):
+        if response.status_code == 404:
+            raise OakestraAuthFailed(
+                f"Oakestra has no organization {self.organization!r} to log user "
+                f"{self.username!r} in to (404); check FLOPS_OAKESTRA_ORGANIZATION.",
+                status=404,
+                body=response.text[:BODY_CHARS],
+            )
+        if response.status_code in (401, 403):
             raise OakestraAuthFailed(
                 f"Oakestra refused the login of user {self.username!r} "
                 f"({response.status_code}); check the Oakestra username and password.",
@@ -365,9 +402,18 @@ class OakestraClient:
     def delete_application(self, application_id: str) -> bool:
         """Delete the application and every service of it (their instances are undeployed).
 
-        Returns False if Oakestra does not know it (it answers 501 then, or 404).
+        Returns False if Oakestra does not know it (it answers 501 then, or 404). A slow root
+        may delete it and still answer too late for every attempt: the client then checks
+        whether the application is gone (True) before it raises
+        :class:`OakestraUnavailable`.
         """
-        response = self._request("DELETE", f"/api/application/{application_id}")
+        try:
+            response = self._request("DELETE", f"/api/application/{application_id}")
+        except OakestraUnavailable:
+            if any(a["applicationID"] == application_id for a in self.list_applications()):
+                raise
+            self._app_names.pop(application_id, None)
+            return True
         if response.status_code in (404, 501):
             return False
         self._checked(response, f"delete application {application_id}")
@@ -454,13 +500,28 @@ class OakestraClient:
         job["_id"] = _object_id(job.get("_id"))
         return job
 
+    def list_services(self, application_id: str) -> list[dict[str, Any]]:
+        """Every service of the application in one request (``GET /api/services/<id>``),
+        each as :meth:`get_service` answers it. Raises :class:`OakestraNotFound` if the
+        application does not exist."""
+        response = self._request("GET", f"/api/services/{application_id}")
+        if response.status_code == 404:
+            raise OakestraNotFound(
+                f"Oakestra has no application {application_id}.",
+                status=404,
+                body=response.text[:BODY_CHARS],
+            )
+        jobs = self._decode(
+            self._checked(response, f"list the services of {application_id}"), application_id
+        )
+        return [dict(job, _id=_object_id(job.get("_id"))) for job in jobs or []]
+
     def delete_service(self, service_id: str) -> bool:
         """Undeploy every instance of the service and delete it; False if it did not exist
-        (Oakestra answers 500 "Job not deleted" then, which is not retried)."""
+        (Oakestra answers 500 ``{"code": 500, "status": "Internal Server Error"}`` then,
+        which is not retried)."""
         response = self._request(
-            "DELETE",
-            f"/api/service/{service_id}",
-            final=lambda r: r.status_code == 500 and "Job not deleted" in r.text,
+            "DELETE", f"/api/service/{service_id}", final=lambda r: r.status_code == 500
         )
         if response.status_code in (404, 500):
             return False
@@ -482,8 +543,9 @@ class OakestraClient:
     # ---- clusters ----------------------------------------------------------------------
 
     def active_clusters(self) -> list[dict[str, Any]]:
-        """The active clusters (no token needed): dicts with ``_id`` (a string here),
-        ``cluster_name``, ``cluster_location``, ``active``, ... (no worker architectures)."""
+        """The active clusters (no token needed): dicts with ``_id`` (a string),
+        ``cluster_name``, ``cluster_location``, ``active``, ``active_nodes``, ``vcpus``,
+        ``memory`` (MB), ... (no worker architectures)."""
         response = self._request("GET", "/api/clusters/active", auth=False)
         clusters = self._decode(self._checked(response, "list active clusters"), "clusters")
         return [dict(c, _id=_object_id(c.get("_id"))) for c in clusters or []]
@@ -499,19 +561,24 @@ class OakestraClient:
         auth: bool = True,
         final: Callable[[requests.Response], bool] | None = None,
     ) -> requests.Response:
-        """Send with the access token; on a 401, renew the token and send once more."""
+        """Send with the access token; on a 401, renew the token, on a 422 that rejects the
+        token (:data:`JWT_REJECTIONS`, a restarted root), log in again; then send once more."""
         headers = self._access_header() if auth else {}
         response = self._send(method, path, json=json, headers=headers, auth=auth, final=final)
-        if auth and response.status_code == 401:
-            self._renew()
+        if auth and (response.status_code == 401 or _token_rejected(response)):
+            if response.status_code == 401:
+                self._renew()
+            else:
+                self.login()  # the refresh token is signed with the old key too
             response = self._send(
                 method, path, json=json, headers=self._access_header(), auth=auth, final=final
             )
-            if response.status_code == 401:
+            if response.status_code == 401 or _token_rejected(response):
                 raise OakestraAuthFailed(
-                    f"Oakestra refused a fresh token for {method} {path} (401); check that "
-                    f"user {self.username!r} may do this.",
-                    status=401,
+                    f"Oakestra refused a fresh token for {method} {path} "
+                    f"({response.status_code}: {_message(response)}); check that user "
+                    f"{self.username!r} may do this.",
+                    status=response.status_code,
                     body=response.text[:BODY_CHARS],
                 )
         return response
@@ -612,11 +679,24 @@ def _object_id(value: Any) -> str:
 
 
 def _message(response: requests.Response) -> str:
-    """Oakestra's ``message`` (or ``msg``) from an error body, else the body's start."""
+    """Oakestra's ``message`` or ``msg`` (a token problem) from an error body, else its
+    ``status`` (flask-smorest's ``{"code", "status"}``), else the body's start."""
     try:
         body = response.json()
     except ValueError:
         return response.text[:200] or "no body"
     if isinstance(body, dict):
-        return str(body.get("message") or body.get("msg") or body)[:300]
+        return str(body.get("message") or body.get("msg") or body.get("status") or body)[:300]
     return str(body)[:300]
+
+
+def _token_rejected(response: requests.Response) -> bool:
+    """A 422 of flask-jwt-extended for a token of another key pair (:data:`JWT_REJECTIONS`)."""
+    if response.status_code != 422:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    message = str(body.get("msg", "")) if isinstance(body, dict) else ""
+    return message.startswith(JWT_REJECTIONS)

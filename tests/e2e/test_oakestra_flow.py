@@ -33,6 +33,9 @@ CORPUS = Path(__file__).resolve().parents[1] / "corpus"
 pyyaml>=6.0.2, numpy 2) cannot share an environment with."""
 
 ROUNDS = 3
+RESTART_DELAY_S = 2.0
+"""Seconds after which the double's cluster manager restarts a FAILED or DEAD instance
+(Oakestra: about 15), short so that a crash loop FLOps did not stop shows up in a test."""
 NODES = 3
 PROJECT_TIMEOUT_S = 600
 HFL_FIRST_NODE, HFL_NODES = NODES + 1, 6
@@ -55,7 +58,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.oci]
 @pytest.fixture(scope="module")
 def double(oci_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OakestraDouble]:
     workdir = Path(tmp_path_factory.mktemp("oakestra"))
-    with OakestraDouble(workdir, workers=WORKERS, report_delay_s=0.5) as running:
+    with OakestraDouble(
+        workdir, workers=WORKERS, report_delay_s=0.5, restart_delay_s=RESTART_DELAY_S
+    ) as running:
         yield running
 
 
@@ -223,17 +228,48 @@ def test_failed_services_answer_fails_the_project_with_oakestras_reason(
     assert_nothing_left(oakestra, double)
 
 
-def test_failed_learner_with_enough_learners_left_lets_training_go_on(
+def test_after_a_root_restart_a_project_goes_on_without_a_learner_that_went_dead(
     client: ManagerClient, double: OakestraDouble, oakestra: OakestraClient
 ) -> None:
-    # Execute: three learners, two needed
+    # Setup: a first project (refused at once) logs the manager in; then the Oakestra root
+    # restarts, so its jwt-generator signs with a new key pair
+    double.refuse_services(1, "no free subnet for the service")
+    assert run_project(client, sla(), PROJECT_TIMEOUT_S)["status"] == "failed"
+    double.rotate_keys()
+
+    # Execute: the second project, three learners, two needed; one container is killed
     project = _kill_a_learner_mid_training(client, double, sla(learners=3, minimum=2), "node-3")
 
-    # Assert
+    # Assert: the DEAD learner is a lost learner, it was deleted at once (no restart by the
+    # cluster manager), and the project completed
     assert project["status"] == "completed", project["status_message"]
     lost = [e for e in project["events"] if "training goes on with 2 learner(s)" in e["message"]]
     assert lost and lost[0]["component"].endswith("node-3")
+    assert "killed by signal 9" in lost[0]["message"]
+    assert "Oakestra reports the instance DEAD" in lost[0]["message"]
     assert project["lost_learners"] == ["learner-node-3"]
+    assert _restarts(double, project["victim_service_id"]) == 0
+    assert_nothing_left(oakestra, double)
+
+
+def test_a_dead_aggregator_fails_the_project_naming_it(
+    client: ManagerClient, double: OakestraDouble, oakestra: OakestraClient
+) -> None:
+    # Setup
+    project_id = client.create_project(sla(learners=3, minimum=2))
+    wait_for_status(client, project_id, "training")
+    aggregator = _running_instance(double, "aggregator", None)
+
+    # Execute: the aggregator's container is killed mid-training
+    double.kill_instance(aggregator["service_id"], aggregator["instance_number"])
+    project = client.wait_for_project(project_id, PROJECT_TIMEOUT_S, poll_s=0.2)
+
+    # Assert: failed, naming the aggregator's crash (not the "finished" path)
+    assert project["status"] == "failed"
+    assert project["status_message"].startswith("aggregator "), project["status_message"]
+    assert "killed by signal 9" in project["status_message"]
+    assert "without reporting a result" not in project["status_message"]
+    assert _restarts(double, aggregator["service_id"]) == 0
     assert_nothing_left(oakestra, double)
 
 
@@ -366,22 +402,29 @@ def _kill_a_learner_mid_training(
     runs, and return the project at its end."""
     project_id = client.create_project(document)
     wait_for_status(client, project_id, "training")
-    victim = _learner_instance(double, worker)
+    victim = _running_instance(double, "learner", worker)
     double.kill_instance(victim["service_id"], victim["instance_number"])
-    return client.wait_for_project(project_id, PROJECT_TIMEOUT_S, poll_s=0.2)
+    project = client.wait_for_project(project_id, PROJECT_TIMEOUT_S, poll_s=0.2)
+    return {**project, "victim_service_id": victim["service_id"]}
 
 
-def _learner_instance(double: OakestraDouble, worker: str | None) -> dict[str, Any]:
-    """A learner instance (on ``worker``, or any) once its process runs (after the pull)."""
+def _running_instance(double: OakestraDouble, role: str, worker: str | None) -> dict[str, Any]:
+    """An instance of ``role``'s image (on ``worker``, or any) once its process runs (after
+    the pull)."""
 
-    def running_learner() -> dict[str, Any] | None:
+    def running() -> dict[str, Any] | None:
         for instance in double.instances():
             wanted = worker is None or instance["worker"] == worker
-            running = instance["status"] == "RUNNING" and instance["pid"]
-            if "learner" in instance["image"] and running and wanted:
+            started = instance["status"] == "RUNNING" and instance["pid"]
+            if f"/{role}@" in instance["image"] and started and wanted:
                 return instance
         return None
 
-    return wait_until(
-        running_learner, 60, lambda: f"no running learner instance: {double.instances()}", 0.2
-    )
+    return wait_until(running, 60, lambda: f"no running {role} instance: {double.instances()}", 0.2)
+
+
+def _restarts(double: OakestraDouble, service_id: str) -> int:
+    """How often the double's cluster manager restarted the service's instance: each run
+    has its own log, ``oakdouble-<id>-<instance>-<run>.log``."""
+    logs = (double.workdir / "instances").glob(f"oakdouble-{service_id[:12]}-0-*.log")
+    return len(list(logs)) - 1

@@ -28,6 +28,7 @@ from flops_manager.errors import (
 from flops_manager.orchestrators.base import Deployment, Placement, ServiceSpec
 from flops_manager.orchestrators.oakestra import OakestraOrchestrator
 from flops_manager.orchestrators.oakestra_client import (
+    JWT_REJECTIONS,
     NAME_PATTERN,
     TERMINAL_STATUSES,
     OakestraClient,
@@ -38,6 +39,8 @@ from flops_manager.orchestrators.oakestra_client import (
 from flops_utils.net import find_free_port
 
 PROGRESSION = ["REQUESTED", "CLUSTER_SCHEDULED", "NODE_SCHEDULED", "RUNNING"]
+WAITING = "Waiting for scheduling decision"
+"""The job-level ``status_detail``, whatever happens to the instances."""
 HOST_ARCH = ARCH_ALIASES.get(platform.machine(), platform.machine())
 OTHER_ARCH = "arm64" if HOST_ARCH == "amd64" else "amd64"
 WORKERS = (WorkerSpec("cluster1", "worker1"), WorkerSpec("cluster2", "worker2"))
@@ -135,6 +138,9 @@ def test_active_clusters_need_no_login(double: OakestraDouble) -> None:
 
     assert sorted(c["cluster_name"] for c in clusters) == ["cluster1", "cluster2"]
     assert all(c["_id"] and c["active"] for c in clusters)
+    raw = requests.get(f"{double.url}/api/clusters/active", timeout=5).json()
+    assert all(isinstance(c["_id"], str) for c in raw)  # a plain string, not {"$oid"}
+    assert [(c["active_nodes"], c["vcpus"], c["memory"]) for c in raw] == [(1, 8, 16384)] * 2
     assert delta(before, double.stats(), "logins") == 0
 
 
@@ -195,6 +201,43 @@ def test_a_refused_refresh_token_leads_to_a_new_login(
     assert delta(before, after, "logins") == 1
 
 
+def test_after_a_root_restart_the_client_logs_in_again_and_repeats_the_request(
+    double: OakestraDouble, client: OakestraClient
+) -> None:
+    app_id = new_app(client, "rotation")
+    client.list_applications()  # the user id is known: only application routes follow
+    token = client._access_header()
+    double.rotate_keys()  # the jwt-generator's new key pair after a root restart
+    stale = requests.get(f"{double.url}/api/applications/x", headers=token, timeout=5)
+    before = double.stats()
+
+    found = client.find_application(oakestra_name("test", "rotation"), "flops")
+    service_id = client.create_service(app_id, microservice("svc", "flops", "image"))
+
+    assert stale.status_code == 422
+    assert stale.json()["msg"].startswith(JWT_REJECTIONS)
+    assert found is not None and found["applicationID"] == app_id
+    assert client.get_service(service_id)["microservice_name"] == "svc"
+    after = double.stats()
+    assert delta(before, after, "logins") == 1  # once, on the first 422
+    assert delta(before, after, "unauthorized") == 0
+
+
+def test_the_client_logs_in_to_its_organization(tmp_path: Path) -> None:
+    with OakestraDouble(tmp_path, organizations=("root", "lab")) as running:
+        lab = OakestraClient(running.url, "Admin", "Admin", organization="lab")
+        nowhere = OakestraClient(running.url, "Admin", "Admin", organization="nowhere")
+        empty = requests.post(f"{running.url}/api/auth/login", json={}, timeout=5)
+
+        assert lab.list_applications() == []
+        with pytest.raises(OakestraAuthFailed, match="no organization 'nowhere'") as error:
+            nowhere.list_applications()
+
+    assert error.value.status == 404
+    assert empty.status_code == 500
+    assert empty.json() == {"code": 500, "status": "Internal Server Error"}
+
+
 # ---- applications --------------------------------------------------------------------------
 
 
@@ -221,7 +264,7 @@ def test_a_duplicate_application_is_a_conflict(client: OakestraClient) -> None:
         client.create_application(application(name, "flops"))
 
     assert error.value.status == 409
-    assert "exists already" in error.value.body
+    assert json.loads(error.value.body) == {"code": 409, "status": "Conflict"}
 
 
 def test_an_application_with_a_bad_name_is_refused_by_oakestra(client: OakestraClient) -> None:
@@ -231,7 +274,7 @@ def test_an_application_with_a_bad_name_is_refused_by_oakestra(client: OakestraC
         client.create_application(bad)
 
     assert error.value.status == 422
-    assert "not in the valid format" in error.value.message
+    assert "(422: Unprocessable Entity)" in error.value.message
 
 
 def test_the_double_answers_with_oakestras_quirks(
@@ -264,6 +307,7 @@ def test_the_double_answers_with_oakestras_quirks(
     assert isinstance(service.json(), str)
     assert json.loads(service.json())["_id"] == {"$oid": service_id}
     assert refused.status_code == 400
+    assert refused.json() == {"code": 400, "status": "Bad Request"}  # no message
     assert no_token.status_code == 401
     assert no_token.json() == {"message": "Missing authentication token"}
 
@@ -280,7 +324,7 @@ def test_a_service_with_a_bad_name_carries_oakestras_400_body(client: OakestraCl
         client.create_service(app_id, service)
 
     assert error.value.status == 400
-    assert json.loads(error.value.body)["message"] == "The given SLA was not formatted correctly"
+    assert json.loads(error.value.body) == {"code": 400, "status": "Bad Request"}
 
 
 def test_a_service_with_a_non_integer_resource_is_refused(client: OakestraClient) -> None:
@@ -324,6 +368,50 @@ def test_services_of_unknown_applications_and_unknown_services(client: OakestraC
     assert client.delete_service("0" * 24) is False
 
 
+def test_deleting_a_service_that_is_gone_is_false_at_once(
+    double: OakestraDouble, client: OakestraClient
+) -> None:
+    app_id = new_app(client, "gone")
+    service_id = client.create_service(app_id, microservice("svc", "flops", "image"))
+    assert client.delete_service(service_id) is True
+    token = client._access_header()
+    before = double.stats()
+
+    assert client.delete_service(service_id) is False
+
+    assert delta(before, double.stats(), "requests") == 1  # a 500, not retried
+    raw = requests.delete(f"{double.url}/api/service/{service_id}", headers=token, timeout=5)
+    assert (raw.status_code, raw.json()) == (500, {"code": 500, "status": "Internal Server Error"})
+
+
+def test_a_slow_delete_that_deleted_is_not_an_error(double: OakestraDouble) -> None:
+    oakestra = OakestraClient(double.url, "Admin", "Admin", timeout_s=0.5, backoff_s=0.05)
+    app_id = new_app(oakestra, "slowdelete")
+    double.inject_faults(4, status=0, delay_s=1.0, after=True)  # each answer comes too late
+
+    assert oakestra.delete_application(app_id) is True
+
+    assert oakestra.find_application(oakestra_name("test", "slowdelete"), "flops") is None
+
+
+def test_all_services_of_an_application_in_one_request(
+    double: OakestraDouble, client: OakestraClient
+) -> None:
+    app_id = new_app(client, "bulk")
+    services = [
+        client.create_service(app_id, microservice(f"svc{i}", "flops", "image")) for i in range(3)
+    ]
+    before = double.stats()
+
+    jobs = client.list_services(app_id)
+
+    assert [j["_id"] for j in jobs] == services
+    assert [j["microservice_name"] for j in jobs] == ["svc0", "svc1", "svc2"]
+    assert delta(before, double.stats(), "requests") == 1
+    with pytest.raises(OakestraNotFound):
+        client.list_services("0" * 24)
+
+
 def test_deleting_an_application_deletes_its_services(client: OakestraClient) -> None:
     app_id = new_app(client, "cascade")
     services = [
@@ -363,22 +451,44 @@ def test_an_unknown_target_cluster_fails_the_scheduling(client: OakestraClient) 
     service = wait_for(
         lambda: (s := client.get_service(service_id))["status"] in TERMINAL_STATUSES and s, 10
     )
-    assert service["status"] == "TargetClusterNotFound"
+    assert service["status"] == "TargetClusterNotActive"
+    assert service["status_detail"] == WAITING
     assert service["instance_list"] == []
 
 
-def test_an_unknown_target_node_fails_the_instance(client: OakestraClient) -> None:
+def test_too_many_resources_fail_the_scheduling(client: OakestraClient) -> None:
+    app_id = new_app(client, "toobig")
+    service_id = client.create_service(
+        app_id, microservice("svc", "flops", "image", vcpus=9, cluster="cluster1", node="worker1")
+    )
+
+    client.deploy_instance(service_id)
+
+    service = wait_for(
+        lambda: (s := client.get_service(service_id))["status"] in TERMINAL_STATUSES and s, 10
+    )
+    assert service["status"] == "NoActiveClusterWithCapacity"
+    assert service["instance_list"] == []
+
+
+def test_an_unknown_target_node_leaves_the_instance_cluster_scheduled(
+    client: OakestraClient,
+) -> None:
     app_id = new_app(client, "nonode")
     service_id = client.create_service(
         app_id, microservice("svc", "flops", "image", cluster="cluster2", node="nobody")
     )
 
     client.deploy_instance(service_id)
+    wait_for(lambda: client.get_service(service_id)["instance_list"], 10)
+    time.sleep(1.0)  # five report delays: nothing ever reports on it
 
-    instance = wait_for(lambda: terminal_instance(client, service_id), 10)
+    service = client.get_service(service_id)
+    (instance,) = service["instance_list"]
     cluster2 = next(c for c in client.active_clusters() if c["cluster_name"] == "cluster2")
-    assert instance["status"] == "NO_NODE_FOUND"
+    assert instance["status"] == "CLUSTER_SCHEDULED"
     assert instance["cluster_id"] == cluster2["_id"]
+    assert service["status_detail"] == WAITING
 
 
 def test_a_platform_the_worker_lacks_fails_the_instance(client: OakestraClient) -> None:
@@ -436,7 +546,7 @@ def test_5xx_answers_that_persist_are_a_clear_error(
         client.list_applications()
 
     assert error.value.status == 500
-    assert "injected fault" in error.value.body
+    assert json.loads(error.value.body) == {"code": 500, "status": "Internal Server Error"}
 
 
 def test_4xx_answers_are_not_retried(double: OakestraDouble, client: OakestraClient) -> None:
@@ -616,11 +726,11 @@ def test_an_instance_runs_its_image_and_its_status_progresses_late(
 @pytest.mark.parametrize(
     ("image", "options", "status", "detail"),
     [
-        ("failer", {}, "FAILED", "exited with code 3"),
+        ("failer", {}, "DEAD", "exited with code 3"),
         ("sleeper", {"cmd": ["python3", "-c", "print('cmd ran')"]}, "COMPLETED", "code 0"),
         ("sleeper", {"cmd": ["true"], "one_shot": False}, "DEAD", "code 0"),
     ],
-    ids=["exit-3-fails", "cmd-replaces-entrypoint", "long-running-exit-0-is-dead"],
+    ids=["exit-3-is-dead", "cmd-replaces-entrypoint", "long-running-exit-0-is-dead"],
 )
 def test_an_instance_that_exits_reports_how(
     runner_client: OakestraClient,
@@ -638,7 +748,7 @@ def test_an_instance_that_exits_reports_how(
     assert detail in instance["status_detail"]
 
 
-def test_a_killed_instance_fails(
+def test_a_killed_instance_is_dead(
     runner: OakestraDouble, runner_client: OakestraClient, images: dict[str, str]
 ) -> None:
     service_id = deploy(runner_client, "killed", images["sleeper"])
@@ -647,7 +757,8 @@ def test_a_killed_instance_fails(
     runner.kill_instance(service_id, 0)
 
     instance = wait_for(lambda: terminal_instance(runner_client, service_id), 30)
-    assert instance["status"] == "FAILED"
+    assert instance["status"] == "DEAD"
+    assert "exited with code 137" in instance["status_detail"]  # 128 + SIGKILL
 
 
 def test_deleting_the_application_stops_its_running_instances(
@@ -671,20 +782,24 @@ def test_deleting_the_application_stops_its_running_instances(
 
 SLEEPER_IMAGE = "registry.test/test/sleeper:1"
 FAILER_IMAGE = "registry.test/test/failer:1"
+PROCESS_IMAGES = {
+    SLEEPER_IMAGE: [sys.executable, "-c", SLEEPER],
+    FAILER_IMAGE: [sys.executable, "-c", "import sys; sys.exit(3)"],
+}
+RESTART_DELAY_S = 1.0
+Exit = tuple[str, str, int | None, str]
 
 
 @pytest.fixture(scope="module")
 def process_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OakestraDouble]:
     """A double whose ``sleeper`` and ``failer`` images run as host processes (no buildah),
-    statuses reported 0.8 s late."""
-    images = {
-        SLEEPER_IMAGE: [sys.executable, "-c", SLEEPER],
-        FAILER_IMAGE: [sys.executable, "-c", "import sys; sys.exit(3)"],
-    }
+    statuses reported 0.8 s late, ended instances restarted after 1 s."""
+    images = PROCESS_IMAGES
     with OakestraDouble(
         tmp_path_factory.mktemp("oakestra-process"),
         workers=WORKERS,
         report_delay_s=0.8,
+        restart_delay_s=RESTART_DELAY_S,
         process_images=images,
     ) as running:
         yield running
@@ -767,6 +882,154 @@ def test_orchestrator_reports_a_failed_instance_as_an_exit(
     wait_for(lambda: exits, 30)
     orchestrator.close()
 
-    assert exits[0][:3] == ("fails1", "learner-n1", 1)
-    assert exits[0][3].startswith("Oakestra reports the instance FAILED")
+    assert exits[0][:3] == ("fails1", "learner-n1", 3)  # the failer's exit code
+    assert exits[0][3].startswith("Oakestra reports the instance DEAD (it crashed)")
     assert process_client.list_applications() == []
+
+
+def fl_deployment(project_id: str, learner_image: str, node: str = "worker2") -> Deployment:
+    """An aggregator (the sleeper, anywhere) and one learner on ``node`` of cluster2."""
+    return Deployment(
+        project_id=project_id,
+        services=(
+            ServiceSpec("aggregator", "aggregator", {}),
+            ServiceSpec("learner-n1", "learner", {}, Placement("cluster2", node, "")),
+        ),
+        images={"aggregator": SLEEPER_IMAGE, "learner": learner_image},
+    )
+
+
+def instances_of(double: OakestraDouble, service_id: str) -> list[dict[str, Any]]:
+    return [i for i in double.instances() if i["service_id"] == service_id]
+
+
+def test_the_cluster_manager_restarts_a_dead_instance_until_it_is_undeployed(
+    process_runner: OakestraDouble, process_client: OakestraClient
+) -> None:
+    service_id = deploy(process_client, "crashloop", FAILER_IMAGE)
+
+    instance = wait_for(lambda: terminal_instance(process_client, service_id), 30)
+    restarted = wait_for(
+        lambda: [
+            i for i in instances_of(process_runner, service_id) if i["container"][-2:] == "-3"
+        ],
+        30,
+    )
+    process_client.undeploy_instance(service_id, 0)
+    time.sleep(3 * RESTART_DELAY_S)
+
+    assert instance["status"] == "DEAD"
+    assert restarted  # a third run of the same instance
+    assert instances_of(process_runner, service_id) == []
+
+
+def test_a_learner_that_crashes_is_reported_once_and_deleted_and_projects_are_polled_at_once(
+    process_runner: OakestraDouble, process_client: OakestraClient
+) -> None:
+    # Setup: a project whose services run
+    exits: list[Exit] = []
+    orchestrator = OakestraOrchestrator(
+        OakestraClient(process_runner.url, "Admin", "Admin"),
+        lambda *a: exits.append(a),
+        poll_interval_s=0.2,
+    )
+    handles: list[dict[str, Any]] = []
+    orchestrator.deploy(fl_deployment("crash1", SLEEPER_IMAGE), handles.append)
+    aggregator_id, learner_id = (h["service_id"] for h in handles)
+    wait_for(lambda: status_of(process_client, learner_id) == "RUNNING", 30)
+    before = process_runner.stats()
+    time.sleep(2.0)
+    polled = process_runner.stats()
+
+    # Execute: the learner's container is killed
+    process_runner.kill_instance(learner_id, 0)
+    wait_for(lambda: exits, 30)
+    time.sleep(3 * RESTART_DELAY_S)  # the cluster manager would have restarted it by now
+
+    # Assert: one crash report with the exit code; the service is gone and did not restart
+    assert [e[:3] for e in exits] == [("crash1", "learner-n1", 137)]
+    assert exits[0][3].startswith("Oakestra reports the instance DEAD (it crashed)")
+    with pytest.raises(OakestraNotFound):
+        process_client.get_service(learner_id)
+    assert instances_of(process_runner, learner_id) == []
+    assert orchestrator.running_services("crash1") == ["aggregator"]
+    aggregator = process_client.get_service(aggregator_id)
+    assert aggregator["status"] == "RUNNING" and aggregator["status_detail"] == WAITING
+    # one request per project and poll (about 10 in 2 s), none per service
+    assert 3 <= delta(before, polled, "GET /api/services/<app_id>") <= 12
+    assert delta(before, polled, "GET /api/service/<service_id>") == 0
+    orchestrator.close()
+    assert process_client.list_applications() == []
+
+
+def test_a_learner_whose_node_oakestra_lacks_times_out_naming_the_node(
+    process_runner: OakestraDouble, process_client: OakestraClient
+) -> None:
+    exits: list[Exit] = []
+    orchestrator = OakestraOrchestrator(
+        OakestraClient(process_runner.url, "Admin", "Admin"), lambda *a: exits.append(a),
+        poll_interval_s=0.2, start_timeout_s=2.0,
+    )  # fmt: skip
+    handles: list[dict[str, Any]] = []
+
+    started = time.monotonic()
+    orchestrator.deploy(fl_deployment("nonode1", SLEEPER_IMAGE, node="nobody"), handles.append)
+    wait_for(lambda: exits, 30)
+    waited_s = time.monotonic() - started
+    orchestrator.close()
+
+    assert [e[:3] for e in exits] == [("nonode1", "learner-n1", 1)]
+    assert "did not start it within 2 s" in exits[0][3]
+    assert "CLUSTER_SCHEDULED for node 'nobody' of cluster 'cluster2'" in exits[0][3]
+    assert waited_s >= 2.0
+
+
+def test_no_worker_capacity_is_retried_not_an_end(tmp_path: Path) -> None:
+    workers = (WorkerSpec("cluster1", "worker1"), WorkerSpec("cluster1", "worker2"))
+    with OakestraDouble(
+        tmp_path, workers=workers, worker_vcpus=2, restart_delay_s=0.3,
+        process_images=PROCESS_IMAGES,
+    ) as small:  # fmt: skip
+        oakestra = OakestraClient(small.url, "Admin", "Admin")
+        # the cluster has 4 vcpus, its nodes 2 each
+        service_id = deploy(
+            oakestra, "capacity", SLEEPER_IMAGE, vcpus=3, cluster="cluster1", node="worker1"
+        )
+
+        wait_for(lambda: status_of(oakestra, service_id) == "NO_WORKER_CAPACITY", 10)
+        time.sleep(1.0)
+
+        assert status_of(oakestra, service_id) == "NO_WORKER_CAPACITY"
+        assert "NO_WORKER_CAPACITY" not in TERMINAL_STATUSES
+
+
+@pytest.mark.slow
+def test_statuses_pushed_every_15_s_still_end_the_project_services(tmp_path: Path) -> None:
+    # Setup: Oakestra's real timing: the cluster pushes statuses and restarts ended instances
+    # about every 15 s
+    with OakestraDouble(
+        tmp_path, workers=WORKERS, report_delay_s=15.0, restart_delay_s=15.0,
+        process_images=PROCESS_IMAGES,
+    ) as slow:  # fmt: skip
+        exits: list[Exit] = []
+        orchestrator = OakestraOrchestrator(
+            OakestraClient(slow.url, "Admin", "Admin"), lambda *a: exits.append(a)
+        )
+        handles: list[dict[str, Any]] = []
+
+        # Execute: the learner crashes at once
+        started = time.monotonic()
+        address = orchestrator.deploy(fl_deployment("slow1", FAILER_IMAGE), handles.append)
+        running_after_s = time.monotonic() - started
+        wait_for(lambda: exits, 90, interval_s=0.5)
+        ended_after_s = time.monotonic() - started
+        learner_id = handles[1]["service_id"]
+        wait_for(lambda: not instances_of(slow, learner_id), 30)
+        survivors = orchestrator.running_services("slow1")
+        orchestrator.close()
+
+    # Assert: seen 15 s late, reported once as a crash, deleted (no crash loop)
+    assert address.startswith("127.0.0.1:") and running_after_s >= 15.0
+    assert [e[:3] for e in exits] == [("slow1", "learner-n1", 3)]
+    assert ended_after_s >= 30.0
+    assert survivors == ["aggregator"]

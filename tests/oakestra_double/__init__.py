@@ -45,9 +45,13 @@ class OakestraDouble(StartStop):
         workers: the worker nodes (default: ``cluster1``/``worker1`` of this machine's arch).
         users: username → password (default ``{"Admin": "Admin"}``, Oakestra's default).
         access_token_lifetime_s: seconds an access token lasts (Oakestra: 600).
-        report_delay_s: seconds until a worker-side status reaches the root (Oakestra: up
-            to 15; small here so tests stay fast).
+        report_delay_s: seconds until a worker-side status reaches the root (Oakestra's
+            cluster pushes every 15 s; small here so tests stay fast).
         schedule_delay_s: seconds the root scheduler takes.
+        restart_delay_s: seconds after which the cluster manager restarts a ``FAILED``,
+            ``DEAD`` or ``NO_WORKER_CAPACITY`` instance (Oakestra: about 15).
+        worker_vcpus, worker_memory_mb: each worker's capacity.
+        organizations: the organizations one logs in to (Oakestra's default: ``root``).
         port: the port to listen on (default: a free one).
         process_images: image reference → entrypoint argv: run instances as host processes
             (no root, no buildah; see :mod:`.worker`) instead of with buildah.
@@ -65,6 +69,10 @@ class OakestraDouble(StartStop):
         access_token_lifetime_s: float = 600.0,
         report_delay_s: float = 0.2,
         schedule_delay_s: float = 0.05,
+        restart_delay_s: float = 15.0,
+        worker_vcpus: int = 8,
+        worker_memory_mb: int = 16384,
+        organizations: Sequence[str] = ("root",),
         port: int | None = None,
         process_images: dict[str, list[str]] | None = None,
     ) -> None:
@@ -74,6 +82,10 @@ class OakestraDouble(StartStop):
         self.access_token_lifetime_s = access_token_lifetime_s
         self.report_delay_s = report_delay_s
         self.schedule_delay_s = schedule_delay_s
+        self.restart_delay_s = restart_delay_s
+        self.worker_vcpus = worker_vcpus
+        self.worker_memory_mb = worker_memory_mb
+        self.organizations = tuple(organizations)
         self.process_images = process_images
         self.port = port or find_free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -87,10 +99,15 @@ class OakestraDouble(StartStop):
             "--access-token-lifetime-s", str(self.access_token_lifetime_s),
             "--report-delay-s", str(self.report_delay_s),
             "--schedule-delay-s", str(self.schedule_delay_s),
+            "--restart-delay-s", str(self.restart_delay_s),
+            "--worker-vcpus", str(self.worker_vcpus),
+            "--worker-memory-mb", str(self.worker_memory_mb),
             "--workdir", str(self.workdir / "instances"),
         ]  # fmt: skip
         for name, password in self.users.items():
             argv += ["--user", f"{name}:{password}"]
+        for organization in self.organizations:
+            argv += ["--organization", organization]
         for worker in self.workers:
             argv += ["--worker", f"{worker.cluster}:{worker.hostname}:{worker.arch}"]
         for ref, entrypoint in (self.process_images or {}).items():
@@ -129,10 +146,19 @@ class OakestraDouble(StartStop):
 
     # ---- test hooks --------------------------------------------------------------------
 
-    def inject_faults(self, count: int, status: int = 500, delay_s: float = 0.0) -> None:
+    def inject_faults(
+        self, count: int, status: int = 500, delay_s: float = 0.0, after: bool = False
+    ) -> None:
         """The next ``count`` ``/api/`` requests wait ``delay_s`` seconds, then answer
-        ``status`` (``0``: answer normally after the delay)."""
-        self._post("/double/faults", {"count": count, "status": status, "delay_s": delay_s})
+        ``status`` (``0``: answer normally after the delay). ``after``: handle the request
+        first and delay the answer (a slow root that did the work)."""
+        body = {"count": count, "status": status, "delay_s": delay_s, "after": after}
+        self._post("/double/faults", body)
+
+    def rotate_keys(self) -> None:
+        """A new key pair, as after an Oakestra root restart: tokens issued before get 422
+        ``Signature verification failed``."""
+        self._post("/double/rotate-keys", {})
 
     def refuse_services(self, count: int, reason: str) -> None:
         """The network manager refuses the next ``count`` services with ``reason``: Oakestra
@@ -144,7 +170,8 @@ class OakestraDouble(StartStop):
         self._post("/double/revoke", {"access": access, "refresh": refresh})
 
     def stats(self) -> dict[str, int]:
-        """Counters: ``logins``, ``refreshes``, ``unauthorized`` (401s), ``requests``."""
+        """Counters: ``logins``, ``refreshes``, ``unauthorized`` (401s), ``requests``, and
+        requests per route (``"GET /api/services/<app_id>"``)."""
         stats: dict[str, int] = requests.get(f"{self.url}/double/stats", timeout=5).json()
         return stats
 
@@ -155,7 +182,8 @@ class OakestraDouble(StartStop):
         return found
 
     def kill_instance(self, service_id: str, instance_number: int) -> None:
-        """SIGKILL the instance's processes; it then reports ``FAILED``."""
+        """SIGKILL the instance's processes; it then reports ``DEAD`` (and the cluster
+        manager restarts it after ``restart_delay_s`` unless it is undeployed)."""
         self._post(f"/double/instances/{service_id}/{instance_number}/kill", {})
 
     def _post(self, path: str, body: dict[str, Any]) -> None:

@@ -5,8 +5,11 @@ Options: ``--host`` (127.0.0.1), ``--port`` (10000), ``--user NAME:PASSWORD`` (r
 default ``Admin:Admin``), ``--worker CLUSTER:HOSTNAME[:ARCH]`` (repeatable; default
 ``cluster1:worker1:<this machine's arch>``), ``--access-token-lifetime-s`` (600),
 ``--refresh-token-lifetime-s`` (30 days), ``--report-delay-s`` (0.5: how late worker-side
-statuses reach the root), ``--schedule-delay-s`` (0.1), ``--workdir`` (instance logs; a temp
-dir by default), ``--process-image REF=JSON_ARGV`` (repeatable: run instances as host
+statuses reach the root; Oakestra's cluster pushes every 15 s), ``--schedule-delay-s`` (0.1),
+``--restart-delay-s`` (15: when the cluster manager restarts a FAILED, DEAD or
+NO_WORKER_CAPACITY instance), ``--worker-vcpus`` (8) and ``--worker-memory-mb`` (16384) of each
+worker, ``--organization NAME`` (repeatable; default ``root``), ``--workdir`` (instance logs; a
+temp dir by default), ``--process-image REF=JSON_ARGV`` (repeatable: run instances as host
 processes, image ``REF`` running the argv, instead of with buildah). Prints ``oakestra double
 on http://HOST:PORT`` when it serves. On SIGTERM or SIGINT it undeploys every instance
 (killing its processes, removing its container) and exits 0.
@@ -42,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--refresh-token-lifetime-s", type=float, default=30 * 24 * 3600.0)
     parser.add_argument("--report-delay-s", type=float, default=0.5)
     parser.add_argument("--schedule-delay-s", type=float, default=0.1)
+    parser.add_argument("--restart-delay-s", type=float, default=15.0)
+    parser.add_argument("--worker-vcpus", type=int, default=8)
+    parser.add_argument("--worker-memory-mb", type=int, default=16384)
+    parser.add_argument("--organization", action="append", default=[], metavar="NAME")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--process-image", action="append", default=[], metavar="REF=JSON_ARGV")
     args = parser.parse_args(argv)
@@ -59,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         workdir,
         report_delay_s=args.report_delay_s,
         schedule_delay_s=args.schedule_delay_s,
+        restart_delay_s=args.restart_delay_s,
+        worker_vcpus=args.worker_vcpus,
+        worker_memory_mb=args.worker_memory_mb,
+        organizations=tuple(args.organization or ["root"]),
         process_images=_process_images(args.process_image),
     )
     tokens = TokenIssuer(args.access_token_lifetime_s, args.refresh_token_lifetime_s)

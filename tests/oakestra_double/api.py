@@ -6,23 +6,36 @@
 - ``POST /api/service/`` answers 400 "The given SLA was not formatted correctly" for every
   error (the blueprint catches its own ``abort``).
 - ``POST /api/service/<id>/instance`` and ``DELETE .../instance/<n>`` always answer 200.
-- ``GET /api/clusters/active`` needs no token and answers a raw JSON array (text/html).
-- Application routes check tokens like flask-jwt-extended (``{"msg"}``, 401 or 422); service
-  routes answer 401 ``{"message": "Missing authentication token"}`` for any token problem.
+- ``GET /api/services/<application id>`` answers every service of the application (a JSON
+  string, as ``GET /api/service/<id>``).
+- ``GET /api/clusters/active`` needs no token and answers a raw JSON array (text/html), each
+  cluster's ``_id`` a plain string, with ``vcpus``, ``memory`` and ``active_nodes``.
+- Application routes check tokens like flask-jwt-extended (``{"msg"}``, 401 or 422: a token
+  signed with the key pair of before a root restart gets 422 ``Signature verification
+  failed``); service routes answer 401 ``{"message": "Missing authentication token"}`` for any
+  token problem.
+- Error bodies are flask-smorest's ``{"code", "status"}`` only (no message). Deleting a service
+  that is gone answers 500; deleting an application that is gone 501.
+- ``POST /api/auth/login`` takes ``organization_name`` (default ``root``; unknown: 404); a body
+  without credentials (``{}``) gets 500.
 
 Test hooks (not in Oakestra) live under ``/double/``: ``POST /double/faults`` ``{"count",
-"status", "delay_s"}`` makes the next ``count`` ``/api/`` requests wait ``delay_s`` and answer
-``status`` (0: answer normally after the delay); ``POST /double/revoke`` ``{"access",
+"status", "delay_s", "after"}`` makes the next ``count`` ``/api/`` requests wait ``delay_s`` and
+answer ``status`` (0: answer normally after the delay; ``after``: handle the request first, then
+wait, as a slow root that did the work); ``POST /double/rotate-keys`` makes a new key pair (a
+root restart); ``POST /double/revoke`` ``{"access",
 "refresh"}`` rejects the tokens issued so far; ``GET /double/stats`` counts logins, refreshes,
-401s and requests; ``GET /double/instances`` is the workers' view of each instance;
+401s and requests (all, and per route: ``"GET /api/service/<service_id>"``); ``GET
+/double/instances`` is the workers' view of each instance;
 ``POST /double/refuse-services`` ``{"count", "reason"}`` makes the network manager refuse the
 next services (``failed_services``); ``POST /double/instances/<service_id>/<n>/kill`` kills an
-instance's processes (it then reports ``FAILED``).
+instance's processes (it then reports ``DEAD``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import Counter
@@ -30,7 +43,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 
 from .root import SLA_INVALID, Root, oid
 from .tokens import TokenIssuer, TokenRejected
@@ -54,8 +67,9 @@ def _json(body: Any, status: int = 200, content_type: str = "application/json") 
 
 
 def _abort(status: int, message: str) -> Response:
-    """flask-smorest's error body."""
-    return _json({"code": status, "status": REASONS.get(status, ""), "message": message}, status)
+    """flask-smorest's error body, ``{"code", "status"}``; ``message`` is only logged."""
+    logging.getLogger("oakestra_double").info("answering %d: %s", status, message)
+    return _json({"code": status, "status": REASONS.get(status, "")}, status)
 
 
 def _dumped(document: Any) -> Response:
@@ -68,13 +82,13 @@ class Faults:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queue: list[tuple[int, float]] = []
+        self._queue: list[tuple[int, float, bool]] = []
 
-    def add(self, count: int, status: int, delay_s: float) -> None:
+    def add(self, count: int, status: int, delay_s: float, after: bool = False) -> None:
         with self._lock:
-            self._queue.extend([(status, delay_s)] * count)
+            self._queue.extend([(status, delay_s, after)] * count)
 
-    def take(self) -> tuple[int, float] | None:
+    def take(self) -> tuple[int, float, bool] | None:
         with self._lock:
             return self._queue.pop(0) if self._queue else None
 
@@ -95,12 +109,22 @@ def create_app(root: Root, tokens: TokenIssuer) -> Flask:
         if not request.path.startswith("/api/"):
             return None
         count("requests")
+        if request.url_rule is not None:
+            count(f"{request.method} {request.url_rule.rule}")
         fault = faults.take()
         if fault is None:
             return None
-        status, delay_s = fault
+        status, delay_s, after = fault
+        if after:
+            g.delay_after_s = delay_s
+            return None
         time.sleep(delay_s)
         return _abort(status, "injected fault") if status else None
+
+    @app.after_request
+    def delay_answer(response: Response) -> Response:
+        time.sleep(float(g.pop("delay_after_s", 0.0)))
+        return response
 
     Handler = Callable[..., Response]
 
@@ -118,6 +142,7 @@ def create_app(root: Root, tokens: TokenIssuer) -> Flask:
                     if exc.status == 401:
                         count("unauthorized")
                     return _json(exc.body, exc.status)
+                g.claims = claims
                 return handler(claims["sub"], *args, **kwargs)
 
             return wrapper
@@ -138,8 +163,8 @@ def create_app(root: Root, tokens: TokenIssuer) -> Flask:
 
         return wrapper
 
-    def claims_for(username: str) -> dict[str, Any]:
-        return {"user": username, "roles": ["Admin"], "organization": root.organization_id}
+    def claims_for(username: str, organization: str) -> dict[str, Any]:
+        return {"user": username, "roles": ["Admin"], "organization": organization}
 
     # ---- authentication ----------------------------------------------------------------
 
@@ -148,15 +173,21 @@ def create_app(root: Root, tokens: TokenIssuer) -> Flask:
         content = request.get_json(silent=True)
         if content is None:
             return _abort(403, "No credentials provided")
-        username = str(content.get("username", ""))
-        password = str(content.get("password", ""))
+        if "username" not in content or "password" not in content:
+            return _abort(500, "KeyError")  # the real handler indexes the body
+        username = str(content["username"])
+        password = str(content["password"])
+        organization = root.organizations.get(str(content.get("organization_name") or "root"))
+        if organization is None:
+            return _abort(404, "Organization not found")
         if not username or root.passwords.get(username) != password:
             return _abort(401, "invalid username or password")
         count("logins")
+        claims = claims_for(username, organization)
         return _json(
             {
-                "token": tokens.issue(username, "access", claims_for(username)),
-                "refresh_token": tokens.issue(username, "refresh", claims_for(username)),
+                "token": tokens.issue(username, "access", claims),
+                "refresh_token": tokens.issue(username, "refresh", claims),
             }
         )
 
@@ -166,7 +197,8 @@ def create_app(root: Root, tokens: TokenIssuer) -> Flask:
         if username not in root.passwords:
             return _abort(404, "User does not exists")
         count("refreshes")
-        return _json({"token": tokens.issue(username, "access", claims_for(username))})
+        claims = claims_for(username, str(g.claims.get("organization", "")))
+        return _json({"token": tokens.issue(username, "access", claims)})
 
     @app.get("/api/user/<username>")
     @jwt_auth_required
@@ -234,6 +266,14 @@ def create_app(root: Root, tokens: TokenIssuer) -> Flask:
             return _abort(404, "not found")
         return _dumped(job)
 
+    @app.get("/api/services/<app_id>")
+    @jwt_auth_required
+    def app_services(username: str, app_id: str) -> Response:
+        jobs = root.app_services(app_id, username)
+        if jobs is None:
+            return _abort(404, "application not found")
+        return _dumped(jobs)
+
     @app.delete("/api/service/<service_id>")
     @jwt_auth_required
     def delete_service(username: str, service_id: str) -> Response:
@@ -260,16 +300,15 @@ def create_app(root: Root, tokens: TokenIssuer) -> Flask:
         now = time.time()
         clusters = [
             {
-                "_id": {"$oid": cluster.id},
+                "_id": cluster.id,
                 "candidate_name": cluster.name,
                 "cluster_name": cluster.name,
                 "cluster_location": "Unknown Location",
                 "active": True,
                 "last_modified_timestamp": now,
-                "aggregated_cpu_percent": 0,
-                "memory_in_mb": 0,
-                "total_cpu_cores": 0,
-                "total_gpu_cores": 0,
+                "active_nodes": len(cluster.workers),
+                "vcpus": len(cluster.workers) * root.worker_vcpus,
+                "memory": len(cluster.workers) * root.worker_memory_mb,
             }
             for cluster in root.clusters.values()
         ]
@@ -281,7 +320,12 @@ def create_app(root: Root, tokens: TokenIssuer) -> Flask:
     def add_faults() -> Response:
         body = request.get_json(silent=True) or {}
         faults.add(int(body.get("count", 1)), int(body.get("status", 500)),
-                   float(body.get("delay_s", 0.0)))  # fmt: skip
+                   float(body.get("delay_s", 0.0)), bool(body.get("after", False)))  # fmt: skip
+        return _json({"message": "ok"})
+
+    @app.post("/double/rotate-keys")
+    def rotate_keys() -> Response:
+        tokens.rotate()
         return _json({"message": "ok"})
 
     @app.post("/double/refuse-services")

@@ -4,9 +4,24 @@ Mirrors the system manager's services layer (``application_management``,
 ``service_management``, ``instance_management`` of oakestra/oakestra): what it stores, what it
 validates, and the order in which an instance's status changes. Root-side steps (``REQUESTED``,
 ``CLUSTER_SCHEDULED``) are visible at once; what the cluster and the worker report
-(``NODE_SCHEDULED``, ``RUNNING``, ``COMPLETED``, ``FAILED``, ``DEAD``, ``NO_NODE_FOUND``)
-reaches the root ``report_delay_s`` seconds later, as the real cluster manager's periodic
-updates do (up to 15 s there).
+(``NODE_SCHEDULED``, ``RUNNING``, ``COMPLETED``, ``FAILED``, ``DEAD``, ``NO_WORKER_CAPACITY``)
+reaches the root ``report_delay_s`` seconds later, as the real cluster manager's push does
+(every 15 s there).
+
+Scheduling as the real root and cluster schedulers answer:
+
+- a ``direct`` constraint naming a cluster that is not active: job status
+  ``TargetClusterNotActive``, no instance;
+- a service asking more ``vcpus``/``memory`` than any (or the named) cluster has: job status
+  ``NoActiveClusterWithCapacity``;
+- a ``direct`` constraint naming a node the cluster does not have: the instance stays
+  ``CLUSTER_SCHEDULED`` for ever (nothing reports on it);
+- a node without the capacity: instance ``NO_WORKER_CAPACITY``.
+
+The job-level ``status_detail`` stays ``Waiting for scheduling decision`` for ever (only the
+instances' own ``status_detail`` and ``logs`` say what happened). The cluster manager
+restarts ``FAILED``, ``DEAD`` and ``NO_WORKER_CAPACITY`` instances ``restart_delay_s`` after
+they ended (its check runs about every 15 s), until the instance is undeployed.
 """
 
 from __future__ import annotations
@@ -48,6 +63,13 @@ def oid(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "_id": {"$oid": record["_id"]}}
 
 
+WAITING = "Waiting for scheduling decision"
+"""The job-level ``status_detail`` the real root sets at deployment and never updates."""
+
+RESTARTED = frozenset({"FAILED", "DEAD", "NO_WORKER_CAPACITY"})
+"""Instance statuses the cluster manager restarts."""
+
+
 @dataclass
 class Cluster:
     """A cluster and its workers (hostname → spec)."""
@@ -68,9 +90,12 @@ class PendingReport:
 class Root:
     """The system manager's state, guarded by one lock.
 
-    ``users``: username → password (each an ``Admin``). ``workers``: the worker nodes.
-    ``workdir``: instance logs. Delays in seconds. ``process_images``: run instances with
-    the worker's ``process`` runtime (see :mod:`.worker`) instead of buildah.
+    ``users``: username → password (each an ``Admin``). ``workers``: the worker nodes, each
+    with ``worker_vcpus`` and ``worker_memory_mb``. ``organizations``: the organizations one
+    logs in to (``root`` is Oakestra's default). ``workdir``: instance logs. Delays in
+    seconds: ``report_delay_s`` the cluster's push, ``restart_delay_s`` the cluster manager's
+    restart of an ended instance. ``process_images``: run instances with the worker's
+    ``process`` runtime (see :mod:`.worker`) instead of buildah.
     """
 
     def __init__(
@@ -81,16 +106,25 @@ class Root:
         *,
         report_delay_s: float = 0.5,
         schedule_delay_s: float = 0.1,
+        restart_delay_s: float = 15.0,
+        worker_vcpus: int = 8,
+        worker_memory_mb: int = 16384,
+        organizations: tuple[str, ...] = ("root",),
         process_images: ProcessImages | None = None,
     ) -> None:
         self.lock = threading.RLock()
         self.process_images = process_images
         self.passwords = dict(users)
         self.user_ids = {name: new_id() for name in users}
-        self.organization_id = new_id()
+        self.organizations = {name: new_id() for name in organizations}
         self.workdir = workdir
         self.report_delay_s = report_delay_s
         self.schedule_delay_s = schedule_delay_s
+        self.restart_delay_s = restart_delay_s
+        self.worker_vcpus = worker_vcpus
+        self.worker_memory_mb = worker_memory_mb
+        self._generations: dict[tuple[str, int], int] = {}
+        self._closed = False
         self.clusters: dict[str, Cluster] = {}
         for worker in workers:
             cluster = self.clusters.setdefault(
@@ -279,6 +313,16 @@ class Root:
         with self.lock:
             self.refusals.extend([reason] * count)
 
+    def app_services(self, app_id: str, username: str) -> list[dict[str, Any]] | None:
+        """Every job of the application (``GET /api/services/<app id>``), ``None`` for an
+        application the user does not have."""
+        with self.lock:
+            self._apply_due_reports()
+            app = self.get_app(app_id, username)
+            if app is None:
+                return None
+            return [oid(self.jobs[j]) for j in app["microservices"] if j in self.jobs]
+
     def get_service(self, service_id: str, username: str) -> dict[str, Any] | None:
         """The job as the root knows it (cluster reports due by now applied)."""
         with self.lock:
@@ -313,12 +357,13 @@ class Root:
             if job is None or self.get_app(job["applicationID"], username) is None:
                 return
             job["status"] = "REQUESTED"
-            job["status_detail"] = "Waiting for scheduling decision"
+            job["status_detail"] = WAITING
         threading.Thread(target=self._schedule, args=(service_id,), daemon=True).start()
 
     def _schedule(self, service_id: str) -> None:
-        """The root and cluster schedulers: only ``direct`` constraints are honoured; with
-        none, the first worker of the service's platform is taken."""
+        """The root scheduler picks a cluster (only ``direct`` constraints are honoured; with
+        none, the first cluster with a worker of the service's platform and the capacity),
+        then the cluster scheduler the node (see the module docstring)."""
         time.sleep(self.schedule_delay_s)
         with self.lock:
             job = self.jobs.get(service_id)
@@ -327,31 +372,9 @@ class Root:
             direct = next(
                 (c for c in job.get("constraints") or [] if c.get("type") == "direct"), None
             )
-            worker: WorkerSpec | None = None
-            cluster: Cluster | None = None
-            if direct is not None:
-                cluster = next(
-                    (c for c in self.clusters.values() if c.name == direct.get("cluster")), None
-                )
-                if cluster is None:
-                    job["status"] = "TargetClusterNotFound"
-                    job["status_detail"] = f"no active cluster named {direct.get('cluster')!r}"
-                    return
-                worker = cluster.workers.get(str(direct.get("node")))
-            else:
-                wanted = platform_arch(str(job.get("platform") or ""))
-                for candidate in self.clusters.values():
-                    worker = next(
-                        (w for w in candidate.workers.values() if not wanted or w.arch == wanted),
-                        None,
-                    )
-                    if worker is not None:
-                        cluster = candidate
-                        break
-                if cluster is None:
-                    job["status"] = "NoActiveClusterWithCapacity"
-                    job["status_detail"] = "no cluster has a worker for this service"
-                    return
+            cluster = self._pick_cluster(job, direct)
+            if cluster is None:
+                return
             number = job["next_instance_progressive_number"]
             job["next_instance_progressive_number"] = number + 1
             job["instance_list"].append(
@@ -363,30 +386,99 @@ class Root:
                 }
             )
             job["status"] = "CLUSTER_SCHEDULED"
-            job["status_detail"] = f"scheduled to cluster {cluster.name}"
-            if worker is None:
-                node = direct.get("node") if direct else None
-                detail = f"cluster {cluster.name} has no node {node!r}"
-                self._report(
-                    service_id, number, {"status": "NO_NODE_FOUND", "status_detail": detail}
+            if direct is not None:
+                worker = cluster.workers.get(str(direct.get("node")))
+            else:
+                wanted = platform_arch(str(job.get("platform") or ""))
+                worker = next(
+                    (w for w in cluster.workers.values() if not wanted or w.arch == wanted), None
                 )
-                return
-            worker_id = self.worker_ids[(worker.cluster, worker.hostname)]
-            container = f"oakdouble-{service_id[:12]}-{number}"
-            log_path = self.workdir / f"{container}.log"
+            if worker is None:
+                return  # the cluster never finds the node: CLUSTER_SCHEDULED for ever
+            self._place(service_id, number, worker)
 
-            def report(fields: dict[str, Any], n: int = number) -> None:
-                self._report(service_id, n, {**fields, "worker_id": worker_id})
+    def _pick_cluster(self, job: dict[str, Any], direct: dict[str, Any] | None) -> Cluster | None:
+        """The root scheduler's cluster, or ``None`` with the job's status set to the
+        negative scheduling status."""
+        vcpus, memory = int(job.get("vcpus") or 0), int(job.get("memory") or 0)
 
-            taken = self._published_elsewhere(worker, job.get("port"))
-            if taken:
-                report({"status": "FAILED", "status_detail": taken})
-                return
-            runner = InstanceRunner(
-                dict(job), worker, container, log_path, report, self.process_images
-            )
-            self.runners[(service_id, number)] = runner
-            runner.start()
+        def fits(cluster: Cluster) -> bool:
+            count = len(cluster.workers)
+            return vcpus <= count * self.worker_vcpus and memory <= count * self.worker_memory_mb
+
+        if direct is not None:
+            candidates = [c for c in self.clusters.values() if c.name == direct.get("cluster")]
+            if not candidates:
+                job["status"] = "TargetClusterNotActive"
+                return None
+        else:
+            wanted = platform_arch(str(job.get("platform") or ""))
+            candidates = [
+                c
+                for c in self.clusters.values()
+                if any(not wanted or w.arch == wanted for w in c.workers.values())
+            ]
+        chosen = next((c for c in candidates if fits(c)), None)
+        if chosen is None:
+            job["status"] = "NoActiveClusterWithCapacity"
+        return chosen
+
+    def _place(self, service_id: str, number: int, worker: WorkerSpec) -> None:
+        """The cluster's placement of instance ``number`` on ``worker`` (again, when the
+        cluster manager restarts it); caller holds the lock."""
+        job = self.jobs[service_id]
+        key = (service_id, number)
+        generation = self._generations.get(key, 0) + 1
+        self._generations[key] = generation
+        worker_id = self.worker_ids[(worker.cluster, worker.hostname)]
+
+        def report(fields: dict[str, Any]) -> None:
+            self._report(service_id, number, {**fields, "worker_id": worker_id})
+            if fields.get("status") in RESTARTED:
+                self._restart_later(service_id, number, worker, generation)
+
+        if int(job.get("vcpus") or 0) > self.worker_vcpus or (
+            int(job.get("memory") or 0) > self.worker_memory_mb
+        ):
+            detail = f"worker {worker.hostname} lacks the vcpus or memory"
+            report({"status": "NO_WORKER_CAPACITY", "status_detail": detail})
+            return
+        taken = self._published_elsewhere(worker, job.get("port"))
+        if taken:
+            report({"status": "FAILED", "status_detail": taken})
+            return
+        container = f"oakdouble-{service_id[:12]}-{number}-{generation}"
+        runner = InstanceRunner(
+            dict(job),
+            worker,
+            container,
+            self.workdir / f"{container}.log",
+            report,
+            self.process_images,
+        )
+        self.runners[key] = runner
+        runner.start()
+
+    def _restart_later(
+        self, service_id: str, number: int, worker: WorkerSpec, generation: int
+    ) -> None:
+        """The cluster manager's restart of an ended instance, unless it was undeployed or
+        placed again meanwhile."""
+
+        def restart() -> None:
+            with self.lock:
+                job = self.jobs.get(service_id)
+                if self._closed or job is None:
+                    return
+                if self._generations.get((service_id, number)) != generation:
+                    return
+                if not any(i["instance_number"] == number for i in job["instance_list"]):
+                    return
+                self._place(service_id, number, worker)
+
+        timer = threading.Timer(self.restart_delay_s, restart)
+        timer.daemon = True
+        timer.start()
 
     def _published_elsewhere(self, worker: WorkerSpec, port: object) -> str:
         """Why ``worker`` cannot publish ``port`` (a running instance there publishes the
@@ -411,6 +503,7 @@ class Root:
             for instance in job["instance_list"]:
                 number = instance["instance_number"]
                 if which in (-1, number):
+                    self._generations.pop((service_id, number), None)
                     runner = self.runners.pop((service_id, number), None)
                     if runner is not None:
                         threading.Thread(target=runner.undeploy, daemon=True).start()
@@ -442,12 +535,12 @@ class Root:
             for instance in job["instance_list"]:
                 if instance["instance_number"] == report.instance_number:
                     instance.update(report.fields)
-                    job["status"] = report.fields["status"]
-                    job["status_detail"] = report.fields.get("status_detail", "")
+                    job["status"] = report.fields["status"]  # status_detail stays WAITING
 
     def shutdown(self) -> None:
         """Undeploy every instance and wait for their containers to be removed."""
         with self.lock:
+            self._closed = True
             runners = list(self.runners.values()) + list(self._stopping)
             self.runners.clear()
         for runner in runners:

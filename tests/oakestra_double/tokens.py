@@ -2,7 +2,9 @@
 
 Claims: ``sub`` (username), ``user``, ``roles``, ``organization``, ``type`` (``access`` or
 ``refresh``), ``jti``, ``iat``, ``nbf``, ``exp``; ``fresh`` on access tokens. The key pair is
-made when the double starts, so tokens of an earlier double never verify.
+made when the double starts (and again by :meth:`TokenIssuer.rotate`, a root restart), so
+tokens of an earlier double never verify: 422 ``{"msg": "Signature verification failed"}``
+(a malformed token: ``Invalid header string: ...``).
 """
 
 import secrets
@@ -34,17 +36,24 @@ class TokenIssuer:
     refresh_lifetime_s: float = 30 * 24 * 3600.0
 
     def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._revoked_before: dict[str, float] = {"access": 0.0, "refresh": 0.0}
+        self.rotate()
+
+    def rotate(self) -> None:
+        """A new key pair, as the jwt-generator makes at every start of the Oakestra root:
+        tokens signed before no longer verify (422 ``Signature verification failed``)."""
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self._private = key.private_bytes(
+        private = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        self._public = key.public_key().public_bytes(
+        public = key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        self._lock = threading.Lock()
-        self._revoked_before: dict[str, float] = {"access": 0.0, "refresh": 0.0}
+        with self._lock:
+            self._private, self._public = private, public
 
     def issue(self, username: str, kind: str, claims: dict[str, Any]) -> str:
         """A signed token of ``kind`` (``access`` or ``refresh``) for ``username``."""
@@ -61,7 +70,9 @@ class TokenIssuer:
         }
         if kind == "access":
             payload["fresh"] = False
-        return jwt.encode(payload, self._private, algorithm="RS256")
+        with self._lock:
+            private = self._private
+        return jwt.encode(payload, private, algorithm="RS256")
 
     def revoke(self, kind: str) -> None:
         """Reject every ``kind`` token issued until now (a test hook; Oakestra has none)."""
@@ -75,8 +86,10 @@ class TokenIssuer:
         scheme, _, token = header.partition(" ")
         if scheme != "Bearer" or not token:
             raise TokenRejected(422, {"msg": "Bad Authorization header. Expected 'Bearer <JWT>'"})
+        with self._lock:
+            public = self._public
         try:
-            claims: dict[str, Any] = jwt.decode(token, self._public, algorithms=["RS256"])
+            claims: dict[str, Any] = jwt.decode(token, public, algorithms=["RS256"])
         except jwt.ExpiredSignatureError:
             raise TokenRejected(401, {"msg": "Token has expired"}) from None
         except jwt.InvalidTokenError as exc:

@@ -4,10 +4,13 @@ with the ``process`` runtime, as a plain host process).
 An :class:`InstanceRunner` pulls the service's image into a working container
 (``buildah from --tls-verify=false``), runs its command in it (``buildah run --isolation
 chroot --network host``) as a child process in its own session, and reports each step:
-``NODE_SCHEDULED`` → ``RUNNING`` → ``COMPLETED`` (exit 0, one-shot service), ``DEAD`` (exit 0,
-long-running service) or ``FAILED`` (any other exit, a failed pull, a platform the worker does
-not have). :meth:`InstanceRunner.undeploy` kills the process group; the working container is
-removed when the instance ends either way.
+``NODE_SCHEDULED`` → ``RUNNING`` → ``COMPLETED`` (exit 0 of a one-shot service) or ``DEAD``
+(the container exited with an error, or a long-running service exited at all), as the
+NodeEngine marks them; ``FAILED`` means the instance could not be started (a failed pull, a
+platform the worker does not have, no command). A container killed by signal N exits
+``128 + N`` as a container runtime reports it. :meth:`InstanceRunner.undeploy` kills the
+process group; the working container is removed when the instance ends either way. The
+cluster manager restarts ``FAILED`` and ``DEAD`` instances (see :mod:`.root`).
 
 The ``process`` runtime (``process_images``) needs neither root nor buildah: an image
 reference names an entrypoint argv that runs as a host process with the service's
@@ -141,15 +144,16 @@ class InstanceRunner(threading.Thread):
                 host_port=_host_port(self.service.get("port")),
             )
             assert self.process is not None
-            self.returncode = self.process.wait()
+            code = self.process.wait()
+            self.returncode = 128 - code if code < 0 else code
             if self._undeployed.is_set():
                 return
-            if self.returncode != 0:
-                self._report("FAILED", f"the instance exited with code {self.returncode}")
-            elif self.service.get("one_shot"):
-                self._report("COMPLETED", "the instance exited with code 0")
+            detail = f"the instance exited with code {self.returncode}"
+            logs = _tail(self.log_path)
+            if self.returncode == 0 and self.service.get("one_shot"):
+                self._report("COMPLETED", detail, logs=logs)
             else:
-                self._report("DEAD", "the instance exited with code 0")
+                self._report("DEAD", detail, logs=logs)
         except Exception as exc:  # a worker that breaks reports it, like the NodeEngine
             self._report("FAILED", f"worker error: {exc}")
         finally:
@@ -165,7 +169,7 @@ class InstanceRunner(threading.Thread):
 
     def kill(self, sig: signal.Signals = signal.SIGKILL, grace_s: float = 10.0) -> None:
         """Send ``sig`` to the instance's process group (a test hook: the instance then
-        ends and is reported ``FAILED``); with SIGTERM, SIGKILL follows after ``grace_s``."""
+        ends and is reported ``DEAD``); with SIGTERM, SIGKILL follows after ``grace_s``."""
         with self._lock:
             process = self.process
         if process is None or process.poll() is not None:
@@ -246,6 +250,16 @@ class InstanceRunner(threading.Thread):
 
 def _which(tool: str) -> str:
     return shutil.which(tool) or tool
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of the instance's output (what the NodeEngine sends as
+    ``logs``)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def _last_line(text: str) -> str:
