@@ -11,6 +11,7 @@ from typing import Any
 from data_server.mock_provider import InvalidPartitioning, UnknownDataset
 from flops_manager.auth import Forbidden, Unauthorized
 from flops_manager.broker import BrokerUnavailable
+from flops_manager.sla import LocalRepoNotAllowed
 from flops_manager.store import StoreUnavailable
 from flops_utils.data_client import DataPlaneError, DataServerUnavailable, InvalidDataTag
 from flops_utils.errors import FlopsError
@@ -114,6 +115,7 @@ HTTP_STATUS: dict[type[FlopsError], int] = {
     # the caller's fault
     Unauthorized: 401,
     Forbidden: 403,
+    LocalRepoNotAllowed: 403,
     NotFound: 404,
     Conflict: 409,
     Unprocessable: 422,

@@ -13,7 +13,6 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from flops_manager.auth import Forbidden
 from flops_utils.contract.training import (
     DEFAULT_STRATEGY,
     STRATEGY_ADAPTER,
@@ -30,6 +29,7 @@ from flops_utils.contract.training import (
     StrategyConfig,
     TrainingConfiguration,
 )
+from flops_utils.errors import FlopsError
 from flops_utils.types import MLModelFlavor
 
 __all__ = [
@@ -72,9 +72,11 @@ _SCP_LIKE = re.compile(r"^(?:[\w.+-]+@)?[\w.-]+:(?!//)\S+$")
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
 
 
-class LocalRepoNotAllowed(Forbidden):
+class LocalRepoNotAllowed(FlopsError):
     """``ml_repo_url`` names a directory of the manager's host (a path or ``file://`` URL),
-    which only a caller allowed to read the host (an admin) may build from (HTTP 403)."""
+    which only a caller allowed to read the host (an admin) may build from (HTTP 403, see
+    :data:`flops_manager.errors.HTTP_STATUS`; this module imports no other manager module:
+    the aggregator's image carries it)."""
 
     code = "ml_repo_url_not_allowed"
 

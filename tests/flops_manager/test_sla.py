@@ -240,3 +240,17 @@ def test_the_training_models_are_the_contracts_and_the_aggregator_reads_a_full_s
     assert sla.TrainingConfiguration is training.TrainingConfiguration
     assert seen.training_configuration == project.training_configuration
     assert (seen.ml_model_flavor, seen.customerID) == (MLModelFlavor.SKLEARN, "Admin")
+
+
+def test_the_sla_module_imports_no_other_manager_module() -> None:
+    # the aggregator's image carries flops_manager/sla.py alone (image_builder.oci_builder)
+    import ast
+    from pathlib import Path
+
+    import flops_manager.sla as sla_module
+
+    tree = ast.parse(Path(sla_module.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+
+    assert not [name for name in imported if name.startswith("flops_manager")]

@@ -8,7 +8,9 @@ times (``pytest -s``).
 """
 
 import base64
+import functools
 import hashlib
+import http.server
 import importlib.metadata
 import importlib.util
 import json
@@ -16,6 +18,7 @@ import re
 import struct
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -311,18 +314,27 @@ def test_same_platforms_again_reuse_the_lists(
 def test_dependency_without_arm64_wheel_fails_naming_it(
     builder: OciBuilder, tmp_path: Path
 ) -> None:
-    # Prepare: a requirement only published as an x86_64 wheel (in a local find-links dir)
+    # Prepare: a requirement only published as an x86_64 wheel (on a find-links page served
+    # over HTTP: a local directory is the manager's disk, which repositories may not name)
     wheels = tmp_path / "wheels"
     _x86_only_wheel(wheels)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(wheels))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    index = f"http://127.0.0.1:{server.server_address[1]}/"
     path = copy_example(tmp_path / "x86-only")
     (path / "conda.yaml").unlink()
     (path / "requirements.txt").write_text(
-        f"scikit-learn>=1.5\n--find-links {wheels}\nflops-x86-only-demo==1.0\n"
+        f"scikit-learn>=1.5\n--find-links {index}\nflops-x86-only-demo==1.0\n"
     )
 
     # Execute
-    with pytest.raises(DependencyInstallError) as caught:
-        builder.build(str(path), None, tmp_path / "work", flavor="sklearn", platforms=BOTH)
+    try:
+        with pytest.raises(DependencyInstallError) as caught:
+            builder.build(str(path), None, tmp_path / "work", flavor="sklearn", platforms=BOTH)
+    finally:
+        server.shutdown()
+        server.server_close()
 
     # Assert
     message = caught.value.message
