@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flow_testing import MockNodes
+from waiting import wait_until
 
 from flops_manager.client import ApiError, ManagerClient
 from flops_manager.config import ManagerConfig
@@ -156,7 +157,13 @@ def test_crashing_learner_fails_the_project_and_leaves_no_process(
     assert "local data is corrupt" in project["status_message"]
     assert "learner" in project["status_message"]
     assert suite.lifecycle.orchestrator.running_services(project["project_id"]) == []
-    assert not _processes_mentioning(project["project_id"])
+    # the services are stopped in the background after the project failed (SIGTERM, then
+    # SIGKILL after the stop timeout): wait for that, not for a fixed time
+    wait_until(
+        lambda: not _processes_mentioning(project["project_id"]),
+        30,
+        lambda: f"processes left: {_processes_mentioning(project['project_id'])}",
+    )
 
 
 def test_too_few_nodes_with_the_tag_is_a_409(client: ManagerClient) -> None:
