@@ -8,6 +8,7 @@ quick ones at once, long ones (build, deploy, post-training) on a worker pool.
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,13 @@ BUILDS_PER_CUSTOMER = 2
 AGGREGATOR_EXIT_GRACE_S = 5.0
 """Seconds to wait for a service's final status message after it exited with code 0 or with
 an unknown code (a re-attached service): the message may still be on its way."""
+
+
+STATUS_OUTAGE_WAIT_S = 120.0
+"""Seconds a grace period is extended at most while the status messages cannot arrive (the
+MQTT broker is down or was just reconnected): a service's final message, queued by the
+service while the broker was down, then still reaches the manager and the project is not
+failed for the broker's crash."""
 
 
 class ProjectLifecycle:
@@ -88,6 +96,10 @@ class ProjectLifecycle:
             self.runner, builder, orchestrator, workdir, mlflow_url, self.credentials
         )
         self.recovery = RestartRecovery(self.runner, orchestrator)
+        self.status_channel_ready: Callable[[], bool] = lambda: True
+        """Whether the status messages reach the manager now (the suite sets it from its MQTT
+        listener); grace periods wait while it is false, for at most
+        :data:`STATUS_OUTAGE_WAIT_S` seconds."""
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="project")
         self.builds = FairQueue(max_workers, min(builds_per_customer, max_workers))
         self._closing = threading.Event()
@@ -211,11 +223,33 @@ class ProjectLifecycle:
             if not action.background or not self._submit(self._stop_services, project_id):
                 self._stop_services(project_id)
         elif isinstance(action, act.AwaitGrace):
-            self.runner.schedule(self.exit_grace_s, project_id, action.event)
+            self._await_grace(project_id, action.event)
         elif isinstance(action, act.StopInference):
             self.orchestrator.stop_inference(project_id)
         elif isinstance(action, act.Log):
             (logger.warning if action.level == "warning" else logger.info)(action.message)
+
+    def _await_grace(self, project_id: str, event: ev.LifecycleEvent) -> None:
+        """Post ``event`` after the grace period, extended while the status messages cannot
+        arrive (see :attr:`status_channel_ready`)."""
+        deadline = time.monotonic() + STATUS_OUTAGE_WAIT_S
+        warned = threading.Event()
+
+        def outage() -> bool:
+            if self.status_channel_ready() or time.monotonic() >= deadline:
+                return False
+            if not warned.is_set():
+                warned.set()
+                logger.warning(
+                    "project %s: %s ended while status messages cannot arrive (MQTT broker "
+                    "down or reconnecting); waiting up to %gs for its final message",
+                    project_id,
+                    getattr(event, "service", "a service"),
+                    STATUS_OUTAGE_WAIT_S,
+                )
+            return True
+
+        self.runner.schedule(self.exit_grace_s, project_id, event, hold=outage)
 
     def _submit(self, work: Any, project_id: str) -> bool:
         """Run ``work(project_id)`` on the pool; ``False`` when the pool is shut down."""

@@ -112,11 +112,14 @@ class ServiceExited(LifecycleEvent):
 @dataclass(frozen=True)
 class GraceExpired(LifecycleEvent):
     """The grace period after a :class:`ServiceExited` with code 0 or unknown is over; the
-    fields repeat the exit's."""
+    fields repeat the exit's. Also posted after a learner or cluster aggregator lost its
+    upstream aggregator (``returncode`` 3, ``reason``: its own report), so that the
+    aggregator's report or exit, which names the real cause, is applied first."""
 
     service: str
     returncode: int | None
     last_line: str = ""
+    reason: str = ""
     kind: EventKind = field(init=False, default=EventKind.GRACE_EXPIRED)
 
 

@@ -28,7 +28,7 @@ from flops_manager.records import (
     ServiceReport,
 )
 from flops_manager.sla import ProjectSLA
-from flops_utils.contract.exit_codes import describe_exit
+from flops_utils.contract.exit_codes import ExitCode, describe_exit
 from flops_utils.contract.lifecycle import (
     ACTIVE,
     Component,
@@ -71,6 +71,11 @@ MLFLOW_KEYS = (
 """Keys of the aggregator's ``success`` data kept under ``mlflow``."""
 
 _RUNNING = frozenset({ProjectStatus.TRAINING, ProjectStatus.POST_TRAINING})
+
+UPSTREAM_LOST_CAUSE = "aggregator_unreachable"
+"""``data.cause`` of a learner's (cluster aggregator's) ``failed`` message when it lost the
+connection to its aggregator (root aggregator); its exit code is then
+:attr:`~flops_utils.contract.exit_codes.ExitCode.AGGREGATOR_UNREACHABLE`."""
 
 
 def transition(
@@ -402,6 +407,8 @@ def _status_received(
         if recovering:
             held = _log_event(record, "component", "failed", reason, now_s, label)
             return held, [act.Hold(failure=reason)]
+        if event.data.get("cause") == UPSTREAM_LOST_CAUSE and not aggregator:
+            return _upstream_lost(record, service, reason, now_s, label)
         return _fail_or_lose(record, service, reason, now_s)
     if aggregator and event.status is ComponentStatus.PROGRESS:
         if event.data.get("stage") == Stage.TRAINING_DONE.value:
@@ -478,10 +485,32 @@ def _service_exited(
         return record, [act.AwaitGrace(grace)]
     if event.returncode != 0:
         reason = exit_reason(event.service, event.returncode, event.last_line)
+        if (
+            event.returncode == ExitCode.AGGREGATOR_UNREACHABLE
+            and event.service != AGGREGATOR_SERVICE
+        ):
+            return _upstream_lost(record, event.service, reason, now_s)
         return _fail_or_lose(record, event.service, reason, now_s)
     if event.service == AGGREGATOR_SERVICE:
         return record, [act.AwaitGrace(grace)]
     return record, []
+
+
+def _upstream_lost(
+    record: ProjectRecord, service: str, reason: str, now_s: float, label: str = ""
+) -> Result:
+    """A learner (cluster aggregator) lost its aggregator (root aggregator): log it and judge
+    it after the exit grace period, so that the aggregator's own report or exit, which names
+    the real cause, comes first. A learner leaving after training changes nothing; before
+    training it fails the project at once, as any other failure then."""
+    if record.status is ProjectStatus.POST_TRAINING:
+        return record, []
+    if record.status is not ProjectStatus.TRAINING:
+        return _fail_or_lose(record, service, reason, now_s)
+    component = label or service
+    logged = _log_event(record, "component", ComponentStatus.FAILED.value, reason, now_s, component)
+    grace = ev.GraceExpired(service, int(ExitCode.AGGREGATOR_UNREACHABLE), reason=reason)
+    return logged, [act.AwaitGrace(grace)]
 
 
 def _grace_expired(
@@ -489,6 +518,10 @@ def _grace_expired(
 ) -> Result:
     if record.status.is_terminal:
         return record, []
+    if event.reason:  # a service that lost its upstream aggregator, judged now
+        if record.status is not ProjectStatus.TRAINING:
+            return record, []
+        return _fail_or_lose(record, event.service, event.reason, now_s)
     report = record.final_reports().get(event.service)
     if report == ComponentStatus.SUCCESS.value:
         return record, []

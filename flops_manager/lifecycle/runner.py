@@ -189,11 +189,21 @@ class LifecycleRunner:
         from an action executed for the same project (it would wait for itself)."""
         return self.post(project_id, event).result(timeout_s)
 
-    def schedule(self, delay_s: float, project_id: str, event: ev.LifecycleEvent) -> None:
-        """Post ``event`` for ``project_id`` after ``delay_s`` seconds."""
+    def schedule(
+        self,
+        delay_s: float,
+        project_id: str,
+        event: ev.LifecycleEvent,
+        hold: Callable[[], bool] | None = None,
+    ) -> None:
+        """Post ``event`` for ``project_id`` after ``delay_s`` seconds; while ``hold()`` is
+        true then, wait another ``delay_s`` seconds and ask again."""
 
         def post() -> None:
-            self.post(project_id, event)
+            if hold is not None and hold():
+                self._scheduler.call_later(delay_s, post)
+            else:
+                self.post(project_id, event)
 
         self._scheduler.call_later(delay_s, post)
 

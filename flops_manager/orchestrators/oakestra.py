@@ -70,6 +70,7 @@ from flops_manager.orchestrators.oakestra_client import (
 )
 from flops_manager.orchestrators.ports import first_free_port, parse_port_range
 from flops_utils import env_vars
+from flops_utils.contract.exit_codes import UNKNOWN_EXIT
 from flops_utils.logging import logger
 
 POLL_INTERVAL_S = 1.0
@@ -85,7 +86,7 @@ PORT_RANGE = (30000, 30999)
 EXITED_OK = frozenset({"COMPLETED"})
 """The terminal instance status of a one-shot service that exited 0."""
 
-UNKNOWN_CRASH_RC = 1
+UNKNOWN_CRASH_RC = UNKNOWN_EXIT
 """Return code reported for a ``DEAD`` instance whose ``status_detail`` gives no exit code
 (and for ``FAILED`` instances and scheduling failures, which never ran)."""
 

@@ -148,6 +148,30 @@ def test_actions_run_after_persisting_and_timers_post_their_event(
     assert recorder.actions == [("p1", "await_grace"), ("p1", "stop_services"), ("p1", "log")]
 
 
+def test_a_timer_waits_while_its_hold_says_so(store: EmbeddedProjectStore) -> None:
+    insert(store, "p1")
+    runner = LifecycleRunner(store, Recorder())
+    asked: list[float] = []
+
+    def broker_down() -> bool:  # down for the first three checks
+        asked.append(time.monotonic())
+        return len(asked) <= 3
+
+    try:
+        began = time.monotonic()
+        runner.schedule(0.1, "p1", ev.GraceExpired("aggregator", 0), hold=broker_down)
+        deadline = time.monotonic() + 5
+        while (record := store.get_project("p1")) and not record.status.is_terminal:
+            assert time.monotonic() < deadline, "the timer's event was not applied"
+            time.sleep(0.02)
+    finally:
+        runner.close()
+
+    assert len(asked) == 4
+    assert asked[-1] - began >= 0.4  # four delays of 0.1 s
+    assert record is not None and record.status is ProjectStatus.FAILED
+
+
 def test_after_close_only_cancel_and_manager_stop_are_applied(
     runner: LifecycleRunner, store: EmbeddedProjectStore
 ) -> None:

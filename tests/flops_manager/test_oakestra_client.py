@@ -26,7 +26,7 @@ from flops_manager.errors import (
     OakestraUnavailable,
 )
 from flops_manager.orchestrators.base import Deployment, Placement, ServiceSpec
-from flops_manager.orchestrators.oakestra import OakestraOrchestrator
+from flops_manager.orchestrators.oakestra import OakestraOrchestrator, exit_of
 from flops_manager.orchestrators.oakestra_client import (
     JWT_REJECTIONS,
     NAME_PATTERN,
@@ -36,6 +36,7 @@ from flops_manager.orchestrators.oakestra_client import (
     microservice,
     oakestra_name,
 )
+from flops_utils.contract.exit_codes import UNKNOWN_EXIT
 from flops_utils.net import find_free_port
 
 PROGRESSION = ["REQUESTED", "CLUSTER_SCHEDULED", "NODE_SCHEDULED", "RUNNING"]
@@ -94,6 +95,17 @@ def test_oakestra_names_are_valid_deterministic_and_distinct() -> None:
     assert NAME_PATTERN.match(oakestra_name("a-very-long-role-name-with-dashes-and-more", "p"))
     with pytest.raises(ValueError):
         oakestra_name()
+
+
+def test_an_instance_that_ended_without_an_exit_code_is_not_given_one() -> None:
+    dead = exit_of("DEAD", "container stopped")
+    dead_with_code = exit_of("DEAD", "exited with code 137")
+    failed = exit_of("FAILED", "image pull failed")
+
+    assert dead.returncode == UNKNOWN_EXIT and "DEAD (it crashed)" in dead.last_line
+    assert dead_with_code.returncode == 137
+    assert failed.returncode == UNKNOWN_EXIT and "could not start" in failed.last_line
+    assert exit_of("COMPLETED", "").returncode == 0
 
 
 def test_microservice_builder_makes_the_sla_fields() -> None:

@@ -8,6 +8,7 @@ from flops_manager.lifecycle import events as ev
 from flops_manager.lifecycle.actions import ActionKind, Hold
 from flops_manager.lifecycle.reducer import transition
 from flops_manager.records import Phase, ProjectRecord
+from flops_utils.contract.exit_codes import UNKNOWN_EXIT
 from flops_utils.contract.lifecycle import TERMINAL, Component, ComponentStatus, ProjectStatus
 
 NOW_S = 1000.0
@@ -31,12 +32,17 @@ EVENTS: dict[str, ev.LifecycleEvent] = {
     ),
     "learner_failed": ev.StatusReceived(L, ComponentStatus.FAILED, "n1", "ValueError: shape"),
     "aggregator_failed": ev.StatusReceived(A, ComponentStatus.FAILED, message="too few learners"),
-    "learner_exit_error": ev.ServiceExited("learner-n1", 3, "connection refused"),
+    "learner_exit_error": ev.ServiceExited("learner-n1", 1, "ValueError: shape"),
+    "learner_exit_aggregator_lost": ev.ServiceExited("learner-n1", 3, "connection refused"),
+    "learner_failed_aggregator_lost": ev.StatusReceived(
+        L, ComponentStatus.FAILED, "n1", "Lost the connection", {"cause": "aggregator_unreachable"}
+    ),
     "aggregator_exit_0": ev.ServiceExited("aggregator", 0),
     "learner_exit_0": ev.ServiceExited("learner-n1", 0),
     "exit_unknown": ev.ServiceExited("learner-n1", None, "learning"),
     "grace_aggregator_0": ev.GraceExpired("aggregator", 0),
     "grace_unknown": ev.GraceExpired("learner-n1", None, "learning"),
+    "grace_aggregator_lost": ev.GraceExpired("learner-n1", 3, reason="learner n1 failed: lost"),
     "cancel": ev.CancelRequested(),
     "post_training_progress": ev.PostTrainingProgress("skipped", "skipped a step"),
     "post_training_failed": ev.PostTrainingFailed("build_image", "no registry", "models:/m/1"),
@@ -76,11 +82,14 @@ TABLE: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "learner_failed": (FAIL,) * 5,
     "aggregator_failed": (FAIL,) * 5,
     "learner_exit_error": (FAIL,) * 5,
+    "learner_exit_aggregator_lost": (FAIL, FAIL, FAIL, ("=", ("await_grace",)), SAME),
+    "learner_failed_aggregator_lost": (FAIL, FAIL, FAIL, ("=", ("await_grace",)), SAME),
     "aggregator_exit_0": (("=", ("await_grace",)),) * 5,
     "learner_exit_0": (SAME,) * 5,
     "exit_unknown": (("=", ("await_grace",)),) * 5,
     "grace_aggregator_0": (SAME, SAME, SAME, FAIL, FAIL),
     "grace_unknown": (FAIL, FAIL, FAIL, FAIL, SAME),
+    "grace_aggregator_lost": (SAME, SAME, SAME, FAIL, SAME),
     "cancel": (("cancelled", ("stop_services", "log")),) * 5,
     "post_training_progress": (SAME,) * 5,
     "post_training_failed": (SAME, SAME, SAME, SAME, FAIL),
@@ -191,11 +200,49 @@ def test_a_learner_failure_is_tolerated_while_enough_learners_remain() -> None:
 def test_a_service_exiting_with_an_error_names_the_code_its_fix_and_last_line() -> None:
     after, _ = transition(record("training"), EVENTS["learner_exit_error"], NOW_S)
 
-    assert after.status_message.startswith(
-        "learner-n1 exited with code 3 (aggregator unreachable): "
-    )
+    assert after.status_message.startswith("learner-n1 exited with code 1 (user code error): ")
     assert "Fix: " in after.status_message
-    assert after.status_message.endswith("; last log line: 'connection refused'")
+    assert after.status_message.endswith("; last log line: 'ValueError: shape'")
+
+
+def test_an_exit_code_nobody_reported_is_not_called_a_user_code_error() -> None:
+    after, _ = transition(
+        record("training"), ev.ServiceExited("aggregator", UNKNOWN_EXIT, "DEAD (it crashed)"), NOW_S
+    )
+
+    assert after.status_message.startswith(
+        "aggregator crashed or could not start, exit code unknown"
+    )
+    assert "user code" not in after.status_message
+    assert after.status_message.endswith("; last log line: 'DEAD (it crashed)'")
+
+
+def test_a_learner_that_lost_the_aggregator_is_judged_after_the_aggregator_reported() -> None:
+    lost, waiting = transition(record("training"), EVENTS["learner_exit_aggregator_lost"], NOW_S)
+    failed, _ = transition(lost, EVENTS["aggregator_failed"], NOW_S + 1)
+    judged, later = transition(failed, waiting[0].event, NOW_S + 5)  # type: ignore[attr-defined]
+
+    assert lost.status is ProjectStatus.TRAINING and lost.lost_learners == []
+    assert lost.events[-1].message.startswith("learner-n1 exited with code 3")
+    assert failed.status_message == "aggregator failed: too few learners"  # the real cause
+    assert (judged, later) == (failed, [])
+
+
+def test_a_learner_that_lost_a_living_aggregator_is_a_lost_learner_once() -> None:
+    three = record(
+        "training",
+        services=[*SERVICES, "learner-n3"],
+        nodes=["n1", "n2", "n3"],
+    )
+    _, from_message = transition(three, EVENTS["learner_failed_aggregator_lost"], NOW_S)
+    _, from_exit = transition(three, EVENTS["learner_exit_aggregator_lost"], NOW_S)
+    judged, _ = transition(three, from_message[0].event, NOW_S + 5)  # type: ignore[attr-defined]
+    again, actions = transition(judged, from_exit[0].event, NOW_S + 6)  # type: ignore[attr-defined]
+
+    assert judged.status is ProjectStatus.TRAINING
+    assert judged.lost_learners == ["learner-n1"]
+    assert "Lost the connection" in judged.events[-1].message
+    assert (again, actions) == (judged, [])
 
 
 def test_rounds_are_recorded_once() -> None:
@@ -239,7 +286,7 @@ def test_during_recovery_failures_and_exits_are_held_back_then_judged_together()
 
     assert exited.status is ProjectStatus.TRAINING
     assert held == [Hold(failure="aggregator failed: too few learners")]
-    assert gone == [Hold(service="learner-n1", last_line="connection refused")]
+    assert gone == [Hold(service="learner-n1", last_line="ValueError: shape")]
     assert judged.status_message == (
         "while the manager was down, learner-n1 stopped without reporting a result "
         "(last log line: 'learning'); aggregator failed: too few learners"

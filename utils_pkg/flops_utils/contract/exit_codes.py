@@ -16,6 +16,7 @@ from flops_utils.errors import FlopsError
 __all__ = [
     "ERROR_EXIT_CODES",
     "EXIT_CODES",
+    "UNKNOWN_EXIT",
     "ExitCode",
     "ExitMeaning",
     "Role",
@@ -237,6 +238,13 @@ _GENERIC_SIGNAL = (
 )
 
 
+UNKNOWN_EXIT = -1000
+"""Return code of a service that ended without an exit code anyone reported: an orchestrator
+that marks a crash (Oakestra's ``DEAD``) or a failure to start (``FAILED``, a scheduling
+failure) without the process's own code. It is below every signal number, so no real return
+code (``0``..``255``, or ``-N`` for signal ``N``) equals it."""
+
+
 def describe_exit(role: str, returncode: int) -> str:
     """The sentence the manager shows when a process of ``role`` (a role or service name,
     e.g. ``learner-node1``) ends with ``returncode``.
@@ -246,8 +254,15 @@ def describe_exit(role: str, returncode: int) -> str:
     - A negative return code ``-N`` (killed by signal N, as ``subprocess`` reports it) and a
       code ``128 + N`` that is not in the catalogue (a shell or container runtime reporting
       signal N): ``"was killed by signal 9 (SIGKILL): <meaning> Fix: <fix>"``.
+    - :data:`UNKNOWN_EXIT`: ``"crashed or could not start, exit code unknown: ..."``.
     - Any other code: says that FLOps does not define it and where to look.
     """
+    if returncode == UNKNOWN_EXIT:
+        return (
+            "crashed or could not start, exit code unknown: the orchestrator reported how it "
+            "ended but not its exit code. Fix: read the orchestrator's status below and the "
+            "service's log."
+        )
     code = _catalogued(returncode)
     if code is not None:
         entry = EXIT_CODES[code]
