@@ -99,6 +99,9 @@ def test_a_killed_aggregators_run_fails_with_the_project(
 
     ended = api.wait_for_project(project_id, 120)
     assert ended["status"] == "failed"
+    # the real cause, not a learner that lost the connection nor the aggregator's last log line
+    assert ended["status_message"].startswith("aggregator was killed by signal 9 (SIGKILL)")
+    assert ended["lost_learners"] == []
     wait_until(
         lambda: _run_status(suite, run_id) == "FAILED",
         30,
