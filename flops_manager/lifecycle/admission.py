@@ -6,7 +6,7 @@ from typing import Any
 
 from flops_manager.errors import Conflict, Unprocessable
 from flops_manager.records import ClusterRecord, Event, Phase, ProjectRecord
-from flops_manager.sla import ProjectSLA, split_userinfo
+from flops_manager.sla import PostTrainingStep, ProjectSLA, split_userinfo
 from flops_utils.contract.lifecycle import ProjectStatus
 from flops_utils.contract.services import cluster_aggregator_service
 from flops_utils.types import FLOpsMode
@@ -45,14 +45,23 @@ def eligible_nodes(
     ]
 
 
-def check_supported(sla: ProjectSLA, enforces_resources: bool = True) -> None:
+def check_supported(
+    sla: ProjectSLA,
+    enforces_resources: bool = True,
+    produces_images: bool = True,
+    serves_models: bool = True,
+) -> None:
     """Raise :class:`UnsupportedSla` for an SLA field this FLOps would otherwise accept
     without honouring it.
 
     Refused: ``use_devel_base_images: true`` (FLOps builds every image from one base image,
     ``FLOPS_BASE_IMAGE``, and has no devel variant); ``resource_constraints`` given
     explicitly when the orchestrator cannot limit services (``enforces_resources`` False: the
-    ``local`` backend runs plain processes). ``verbose`` is honoured (services log at DEBUG).
+    ``local`` backend runs plain processes); a ``post_training_steps`` entry the manager
+    cannot run: ``build_image_for_trained_model`` without an image builder
+    (``produces_images`` False: the ``venv`` builder), ``deploy_trained_model_image`` without
+    an orchestrator that runs trained-model images (``serves_models`` False) or an image
+    builder. ``verbose`` is honoured (services log at DEBUG).
     """
     if sla.use_devel_base_images:
         raise UnsupportedSla(
@@ -66,6 +75,28 @@ def check_supported(sla: ProjectSLA, enforces_resources: bool = True) -> None:
             "local orchestrator runs the services as plain processes on this machine and "
             "cannot limit their memory, CPUs or storage. Remove resource_constraints, or run "
             "the manager with FLOPS_ORCHESTRATOR=oakestra."
+        )
+    _check_post_training(sla.post_training_steps, produces_images, serves_models)
+
+
+def _check_post_training(
+    steps: list[PostTrainingStep], produces_images: bool, serves_models: bool
+) -> None:
+    """Refuse the post-training steps this manager's builder and orchestrator cannot run."""
+    if steps and not produces_images:
+        raise UnsupportedSla(
+            f"post_training_steps {[s.value for s in steps]} cannot run on this manager: its "
+            "builder (FLOPS_BUILDER=venv) makes environments, not images, so there is no "
+            "trained-model image to build or deploy. Remove post_training_steps (the trained "
+            "model is registered in MLflow either way), or run the manager with "
+            "FLOPS_BUILDER=oci and FLOPS_ORCHESTRATOR=oakestra."
+        )
+    if PostTrainingStep.DEPLOY_TRAINED_MODEL_IMAGE in steps and not serves_models:
+        raise UnsupportedSla(
+            "post_training_steps: deploy_trained_model_image cannot run on this manager: its "
+            "orchestrator does not run trained-model images. Keep only "
+            "build_image_for_trained_model (the record's model_image names the image to run "
+            "yourself), or run the manager with FLOPS_ORCHESTRATOR=oakestra."
         )
 
 

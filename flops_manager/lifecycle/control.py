@@ -113,7 +113,12 @@ class ProjectLifecycle:
         nodes hold the SLA's data tags than ``min_available_clients`` (details list every
         node's tags; hierarchical FL: when no cluster has that many, details per cluster).
         """
-        check_supported(sla, self.orchestrator.enforces_resources)
+        check_supported(
+            sla,
+            self.orchestrator.enforces_resources,
+            self.builder.produces_images,
+            self.orchestrator.serves_models,
+        )
         now_s = time.time()
         record = admit(sla, self.store.list_nodes(), now_s)
         self.store.insert_project(record)

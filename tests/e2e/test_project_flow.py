@@ -100,21 +100,36 @@ def test_project_trains_and_logs_a_model_that_predicts_digits(
     assert (predicted == np.asarray(digits["label"][:])).mean() >= 0.8
 
 
-def test_second_project_reuses_the_environment_and_skips_image_steps(
+def test_second_project_reuses_the_environment(
     client: ManagerClient, first_project: dict[str, Any]
 ) -> None:
     assert first_project["status"] == "completed", first_project["status_message"]
-    steps = ["build_image_for_trained_model", "deploy_trained_model_image"]
-    project = run_project(client, two_learner_sla(post_training_steps=steps), PROJECT_TIMEOUT_S)
+    project = run_project(client, two_learner_sla(), PROJECT_TIMEOUT_S)
 
     assert project["status"] == "completed", project["status_message"]
     assert project["environment"]["cache_hit"] is True
     assert project["phases"]["building"]["seconds"] < 5
-    # the venv builder makes no images: both post-training steps are skipped, saying why
-    skipped = [e["message"] for e in project["events"] if e["status"] == "skipped"]
-    assert [m.split(":")[0] for m in skipped] == [f"skipped {step}" for step in steps]
-    assert all("FLOPS_BUILDER=oci" in m for m in skipped)
-    assert project["inference_url"] is None
+
+
+@pytest.mark.parametrize(
+    ("steps", "named"),
+    [
+        (["build_image_for_trained_model"], "FLOPS_BUILDER=oci"),
+        (["build_image_for_trained_model", "deploy_trained_model_image"], "FLOPS_BUILDER=oci"),
+        (["deploy_trained_model_image"], "FLOPS_BUILDER=oci"),
+    ],
+)
+def test_post_training_steps_the_manager_cannot_run_are_refused_at_once(
+    client: ManagerClient, steps: list[str], named: str
+) -> None:
+    before = client.request("GET", "/projects")["total"]
+
+    with pytest.raises(ApiError) as caught:
+        client.create_project(two_learner_sla(post_training_steps=steps))
+
+    assert caught.value.status == 422
+    assert "post_training_steps" in caught.value.message and named in caught.value.message
+    assert client.request("GET", "/projects")["total"] == before  # nothing was created
 
 
 def test_repo_that_cannot_be_cloned_fails_with_the_git_error(client: ManagerClient) -> None:
