@@ -3,11 +3,18 @@
 Commands: ``demo`` (the main job on the embedded default), ``submit`` (POST an SLA file),
 ``status`` (one project), ``mock`` (push mock data to registered nodes), ``data put|ls|drop``
 (a node owner's own datasets on their node's data server).
-Exit codes: 0 success; 1 the project failed or the manager answered with an error.
+Exit codes: 0 success; 1 the project failed, the manager answered with an error or could not
+be reached, or an input was wrong; 2 a command-line usage error; 130 interrupted (Ctrl-C).
+
+Errors are one or two lines naming the cause and the fix, never a traceback: ``flops --debug
+...`` (or ``FLOPS_DEBUG=1``) adds the traceback, without local variables, so never the token.
 """
 
 import json
+import os
+import sys
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -18,8 +25,63 @@ from rich.console import Console
 from flops_manager.client import ManagerClient
 from flops_utils.errors import FlopsError
 
-app = typer.Typer(help="FLOps: federated learning from an ML repository and an SLA.")
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+class _Cli(typer.Typer):
+    """The typer app whose errors are one or two lines (see the module docstring)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except KeyboardInterrupt:
+            console.print("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as exc:  # the last resort: no traceback unless asked for
+            if _debugging():
+                traceback.print_exception(exc)
+            console.print(f"[red]error:[/] {_describe(exc)}", highlight=False)
+            sys.exit(EXIT_ERROR)
+
+
+def _debugging() -> bool:
+    return _DEBUG or os.environ.get("FLOPS_DEBUG", "") not in ("", "0", "false")
+
+
+def _describe(exc: Exception) -> str:
+    """One line about an error no command handled itself."""
+    if isinstance(exc, FlopsError):
+        return exc.message
+    if isinstance(exc, OSError) and exc.strerror:
+        name = Path(str(exc.filename)).name if exc.filename else ""
+        return f"{exc.strerror}{f': {name}' if name else ''}"
+    if isinstance(exc, TimeoutError):
+        return str(exc) or "timed out"
+    return (
+        f"unexpected error ({type(exc).__name__}); run the command again with --debug for "
+        "the traceback, and report it"
+    )
+
+
+_DEBUG = False
+
+app = _Cli(
+    help="FLOps: federated learning from an ML repository and an SLA.",
+    pretty_exceptions_enable=False,
+)
 console = Console()
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Print the traceback of an error (no secrets).")
+    ] = False,
+) -> None:
+    global _DEBUG
+    _DEBUG = debug
+
 
 ManagerUrl = Annotated[
     str, typer.Option(envvar="FLOPS_MANAGER_URL", help="Base URL of the FLOps manager.")
@@ -186,16 +248,46 @@ def submit(
     timeout_s: Annotated[float, typer.Option(help="How long to follow.")] = 3600,
 ) -> None:
     """POST an SLA to the manager (and follow the project's events)."""
+    sla = _read_sla(sla_file)
     client = _client(manager_url, token)
     try:
-        project_id = client.create_project(json.loads(sla_file.read_text()))
-        console.print(f"project {project_id} accepted")
-        if follow:
-            _print_result(
-                client.wait_for_project(project_id, timeout_s, _print_event), client.tracking_url()
-            )
+        project_id = client.create_project(sla)
     except FlopsError as exc:
         _fail(exc)
+    console.print(f"project {project_id} accepted")
+    if not follow:
+        return
+    try:
+        project = client.wait_for_project(project_id, timeout_s, _print_event)
+        _print_result(project, client.tracking_url())
+    except KeyboardInterrupt:
+        console.print(
+            f"stopped following; project {project_id} keeps running. Follow it again with: "
+            f"flops status {project_id}; stop it with DELETE /api/flops/projects/{project_id}"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except FlopsError as exc:
+        _fail(exc)
+
+
+def _read_sla(sla_file: Path) -> dict[str, Any]:
+    """The SLA file's JSON object; exits 1 naming the file, line and column otherwise."""
+    try:
+        sla = json.loads(sla_file.read_text())
+    except json.JSONDecodeError as exc:
+        _fail(
+            FlopsError(
+                f"{sla_file.name} is not valid JSON: {exc.msg} at line {exc.lineno} column "
+                f"{exc.colno}. Fix the file; examples/mnist_sklearn/sla.json is a valid SLA."
+            )
+        )
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        _fail(FlopsError(f"cannot read {sla_file.name}: {reason}"))
+    if not isinstance(sla, dict):
+        kind = type(sla).__name__
+        _fail(FlopsError(f"{sla_file.name} must hold a JSON object (the SLA), not a {kind}"))
+    return sla
 
 
 @app.command()

@@ -24,6 +24,41 @@ class ApiError(FlopsError):
         self.code = code
 
 
+class ManagerUnreachable(FlopsError):
+    """The manager could not be reached, or did not answer in time."""
+
+    code = "manager_unreachable"
+
+
+def _unreachable(base_url: str, exc: requests.RequestException) -> ManagerUnreachable:
+    """The :class:`ManagerUnreachable` for ``exc``: the manager's base URL and the cause in a
+    few words (never the request's headers, so never the token), with the fix."""
+    if isinstance(exc, requests.Timeout):
+        cause = f"no answer within {REQUEST_TIMEOUT_S:g} s"
+    elif isinstance(exc, requests.ConnectionError):
+        text = str(exc)
+        cause = next(
+            (
+                words
+                for needle, words in (
+                    ("Connection refused", "connection refused"),
+                    ("Name or service not known", "unknown host name"),
+                    ("No route to host", "no route to host"),
+                    ("Network is unreachable", "network unreachable"),
+                    ("timed out", "connection timed out"),
+                )
+                if needle in text
+            ),
+            "the connection failed",
+        )
+    else:
+        cause = type(exc).__name__
+    return ManagerUnreachable(
+        f"cannot reach the FLOps manager at {base_url} ({cause}). Fix: start it "
+        "(flops-manager), or pass --manager-url / set FLOPS_MANAGER_URL to its address."
+    )
+
+
 class ManagerClient:
     """Calls ``{base_url}/api/flops/...``; every call raises :class:`ApiError` on a 4xx/5xx.
 
@@ -43,10 +78,16 @@ class ManagerClient:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
     def request(self, method: str, path: str, json: Any = None) -> Any:
-        """Send one request to ``/api/flops{path}`` and return the decoded JSON body."""
-        response = self.session.request(
-            method, f"{self.base_url}/api/flops{path}", json=json, timeout=REQUEST_TIMEOUT_S
-        )
+        """Send one request to ``/api/flops{path}`` and return the decoded JSON body.
+
+        Raises :class:`ApiError` for a 4xx/5xx answer and :class:`ManagerUnreachable` when
+        the manager cannot be reached or does not answer in time."""
+        try:
+            response = self.session.request(
+                method, f"{self.base_url}/api/flops{path}", json=json, timeout=REQUEST_TIMEOUT_S
+            )
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _unreachable(self.base_url, exc) from None
         try:
             body = response.json()
         except ValueError:
