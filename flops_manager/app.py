@@ -209,6 +209,7 @@ def create_app(
     data_access: DataAccess | None = None,
     max_followers: int = MAX_FOLLOWERS,
     tracking_access: MlflowAccessControl | None = None,
+    health: Callable[[], dict[str, Any]] | None = None,
 ) -> OpenAPI:
     """Build the WSGI app.
 
@@ -225,6 +226,8 @@ def create_app(
             of the server); more get 429.
         tracking_access: gives customers their MLflow user (``POST /tracking/credential``);
             ``None`` with ``FLOPS_INSECURE=mlflow``.
+        health: the cached health report ``GET /healthz`` answers
+            (``flops_manager.supervision.Supervisor.health``); ``None``: only the API's own.
     """
     app = OpenAPI(
         __name__,
@@ -302,8 +305,12 @@ def create_app(
         return project
 
     @app.get("/healthz", doc_ui=False)
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    def healthz() -> dict[str, Any]:
+        """``{"status": "ok" | "degraded", "components": {NAME: {"status", "detail"}}}``,
+        200 either way (the API serves); cached, public (no paths, URLs or secrets)."""
+        if health is None:
+            return {"status": "ok", "components": {"api": {"status": "ok"}}}
+        return health()
 
     @api.post("/projects", tags=[projects_tag], responses={201: ProjectCreated})
     def create_project(body: ProjectSLA) -> tuple[dict[str, Any], int, dict[str, str]]:

@@ -24,6 +24,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,18 @@ from flops_manager.mqtt_access import (
     password_hash,
 )
 from flops_utils.errors import FlopsError
-from flops_utils.net import find_free_port, wait_for_port
+from flops_utils.logging import logger
+from flops_utils.net import PORT_PICK_ATTEMPTS, address_in_use, find_free_port, port_answers
 from flops_utils.processes import StartStop, stop_process_groups
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
+POLL_INTERVAL_S = 0.05
+"""Seconds between two looks at a starting broker (its process, its log, its port)."""
+
+LISTENING_MARKER = "Opening ipv4 listen socket on port"
+"""What Mosquitto logs once its listener is bound (``src/net.c``); a port that answers before
+this line appears in the log of this start may belong to another program."""
 AUTOSAVE_INTERVAL_S = 5
 """Seconds between saves of the persistence file (Mosquitto's ``autosave_interval``)."""
 
@@ -104,6 +112,10 @@ class BrokerUnavailable(FlopsError):
     code = "broker_unavailable"
 
 
+class _PortTaken(Exception):
+    """Mosquitto could not bind its port: another program holds it."""
+
+
 def find_mosquitto() -> str:
     """Return the path of the ``mosquitto`` executable.
 
@@ -165,6 +177,16 @@ def write_dynsec_state(path: Path, admin: MqttCredential, anonymous: bool) -> No
     os.replace(tmp, path)
 
 
+def _read_from(path: Path, offset: int) -> str:
+    """The text of ``path`` after byte ``offset`` (empty when it cannot be read)."""
+    try:
+        with path.open("rb") as file:
+            file.seek(offset)
+            return file.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _entries(state: dict[str, Any], key: str) -> list[dict[str, Any]]:
     value = state.get(key)
     return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
@@ -189,9 +211,13 @@ class MosquittoBroker(StartStop):
         workdir: directory for the generated config, the broker's log and its persistence
             file ``mosquitto.db`` (reusing a workdir keeps queued messages and sessions).
         host: interface to listen on. Defaults to loopback.
-        port: TCP port; 0 picks a free one.
+        port: TCP port; 0 picks a free one (``flops_utils.net.find_free_port``), and a new one
+            when another program takes it before the broker binds it (up to
+            ``PORT_PICK_ATTEMPTS`` picks). A port given here is never replaced.
         anonymous: let anonymous clients publish and subscribe anything (the insecure mode);
             default: only clients with a credential, see the module's docstring.
+        port_origin: where a given ``port`` comes from (a setting, a recorded port), named by
+            the error when that port is taken.
 
     Use as a context manager or call :meth:`start` / :meth:`stop` (or :meth:`detach` to leave
     it running). ``url`` is ``mqtt://HOST:PORT``; ``pid`` the broker process once started;
@@ -200,11 +226,18 @@ class MosquittoBroker(StartStop):
     """
 
     def __init__(
-        self, workdir: Path, host: str = "127.0.0.1", port: int = 0, anonymous: bool = False
+        self,
+        workdir: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        anonymous: bool = False,
+        port_origin: str = "the port argument",
     ) -> None:
         self.workdir = workdir
         self.host = host
         self.port = port or find_free_port(host)
+        self.port_fixed = bool(port)
+        self.port_origin = port_origin
         self.anonymous = anonymous
         self.admin: MqttCredential | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -219,13 +252,47 @@ class MosquittoBroker(StartStop):
         """``mqtt://HOST:PORT`` of the broker."""
         return f"mqtt://{self.host}:{self.port}"
 
+    def exit_code(self) -> int | None:
+        """The broker's exit code once it ended (negative: killed by that signal); ``None``
+        while it runs or when it was not started (or detached) here."""
+        return self._process.poll() if self._process is not None else None
+
     def start(self) -> "MosquittoBroker":
         """Start the broker and wait until it accepts connections.
 
+        A picked port (``port=0``) that another program took before the broker bound it is
+        replaced by a new pick, up to ``PORT_PICK_ATTEMPTS`` times (each logged).
+
         Raises ``BrokerUnavailable`` when mosquitto is missing (or, unless ``anonymous``, its
-        dynamic-security plugin) or not listening after ``START_TIMEOUT_S`` seconds (the
-        message quotes its log).
+        dynamic-security plugin), when a given port is taken (naming ``port_origin``), or when
+        it is not listening after ``START_TIMEOUT_S`` seconds (the message quotes its log).
         """
+        for attempt in range(1, PORT_PICK_ATTEMPTS + 1):
+            try:
+                return self._start_once()
+            except _PortTaken:
+                if self.port_fixed:
+                    raise BrokerUnavailable(
+                        f"Cannot start Mosquitto on {self.host}:{self.port}: another program "
+                        f"uses that port (Address already in use). The port is fixed by "
+                        f"{self.port_origin}; stop the program using it or choose another port."
+                    ) from None
+                taken, self.port = self.port, find_free_port(self.host)
+                logger.warning(
+                    "Mosquitto's port %d was taken before it could bind it (attempt %d of %d); "
+                    "trying port %d",
+                    taken,
+                    attempt,
+                    PORT_PICK_ATTEMPTS,
+                    self.port,
+                )
+        raise BrokerUnavailable(
+            f"Cannot start Mosquitto on {self.host}: each of {PORT_PICK_ATTEMPTS} free ports "
+            "picked was taken by another program before the broker could bind it."
+        )
+
+    def _start_once(self) -> "MosquittoBroker":
+        """One start on ``self.port``; raises ``_PortTaken`` when its bind fails."""
         executable = find_mosquitto()
         plugin = find_dynsec_plugin()
         if plugin is None and not self.anonymous:
@@ -256,6 +323,7 @@ class MosquittoBroker(StartStop):
             lines += [f"plugin {plugin}", f"plugin_opt_config_file {state.resolve()}"]
         config.write_text("\n".join(lines) + "\n")
         os.chmod(config, 0o600)
+        log_offset = log.stat().st_size if log.exists() else 0
         self._process = subprocess.Popen(
             [executable, "-c", str(config)],
             stdout=subprocess.DEVNULL,
@@ -263,11 +331,35 @@ class MosquittoBroker(StartStop):
             start_new_session=True,
             umask=0o077,  # its persistence file, log and plugin state: owner only
         )
-        if not wait_for_port(self.host, self.port, START_TIMEOUT_S):
-            self.stop()
-            tail = log.read_text()[-500:] if log.exists() else ""
-            raise BrokerUnavailable(f"mosquitto did not start on {self.url}: {tail.strip()}")
+        self._wait_listening(log, log_offset)
         return self
+
+    def _wait_listening(self, log: Path, log_offset: int) -> None:
+        """Wait until this start's log says the listener is bound and the port answers.
+
+        Raises ``_PortTaken`` when the broker exited because its port is taken, and
+        ``BrokerUnavailable`` (quoting the log) when it exited otherwise or did not listen
+        within ``START_TIMEOUT_S``.
+        """
+        assert self._process is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            output = _read_from(log, log_offset)
+            code = self._process.poll()
+            if code is not None:
+                self._process = None
+                if address_in_use(output):
+                    raise _PortTaken()
+                raise BrokerUnavailable(
+                    f"mosquitto exited with code {code} while starting on {self.url}: "
+                    f"{output[-500:].strip()}"
+                )
+            if LISTENING_MARKER in output and port_answers(self.host, self.port, 0.5):
+                return
+            time.sleep(POLL_INTERVAL_S)
+        self.stop()
+        tail = _read_from(log, log_offset)[-500:]
+        raise BrokerUnavailable(f"mosquitto did not start on {self.url}: {tail.strip()}")
 
     def stop(self) -> None:
         """Terminate the broker (SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``)."""

@@ -18,13 +18,22 @@ A running broker is re-used only when it was started in the mode asked for (auth
 or anonymous with ``FLOPS_INSECURE=mqtt``) and the manager's admin credential is still in
 ``$FLOPS_HOME/mosquitto``; otherwise it is restarted on the same port and workdir (the
 credentials it issued survive in its dynamic-security state).
+
+While the manager runs, :mod:`flops_manager.supervision` restarts a component that crashed,
+on the same port and workdir (:meth:`EmbeddedComponent.restart`), and records the new process.
+A port given or recorded is never replaced by a retry (the error names where it came from);
+only a port picked for the first start is.
 """
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -33,10 +42,10 @@ from flops_manager.broker import MosquittoBroker, configured_anonymous
 from flops_manager.mqtt_access import MqttCredential, read_credential
 from flops_manager.process_identity import ProcessIdentity
 from flops_utils.logging import logger
-from flops_utils.net import wait_for_port
+from flops_utils.net import port_answers, wait_for_port
 
 if TYPE_CHECKING:
-    from observatory.mlflow_server import MlflowCredential
+    from observatory.mlflow_server import MlflowCredential, MlflowServer
 
 STATE_FILE = "embedded.json"
 """Name of the state file under ``$FLOPS_HOME``."""
@@ -44,6 +53,9 @@ STATE_FILE = "embedded.json"
 BROKER_WORKDIR = "mosquitto"
 """The embedded broker's workdir under ``$FLOPS_HOME`` (config, persistence, plugin state and
 the manager's admin credential)."""
+
+RECORDED_PORT = f"the port recorded in {STATE_FILE} (services of this manager use it)"
+"""The origin a start or restart on a recorded port names when that port is taken."""
 
 STOP_TIMEOUT_S = 10.0
 """Seconds a re-used component gets to stop after SIGTERM before SIGKILL."""
@@ -54,26 +66,109 @@ been starting when the previous manager died) before replacing it."""
 
 
 class _Child(Protocol):
+    @property
+    def pid(self) -> int | None: ...
     def stop(self) -> None: ...
     def detach(self) -> None: ...
+    def exit_code(self) -> int | None: ...
+
+
+Relaunch = Callable[[threading.Event], _Child]
+"""Starts a component again on its port and workdir (the argument cancels a slow start);
+raises the component's ``FlopsError`` when it cannot."""
 
 
 class EmbeddedComponent:
     """One running embedded component: a child this manager started, or a process a previous
     manager started and this one re-uses (``reused``).
 
-    ``url`` is its address (``mqtt://HOST:PORT`` or ``http://HOST:PORT``) and ``identity`` its
-    process. :meth:`stop` stops it either way; :meth:`detach` leaves it running.
+    Args:
+        name: ``mqtt`` or ``mlflow`` (the key in ``embedded.json``).
+        url: its address (``mqtt://HOST:PORT`` or ``http://HOST:PORT``).
+        identity: its process (``None`` when unknown).
+        child: the child object when this manager started it, else ``None``.
+        port: its port; a restart keeps it (services use it).
+        relaunch: starts it again on ``port`` (see :meth:`restart`).
+        answers: ``answers(timeout_s)``, whether it serves on ``port`` now.
+
+    :meth:`stop` stops it either way; :meth:`detach` leaves it running. Not thread-safe: the
+    supervisor (``flops_manager.supervision``) is the only one to restart it, and is stopped
+    before the suite stops or detaches it.
     """
 
     def __init__(
-        self, name: str, url: str, identity: ProcessIdentity | None, child: _Child | None
+        self,
+        name: str,
+        url: str,
+        identity: ProcessIdentity | None,
+        child: _Child | None,
+        port: int = 0,
+        relaunch: Relaunch | None = None,
+        answers: Callable[[float], bool] | None = None,
     ) -> None:
         self.name = name
         self.url = url
         self.identity = identity
         self.reused = child is None
+        self.port = port
         self._child = child
+        self._relaunch = relaunch
+        self._answers = answers
+
+    @property
+    def pid(self) -> int | None:
+        """The component's process id, when known."""
+        return self.identity.pid if self.identity is not None else None
+
+    def alive(self) -> bool:
+        """Whether its process still runs (a child that ended is reaped here)."""
+        if self._child is not None and self._child.exit_code() is not None:
+            return False
+        return self.identity is not None and self.identity.is_alive()
+
+    def answers(self, timeout_s: float) -> bool:
+        """Whether it serves on its port within ``timeout_s`` seconds (``True`` when this
+        component cannot be probed)."""
+        return self._answers(timeout_s) if self._answers is not None else True
+
+    def how_it_ended(self) -> str:
+        """How its process ended, for a log line: ``exited with code N``, ``killed by
+        SIGKILL``, or that it is unknown (a process this manager did not start)."""
+        code = self._child.exit_code() if self._child is not None else None
+        if code is None:
+            return "how it ended is unknown (a process started by an earlier manager)"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(-code).name}"
+            return f"killed by signal {-code}"
+        return f"exited with code {code}"
+
+    def restart(self, state: "EmbeddedState", cancel: threading.Event) -> None:
+        """Stop what is left of its process group, start it again on the same port and
+        workdir, and record the new process in ``state``.
+
+        Raises the component's ``FlopsError`` (``BrokerUnavailable``, ``MlflowServerError``)
+        when it cannot start, e.g. when another program took the port meanwhile (the port is
+        never changed: services use it), and ``RuntimeError`` for a component without
+        ``relaunch``.
+        """
+        if self._relaunch is None:
+            raise RuntimeError(f"the embedded {self.name} cannot be restarted")
+        self._stop_remnants()
+        child = self._relaunch(cancel)
+        self._child = child
+        self.reused = False
+        self.identity = ProcessIdentity.of(child.pid) if child.pid is not None else None
+        state.record(self.name, self.port, self.identity)
+
+    def _stop_remnants(self) -> None:
+        """SIGKILL the rest of its process group (MLflow's uvicorn worker outlives a killed
+        parent and would keep the port)."""
+        if self._child is not None:
+            self._child.stop()  # reaps it and kills its group
+        elif self.identity is not None:
+            self.identity.stop_group(STOP_TIMEOUT_S)
+            kill_group_remnants(self.identity.pid)
 
     def stop(self) -> None:
         """Stop the component (SIGTERM to its process group, SIGKILL after a timeout)."""
@@ -86,6 +181,24 @@ class EmbeddedComponent:
         """Leave the component running after this process exits."""
         if self._child is not None:
             self._child.detach()
+
+
+def kill_group_remnants(pgid: int) -> None:
+    """SIGKILL the process group ``pgid`` when processes of it still run (its leader may be
+    gone). The group id cannot be reused by the kernel while any member runs, so this cannot
+    hit another program's group."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+            return
 
 
 class EmbeddedState:
@@ -151,17 +264,39 @@ def start_broker(
             process.stop_group(STOP_TIMEOUT_S)
         elif wait_for_port(host, port, BROKER_START_TIMEOUT_S):
             logger.info("re-using Mosquitto on port %d (pid %d)", port, process.pid)
-            return EmbeddedComponent("mqtt", f"mqtt://{host}:{port}", process, None)
+            return _broker_component(workdir, host, port, anonymous, process, None)
         else:
             logger.warning(
                 "Mosquitto (pid %d) does not answer on %d; restarting it", process.pid, port
             )
             process.stop_group(STOP_TIMEOUT_S)
     port = _usable_port(host, port, "Mosquitto")
-    broker = MosquittoBroker(workdir, host=host, port=port, anonymous=anonymous).start()
+    broker = MosquittoBroker(
+        workdir, host=host, port=port, anonymous=anonymous, port_origin=RECORDED_PORT
+    ).start()
     identity = ProcessIdentity.of(broker.pid) if broker.pid is not None else None
     state.record("mqtt", broker.port, identity)
-    return EmbeddedComponent("mqtt", broker.url, identity, broker)
+    return _broker_component(workdir, host, broker.port, anonymous, identity, broker)
+
+
+def _broker_component(
+    workdir: Path,
+    host: str,
+    port: int,
+    anonymous: bool,
+    identity: ProcessIdentity | None,
+    broker: MosquittoBroker | None,
+) -> EmbeddedComponent:
+    """The :class:`EmbeddedComponent` of a Mosquitto on ``port``, restarted in the same mode,
+    workdir and port."""
+
+    def relaunch(cancel: threading.Event) -> MosquittoBroker:
+        again = MosquittoBroker(workdir, host, port, anonymous, port_origin=RECORDED_PORT)
+        return again.start()
+
+    answers = partial(port_answers, host, port)
+    url = f"mqtt://{host}:{port}"
+    return EmbeddedComponent("mqtt", url, identity, broker, port, relaunch, answers)
 
 
 def broker_admin(home: Path) -> MqttCredential | None:
@@ -199,7 +334,7 @@ def start_mlflow(
             if probe.healthy(timeout_s=1.0):
                 if probe.serves_as_configured():
                     logger.info("re-using the MLflow server on port %d (pid %d)", port, process.pid)
-                    return EmbeddedComponent("mlflow", probe.url, process, None)
+                    return _mlflow_component(home, host, port, authentication, process, None)
                 logger.warning(
                     "MLflow (pid %d) does not run %s authentication; restarting it",
                     process.pid,
@@ -213,11 +348,43 @@ def start_mlflow(
             )
         process.stop_group(STOP_TIMEOUT_S)
     port = _usable_port(host, port, "MLflow")
-    server = MlflowServer(home / "mlflow", host=host, port=port, authentication=authentication)
+    server = MlflowServer(
+        home / "mlflow",
+        host=host,
+        port=port,
+        authentication=authentication,
+        port_origin=RECORDED_PORT,
+    )
     server.start()
     identity = ProcessIdentity.of(server.pid) if server.pid is not None else None
     state.record("mlflow", server.port, identity)
-    return EmbeddedComponent("mlflow", server.url, identity, server)
+    return _mlflow_component(home, host, server.port, authentication, identity, server)
+
+
+def _mlflow_component(
+    home: Path,
+    host: str,
+    port: int,
+    authentication: bool,
+    identity: ProcessIdentity | None,
+    server: "MlflowServer | None",
+) -> EmbeddedComponent:
+    """The :class:`EmbeddedComponent` of an MLflow server on ``port``, restarted in the same
+    mode, workdir (backend store, artifacts, basic-auth database) and port."""
+    from observatory.mlflow_server import MlflowServer
+
+    def relaunch(cancel: threading.Event) -> MlflowServer:
+        again = MlflowServer(
+            home / "mlflow",
+            host=host,
+            port=port,
+            authentication=authentication,
+            port_origin=RECORDED_PORT,
+        )
+        return again.start(cancel)
+
+    probe = MlflowServer(home / "mlflow", host=host, port=port, authentication=authentication)
+    return EmbeddedComponent("mlflow", probe.url, identity, server, port, relaunch, probe.healthy)
 
 
 def mlflow_admin(home: Path) -> "MlflowCredential | None":

@@ -29,6 +29,8 @@ import time
 from typing import Any, Protocol
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from flops_utils.errors import FlopsError
 from observatory.mlflow_server import MlflowCredential, new_password
@@ -40,6 +42,15 @@ EXPERIMENT_PERMISSION = "EDIT"
 """The project user's permission on its experiment and registered model: create runs and
 logged models, log metrics and artifacts, add model versions (``can_update``); no delete, no
 granting to others (``MANAGE``)."""
+
+CONNECT_RETRIES = 10
+"""How often one request is tried again when the tracking server cannot be reached (it may be
+restarting: ``flops_manager.supervision`` restarts the embedded one on the same port)."""
+
+RETRY_BACKOFF_FACTOR_S = 0.5
+RETRY_BACKOFF_MAX_S = 8.0
+"""urllib3's exponential backoff between those attempts: 0, 1, 2, 4, then 8 s each, so a
+request gives up after about 55 s without a connection (urllib3 ``Retry.get_backoff_time``)."""
 
 CUSTOMER_PERMISSION = "READ"
 """The customer's permission on the experiments and registered models of their projects."""
@@ -99,23 +110,60 @@ class MlflowAccessControl(Protocol):
         ...
 
 
+def retrying_session(connect_retries: int = CONNECT_RETRIES) -> requests.Session:
+    """A ``requests`` session that retries connection errors (refused, reset before the
+    request was sent) ``connect_retries`` times with backoff, and reads of idempotent
+    requests twice; other answers are returned as they are. Close it after use."""
+    retry = Retry(
+        total=None,
+        connect=connect_retries,
+        read=2,
+        status=0,
+        other=0,
+        redirect=0,
+        backoff_factor=RETRY_BACKOFF_FACTOR_S,
+        backoff_max=RETRY_BACKOFF_MAX_S,
+        raise_on_status=False,
+    )
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
 def end_running_runs(
     tracking_url: str,
     experiment_name: str,
     status: str,
     auth: tuple[str, str] | None = None,
     timeout_s: float = REQUEST_TIMEOUT_S,
+    connect_retries: int = 0,
 ) -> list[str]:
     """Mark every ``RUNNING`` run of the experiment ``experiment_name`` (a project's: its
     aggregator's run and the cluster aggregators' child runs) as ended with ``status``
     (``FAILED`` or ``KILLED``), now: a run whose process was killed never ends by itself.
-    Returns the run ids changed. Raises :class:`MlflowAccessError` when the server refuses or
-    does not answer."""
+    ``connect_retries``: how often a request is tried again while the server cannot be reached
+    (:func:`retrying_session`; default none, since the lifecycle calls this while it stops a
+    project's services). Returns the run ids changed. Raises :class:`MlflowAccessError` when
+    the server refuses or does not answer."""
     url = tracking_url.rstrip("/")
 
+    with retrying_session(connect_retries) as session:
+        return _end_running_runs(session, url, experiment_name, status, auth, timeout_s)
+
+
+def _end_running_runs(
+    session: requests.Session,
+    url: str,
+    experiment_name: str,
+    status: str,
+    auth: tuple[str, str] | None,
+    timeout_s: float,
+) -> list[str]:
     def call(step: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            response = requests.post(f"{url}{path}", json=body, auth=auth, timeout=timeout_s)
+            response = session.post(f"{url}{path}", json=body, auth=auth, timeout=timeout_s)
         except requests.RequestException as exc:
             raise MlflowAccessError(
                 f"Could not {step}: the MLflow tracking server at {url} does not answer "
@@ -129,7 +177,7 @@ def end_running_runs(
         return _json(response)
 
     try:
-        found = requests.get(
+        found = session.get(
             f"{url}{_EXPERIMENTS}/get-by-name",
             params={"experiment_name": experiment_name},
             auth=auth,
@@ -195,9 +243,10 @@ class MlflowAccess:
         admin_username / admin_password: an MLflow admin (the server's admin credential).
         timeout_s: seconds one request may take.
 
-    Thread-safe (one HTTP request per step, no shared state). Raises :class:`MlflowAccessError`
-    when the server refuses a request or does not answer; its message names the step and
-    MLflow's error code, never a password.
+    Thread-safe (one HTTP request per step, no shared state). A server that cannot be reached
+    (restarting) is tried again for about 55 s (:func:`retrying_session`). Raises
+    :class:`MlflowAccessError` when the server refuses a request or does not answer; its
+    message names the step and MLflow's error code, never a password.
     """
 
     def __init__(
@@ -345,14 +394,15 @@ class MlflowAccess:
         """One admin request; returns its JSON body, or ``{}`` when MLflow answered with an
         error code in ``ok``. Raises :class:`MlflowAccessError` otherwise."""
         try:
-            response = requests.request(
-                method,
-                f"{self.tracking_url}{path}",
-                params=params,
-                json=json,
-                auth=(self.admin.username, self.admin.password),
-                timeout=self.timeout_s,
-            )
+            with retrying_session() as session:
+                response = session.request(
+                    method,
+                    f"{self.tracking_url}{path}",
+                    params=params,
+                    json=json,
+                    auth=(self.admin.username, self.admin.password),
+                    timeout=self.timeout_s,
+                )
         except requests.RequestException as exc:
             raise MlflowAccessError(
                 f"Could not {step}: the MLflow tracking server at {self.tracking_url} does not "

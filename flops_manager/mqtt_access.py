@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,13 @@ SALT_BYTES = 12
 REQUEST_TIMEOUT_S = 10.0
 """Seconds one administration request may take (connect, subscribe, answer)."""
 
+RECONNECT_TIMEOUT_S = 30.0
+"""Seconds a request keeps retrying while the broker cannot be reached (it may be restarting:
+``flops_manager.supervision`` restarts the embedded one on the same port within seconds)."""
+
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0)
+"""Pauses between two attempts to reach the broker (the last one repeats)."""
+
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SERVICE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _NOT_FOUND = ("Client not found", "Role not found")
@@ -74,6 +82,10 @@ class MqttAccessError(FlopsError):
     """The broker refused or did not answer an administration request."""
 
     code = "mqtt_access_error"
+
+
+class _BrokerUnreachable(MqttAccessError):
+    """The connection to the broker could not be made or was lost: worth another attempt."""
 
 
 @dataclass(frozen=True)
@@ -203,9 +215,12 @@ class MqttAccess:
         admin_username / admin_password: a credential allowed to publish
             ``$CONTROL/dynamic-security/#`` and to read its answers.
         timeout_s: seconds one request may take.
+        reconnect_timeout_s: seconds a request keeps retrying while the broker cannot be
+            reached or drops the connection (a broker restart).
 
-    Every call opens a short-lived connection; thread-safe. Raises ``MqttAccessError`` when
-    the broker refuses the admin credential, does not answer in time or rejects a command.
+    Every call opens a short-lived connection, so a restarted broker is simply reached again;
+    thread-safe. Raises ``MqttAccessError`` when the broker refuses the admin credential, does
+    not answer in time (or cannot be reached for ``reconnect_timeout_s``) or rejects a command.
     """
 
     def __init__(
@@ -214,10 +229,12 @@ class MqttAccess:
         admin_username: str,
         admin_password: str,
         timeout_s: float = REQUEST_TIMEOUT_S,
+        reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
     ) -> None:
         self.host, self.port = parse_mqtt_url(mqtt_url)
         self.admin = MqttCredential(admin_username, admin_password)
         self.timeout_s = timeout_s
+        self.reconnect_timeout_s = reconnect_timeout_s
 
     def grant(self, project_id: str, service_name: str, component: Component) -> dict[str, str]:
         """Create (or replace, with a new password) the credential of ``service_name`` of
@@ -269,14 +286,29 @@ class MqttAccess:
         as done; any other ``error`` raises ``MqttAccessError`` naming the command (never
         its arguments, which may hold a password).
         """
-        tag = uuid.uuid4().hex
-        tagged = [{**c, "correlationData": f"{tag}-{i}"} for i, c in enumerate(commands)]
-        answers = _Exchange(self, tag, len(commands)).run(json.dumps({"commands": tagged}))
+        answers = self._exchange(commands)
         for command, answer in zip(commands, answers, strict=True):
             error = answer.get("error")
             if error and error not in _NOT_FOUND + _EXISTS:
                 raise MqttAccessError(f"the broker refused {command['command']}: {error}")
         return answers
+
+    def _exchange(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One round trip, tried again while the broker cannot be reached, up to
+        ``reconnect_timeout_s`` (the commands are idempotent: see :meth:`grant`)."""
+        deadline = time.monotonic() + self.reconnect_timeout_s
+        attempt = 0
+        while True:
+            tag = uuid.uuid4().hex
+            tagged = [{**c, "correlationData": f"{tag}-{i}"} for i, c in enumerate(commands)]
+            try:
+                return _Exchange(self, tag, len(commands)).run(json.dumps({"commands": tagged}))
+            except _BrokerUnreachable:
+                delay_s = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+                if time.monotonic() + delay_s > deadline:
+                    raise
+                time.sleep(delay_s)
+                attempt += 1
 
 
 class _Exchange:
@@ -288,6 +320,7 @@ class _Exchange:
         self.count = count
         self.answers: dict[str, dict[str, Any]] = {}
         self.refused = ""
+        self.lost = False
         self.ready = threading.Event()
         self.done = threading.Event()
         self.client = mqtt.Client(
@@ -297,29 +330,43 @@ class _Exchange:
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *_: self.ready.set()
         self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
 
     def run(self, payload: str) -> list[dict[str, Any]]:
         """Publish ``payload`` once subscribed; the answers in command order."""
         try:
             self.client.connect(self.access.host, self.access.port, keepalive=30)
         except OSError as exc:
-            raise MqttAccessError(f"cannot reach the MQTT broker: {exc}") from None
+            raise _BrokerUnreachable(f"cannot reach the MQTT broker: {exc}") from None
         self.client.loop_start()
         try:
-            if not self.ready.wait(self.access.timeout_s) or self.refused:
-                raise MqttAccessError(self._why_not("connect and subscribe"))
+            if not self.ready.wait(self.access.timeout_s) or self.refused or self.lost:
+                raise self._failure("connect and subscribe")
             self.client.publish(CONTROL_TOPIC, payload, qos=1)
-            if not self.done.wait(self.access.timeout_s):
-                raise MqttAccessError(self._why_not("answer"))
+            if not self.done.wait(self.access.timeout_s) or self.lost:
+                raise self._failure("answer")
             return [self.answers[f"{self.tag}-{i}"] for i in range(self.count)]
         finally:
             self.client.disconnect()
             self.client.loop_stop()
 
-    def _why_not(self, step: str) -> str:
+    def _failure(self, step: str) -> MqttAccessError:
         if self.refused:
-            return f"the MQTT broker refused the manager's admin credential: {self.refused}"
-        return f"the MQTT broker did not {step} within {self.access.timeout_s}s"
+            return MqttAccessError(
+                f"the MQTT broker refused the manager's admin credential: {self.refused}"
+            )
+        if self.lost:
+            return _BrokerUnreachable(f"the MQTT broker closed the connection before: {step}")
+        return MqttAccessError(f"the MQTT broker did not {step} within {self.access.timeout_s}s")
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
+        if self.done.is_set() or self.refused:
+            return
+        self.lost = True
+        self.ready.set()
+        self.done.set()
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any

@@ -15,6 +15,7 @@ that is not a valid status message is logged and acknowledged at once.
 """
 
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -55,7 +56,12 @@ class StatusListener:
             to subscribe ``flops/+/+/+`` and to publish and subscribe its sync topic.
 
     ``connects`` counts the successful (re)connections; ``refused`` is the broker's last
-    refusal (e.g. ``Not authorized``), logged as an error once per reason.
+    refusal (e.g. ``Not authorized``), logged as an error once per reason. ``connected`` is
+    whether the listener is connected now; ``last_connected_at`` the ``time.monotonic()`` of
+    its latest successful (re)connection (``None`` before the first) and ``disconnected_since``
+    that of the loss of the current disconnection (``None`` while connected or before the first
+    connection). After a broker restart paho reconnects by itself (every 1 to 5 s) and the
+    subscriptions are renewed, so the status messages queued for the session arrive then.
     """
 
     def __init__(
@@ -69,6 +75,10 @@ class StatusListener:
         self.handler = handler
         self.connects = 0
         self.refused = ""
+        self.connected = False
+        self.last_connected_at: float | None = None
+        self.disconnected_since: float | None = None
+        self._stopping = False
         self._host, self._port = parse_mqtt_url(mqtt_url)
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -80,6 +90,7 @@ class StatusListener:
             self._client.username_pw_set(username, password)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
+        self._client.on_disconnect = self._on_disconnect
         self._client.reconnect_delay_set(min_delay=1, max_delay=5)
         self._sync_topic = f"{SYNC_TOPIC_PREFIX}/{client_id}"
         self._sync_token = uuid.uuid4().hex
@@ -110,6 +121,7 @@ class StatusListener:
     def stop(self) -> None:
         """Disconnect and stop the network thread; messages not acknowledged yet come again
         to the next client with the same id."""
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -123,8 +135,26 @@ class StatusListener:
             return
         self.connects += 1
         self.refused = ""
+        now = time.monotonic()
+        if self.disconnected_since is not None:
+            logger.info(
+                "the manager reconnected to the MQTT broker after %.1f s",
+                now - self.disconnected_since,
+            )
+        self.connected = True
+        self.last_connected_at = now
+        self.disconnected_since = None
         client.subscribe([(ALL_STATUS_TOPICS, 1), (self._sync_topic, 1)])
         client.publish(self._sync_topic, self._sync_token, qos=1)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
+        was_connected, self.connected = self.connected, False
+        if was_connected:
+            self.disconnected_since = time.monotonic()
+            if not self._stopping:
+                logger.warning("the manager lost the MQTT broker (%s); reconnecting", rc)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         ack = self._acker(message)

@@ -51,9 +51,12 @@ from flops_manager.mqtt_listener import StatusListener
 from flops_manager.orchestrators import make_orchestrator
 from flops_manager.pki import ProjectCA
 from flops_manager.projects import ProjectLifecycle
-from flops_manager.store import open_store
+from flops_manager.store import ProjectStore, open_store
+from flops_manager.supervision import ANSWER_TIMEOUT_S, Probe, Supervisor, http_ok
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
+from flops_utils.net import port_answers
+from flops_utils.notifications import parse_mqtt_url
 from flops_utils.processes import StartStop
 from observatory.mlflow_server import MlflowCredential
 
@@ -76,6 +79,18 @@ HOME_LOCK_TIMEOUT_S = 15.0
 
 STOPPED_REASON = "the manager was stopped, and with it the services of this project"
 """``status_message`` of the projects a full :meth:`ManagerSuite.stop` ends."""
+
+
+def status_channel_ready(listener: StatusListener, settle_s: float) -> bool:
+    """Whether status messages reach the manager now: the listener is connected, and has been
+    for ``settle_s`` seconds (what services queued while the broker was down arrives in that
+    time after a reconnect)."""
+    connected_at = listener.last_connected_at
+    return (
+        listener.connected
+        and connected_at is not None
+        and time.monotonic() - connected_at >= settle_s
+    )
 
 
 class HomeInUse(FlopsError):
@@ -105,6 +120,7 @@ class ManagerSuite(StartStop):
         self._mlflow: EmbeddedComponent | None = None
         self._home_lock: int | None = None
         self._listener: StatusListener | None = None
+        self._supervisor: Supervisor | None = None
         self._lifecycle: ProjectLifecycle | None = None
         self._server: BaseWSGIServer | MultiSocketServer | None = None
         self._thread: threading.Thread | None = None
@@ -176,6 +192,9 @@ class ManagerSuite(StartStop):
                 password=admin.password if admin else None,
             )
             self._listener.start()
+            self._lifecycle.status_channel_ready = partial(
+                status_channel_ready, self._listener, self._lifecycle.exit_grace_s
+            )
             if recovering and not self._listener.wait_for_backlog(BACKLOG_TIMEOUT_S):
                 logger.warning(
                     "the MQTT broker did not deliver the queued status messages within %gs; "
@@ -185,6 +204,7 @@ class ManagerSuite(StartStop):
             self._lifecycle.finish_recovery()
             if recovering:
                 logger.info("reconciled %d unfinished project(s)", len(recovering))
+            self._supervisor = self._supervise(state, store)
             public_mlflow = self.config.mlflow_public_url or self.mlflow_url
             authenticator = self.config.authenticator()
             nodes = (
@@ -201,6 +221,7 @@ class ManagerSuite(StartStop):
                 credentials.data,
                 max_followers=API_THREADS - API_FREE_THREADS,
                 tracking_access=credentials.mlflow,
+                health=self._supervisor.health,
             )
             self._server = waitress.create_server(
                 app, host=self.config.host, port=self.config.port, threads=API_THREADS
@@ -217,6 +238,18 @@ class ManagerSuite(StartStop):
             "FLOps manager on %s (MLflow %s, MQTT %s)", self.url, public_mlflow, self.mqtt_url
         )
         return self
+
+    def _supervise(self, state: EmbeddedState, store: ProjectStore) -> Supervisor:
+        """Start supervising the embedded components and probing the external ones and the
+        store (``flops_manager.supervision``)."""
+        embedded = [c for c in (self._broker, self._mlflow) if c is not None]
+        probes: dict[str, Probe] = {"store": partial(_store_answers, store)}
+        if self._broker is None:
+            host, port = parse_mqtt_url(self.mqtt_url)
+            probes["mqtt"] = partial(port_answers, host, port, ANSWER_TIMEOUT_S)
+        if self._mlflow is None:
+            probes["mlflow"] = partial(http_ok, f"{self.mlflow_url.rstrip('/')}/health")
+        return Supervisor(embedded, state, probes).start()
 
     def _start_broker(self, home: Path, state: EmbeddedState) -> None:
         self._broker = start_broker(home, state, anonymous=not self.config.secure("mqtt"))
@@ -307,7 +340,11 @@ class ManagerSuite(StartStop):
         MLflow while any project is active (those services report to them); the next start on
         the same ``FLOPS_HOME`` re-attaches them. Pending and building projects are resumed then.
         A start that fails stops like this too, leaving components it found running as they were.
+        The supervisor stops first: nothing is restarted during a stop.
         """
+        if self._supervisor is not None:
+            self._supervisor.stop()
+            self._supervisor = None
         if self._server is not None:
             _close_server(self._server, self._thread)
             self._server = None
@@ -344,6 +381,12 @@ class ManagerSuite(StartStop):
             with contextlib.suppress(OSError):
                 os.close(self._home_lock)  # releases the flock
             self._home_lock = None
+
+
+def _store_answers(store: ProjectStore) -> bool:
+    """Whether the project store serves a small read (``StoreUnavailable`` propagates)."""
+    store.list_nodes()
+    return True
 
 
 def check_isolation(config: ManagerConfig) -> None:

@@ -27,6 +27,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
-from flops_utils.net import find_free_port
+from flops_utils.net import PORT_PICK_ATTEMPTS, address_in_use, find_free_port
 from flops_utils.processes import StartStop, stop_process_groups
 
 START_TIMEOUT_S = 90.0
@@ -148,6 +149,10 @@ class MlflowServerError(FlopsError):
     code = "mlflow_unavailable"
 
 
+class _PortTaken(Exception):
+    """The server could not bind its port: another program holds it."""
+
+
 class MlflowServer(StartStop):
     """An MLflow tracking server on ``host:port`` (port 0 picks a free one).
 
@@ -155,11 +160,15 @@ class MlflowServer(StartStop):
         workdir: directory for ``mlflow.db``, ``artifacts/`` and ``mlflow.log``; created if
             missing. Reusing a workdir keeps earlier experiments and models.
         host: interface to bind. Defaults to loopback.
-        port: TCP port; 0 picks a free one.
+        port: TCP port; 0 picks a free one (``flops_utils.net.find_free_port``), and a new one
+            when another program takes it before the server binds it (up to
+            ``PORT_PICK_ATTEMPTS`` picks). A port given here is never replaced.
         start_timeout_s: seconds :meth:`start` waits for ``/health``. Defaults to
             :data:`START_TIMEOUT_S`.
         authentication: run MLflow's basic-auth app (see the module docstring); ``False``
             serves everyone without a password, as before.
+        port_origin: where a given ``port`` comes from (a setting, a recorded port), named by
+            the error when that port is taken.
 
     Use as a context manager or call :meth:`start` / :meth:`stop` (or :meth:`detach`). ``url`` is
     ``http://HOST:PORT``; ``start_seconds`` is how long the last successful :meth:`start`
@@ -174,12 +183,15 @@ class MlflowServer(StartStop):
         port: int = 0,
         start_timeout_s: float = START_TIMEOUT_S,
         authentication: bool = False,
+        port_origin: str = "the port argument",
     ) -> None:
         self.workdir = Path(workdir)
         self.authentication = authentication
         self.admin: MlflowCredential | None = None
         self.host = host
         self.port = port or find_free_port(host)
+        self.port_fixed = bool(port)
+        self.port_origin = port_origin
         self.start_timeout_s = start_timeout_s
         self.start_seconds: float | None = None
         self.pid: int | None = None
@@ -229,21 +241,54 @@ class MlflowServer(StartStop):
             env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_urlsafe(PASSWORD_BYTES)
         return env
 
-    def start(self) -> "MlflowServer":
+    def start(self, cancel: threading.Event | None = None) -> "MlflowServer":
         """Start the server and wait until ``GET /health`` answers 200.
 
-        Returns ``self``. Raises :class:`MlflowServerError` when the port is taken, and quoting
-        the log's tail when the process exits early or ``/health`` does not answer within
-        ``start_timeout_s`` seconds (the process group is stopped then).
+        A picked port (``port=0``) that another program took before the server bound it is
+        replaced by a new pick, up to ``PORT_PICK_ATTEMPTS`` times (each logged). ``cancel``:
+        when it is set during the start, the server is stopped and the start fails (a
+        supervisor that is stopping).
+
+        Returns ``self``. Raises :class:`MlflowServerError` when a given port is taken (naming
+        ``port_origin``), when ``cancel`` was set, and quoting the log's tail when the process
+        exits early or ``/health`` does not answer within ``start_timeout_s`` seconds (the
+        process group is stopped then).
         """
         if self._process is not None:
             return self
+        for attempt in range(1, PORT_PICK_ATTEMPTS + 1):
+            try:
+                return self._start_once(cancel)
+            except _PortTaken as taken_error:
+                if self.port_fixed:
+                    raise MlflowServerError(
+                        f"Cannot start the MLflow server on {self.host}:{self.port} "
+                        f"({taken_error}); the port is fixed by {self.port_origin}: stop the "
+                        "process using that port or choose another port."
+                    ) from None
+                taken, self.port = self.port, find_free_port(self.host)
+                logger.warning(
+                    "the MLflow server's port %d was taken before it could bind it "
+                    "(attempt %d of %d); trying port %d",
+                    taken,
+                    attempt,
+                    PORT_PICK_ATTEMPTS,
+                    self.port,
+                )
+        raise MlflowServerError(
+            f"Cannot start the MLflow server on {self.host}: each of {PORT_PICK_ATTEMPTS} free "
+            "ports picked was taken by another program before the server could bind it."
+        )
+
+    def _start_once(self, cancel: threading.Event | None) -> "MlflowServer":
+        """One start on ``self.port``; raises ``_PortTaken`` when its bind fails."""
         self._check_port_free()
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "artifacts").mkdir(exist_ok=True)
         if self.authentication:
             self.admin = write_auth_config(self.workdir)
         began = time.monotonic()
+        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
                 self.command(),
@@ -257,14 +302,21 @@ class MlflowServer(StartStop):
         self.pid = self._process.pid
         deadline = began + self.start_timeout_s
         while time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():
+                self.stop()
+                raise MlflowServerError(
+                    f"The start of the MLflow server on {self.url} was cancelled."
+                )
             if self._process.poll() is not None:
                 code = self._process.returncode
                 self._process = None
+                if address_in_use(self._log_since(log_offset)):
+                    raise _PortTaken("Address already in use")
                 raise MlflowServerError(
                     f"The MLflow server exited with code {code} while starting on {self.url}; "
                     f"fix the cause in its log ({self.log_path}): {self._log_tail()}"
                 )
-            if self.healthy(timeout_s=1.0):
+            if self.healthy(timeout_s=1.0) and self._process.poll() is None:
                 self.start_seconds = time.monotonic() - began
                 logger.info("MLflow server up at %s in %.1fs", self.url, self.start_seconds)
                 return self
@@ -276,17 +328,20 @@ class MlflowServer(StartStop):
         )
 
     def _check_port_free(self) -> None:
-        """Fail fast (instead of after MLflow's slow start) when the port is taken."""
+        """Fail fast (instead of after MLflow's slow start) when the port is taken: raises
+        ``_PortTaken``."""
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             # As uvicorn does; a listening socket still makes the bind fail.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((self.host, self.port))
             except OSError as exc:
-                raise MlflowServerError(
-                    f"Cannot start the MLflow server on {self.host}:{self.port} ({exc.strerror}); "
-                    "stop the process using that port or choose another port."
-                ) from exc
+                raise _PortTaken(exc.strerror or "Address already in use") from exc
+
+    def exit_code(self) -> int | None:
+        """The server's exit code once it ended (negative: killed by that signal); ``None``
+        while it runs or when it was not started (or detached) here."""
+        return self._process.poll() if self._process is not None else None
 
     def healthy(self, timeout_s: float = 2.0) -> bool:
         """Whether ``GET /health`` answers 200 within ``timeout_s`` seconds."""
@@ -343,6 +398,15 @@ class MlflowServer(StartStop):
         (the FLOps manager leaves it to the projects still running and re-uses it when it
         starts again). :meth:`stop` is a no-op afterwards."""
         self._process = None
+
+    def _log_since(self, offset: int) -> str:
+        """The log written after byte ``offset`` (empty when unreadable)."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def _log_tail(self) -> str:
         try:

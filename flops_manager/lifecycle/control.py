@@ -267,10 +267,19 @@ class ProjectLifecycle:
         return True
 
     def _stop_services(self, project_id: str) -> None:
+        """Stop the project's services, then end its MLflow runs and revoke its credentials
+        in the background (both wait for a broker or tracking server that is restarting, which
+        must not hold up a cancel request)."""
         try:
             self.orchestrator.stop(project_id)
         except Exception:
             logger.exception("project %s: stopping its services failed", project_id)
+        if not self._submit(self._end_credentials, project_id):
+            self._end_credentials(project_id)
+
+    def _end_credentials(self, project_id: str) -> None:
+        """End the MLflow runs a killed aggregator left open, and revoke the credentials of a
+        project that ended."""
         record = self.store.get_project(project_id)
         if record is not None and record.status in RUN_END_STATUS:
             try:  # a killed aggregator never ends its MLflow run itself

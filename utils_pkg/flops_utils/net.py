@@ -7,6 +7,11 @@ port is chosen and the moment the server binds it (seconds for MLflow, which imp
 first), any outgoing connection on the machine may take it as its source port, and the server
 then fails with "address already in use". A port outside that range is never assigned
 implicitly, so only an explicit ``bind`` can take it.
+
+Outside that range a port can still be taken between the pick and the bind (by another program
+binding it explicitly), so a server started on a picked port retries with a new pick when its
+bind fails (:data:`PORT_PICK_ATTEMPTS`, :func:`address_in_use`); a port that was given (a
+setting, or a port services already use) is never replaced that way.
 """
 
 import random
@@ -28,6 +33,13 @@ ephemeral range and above the ports well-known services register."""
 RECENT_PORT_HOLD_S = 30.0
 """Seconds a port handed out by :func:`find_free_port` is not handed out again by this
 process, so that two callers picking ports before either binds get different ones."""
+
+PORT_PICK_ATTEMPTS = 5
+"""How many picked ports a server tries before giving up, when each bind fails because
+another program took the port between the pick and the bind."""
+
+ADDRESS_IN_USE_TEXT = "address already in use"
+"""``strerror(EADDRINUSE)`` on Linux (lower case), as servers print it when ``bind`` fails."""
 
 _recent_lock = threading.Lock()
 _recent: dict[int, float] = {}
@@ -112,3 +124,18 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
         except OSError:
             time.sleep(0.05)
     return False
+
+
+def port_answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """Whether one TCP connection to ``host:port`` succeeds within ``timeout_s`` seconds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def address_in_use(text: str) -> bool:
+    """Whether a server's output ``text`` reports a failed bind: "Address already in use"
+    (Mosquitto, Python's ``OSError``, uvicorn's "[Errno 98] ... address already in use")."""
+    return ADDRESS_IN_USE_TEXT in text.lower()
