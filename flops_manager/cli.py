@@ -73,10 +73,30 @@ app = _Cli(
 console = Console()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        import flwr
+        import mlflow
+
+        console.print(
+            f"flops {version('flops')} (Flower {flwr.__version__}, MLflow {mlflow.__version__})",
+            highlight=False,
+        )
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     debug: Annotated[
         bool, typer.Option("--debug", help="Print the traceback of an error (no secrets).")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the versions."
+        ),
     ] = False,
 ) -> None:
     global _DEBUG
@@ -84,22 +104,36 @@ def _options(
 
 
 ManagerUrl = Annotated[
-    str, typer.Option(envvar="FLOPS_MANAGER_URL", help="Base URL of the FLOps manager.")
+    str | None,
+    typer.Option(
+        envvar="FLOPS_MANAGER_URL",
+        help="Base URL of the FLOps manager.",
+        show_default="flops login's, else http://127.0.0.1:8080",
+    ),
 ]
 Token = Annotated[
     str | None,
     typer.Option(
         envvar="FLOPS_API_TOKEN",
-        help="Bearer token; defaults to the embedded manager's $FLOPS_HOME/api-token.",
+        help="Bearer token; defaults to flops login's, else the embedded manager's "
+        "$FLOPS_HOME/api-token.",
     ),
 ]
 
 
-def _client(manager_url: str, token: str | None) -> ManagerClient:
+DEFAULT_MANAGER_URL = "http://127.0.0.1:8080"
+
+
+def _client(manager_url: str | None, token: str | None) -> ManagerClient:
+    """A client of the manager: the option (or its environment variable) wins, then
+    ``flops login``'s configuration, then the embedded manager on this machine."""
     from flops_manager.auth import read_api_token
+    from flops_manager.cli_config import read_login
     from flops_manager.demo import demo_home
 
-    return ManagerClient(manager_url, token=token or read_api_token(demo_home()))
+    login = read_login()
+    url = manager_url or login.manager_url or DEFAULT_MANAGER_URL
+    return ManagerClient(url, token=token or login.token or read_api_token(demo_home()))
 
 
 def _print_event(event: dict[str, Any]) -> None:
@@ -242,7 +276,7 @@ def _print_result(project: dict[str, Any], tracking_url: str) -> None:
 @app.command()
 def submit(
     sla_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="SLA JSON file.")],
-    manager_url: ManagerUrl = "http://127.0.0.1:8080",
+    manager_url: ManagerUrl = None,
     token: Token = None,
     follow: Annotated[bool, typer.Option(help="Follow the project until it ends.")] = True,
     timeout_s: Annotated[float, typer.Option(help="How long to follow.")] = 3600,
@@ -315,7 +349,7 @@ def token(
 
 
 @app.command()
-def tracking(manager_url: ManagerUrl = "http://127.0.0.1:8080", token: Token = None) -> None:
+def tracking(manager_url: ManagerUrl = None, token: Token = None) -> None:
     """Print the MLflow GUI's address and a login for it: your own MLflow user with a new
     password (the previous one stops working); the GUI shows your projects only."""
     try:
@@ -327,22 +361,181 @@ def tracking(manager_url: ManagerUrl = "http://127.0.0.1:8080", token: Token = N
     print(f"password  {login['password']}")
 
 
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print the API's JSON instead.")]
+
+
+@app.command()
+def login(
+    manager_url: Annotated[str, typer.Option(help="Base URL of the FLOps manager.")],
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLOPS_API_TOKEN",
+            help="Your API token (an Oakestra access token with FLOPS_AUTH=oakestra); "
+            "asked for when not given.",
+        ),
+    ] = None,
+) -> None:
+    """Store the manager's URL and your token (0600) for the other commands; the
+    --manager-url/--token options and FLOPS_MANAGER_URL/FLOPS_API_TOKEN override them."""
+    from flops_manager.cli_config import Login, write_login
+
+    secret = token or typer.prompt("API token", hide_input=True)
+    client = ManagerClient(manager_url, token=secret)
+    try:
+        client.request("GET", "/projects?limit=1")
+    except FlopsError as exc:
+        _fail(exc)
+    path = write_login(Login(manager_url=manager_url.rstrip("/"), token=secret))
+    console.print(f"logged in to {manager_url}; stored in {path}", highlight=False)
+
+
+@app.command("list")
+def list_projects(
+    manager_url: ManagerUrl = None,
+    token: Token = None,
+    status_filter: Annotated[
+        str | None, typer.Option("--status", help="Only projects in this status.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="At most this many.")] = 50,
+    as_json: JsonOutput = False,
+) -> None:
+    """Your projects, oldest first, as a table."""
+    from urllib.parse import urlencode
+
+    query = {"limit": limit, **({"status": status_filter} if status_filter else {})}
+    try:
+        page = _client(manager_url, token).request("GET", f"/projects?{urlencode(query)}")
+    except FlopsError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(data=page)
+        return
+    from rich.table import Table
+
+    table = Table("project", "customer", "status", "created", "message", box=None)
+    for project in page["projects"]:
+        table.add_row(
+            project["project_id"],
+            project["customer_id"],
+            _coloured(project["status"]),
+            _clock(project["created_at"]),
+            project["status_message"][:80],
+        )
+    console.print(table)
+    console.print(f"{len(page['projects'])} of {page['total']} project(s)")
+
+
 @app.command()
 def status(
     project_id: Annotated[str, typer.Argument(help="The project's id.")],
-    manager_url: ManagerUrl = "http://127.0.0.1:8080",
+    manager_url: ManagerUrl = None,
     token: Token = None,
+    as_json: JsonOutput = False,
 ) -> None:
-    """Print one project's document as JSON."""
+    """One project: its phases, rounds, learners, MLflow run and model."""
+    client = _client(manager_url, token)
     try:
-        console.print_json(data=_client(manager_url, token).project(project_id))
+        project = client.project(project_id)
     except FlopsError as exc:
         _fail(exc)
+    if as_json:
+        console.print_json(data=project)
+        return
+    _print_summary(project)
+
+
+@app.command()
+def cancel(
+    project_id: Annotated[str, typer.Argument(help="The project's id.")],
+    manager_url: ManagerUrl = None,
+    token: Token = None,
+) -> None:
+    """Stop every service of a project (a finished one: its trained-model server)."""
+    try:
+        project = _client(manager_url, token).request("DELETE", f"/projects/{project_id}")
+    except FlopsError as exc:
+        _fail(exc)
+    console.print(f"project {project_id} {_coloured(project['status'])}", highlight=False)
+
+
+@app.command()
+def nodes(manager_url: ManagerUrl = None, token: Token = None, as_json: JsonOutput = False) -> None:
+    """The registered worker nodes: data tags and rows, architecture, cluster, last seen."""
+    try:
+        registered = _client(manager_url, token).nodes()
+    except FlopsError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(data=registered)
+        return
+    from rich.table import Table
+
+    table = Table("node", "tags (rows)", "architecture", "cluster", "last seen", box=None)
+    for node in registered:
+        tags = ", ".join(f"{tag} ({rows})" for tag, rows in sorted(node["tags"].items()))
+        table.add_row(
+            node["node_id"],
+            tags or "-",
+            str(node.get("architecture") or "-"),
+            str(node.get("cluster") or "-"),
+            _clock(node.get("last_seen")),
+        )
+    console.print(table)
+
+
+def _clock(epoch_s: float | None) -> str:
+    return datetime.fromtimestamp(epoch_s).strftime("%Y-%m-%d %H:%M:%S") if epoch_s else "-"
+
+
+def _coloured(status: str) -> str:
+    colour = {"failed": "red", "completed": "green", "cancelled": "yellow"}.get(status, "cyan")
+    return f"[{colour}]{status}[/]"
+
+
+def _print_summary(project: dict[str, Any]) -> None:
+    """A project in words and tables: status, phase timeline, rounds, learners, MLflow."""
+    from rich.table import Table
+
+    console.print(
+        f"project   {project['project_id']} ({project['customer_id']})\n"
+        f"status    {_coloured(project['status'])} {project['status_message']}",
+        highlight=False,
+    )
+    phases = sorted(
+        project.get("phases", {}).items(), key=lambda item: item[1].get("started_at") or 0.0
+    )
+    timeline = "  ".join(
+        f"{name} {p['seconds']:.1f} s" if p.get("seconds") is not None else f"{name} ..."
+        for name, p in phases
+    )
+    console.print(f"phases    {timeline or '-'}", highlight=False)
+    learners = [s for s in project.get("services", []) if s.startswith("learner-")]
+    lost = project.get("lost_learners") or []
+    if learners:
+        named = ", ".join(f"[red]{s} (lost)[/]" if s in lost else s for s in learners)
+        console.print(f"learners  {named}", highlight=False)
+    rounds = project.get("rounds") or []
+    if rounds:
+        table = Table("round", "loss", "accuracy", box=None)
+        for entry in rounds:
+            table.add_row(str(entry["round"]), _fmt(entry.get("loss")), _fmt(entry.get("accuracy")))
+        console.print(table)
+    mlflow = project.get("mlflow") or {}
+    if mlflow:
+        model = mlflow.get("registered_model_uri") or mlflow.get("model_uri")
+        console.print(f"model     {model} (MLflow run {mlflow.get('run_id')})", highlight=False)
+    if project.get("inference_url"):
+        console.print(f"serving   {project['inference_url']}/invocations", highlight=False)
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "-" if value is None else str(value)
 
 
 @app.command()
 def mock(
-    manager_url: ManagerUrl = "http://127.0.0.1:8080",
+    manager_url: ManagerUrl = None,
     token: Token = None,
     tag: Annotated[str, typer.Option(help="Data tag to store the parts under.")] = "mnist",
     partitioning: Annotated[str, typer.Option(help="iid or dirichlet.")] = "iid",

@@ -100,6 +100,43 @@ def test_project_trains_and_logs_a_model_that_predicts_digits(
     assert (predicted == np.asarray(digits["label"][:])).mean() >= 0.8
 
 
+def test_the_cli_shows_the_finished_project_in_words(
+    suite: ManagerSuite, first_project: dict[str, Any], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from flops_manager.auth import read_api_token
+
+    token = read_api_token(suite.config.home)
+    assert token is not None
+    flops = str(Path(sys.executable).with_name("flops"))
+    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "160", "XDG_CONFIG_HOME": str(tmp_path)}
+    project_id = first_project["project_id"]
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            [flops, *args], capture_output=True, text=True, env=env, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    logged_in = run("login", "--manager-url", suite.url, "--token", token)
+    listed = run("list")  # with the stored login: no option, no variable
+    summary = run("status", project_id)
+    nodes = run("nodes")
+
+    assert "logged in" in logged_in
+    assert ((tmp_path / "flops" / "login.json").stat().st_mode & 0o777) == 0o600
+    assert token not in logged_in + listed + summary + nodes
+    assert project_id in listed and "completed" in listed
+    assert "status    completed" in summary
+    assert "training" in summary.split("phases", 1)[1].splitlines()[0]
+    rows = [line.split() for line in summary.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == [str(r) for r in range(1, ROUNDS + 1)]
+    assert "node-1" in nodes and "mnist (" in nodes
+
+
 def test_second_project_reuses_the_environment(
     client: ManagerClient, first_project: dict[str, Any]
 ) -> None:
