@@ -33,6 +33,7 @@ from typing import Any
 from aggregator.config import CYCLE_KEY, PARENT_RUN_KEY, AggregatorConfig
 from aggregator.flower_client import NDArrays, run_root_client
 from aggregator.flower_server import FlowerServer, RoundResult
+from aggregator.learner_events import learner_event_publisher
 from aggregator.signals import stop_cleanly_on_sigterm
 from aggregator.tracking import MlflowTracker
 from flops_utils.contract.lifecycle import Stage
@@ -63,6 +64,8 @@ class ClusterWork:
         server: its started Flower server (the learners connect there).
         tracker: where its child run goes (started at the first fit, under the root's run).
         notifier: publishes its ``progress``.
+        current_cycle: a one-element list it keeps at the cycle being served (shared with
+            whoever reports learner events).
 
     ``cycles`` and ``rounds`` count what it did.
     """
@@ -73,8 +76,10 @@ class ClusterWork:
         server: FlowerServer,
         tracker: MlflowTracker | None,
         notifier: StatusNotifier | None,
+        current_cycle: list[int] | None = None,
     ) -> None:
         self.config = config
+        self.current_cycle = current_cycle if current_cycle is not None else [0]
         self.server = server
         self.tracker = tracker
         self.notifier = notifier
@@ -87,6 +92,7 @@ class ClusterWork:
         """One cycle: ``training_rounds`` rounds from ``parameters``; returns ``(cluster
         parameters, learners' num_examples summed over the last round, {})``."""
         cycle = int(config.get(CYCLE_KEY, self.cycles + 1))
+        self.current_cycle[0] = cycle
         self._start_run(config.get(PARENT_RUN_KEY))
         logger.info("cycle %d: %d rounds", cycle, self.config.training_rounds)
         result = self.server.train(
@@ -102,6 +108,7 @@ class ClusterWork:
         """One evaluation round of ``parameters``; returns ``(example-weighted loss,
         evaluation examples, {"accuracy": example-weighted accuracy})``."""
         cycle = int(config.get(CYCLE_KEY, self.cycles))
+        self.current_cycle[0] = cycle
         evaluation = self.server.evaluate(parameters, server_round=cycle)
         metrics = {} if evaluation.accuracy is None else {"accuracy": evaluation.accuracy}
         return evaluation.loss, evaluation.examples, metrics
@@ -160,9 +167,18 @@ def run_cluster(config: AggregatorConfig, notifier: StatusNotifier) -> None:
     began = time.monotonic()
     tracker = MlflowTracker(config.mlflow_url, config.project_id)
     stop_cleanly_on_sigterm(tracker, notifier, f"cluster aggregator of {config.cluster}")
+    settings = config.training_settings()
+    cycle = [0]  # the cycle running now, for the learner events
+    on_learners = learner_event_publisher(
+        notifier,
+        settings.clients_name,
+        settings.timeout_name,
+        settings.round_timeout_s,
+        lambda: {"cycle": cycle[0], "cluster": config.cluster},
+    )
     try:
         tracker.check_reachable()
-        with FlowerServer(config.training_settings()) as server:
+        with FlowerServer(settings, on_learners) as server:
             started = AggregatorStarted(
                 address=config.address,
                 rounds=config.training_rounds,
@@ -177,9 +193,13 @@ def run_cluster(config: AggregatorConfig, notifier: StatusNotifier) -> None:
                 started,
             )
             tracker.prepare()  # MLflow's import, before the first cycle
-            work = ClusterWork(config, server, tracker, notifier)
+            work = ClusterWork(config, server, tracker, notifier, cycle)
             run_root_client(
-                work, config.root_address, config.connect_timeout_s, config.root_security
+                work,
+                config.root_address,
+                config.connect_timeout_s,
+                config.root_security,
+                name=config.cluster,
             )
             server.disconnect()
         tracker.end_run("FINISHED")

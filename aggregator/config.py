@@ -31,6 +31,11 @@ from flops_utils.types import MLModelFlavor
 CYCLE_KEY = "flops_cycle"
 """Key of the cycle number (1-based) in the config the root sends with every instruction."""
 
+STRAGGLER_NOTICE_ENV = env_vars.STRAGGLER_NOTICE_S
+"""Seconds after which (and then every which) the aggregator reports a learner that has not
+answered a round's instruction yet; default ``min(30, round_timeout_s / 2)``, 0 turns the
+reports off (:attr:`~aggregator.flower_server.TrainingSettings.notice_s`)."""
+
 PARENT_RUN_KEY = "flops_parent_run_id"
 """Key of the root's MLflow run id in the config the root sends with every instruction; a
 cluster aggregator nests its own run under it."""
@@ -57,6 +62,7 @@ class AggregatorConfig:
     ``server_security`` (``FLOPS_TLS_CA_CERT``, ``FLOPS_TLS_CERT``, ``FLOPS_TLS_KEY``,
     ``FLOPS_FLOWER_TOKEN``) is how its Flower server serves; ``root_security`` (the CA and the
     token) how a cluster aggregator connects to the root (unset for the other roles).
+    ``straggler_notice_s`` is ``FLOPS_STRAGGLER_NOTICE_S`` (``None``: the default).
     """
 
     project_id: str
@@ -76,6 +82,7 @@ class AggregatorConfig:
     learners: tuple[str, ...] = ()
     server_security: ServerSecurity = field(default_factory=ServerSecurity, repr=False)
     root_security: ClientSecurity = field(default_factory=ClientSecurity, repr=False)
+    straggler_notice_s: float | None = None
 
     @property
     def training_rounds(self) -> int:
@@ -134,6 +141,7 @@ class AggregatorConfig:
             flavor=sla.ml_model_flavor,
             training=sla.training_configuration,
             connect_timeout_s=read.seconds(env_vars.CONNECT_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S),
+            straggler_notice_s=_notice_s(read),
             role=role,
             **_role_fields(role, read),
             **_security_fields(role, env, project_id),
@@ -152,12 +160,14 @@ class AggregatorConfig:
             connect_timeout_s=self.connect_timeout_s,
             strategy=self.strategy,
             security=self.server_security,
+            straggler_notice_s=self.straggler_notice_s,
         )
 
     def root_settings(self) -> TrainingSettings:
         """The Flower server settings of the root aggregator: ``training_cycles`` rounds
         over the cluster aggregators, every minimum :func:`root_clusters_needed`, and
-        :attr:`cycle_timeout_s` per call."""
+        :attr:`cycle_timeout_s` per call; no straggler reports (a cluster aggregator answers
+        only after its whole cycle; its own learners are reported by it)."""
         needed = root_clusters_needed(self.training, len(self.clusters))
         return TrainingSettings(
             address=self.address,
@@ -175,7 +185,19 @@ class AggregatorConfig:
                 "a cycle may take training_rounds * round_timeout_s + FLOPS_CONNECT_TIMEOUT_S; "
                 "raise round_timeout_s in the SLA if the clusters need longer"
             ),
+            straggler_notice_s=0,
         )
+
+
+def _notice_s(read: EnvReader) -> float | None:
+    """``FLOPS_STRAGGLER_NOTICE_S`` (``None`` when unset). Raises :class:`ConfigError` for a
+    negative value or not a number."""
+    if not (read.env.get(STRAGGLER_NOTICE_ENV) or "").strip():
+        return None
+    seconds = read.seconds(STRAGGLER_NOTICE_ENV, 0.0)
+    if seconds < 0:
+        raise ConfigError(f"{STRAGGLER_NOTICE_ENV}={seconds:g} is negative; use 0 to turn off.")
+    return seconds
 
 
 def _read_role(env: Mapping[str, str]) -> AggregatorRole:

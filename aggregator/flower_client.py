@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from numpy.typing import NDArray
 
 from aggregator.flower_server import TrainingFailed
+from flops_utils.contract.training import CLIENT_NAME_PROPERTY
 from flops_utils.flower_security import (
     ClientSecurity,
     credentials_refused,
@@ -39,6 +40,9 @@ class RootUnreachable(TrainingFailed):
     before the root ended training (exits as training failed)."""
 
     code = "root_aggregator_unreachable"
+    cause: str | None = "aggregator_unreachable"
+    """``data.cause`` of its ``failed`` message: the same as a learner's that lost its
+    aggregator (``None`` when the root refused the credentials)."""
 
 
 class RootTask(Protocol):
@@ -63,6 +67,7 @@ def run_root_client(
     root_address: str,
     max_wait_s: float,
     security: ClientSecurity | None = None,
+    name: str = "",
 ) -> int:
     """Serve ``task`` to the root aggregator at ``root_address`` until the root ends training.
 
@@ -71,6 +76,8 @@ def run_root_client(
         root_address: ``HOST:PORT`` of the root's Flower server.
         max_wait_s: seconds to keep retrying while the root refuses connections.
         security: the project's CA and client token (default: plain gRPC, no token).
+        name: what the root calls this client in its messages (the cluster), returned from
+            ``get_properties`` as ``CLIENT_NAME_PROPERTY``.
 
     Returns the number of instructions served. Raises what ``task`` raised, and
     :class:`RootUnreachable` when no connection was made within ``max_wait_s``, the root
@@ -81,6 +88,9 @@ def run_root_client(
     served = 0
 
     class _ClusterClient(NumPyClient):
+        def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
+            return {CLIENT_NAME_PROPERTY: name} if name else {}
+
         def get_parameters(self, config: dict[str, Any]) -> NDArrays:
             return []  # the root starts from the user's model, never from a cluster's
 
@@ -123,11 +133,13 @@ def _connect(client: Any, root_address: str, max_wait_s: float, served: Callable
             status = exc.code() if isinstance(exc, grpc.Call) else None
             refused = credentials_refused(exc)
             if served() == 0 and refused is not None:
-                raise RootUnreachable(
+                error = RootUnreachable(
                     f"The secured connection to the root aggregator at {root_address} was "
                     f"refused: {refused}; the cluster's and the root's project credentials "
                     "(issued by the manager) do not match."
-                ) from exc
+                )
+                error.cause = None
+                raise error from exc
             if served() == 0 and status == grpc.StatusCode.UNAVAILABLE:
                 if time.monotonic() < deadline:
                     time.sleep(RETRY_DELAY_S)

@@ -31,6 +31,17 @@ FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad, FedMedian or FedTrimmedAvg, each 
 class with the SLA's parameters. One mixin placed before that class in the MRO adds the
 checks above and records each phase's outcome, so every strategy behaves alike towards FLOps.
 
+Stragglers: while a phase runs, a watch thread reports every client that has not answered
+its instruction after ``straggler_notice_s`` (then at most every ``straggler_notice_s``) as a
+:class:`Straggler`; when a phase ends without some clients' results, a
+:class:`LearnersDropped` names them. Both go to the ``on_learners`` callback. Flower 1.41's
+gRPC-bidi server enforces ``round_timeout_s`` itself: the servicer aborts the client's stream
+with ``DEADLINE_EXCEEDED`` (``FlowerServiceServicer.Join``), which closes its bridge, so
+``fit_round``/``evaluate_round`` return that client as a failure (``GrpcBridgeClosed``) and
+unregister it; the failure rule above then decides. Clients are named by the
+``CLIENT_NAME_PROPERTY`` they return from ``get_properties``, asked once per connection at the
+first round that samples them.
+
 Security (``TrainingSettings.security``, a :class:`~flops_utils.flower_security.ServerSecurity`):
 the server serves TLS with the project's certificate and refuses, with ``UNAUTHENTICATED``,
 every call without the project's client token before Flower's servicer registers the client.
@@ -46,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 from numpy.typing import NDArray
 
-from flops_utils.contract.training import DEFAULT_STRATEGY, StrategyConfig
+from flops_utils.contract.training import CLIENT_NAME_PROPERTY, DEFAULT_STRATEGY, StrategyConfig
 from flops_utils.errors import FlopsError
 from flops_utils.flower_security import ServerSecurity
 from flops_utils.logging import logger
@@ -71,6 +82,9 @@ DEFAULT_CONNECT_TIMEOUT_S = 300.0
 DEFAULT_ROUND_TIMEOUT_S = 3600.0
 """Per-round timeout (seconds) when the SLA sets none, so that a stuck learner cannot hang
 training forever."""
+
+MAX_STRAGGLER_NOTICE_S = 30.0
+"""The default ``straggler_notice_s`` is ``min(MAX_STRAGGLER_NOTICE_S, round_timeout_s / 2)``."""
 
 
 class TrainingFailed(FlopsError):
@@ -110,7 +124,7 @@ class TrainingSettings:
     is called in messages; ``timeout_hint``: how to give the
     clients longer, ending a timeout's message; ``security``: TLS and the clients' token
     (:class:`~flops_utils.flower_security.ServerSecurity`; the default is plain gRPC
-    without client authentication).
+    without client authentication); ``straggler_notice_s``: see :attr:`notice_s`.
     """
 
     address: str
@@ -125,6 +139,16 @@ class TrainingSettings:
     timeout_name: str = "round_timeout_s"
     timeout_hint: str = "raise round_timeout_s in the SLA if the learners need longer"
     security: ServerSecurity = field(default_factory=ServerSecurity)
+    straggler_notice_s: float | None = None
+
+    @property
+    def notice_s(self) -> float:
+        """Seconds after which (and then every which) a client that has not answered is
+        reported: ``straggler_notice_s``, by default ``min(30, round_timeout_s / 2)``; 0
+        turns the reports off."""
+        if self.straggler_notice_s is not None:
+            return max(self.straggler_notice_s, 0.0)
+        return min(MAX_STRAGGLER_NOTICE_S, self.round_timeout_s / 2)
 
 
 @dataclass(frozen=True)
@@ -153,6 +177,39 @@ class EvaluationResult:
     accuracy: float | None
     examples: int
     learners: int
+
+
+@dataclass(frozen=True)
+class Straggler:
+    """A client (``learner``: its name) that has not answered the ``phase`` (``training`` or
+    ``evaluation``) instruction of ``round`` for ``waited_s`` seconds."""
+
+    learner: str
+    round: int
+    phase: str
+    waited_s: float
+
+
+@dataclass(frozen=True)
+class LearnersDropped:
+    """The ``phase`` of ``round`` ended without the results of ``learners`` (names, sorted):
+    they failed or disconnected, or (``timed_out``) the phase reached ``round_timeout_s``.
+    ``remaining`` results came back, ``needed`` were needed; ``going_on`` is whether
+    training goes on."""
+
+    round: int
+    phase: str
+    learners: list[str]
+    timed_out: bool
+    remaining: int
+    needed: int
+    going_on: bool
+
+
+LearnerEvent = Straggler | LearnersDropped
+OnLearners = Callable[[LearnerEvent], None]
+"""``on_learners(event)``: called from the round's threads (the watch thread for a
+:class:`Straggler`); an exception it raises is logged and ignored."""
 
 
 @dataclass
@@ -229,13 +286,155 @@ class _PhaseOutcomes:
     evaluation: EvaluationResult | None = None
 
 
+class _RoundWatch:
+    """The clients of the running phase that have not answered yet, and a daemon thread that
+    reports each of them as a :class:`Straggler` once it waited ``notice_s`` seconds, then
+    at most every ``notice_s`` seconds (``notice_s`` 0: no reports).
+
+    :meth:`begin` starts a phase with the sampled clients (cid to name), :meth:`answered`
+    marks one that returned (a result or a failure), :meth:`end` closes the phase and returns
+    the names of those whose results are missing; :meth:`close` stops the thread.
+    """
+
+    def __init__(self, notice_s: float, report: OnLearners | None) -> None:
+        self.notice_s = notice_s
+        self.report = report
+        self._lock = threading.Lock()
+        self._round = 0
+        self._phase = ""
+        self._began = 0.0
+        self._names: dict[str, str] = {}
+        self._waiting: dict[str, float] = {}  # cid -> waited seconds of the next report
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if notice_s > 0 and report is not None:
+            self._thread = threading.Thread(target=self._run, name="straggler-watch", daemon=True)
+            self._thread.start()
+
+    def begin(self, server_round: int, phase: str, names: dict[str, str]) -> None:
+        """A phase of ``server_round`` starts with the clients ``names`` (cid to name)."""
+        with self._lock:
+            self._round, self._phase, self._began = server_round, phase, time.monotonic()
+            self._names = dict(names)
+            self._waiting = dict.fromkeys(names, self.notice_s)
+
+    def answered(self, cid: str) -> None:
+        """The client ``cid`` returned from its instruction."""
+        with self._lock:
+            self._waiting.pop(cid, None)
+
+    def end(self, returned: set[str]) -> list[str]:
+        """Close the phase; returns the sorted names of its clients whose cids are not in
+        ``returned`` (the cids with a result)."""
+        with self._lock:
+            missing = sorted(name for cid, name in self._names.items() if cid not in returned)
+            self._names, self._waiting = {}, {}
+        return missing
+
+    def close(self) -> None:
+        """Stop the watch thread."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(self.notice_s / 4, 1.0)):
+            for straggler in self._due():
+                _report(self.report, straggler)
+
+    def _due(self) -> list[Straggler]:
+        """The stragglers to report now, each at most once per ``notice_s``."""
+        now = time.monotonic()
+        due = []
+        with self._lock:
+            waited_s = now - self._began
+            for cid, next_s in self._waiting.items():
+                if waited_s >= next_s:
+                    self._waiting[cid] = next_s + self.notice_s
+                    name = self._names[cid]
+                    due.append(Straggler(name, self._round, self._phase, round(waited_s, 1)))
+        return due
+
+
+def _report(report: OnLearners | None, event: LearnerEvent) -> None:
+    """Hand ``event`` to ``report``; log, never raise, what it raises."""
+    if report is None:
+        return
+    try:
+        report(event)
+    except Exception as exc:  # a report must not end training
+        logger.warning("could not report %s: %s", event, exc)
+
+
+def _watched(proxy: Any, watch: _RoundWatch) -> Any:
+    """``proxy`` (a Flower ``ClientProxy``) wrapped so that ``watch`` learns when its
+    ``fit``/``evaluate`` returns; the other calls pass through."""
+    from flwr.server.client_proxy import ClientProxy
+
+    class _WatchedProxy(ClientProxy):
+        def __init__(self) -> None:
+            super().__init__(proxy.cid)
+            self.properties = proxy.properties
+
+        def get_properties(self, ins: Any, timeout: Any, group_id: Any) -> Any:
+            return proxy.get_properties(ins, timeout, group_id)
+
+        def get_parameters(self, ins: Any, timeout: Any, group_id: Any) -> Any:
+            return proxy.get_parameters(ins, timeout, group_id)
+
+        def fit(self, ins: Any, timeout: Any, group_id: Any) -> Any:
+            try:
+                return proxy.fit(ins, timeout=timeout, group_id=group_id)
+            finally:
+                watch.answered(proxy.cid)
+
+        def evaluate(self, ins: Any, timeout: Any, group_id: Any) -> Any:
+            try:
+                return proxy.evaluate(ins, timeout=timeout, group_id=group_id)
+            finally:
+                watch.answered(proxy.cid)
+
+        def reconnect(self, ins: Any, timeout: Any, group_id: Any) -> Any:
+            return proxy.reconnect(ins, timeout, group_id)
+
+    return _WatchedProxy()
+
+
+def _client_names(proxies: list[Any], clients_name: str, timeout_s: float) -> dict[str, str]:
+    """cid to name of ``proxies``: the :data:`CLIENT_NAME_PROPERTY` each returns from
+    ``get_properties`` (asked once per connection, all at once, kept in the proxy's
+    ``properties``), else ``"<clients_name> <cid[:8]>"``."""
+    from flwr.common import Code, GetPropertiesIns
+
+    def ask(proxy: Any) -> None:
+        try:
+            res = proxy.get_properties(GetPropertiesIns(config={}), timeout_s, None)
+        except Exception as exc:  # a client that is gone fails its instruction next
+            logger.warning("could not ask a %s for its name: %s", clients_name, exc)
+            return
+        name = res.properties.get(CLIENT_NAME_PROPERTY) if res.status.code == Code.OK else None
+        proxy.properties[CLIENT_NAME_PROPERTY] = str(name) if name else ""
+
+    unknown = [p for p in proxies if CLIENT_NAME_PROPERTY not in p.properties]
+    threads = [threading.Thread(target=ask, args=(p,), daemon=True) for p in unknown]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {
+        p.cid: p.properties.get(CLIENT_NAME_PROPERTY) or f"{clients_name} {p.cid[:8]}"
+        for p in proxies
+    }
+
+
 def _build_strategy(
     settings: TrainingSettings,
     initial_parameters: NDArrays,
     outcomes: _PhaseOutcomes,
     config_fn: ConfigFn | None,
+    watch: _RoundWatch,
 ) -> "FedAvg":
-    """The SLA's Flower strategy with FLOps' checks, recording each phase in ``outcomes``.
+    """The SLA's Flower strategy with FLOps' checks, recording each phase in ``outcomes``
+    and telling ``watch`` which clients each phase waits for (their proxies wrapped, see
+    :func:`_watched`).
 
     Every supported strategy derives from Flower's ``FedAvg``; the class built here is
     ``_FlopsRounds`` mixed in before it (``class FlopsFedAdam(_FlopsRounds, FedAdam)``), so
@@ -257,7 +456,7 @@ def _build_strategy(
             instructions = super().configure_fit(server_round, parameters, client_manager)
             outcomes.round_began = outcomes.phase_began = time.monotonic()  # clients are here
             self._check_count(server_round, "training", len(instructions), self.min_fit_clients)
-            return instructions
+            return self._watch(server_round, "training", instructions)
 
         def configure_evaluate(
             self, server_round: int, parameters: Any, client_manager: Any
@@ -266,7 +465,14 @@ def _build_strategy(
             need = self.min_evaluate_clients
             self._check_count(server_round, "evaluation", len(instructions), need)
             outcomes.phase_began = time.monotonic()
-            return instructions
+            return self._watch(server_round, "evaluation", instructions)
+
+        def _watch(self, server_round: int, phase: str, instructions: list[Any]) -> list[Any]:
+            """Name the sampled clients, start watching them, wrap their proxies."""
+            proxies = [proxy for proxy, _ in instructions]
+            names = _client_names(proxies, settings.clients_name, settings.round_timeout_s)
+            watch.begin(server_round, phase, names)
+            return [(_watched(proxy, watch), ins) for proxy, ins in instructions]
 
         def _check_count(self, server_round: int, phase: str, got: int, need: int) -> None:
             need = max(need, self.min_available_clients)
@@ -279,7 +485,8 @@ def _build_strategy(
                 )
 
         def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
-            self._check_results(server_round, "training", results, failures, self.min_fit_clients)
+            need = self.min_fit_clients
+            self._check_results(server_round, "training", results, failures, need)
             parameters, metrics = super().aggregate_fit(server_round, results, failures)
             if parameters is None:
                 raise RoundFailed(f"Round {server_round}: {name} produced no parameters.")
@@ -309,22 +516,32 @@ def _build_strategy(
             failures: list[Any],
             phase_minimum: int,
         ) -> None:
-            """The failure rule: go on while ``len(results)`` reaches the phase's minimum."""
+            """The failure rule: go on while ``len(results)`` reaches the phase's minimum.
+            Reports the clients without a result (:class:`LearnersDropped`) either way."""
+            missing = watch.end({proxy.cid for proxy, _ in results})
             if not failures:
                 return
             total = len(results) + len(failures)
             need = max(phase_minimum, self.min_available_clients)
+            # Flower reports a timeout as a closed stream; the elapsed time tells them apart.
+            timed_out = time.monotonic() - outcomes.phase_began >= settings.round_timeout_s
+            going_on = len(results) >= need
+            dropped = LearnersDropped(
+                server_round, phase, missing, timed_out, len(results), need, going_on
+            )
+            _report(watch.report, dropped)
             what = (
                 f"Round {server_round} {phase}: {len(failures)} of {total} {clients} failed "
                 f"or timed out ({_describe_failures(failures)})"
             )
-            if len(results) >= need:
+            if missing:
+                what += f", dropped: {', '.join(missing)}"
+            if going_on:
                 logger.warning(
                     "%s; going on with the other %d (the SLA needs %d)", what, len(results), need
                 )
                 return
-            # Flower reports a timeout as a closed stream; the elapsed time tells them apart.
-            if time.monotonic() - outcomes.phase_began >= settings.round_timeout_s:
+            if timed_out:
                 hint = f"{settings.timeout_name} ({settings.round_timeout_s:g}s) was exceeded; "
                 hint += settings.timeout_hint
             else:
@@ -355,6 +572,8 @@ class FlowerServer:
 
     Args:
         settings: address, rounds, client minimums, timeouts and strategy.
+        on_learners: gets the stragglers and the dropped clients of every phase
+            (:data:`OnLearners`); ``None``: they are only logged.
 
     Use as a context manager (or call :meth:`start` and :meth:`stop`): :meth:`start` binds,
     :meth:`train` runs rounds, :meth:`evaluate` one evaluation round, :meth:`disconnect`
@@ -362,8 +581,9 @@ class FlowerServer:
     (clients still connected then see their connection break).
     """
 
-    def __init__(self, settings: TrainingSettings) -> None:
+    def __init__(self, settings: TrainingSettings, on_learners: OnLearners | None = None) -> None:
         self.settings = settings
+        self.on_learners = on_learners
         self._grpc_server: Any = None
         self._server: Server | None = None
 
@@ -420,18 +640,38 @@ class FlowerServer:
         :class:`TrainingResult`. Raises :class:`LearnersMissing` when too few clients connect
         within ``connect_timeout_s`` and :class:`RoundFailed` when too few results come back.
         """
-        from flwr.common import parameters_to_ndarrays
-
         server = self._require_server()
         rounds = self.settings.num_rounds if num_rounds is None else num_rounds
         outcomes = _PhaseOutcomes()
-        strategy = _build_strategy(self.settings, initial_parameters, outcomes, config_fn)
+        watch = self._watch()
+        strategy = _build_strategy(self.settings, initial_parameters, outcomes, config_fn, watch)
         server.set_strategy(strategy)
         initial = strategy.initialize_parameters(server.client_manager())
         assert initial is not None  # FedAvg returns its initial_parameters
         server.parameters = initial
         result = TrainingResult(parameters=list(initial_parameters))
         began = time.monotonic()
+        try:
+            self._rounds(server, rounds, outcomes, result, on_round)
+        finally:
+            watch.close()
+        result.seconds = time.monotonic() - began
+        return result
+
+    def _watch(self) -> _RoundWatch:
+        return _RoundWatch(self.settings.notice_s, self.on_learners)
+
+    def _rounds(
+        self,
+        server: "Server",
+        rounds: int,
+        outcomes: _PhaseOutcomes,
+        result: TrainingResult,
+        on_round: Callable[[RoundResult], None] | None,
+    ) -> None:
+        """Run ``rounds`` fit and evaluation rounds, appending to ``result``."""
+        from flwr.common import parameters_to_ndarrays
+
         for server_round in range(1, rounds + 1):
             fit = server.fit_round(server_round=server_round, timeout=self.settings.round_timeout_s)
             if fit is None or fit[0] is None:  # the mixin raises first; kept for safety
@@ -452,8 +692,6 @@ class FlowerServer:
             _log_round(round_result)
             if on_round is not None:
                 on_round(round_result)
-        result.seconds = time.monotonic() - began
-        return result
 
     def evaluate(
         self, parameters: NDArrays, server_round: int = 1, config_fn: ConfigFn | None = None
@@ -467,9 +705,14 @@ class FlowerServer:
 
         server = self._require_server()
         outcomes = _PhaseOutcomes()
-        server.set_strategy(_build_strategy(self.settings, parameters, outcomes, config_fn))
+        watch = self._watch()
+        strategy = _build_strategy(self.settings, parameters, outcomes, config_fn, watch)
+        server.set_strategy(strategy)
         server.parameters = ndarrays_to_parameters(parameters)
-        return self._evaluate_round(server, server_round, outcomes)
+        try:
+            return self._evaluate_round(server, server_round, outcomes)
+        finally:
+            watch.close()
 
     def _evaluate_round(
         self, server: "Server", server_round: int, outcomes: _PhaseOutcomes
@@ -563,6 +806,7 @@ def run_server(
     on_round: Callable[[RoundResult], None] | None = None,
     on_listening: Callable[[str], None] | None = None,
     config_fn: ConfigFn | None = None,
+    on_learners: OnLearners | None = None,
 ) -> TrainingResult:
     """Run ``settings.num_rounds`` rounds of ``settings.strategy`` with the clients that
     connect, then disconnect them (the classic and the root aggregator's whole training).
@@ -574,6 +818,7 @@ def run_server(
             raises ends training and propagates.
         on_listening: called with the bound ``HOST:PORT`` once clients can connect.
         config_fn: ``config_fn(round)`` is sent to the clients with every instruction.
+        on_learners: gets the stragglers and dropped clients (:data:`OnLearners`).
 
     Returns the :class:`TrainingResult`. Raises :class:`AddressUnavailable` when the address
     can't be bound, :class:`LearnersMissing` when too few clients connect within
@@ -581,7 +826,7 @@ def run_server(
     round. On every exit the gRPC server is stopped; after success the clients are told to
     end first, after a failure they see the connection end.
     """
-    with FlowerServer(settings) as server:
+    with FlowerServer(settings, on_learners) as server:
         if on_listening is not None:
             on_listening(settings.address)
         result = server.train(initial_parameters, on_round=on_round, config_fn=config_fn)

@@ -14,6 +14,11 @@ by environment variables (:mod:`flops_utils.env_vars`):
   defaults (``strategy`` defaults to FedAvg).
 - ``FLOPS_ML_REPO_DIR``: the ML repository root (defaults to the working directory).
 - ``FLOPS_CONNECT_TIMEOUT_S``: seconds to wait for the learners (defaults to 300).
+- ``FLOPS_STRAGGLER_NOTICE_S``: seconds after which, and then every which, a learner that has
+  not answered a round is reported (defaults to ``min(30, round_timeout_s / 2)``; 0: never).
+- ``FLOPS_MQTT_DRAIN_TIMEOUT_S``: seconds the final status message waits for the broker to
+  take the queued messages (defaults to 60; :mod:`flops_utils.notifications`).
+- ``MLFLOW_HTTP_REQUEST_*``: the MLflow client's retries (:mod:`aggregator.tracking`).
 - ``FLOPS_AGGREGATOR_ROLE``: ``classic`` (default), ``root`` or ``cluster``. The root also
   reads ``FLOPS_CLUSTERS`` (required: the participating clusters); the cluster aggregator
   reads ``FLOPS_ROOT_AGGREGATOR_ADDRESS``, ``FLOPS_CLUSTER`` (required) and ``FLOPS_LEARNERS``
@@ -31,12 +36,17 @@ aggregators) and its MLflow metrics have ``step = cycle``.
 MQTT (``flops/<project_id>/aggregator/<status>``): ``started`` once learners can connect
 (data ``{"address", "rounds", "strategy"}``, ``strategy`` being ``{"name", ...parameters}``
 with every default filled in), ``progress`` after each round (data ``{"stage": "round",
-"round", "rounds", "loss", "accuracy", "learners", "seconds"}``) and once after the last
-round (data ``{"stage": "training_done", "rounds", "loss", "accuracy"}``), then ``success``
+"round", "rounds", "loss", "accuracy", "learners", "seconds"}``), while a round waits for a
+learner (``{"stage": "straggler", "learner", "round", "phase", "waited_s",
+"round_timeout_s"}``), when a round drops learners (``{"stage": "learners_dropped", "round",
+"phase", "learners", "timed_out", "remaining", "needed", "going_on"}``; texts in
+:mod:`aggregator.learner_events`) and once after the last round (data ``{"stage":
+"training_done", "rounds", "loss", "accuracy"}``), then ``success``
 (data ``{"experiment_id", "run_id", "model_uri", "registered_model", "model_version",
 "registered_model_uri", "loss", "accuracy", "rounds", "seconds"}``) or ``failed`` (message =
-the error on one line, data ``{"error", "exit_code"}``); the payloads are the models of
-:mod:`flops_utils.contract.messages`. The process exits with a
+the error on one line, data ``{"error", "exit_code"}``, plus ``"cause":
+"tracking_server_unreachable"`` when the MLflow tracking server did not answer); the
+payloads are the models of :mod:`flops_utils.contract.messages`. The process exits with a
 :class:`~flops_utils.contract.exit_codes.ExitCode` (:data:`~flops_utils.contract.exit_codes.
 EXIT_CODES` gives each one's meaning and fix).
 """
@@ -59,6 +69,7 @@ from aggregator.flower_server import (
     preload,
     run_server,
 )
+from aggregator.learner_events import learner_event_publisher
 from aggregator.signals import stop_cleanly_on_sigterm
 from aggregator.tracking import (
     MODEL_NAME,
@@ -176,8 +187,19 @@ def run_top(config: AggregatorConfig, notifier: StatusNotifier) -> None:
             )
             flower.join()  # before MLflow's imports: both import protobuf and grpc
             run_id = tracker.start_run(config.sla, tags={"flops.customer_id": config.customer_id})
+            on_learners = learner_event_publisher(
+                notifier,
+                plan.settings.clients_name,
+                plan.settings.timeout_name,
+                plan.settings.round_timeout_s,
+            )
             result = run_server(
-                plan.settings, initial, on_round, on_listening, plan.config_fn(run_id)
+                plan.settings,
+                initial,
+                on_round,
+                on_listening,
+                plan.config_fn(run_id),
+                on_learners,
             )
             last = result.rounds[-1] if result.rounds else None
             notifier.notify(

@@ -11,6 +11,10 @@ from flops_utils.logging import logger
 from flops_utils.notifications import StatusNotifier
 from flops_utils.types import ComponentStatus
 
+SIGTERM_DRAIN_TIMEOUT_S = 5.0
+"""Seconds the ``failed`` message of a stop waits for an unreachable broker (instead of
+``FLOPS_MQTT_DRAIN_TIMEOUT_S``): the orchestrators kill a service 10 s after SIGTERM."""
+
 
 def stop_cleanly_on_sigterm(
     tracker: MlflowTracker, notifier: StatusNotifier, name: str = "aggregator"
@@ -26,6 +30,7 @@ def stop_cleanly_on_sigterm(
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         logger.warning("SIGTERM: stopping the %s", name)
         tracker.end_run("KILLED")
+        notifier.drain_timeout_s = min(notifier.drain_timeout_s, SIGTERM_DRAIN_TIMEOUT_S)
         notifier.notify(
             ComponentStatus.FAILED,
             f"The {name} was stopped by SIGTERM (the project was cancelled or stopped).",

@@ -15,6 +15,7 @@ tries the internet.
 
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -23,18 +24,51 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from flops_utils.contract.services import experiment_name
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 from flops_utils.types import MLModelFlavor
 
+HTTP_MAX_RETRIES = 5
+HTTP_BACKOFF_FACTOR_S = 2
+HTTP_BACKOFF_JITTER_S = 1.0
+HTTP_TIMEOUT_S = 20
+"""The MLflow client's retries of a request the tracking server does not answer (refused
+connection, reset, read timeout, 5xx), as ``MLFLOW_HTTP_REQUEST_*`` defaults (a value set in
+the environment wins). MLflow 3 hands them to urllib3 2's ``Retry``
+(``mlflow.utils.request_utils``), which sleeps 0 s before the first retry and
+``backoff_factor * 2 ** (n - 1)`` (+ up to ``backoff_jitter``, at most 120 s) before retry
+``n >= 2``: 0, 4, 8, 16, 32 s here, so a request is tried for about a minute
+(:func:`retry_window_s`: 60 s plus up to 5 s of jitter) before it fails. That rides out a
+restart of the server (the manager restarts a crashed embedded server on its port within
+about 30 s) and lets a dead server fail a project after about a minute, not the 4 minutes of
+MLflow's defaults (7 retries, factor 2). A server that accepts connections but never answers
+also costs ``HTTP_TIMEOUT_S`` (seconds without a byte, per attempt) for each of the 6
+attempts: 3 minutes at most."""
+
+
+def retry_window_s(env: Mapping[str, str] | None = None) -> float:
+    """Seconds of back-off before a request the server never answers fails (without
+    jitter): ``factor * (2 ** retries - 2)`` with the ``MLFLOW_HTTP_REQUEST_*`` values in
+    ``env`` (default ``os.environ``); 60 s with this module's defaults."""
+    env = os.environ if env is None else env
+    try:
+        retries = int(env.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_MAX_RETRIES))
+        factor = float(env.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", HTTP_BACKOFF_FACTOR_S))
+    except ValueError:
+        retries, factor = HTTP_MAX_RETRIES, HTTP_BACKOFF_FACTOR_S
+    return float(factor * max(2**retries - 2, 0))
+
+
 for _name, _value in {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
-    # Fail within about a minute instead of retrying for minutes when the server is down.
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(HTTP_MAX_RETRIES),
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(HTTP_BACKOFF_FACTOR_S),
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": str(HTTP_BACKOFF_JITTER_S),
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": str(HTTP_TIMEOUT_S),
     # The aggregator's working directory may be any uv project (FLOps' own, in development);
     # its lock file has nothing to do with the user's model.
     "MLFLOW_UV_AUTO_DETECT": "false",
@@ -57,10 +91,54 @@ MODEL_NAME = "model"
 """Name of the logged model inside the run."""
 
 
+TRACKING_UNREACHABLE_CAUSE = "tracking_server_unreachable"
+"""``data.cause`` of the aggregator's ``failed`` message when the MLflow tracking server did
+not answer (as opposed to rejecting a request)."""
+
+
 class TrackingError(FlopsError):
-    """The MLflow tracking server is unreachable or rejected a request."""
+    """The MLflow tracking server is unreachable or rejected a request; ``cause`` is
+    :data:`TRACKING_UNREACHABLE_CAUSE` when it did not answer, else ``None``."""
 
     code = "tracking_error"
+    cause: str | None = None
+
+
+def public_url(url: str) -> str:
+    """``url`` without a user name or password (safe for messages)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+_CREDENTIALS_IN_URL = re.compile(r"(\w+://)[^/\s@]+@")
+_SOCKET_ERROR = re.compile(r"\[Errno -?\d+\] ([^'\"()]+)")
+_READ_TIMEOUT = re.compile(r"Read timed out\. \(read timeout=[\d.]+\)")
+_UNANSWERED_MARKERS = ("Max retries exceeded", "Connection aborted", "RemoteDisconnected")
+
+
+def unanswered_reason(exc: BaseException) -> str | None:
+    """Why the server did not answer, when ``exc`` (or its cause/context) says it did not:
+    a socket error (``Connection refused``), a read timeout, or retries exhausted on 5xx
+    answers. ``None`` when the server answered (it rejected the request, say)."""
+    texts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(texts) < 5:
+        texts.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(texts)
+    for pattern in (_SOCKET_ERROR, _READ_TIMEOUT):
+        found = pattern.search(text)
+        if found:
+            return found.group(found.lastindex or 0).strip()
+    if any(marker in text for marker in _UNANSWERED_MARKERS):
+        return "no usable answer after every retry"
+    return None
 
 
 class ModelLoggingError(FlopsError):
@@ -126,6 +204,7 @@ class MlflowTracker:
         self.experiment_id: str | None = None
         self.run_id: str | None = None
         self._ended = False
+        self._unanswered = False
         self._client: Any = None
 
     def check_reachable(self, timeout_s: float = 10.0) -> None:
@@ -139,11 +218,22 @@ class MlflowTracker:
                     return
                 problem = f"HTTP {r.status}"
         except (OSError, urllib.error.URLError) as exc:
-            problem = str(exc)
-        raise TrackingError(
-            f"The MLflow tracking server at {self.tracking_url} does not answer ({problem}); "
-            "start it (flops-observatory) or fix FLOPS_MLFLOW_URL."
+            reason = getattr(exc, "reason", exc)
+            problem = str(getattr(reason, "strerror", None) or reason)
+        error = TrackingError(
+            f"the MLflow tracking server at {public_url(self.tracking_url)} did not answer: "
+            f"{problem}; start it (flops-observatory) or fix FLOPS_MLFLOW_URL."
         )
+        error.cause = TRACKING_UNREACHABLE_CAUSE
+        raise error
+
+    def _answers(self, timeout_s: float = 3.0) -> bool:
+        """Whether ``GET /health`` answers 200 now (one try, no retries)."""
+        try:
+            self.check_reachable(timeout_s)
+        except TrackingError:
+            return False
+        return True
 
     def prepare(self) -> None:
         """Import MLflow and create its client now (the import takes seconds), so that the
@@ -275,12 +365,21 @@ class MlflowTracker:
     def end_run(self, status: RunStatus = "FINISHED") -> None:
         """End the run with ``status``; a no-op without a run or when already ended.
 
-        Never raises (a failure is logged).
+        After a request the server did not answer, it tries only if ``/health`` answers now
+        (instead of retrying for another minute). Never raises (a failure is logged).
         """
         run_id = self.run_id
         if run_id is None or self._ended:
             return
         self._ended = True
+        if self._unanswered and not self._answers():
+            logger.warning(
+                "MLflow run %s not ended (%s): the tracking server does not answer; the "
+                "manager ends the runs of failed projects",
+                run_id,
+                status,
+            )
+            return
         try:
             self._mlflow_client().set_terminated(run_id, status=status)
         except Exception as exc:
@@ -292,8 +391,22 @@ class MlflowTracker:
         return self.run_id
 
     def _error(self, action: str, exc: Exception) -> TrackingError:
-        detail = " ".join(str(exc).split())[:300]
+        """The :class:`TrackingError` of ``exc`` raised while trying to ``action``; its
+        message names the server (without credentials) and, when it did not answer, the
+        reason and how long it was retried."""
+        url = public_url(self.tracking_url)
+        reason = unanswered_reason(exc)
+        if reason is not None:
+            error = TrackingError(
+                f"the MLflow tracking server at {url} did not answer: {reason} (trying to "
+                f"{action}, retried for about {retry_window_s():g}s); check that it runs and is "
+                "reachable."
+            )
+            error.cause = TRACKING_UNREACHABLE_CAUSE
+            self._unanswered = True
+            return error
+        detail = _CREDENTIALS_IN_URL.sub(r"\1", " ".join(str(exc).split()))[:300]
         return TrackingError(
-            f"Could not {action} on the MLflow tracking server {self.tracking_url} "
+            f"Could not {action} on the MLflow tracking server {url} "
             f"({type(exc).__name__}: {detail}); check that the server runs and is reachable."
         )

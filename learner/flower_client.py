@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
+from flops_utils.contract.training import CLIENT_NAME_PROPERTY
 from flops_utils.errors import FlopsError
 from flops_utils.flower_security import (
     ClientSecurity,
@@ -49,10 +50,19 @@ NDArrays = list[NDArray[Any]]
 T = TypeVar("T")
 
 
+AGGREGATOR_UNREACHABLE_CAUSE = "aggregator_unreachable"
+"""``data.cause`` of the learner's ``failed`` message when its aggregator went away (or never
+answered), so that the manager tells it from a failure of the learner itself."""
+
+
 class AggregatorUnreachable(FlopsError):
-    """The learner could not connect to its aggregator, or lost the connection mid-training."""
+    """The learner could not connect to its aggregator, or lost the connection mid-training.
+
+    ``cause`` is :data:`AGGREGATOR_UNREACHABLE_CAUSE`, except when the aggregator refused the
+    learner's credentials (``None``: a configuration problem, not an absent aggregator)."""
 
     code = "aggregator_unreachable"
+    cause: str | None = AGGREGATOR_UNREACHABLE_CAUSE
 
 
 @dataclass
@@ -126,12 +136,16 @@ class _ModelManagerCalls:
         return float(loss), int(num_examples), float(accuracy)
 
 
-def _numpy_client(calls: _ModelManagerCalls) -> "NumPyClient":
-    """Wrap ``calls`` in a Flower NumPyClient (imports flwr lazily)."""
+def _numpy_client(calls: _ModelManagerCalls, name: str = "") -> "NumPyClient":
+    """Wrap ``calls`` in a Flower NumPyClient (imports flwr lazily) that tells the aggregator
+    ``name`` when it asks for its properties."""
     from flwr.client import NumPyClient
 
     class ModelManagerClient(NumPyClient):
         """Flower's view of the ModelManager: parameters are lists of NumPy arrays."""
+
+        def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
+            return {CLIENT_NAME_PROPERTY: name} if name else {}
 
         def get_parameters(self, config: dict[str, Any]) -> NDArrays:
             return calls.get_parameters()
@@ -176,6 +190,7 @@ def run_client(
     aggregator_address: str,
     max_wait_s: float = 60.0,
     security: ClientSecurity | None = None,
+    name: str = "",
 ) -> ClientStats:
     """Train ``model_manager`` with the aggregator at ``aggregator_address`` until it says stop.
 
@@ -184,6 +199,7 @@ def run_client(
         aggregator_address: ``HOST:PORT`` of the aggregator's Flower server.
         max_wait_s: seconds to keep retrying while the aggregator refuses connections.
         security: the project's CA and client token (default: plain gRPC, no token).
+        name: the learner's name, which the aggregator uses in its messages (stragglers).
 
     Returns the :class:`ClientStats` of the session. Raises :class:`UserCodeError` when a
     ModelManager method raised, :class:`AggregatorUnreachable` when no connection was made
@@ -192,7 +208,7 @@ def run_client(
     ``ValueError`` when the address has no numeric port.
     """
     calls = _ModelManagerCalls(model_manager)
-    client = _numpy_client(calls).to_client()
+    client = _numpy_client(calls, name).to_client()
     with secured_flower_client(security or ClientSecurity()):
         _connect(client, calls, aggregator_address, max_wait_s)
     return calls.stats
@@ -227,11 +243,13 @@ def _connect(
             never_connected = calls.stats.instructions == 0
             refused = credentials_refused(exc) if never_connected else None
             if refused is not None:
-                raise AggregatorUnreachable(
+                error = AggregatorUnreachable(
                     f"The secured connection to the aggregator at {aggregator_address} was "
                     f"refused: {refused}; the learner's and the aggregator's project "
                     "credentials (issued by the manager) do not match."
-                ) from exc
+                )
+                error.cause = None
+                raise error from exc
             if (
                 never_connected
                 and status == grpc.StatusCode.UNAVAILABLE

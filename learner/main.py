@@ -124,6 +124,7 @@ def run(config: LearnerConfig, notifier: StatusNotifier) -> None:
             config.aggregator_address,
             config.connect_timeout_s,
             config.flower_security,
+            name=config.name,
         )
     seconds = time.monotonic() - began
     logger.info(

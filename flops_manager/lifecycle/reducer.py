@@ -410,6 +410,8 @@ def _status_received(
         if event.data.get("cause") == UPSTREAM_LOST_CAUSE and not aggregator:
             return _upstream_lost(record, service, reason, now_s, label)
         return _fail_or_lose(record, service, reason, now_s)
+    if event.status is ComponentStatus.PROGRESS and event.data.get("stage") in _LEARNER_STAGES:
+        return _learner_progress(record, event, label, now_s)
     if aggregator and event.status is ComponentStatus.PROGRESS:
         if event.data.get("stage") == Stage.TRAINING_DONE.value:
             message = event.message or Stage.TRAINING_DONE.value
@@ -422,6 +424,42 @@ def _status_received(
         return _cluster_status(record, event, service, label, now_s), []
     text = event.message or f"{label} {event.status.value}"
     return _log_event(record, "component", event.status.value, text, now_s, label), []
+
+
+_LEARNER_STAGES = frozenset({Stage.STRAGGLER.value, Stage.LEARNERS_DROPPED.value})
+"""``progress`` stages an aggregator (cluster aggregator) sends about its learners."""
+
+
+def _learner_progress(
+    record: ProjectRecord, event: ev.StatusReceived, label: str, now_s: float
+) -> Result:
+    """A straggler notice, or learners dropped from a round.
+
+    ``straggler``: an event naming the learner (``learner X has not answered round R for N
+    s``). ``learners_dropped`` with ``going_on``: each dropped learner is a lost learner (the
+    lost-learner rule of :func:`_learner_lost`; one already lost changes nothing); a root
+    aggregator's dropped clients are clusters, whose own reports decide. Without
+    ``going_on`` only an event: the aggregator's ``failed`` message follows.
+    """
+    data = event.data
+    if data.get("stage") == Stage.STRAGGLER.value:
+        learner = service_name(Component.LEARNER, str(data.get("learner") or ""))
+        text = event.message or f"{learner} has not answered round {data.get('round')}"
+        return _log_event(record, "learner", "straggler", text, now_s, learner), []
+    text = event.message or f"{label} dropped learner(s) {data.get('learners')}"
+    logged = _log_event(record, "component", "progress", text, now_s, label)
+    if not data.get("going_on") or (
+        record.hierarchical and event.component is Component.AGGREGATOR
+    ):
+        return logged, []
+    actions: list[act.Action] = []
+    for name in data.get("learners") or []:
+        service = service_name(Component.LEARNER, str(name))
+        lost = _learner_lost(logged, service, f"{label} dropped {service} from the round", now_s)
+        if lost is not None:
+            logged, more = lost
+            actions += more
+    return logged, actions
 
 
 def _record_round(record: ProjectRecord, data: dict[str, Any], now_s: float) -> ProjectRecord:

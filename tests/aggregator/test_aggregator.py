@@ -232,7 +232,7 @@ def test_unreachable_tracking_server_is_a_tracking_error() -> None:
     tracker = MlflowTracker(f"http://127.0.0.1:{find_free_port()}", "p")
 
     # Execute / Assert
-    with pytest.raises(TrackingError, match=r"does not answer.*FLOPS_MLFLOW_URL"):
+    with pytest.raises(TrackingError, match=r"did not answer.*FLOPS_MLFLOW_URL"):
         tracker.check_reachable(timeout_s=2)
 
 
@@ -293,3 +293,24 @@ def test_a_saved_model_is_uploaded_registered_and_loads_back(
     logged_model = client.get_logged_model(logged.model_uri.removeprefix("models:/"))
     assert logged_model.source_run_id == tracker.run_id
     assert logged_model.tags["flops.saved_with.mlflow_version"] == "x"
+
+
+def test_an_unanswered_request_names_the_server_without_its_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: nobody listens on the port; no retries.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    port = find_free_port()
+    tracker = MlflowTracker(f"http://flops:s3cret@127.0.0.1:{port}", "p")
+
+    # Execute
+    with pytest.raises(TrackingError) as caught:
+        tracker.start_run({"a": 1})
+
+    # Assert
+    assert caught.value.message.startswith(
+        f"the MLflow tracking server at http://127.0.0.1:{port} did not answer: "
+        "Connection refused (trying to start the run, retried for about 0s)"
+    ), caught.value.message
+    assert "s3cret" not in caught.value.message
+    assert caught.value.cause == "tracking_server_unreachable"

@@ -323,3 +323,41 @@ def test_post_training_progress_records_the_image_and_the_server() -> None:
     assert [e.status for e in served.events] == ["built", "deployed"]
     assert late.inference_url is None  # the project ended meanwhile: the server is stopped
     assert [a.kind for a in late_actions] == [ActionKind.STOP_INFERENCE]
+
+
+def test_a_straggler_is_an_event_and_not_a_round() -> None:
+    notice = ev.StatusReceived(
+        A,
+        ComponentStatus.PROGRESS,
+        message="learner n2 has not answered round 2 for 4 s",
+        data={"stage": "straggler", "learner": "n2", "round": 2, "phase": "fit", "waited_s": 4},
+    )
+
+    after, actions = transition(record("training"), notice, NOW_S)
+
+    assert after.rounds == [] and actions == []
+    assert after.events[-1].type == "learner" and after.events[-1].status == "straggler"
+    assert after.events[-1].component == "learner-n2"
+    assert after.events[-1].message == "learner n2 has not answered round 2 for 4 s"
+
+
+def test_learners_dropped_from_a_round_are_lost_while_training_goes_on() -> None:
+    three = record("training", services=[*SERVICES, "learner-n3"], nodes=["n1", "n2", "n3"])
+    dropped = ev.StatusReceived(
+        A,
+        ComponentStatus.PROGRESS,
+        message="round 2 training: dropped learner(s) n3; going on with 2",
+        data={"stage": "learners_dropped", "round": 2, "learners": ["n3"], "going_on": True},
+    )
+    later_failure = ev.StatusReceived(
+        L, ComponentStatus.FAILED, "n3", "Lost the connection", {"cause": "aggregator_unreachable"}
+    )
+
+    after, _ = transition(three, dropped, NOW_S)
+    _, waiting = transition(after, later_failure, NOW_S + 1)
+    judged, actions = transition(after, waiting[0].event, NOW_S + 6)  # type: ignore[attr-defined]
+
+    assert after.status is ProjectStatus.TRAINING and after.rounds == []
+    assert after.lost_learners == ["learner-n3"]
+    assert "training goes on with 2 learner(s)" in after.events[-1].message
+    assert (judged, actions) == (after, [])  # its later failure changes nothing

@@ -235,7 +235,11 @@ def test_failing_fit_fails_the_learner_and_the_aggregator(
     assert aggregator_failed["message"].startswith("Round 1 training: 1 of 1 learner(s) failed")
     assert aggregator_failed["data"] == {"error": "round_failed", "exit_code": 6}
     assert recorder.find("aggregator/started")[0]["data"]["address"] == address
-    assert not recorder.find("aggregator/progress")
+    # No round ended; the one progress message names the learner the round lost.
+    dropped = [p["data"] for p in recorder.find("aggregator/progress")]
+    assert [(d["stage"], d["learners"], d["going_on"]) for d in dropped] == [
+        ("learners_dropped", ["node-b"], False)
+    ]
     _assert_run_status(mlflow_server, project_id, "FAILED")
 
 

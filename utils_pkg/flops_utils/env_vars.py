@@ -140,3 +140,13 @@ BUILD_RESULT_FILE = "FLOPS_BUILD_RESULT_FILE"
 MODEL_URI = "FLOPS_MODEL_URI"
 """Optional. An MLflow model URI (``models:/<name>/<version>``): the image builder then builds
 the trained-model (inference) image of that model."""
+
+STRAGGLER_NOTICE_S = "FLOPS_STRAGGLER_NOTICE_S"
+"""Optional (aggregators). Seconds after which, and then every which, a learner that has not
+answered the round is reported in a ``straggler`` progress message (default ``min(30,
+round_timeout_s / 2)``; 0 turns the notices off)."""
+
+MQTT_DRAIN_TIMEOUT_S = "FLOPS_MQTT_DRAIN_TIMEOUT_S"
+"""Optional (every role). Seconds a final status message (and the close of the status
+client) waits for the broker to acknowledge what is queued, e.g. while the manager restarts
+its embedded broker (default 60)."""

@@ -40,22 +40,29 @@ _COMPONENTS = {
 @dataclass(frozen=True)
 class Failure:
     """An error as a role reports it: its ``exit_code``, the machine-readable ``error`` name
-    (the FLOps error's ``code``, else ``internal_error``) and a one-line ``message``."""
+    (the FLOps error's ``code``, else ``internal_error``), a one-line ``message`` and the
+    error's ``cause`` attribute when it has one (see
+    :class:`~flops_utils.contract.messages.Failed`)."""
 
     exit_code: ExitCode
     error: str
     message: str
+    cause: str | None = None
 
     def data(self) -> Failed:
-        """The ``data`` of the ``failed`` message."""
-        return Failed(error=self.error, exit_code=int(self.exit_code))
+        """The ``data`` of the ``failed`` message (``cause`` only when set)."""
+        if self.cause is None:
+            return Failed(error=self.error, exit_code=int(self.exit_code))
+        return Failed(error=self.error, exit_code=int(self.exit_code), cause=self.cause)
 
 
 def failure_of(exc: BaseException) -> Failure:
     """The :class:`Failure` of ``exc``: a FLOps error keeps its message (on one line), any
     other exception becomes ``"Internal error: <Type>: <message>"``."""
     if isinstance(exc, FlopsError):
-        return Failure(exit_code_for(exc), exc.code, one_line(exc.message))
+        cause = getattr(exc, "cause", None)
+        cause = cause if isinstance(cause, str) and cause else None
+        return Failure(exit_code_for(exc), exc.code, one_line(exc.message), cause)
     return Failure(
         ExitCode.INTERNAL_ERROR, "internal_error", f"Internal error: {describe_exception(exc)}"
     )

@@ -44,3 +44,9 @@ class Stage(StrEnum):
     TRAINING_DONE = "training_done"
     """Sent once after the last round, before the final model is logged: the manager moves
     the project to ``post_training`` then."""
+    STRAGGLER = "straggler"
+    """Sent while a round runs, at most every ``straggler_notice_s``, for each learner that
+    has not answered the round's instruction yet (not a round's result)."""
+    LEARNERS_DROPPED = "learners_dropped"
+    """Sent when a round's phase ends without some learners' results (they failed,
+    disconnected or exceeded ``round_timeout_s``); names them (not a round's result)."""

@@ -9,11 +9,14 @@ for the component, status and (aggregator progress) stage:
 topic's component/status     ``data``
 ===========================  ===========================================================
 aggregator/started           :class:`AggregatorStarted`
-aggregator/progress          :class:`RoundProgress` (``stage`` ``round``, the default) or
-                             :class:`TrainingDone` (``stage`` ``training_done``)
+aggregator/progress          :class:`RoundProgress` (``stage`` ``round``, the default),
+                             :class:`TrainingDone` (``stage`` ``training_done``),
+                             :class:`Straggler` (``stage`` ``straggler``) or
+                             :class:`LearnersDropped` (``stage`` ``learners_dropped``)
 aggregator/success           :class:`AggregatorSuccess`
 cluster-aggregator/started   :class:`AggregatorStarted` (``role`` ``cluster``, ``cluster``)
-cluster-aggregator/progress  :class:`RoundProgress` (``cycle``, ``step``, ``cluster``)
+cluster-aggregator/progress  :class:`RoundProgress` (``cycle``, ``step``, ``cluster``),
+                             :class:`Straggler` or :class:`LearnersDropped` (by ``stage``)
 cluster-aggregator/success   :class:`ClusterAggregatorSuccess`
 learner/started              :class:`LearnerStarted`
 learner/success              :class:`LearnerSuccess`
@@ -50,9 +53,11 @@ __all__ = [
     "Failed",
     "LearnerStarted",
     "LearnerSuccess",
+    "LearnersDropped",
     "MessageData",
     "RoundProgress",
     "StatusMessage",
+    "Straggler",
     "TrainingDone",
     "data_model",
     "parse_status_message",
@@ -132,6 +137,40 @@ class TrainingDone(MessageData):
     accuracy: float | None = None
 
 
+class Straggler(MessageData):
+    """A ``learner`` (its name; a cluster aggregator's cluster at the root) has not answered
+    the ``phase`` (``training`` or ``evaluation``) instruction of ``round`` for ``waited_s``
+    seconds; ``round_timeout_s`` is when the round drops it. A cluster aggregator adds its
+    ``cycle`` and ``cluster``. Not a round's result: ``round`` is the round still running."""
+
+    stage: Literal[Stage.STRAGGLER]
+    learner: str | None = None
+    round: int | None = None
+    phase: str | None = None
+    waited_s: float | None = None
+    round_timeout_s: float | None = None
+    cycle: int | None = None
+    cluster: str | None = None
+
+
+class LearnersDropped(MessageData):
+    """The ``phase`` of ``round`` ended without the results of ``learners`` (names): they
+    failed, disconnected or, with ``timed_out``, exceeded ``round_timeout_s``. ``remaining``
+    results came back, the SLA ``needed`` that many; ``going_on`` says whether training goes
+    on (else the aggregator fails next). A cluster aggregator adds ``cycle`` and ``cluster``."""
+
+    stage: Literal[Stage.LEARNERS_DROPPED]
+    round: int | None = None
+    phase: str | None = None
+    learners: list[str] | None = None
+    timed_out: bool | None = None
+    remaining: int | None = None
+    needed: int | None = None
+    going_on: bool | None = None
+    cycle: int | None = None
+    cluster: str | None = None
+
+
 class AggregatorSuccess(MessageData):
     """Training finished and the model is registered: the MLflow ``experiment_id`` and
     ``run_id``, the logged ``model_uri``, the ``registered_model`` with its
@@ -172,11 +211,17 @@ class LearnerSuccess(MessageData):
 
 class Failed(MessageData):
     """A role failed: ``error`` is the machine-readable error name (e.g. ``user_code_error``),
-    ``exit_code`` the :class:`~flops_utils.contract.exit_codes.ExitCode` it exits with; the
-    envelope's ``message`` says what happened and how to fix it."""
+    ``exit_code`` the :class:`~flops_utils.contract.exit_codes.ExitCode` it exits with,
+    ``cause`` what it depends on that went away (if that is why); the envelope's ``message``
+    says what happened and how to fix it."""
 
     error: str | None = None
     exit_code: int | None = None
+    cause: str | None = None
+    """Set when the role failed because something it depends on went away, not by its own
+    fault: ``aggregator_unreachable`` (a learner lost or never reached its aggregator, a
+    cluster aggregator its root aggregator), ``tracking_server_unreachable`` (an aggregator's
+    MLflow tracking server did not answer). Absent otherwise."""
 
 
 class BuilderStarted(MessageData):
@@ -234,23 +279,34 @@ _DATA_MODELS: dict[tuple[Component, ComponentStatus], type[MessageData]] = {
 _STAGE_MODELS: dict[str, type[MessageData]] = {
     Stage.ROUND.value: RoundProgress,
     Stage.TRAINING_DONE.value: TrainingDone,
+    Stage.STRAGGLER.value: Straggler,
+    Stage.LEARNERS_DROPPED.value: LearnersDropped,
 }
+
+_CLUSTER_STAGES = frozenset(
+    {Stage.ROUND.value, Stage.STRAGGLER.value, Stage.LEARNERS_DROPPED.value}
+)
+"""The progress stages of a cluster aggregator."""
 
 
 def data_model(
     component: Component, status: ComponentStatus, data: dict[str, Any] | None = None
 ) -> type[MessageData]:
     """The model of the ``data`` of a ``component``/``status`` message (``data`` picks the
-    aggregator's progress stage; no ``stage`` means ``round``); :class:`MessageData` when
-    the pair has no specific model. Raises ``ValueError`` for an unknown stage."""
+    (cluster) aggregator's progress stage; no ``stage`` means ``round``); :class:`MessageData`
+    when the pair has no specific model. Raises ``ValueError`` for an unknown stage."""
     if status is ComponentStatus.FAILED:
         return Failed
-    if (component, status) == (Component.AGGREGATOR, ComponentStatus.PROGRESS):
+    if status is ComponentStatus.PROGRESS and component in (
+        Component.AGGREGATOR,
+        Component.CLUSTER_AGGREGATOR,
+    ):
+        stages = _CLUSTER_STAGES if component is Component.CLUSTER_AGGREGATOR else _STAGE_MODELS
         stage = (data or {}).get("stage", Stage.ROUND.value)
-        if stage not in _STAGE_MODELS:
+        if stage not in stages:
             raise ValueError(
-                f"unknown aggregator progress stage {stage!r}; expected one of "
-                f"{', '.join(_STAGE_MODELS)}"
+                f"unknown {component.value} progress stage {stage!r}; expected one of "
+                f"{', '.join(sorted(stages))}"
             )
         return _STAGE_MODELS[stage]
     return _DATA_MODELS.get((component, status), MessageData)

@@ -24,6 +24,7 @@ from pydantic import (
 from flops_utils.types import FLOpsMode, MLModelFlavor
 
 __all__ = [
+    "CLIENT_NAME_PROPERTY",
     "DEFAULT_STRATEGY",
     "STRATEGY_ADAPTER",
     "STRATEGY_NAMES",
@@ -41,6 +42,11 @@ __all__ = [
     "TrainingConfiguration",
     "describe_validation_error",
 ]
+
+CLIENT_NAME_PROPERTY = "flops_name"
+"""Key of the name a Flower client of an aggregator returns from ``get_properties``: a
+learner's ``FLOPS_LEARNER_NAME``, a cluster aggregator's cluster. The aggregator asks once per
+connection and names the client so in its messages (stragglers, dropped learners)."""
 
 TAG_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 """Data tags: the rule the data servers enforce (lower case, digits, ``_.-``; 1-63 chars)."""
