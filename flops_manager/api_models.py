@@ -220,11 +220,21 @@ class MockRequest(_Body):
     nodes: list[str] | None = Field(default=None, min_length=1, max_length=10_000)
 
 
-class MockResult(BaseModel):
-    """Rows pushed to each node."""
+class MockJobView(BaseModel):
+    """A ``POST /mocks`` job: ``running``, ``done`` with the ``rows`` pushed to each node, or
+    ``failed`` with the ``message`` saying why."""
 
+    job_id: str
     tag: str
+    status: Literal["running", "done", "failed"]
     rows: dict[str, int]
+    message: str
+
+
+class MockJobPath(BaseModel):
+    """Path parameter of ``GET /mocks/{job_id}``."""
+
+    job_id: str = Field(pattern=r"^[0-9a-f]{12}$")
 
 
 class TrackingInfo(BaseModel):

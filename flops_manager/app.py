@@ -29,8 +29,9 @@ from flops_manager.api_models import (
     ErrorBody,
     EventList,
     EventQuery,
+    MockJobPath,
+    MockJobView,
     MockRequest,
-    MockResult,
     NodeCredentialView,
     NodeDeleted,
     NodeList,
@@ -65,6 +66,7 @@ from flops_manager.errors import (
 )
 from flops_manager.lifecycle.changes import ProjectChanges
 from flops_manager.mlflow_access import MlflowAccessControl
+from flops_manager.mock_jobs import MockJobs
 from flops_manager.projects import ProjectLifecycle
 from flops_manager.records import ProjectRecord
 from flops_manager.sla import ProjectSLA, check_repo_url
@@ -210,6 +212,7 @@ def create_app(
     max_followers: int = MAX_FOLLOWERS,
     tracking_access: MlflowAccessControl | None = None,
     health: Callable[[], dict[str, Any]] | None = None,
+    mock_jobs: MockJobs | None = None,
 ) -> OpenAPI:
     """Build the WSGI app.
 
@@ -228,7 +231,9 @@ def create_app(
             ``None`` with ``FLOPS_INSECURE=mlflow``.
         health: the cached health report ``GET /healthz`` answers
             (``flops_manager.supervision.Supervisor.health``); ``None``: only the API's own.
+        mock_jobs: runs ``POST /mocks`` in the background; default: a new one.
     """
+    mock_jobs = mock_jobs or MockJobs()
     app = OpenAPI(
         __name__,
         info=Info(title="FLOps manager", version="0.1.0"),
@@ -446,11 +451,10 @@ def create_app(
             raise NotFound(f"No node has id {path.node_id!r}; GET /api/flops/nodes lists them.")
         return {"node_id": path.node_id, "deleted": True}
 
-    @api.post("/mocks", tags=[nodes_tag], responses={200: MockResult})
-    def provide_mocks(body: MockRequest) -> dict[str, Any]:
-        """Split a bundled dataset across nodes and push each part to the node's data server."""
-        from data_server.mock_provider import provide_mock_data
-
+    @api.post("/mocks", tags=[nodes_tag], responses={202: MockJobView})
+    def provide_mocks(body: MockRequest) -> tuple[dict[str, Any], int, dict[str, str]]:
+        """Split a bundled dataset across nodes and push each part to the node's data server,
+        in the background: 202 with the job; ``GET /mocks/{job_id}`` tells its outcome."""
         caller().require_admin("push mock data")
         access = data_access
         nodes = {n["node_id"]: n for n in store.list_nodes()}
@@ -462,21 +466,40 @@ def create_app(
                 "this at start, or POST /api/flops/nodes).",
                 details=[{"node_id": n} for n in nodes],
             )
-        rows = provide_mock_data(
-            body.dataset,
-            {n: nodes[n]["data_server"] for n in wanted},
-            body.tag,
-            body.partitioning,
-            body.alpha,
-            body.seed,
-            credentials={
-                n: access.write_credentials(nodes[n]) if access else ("", "") for n in wanted
-            },
-        )
-        for node_id, count in rows.items():
-            node = nodes[node_id]
-            store.upsert_node({**node, "tags": {**node.get("tags", {}), body.tag: count}})
-        return {"tag": body.tag, "rows": rows}
+        credentials = {
+            n: access.write_credentials(nodes[n]) if access else ("", "") for n in wanted
+        }  # issued now: a write token lives 5 minutes
+
+        def push() -> dict[str, int]:
+            from data_server.mock_provider import provide_mock_data
+
+            rows = provide_mock_data(
+                body.dataset,
+                {n: nodes[n]["data_server"] for n in wanted},
+                body.tag,
+                body.partitioning,
+                body.alpha,
+                body.seed,
+                credentials=credentials,
+            )
+            current = {n["node_id"]: n for n in store.list_nodes()}
+            for node_id, count in rows.items():
+                node = current.get(node_id) or nodes[node_id]
+                store.upsert_node({**node, "tags": {**node.get("tags", {}), body.tag: count}})
+            return rows
+
+        job = mock_jobs.submit(body.tag, push)
+        return job.view(), 202, {"Location": f"{API_PREFIX}/mocks/{job.job_id}"}
+
+    @api.get("/mocks/<job_id>", tags=[nodes_tag], responses={200: MockJobView})
+    def mock_job(path: MockJobPath) -> dict[str, Any]:
+        """How a ``POST /mocks`` job went: ``running``, ``done`` (rows per node) or
+        ``failed`` (``message``)."""
+        caller().require_admin("push mock data")
+        job = mock_jobs.get(path.job_id)
+        if job is None:
+            raise NotFound(f"No mock data job {path.job_id!r} (the manager keeps the last 100).")
+        return job.view()
 
     @api.delete("/database", tags=[admin_tag], responses={200: DatabaseDeleted})
     def delete_database() -> dict[str, Any]:

@@ -10,6 +10,9 @@ from flops_utils.contract.lifecycle import TERMINAL
 from flops_utils.errors import FlopsError
 
 REQUEST_TIMEOUT_S = 30.0
+
+MOCK_TIMEOUT_S = 600.0
+"""Seconds :meth:`ManagerClient.provide_mocks` waits for the push by default."""
 TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL)
 
 
@@ -115,9 +118,25 @@ class ManagerClient:
         result: list[dict[str, Any]] = self.request("GET", "/nodes")["nodes"]
         return result
 
-    def provide_mocks(self, **request: Any) -> dict[str, int]:
-        """POST /mocks (see ``MockRequest``); returns rows pushed per node."""
-        rows: dict[str, int] = self.request("POST", "/mocks", request)["rows"]
+    def provide_mocks(self, timeout_s: float = MOCK_TIMEOUT_S, **request: Any) -> dict[str, int]:
+        """POST /mocks (see ``MockRequest``) and wait for the job; returns rows pushed per node.
+
+        Raises :class:`ApiError` when the manager refuses the request, ``FlopsError`` with the
+        job's message when the push failed, and ``TimeoutError`` after ``timeout_s`` seconds.
+        """
+        job = self.request("POST", "/mocks", request)
+        deadline = time.monotonic() + timeout_s
+        while job["status"] == "running":
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"pushing mock data (job {job['job_id']}) still runs after {timeout_s:g} s; "
+                    f"GET /api/flops/mocks/{job['job_id']} tells when it ends"
+                )
+            time.sleep(0.2)
+            job = self.request("GET", f"/mocks/{job['job_id']}")
+        if job["status"] == "failed":
+            raise FlopsError(f"pushing mock data failed: {job['message']}")
+        rows: dict[str, int] = job["rows"]
         return rows
 
     def tracking_url(self) -> str:

@@ -40,6 +40,7 @@ from flops_manager.embedded import (
 )
 from flops_manager.errors import ConfigurationError
 from flops_manager.mlflow_access import MlflowAccess, MlflowAccessControl, NoMlflowAccess
+from flops_manager.mock_jobs import MockJobs
 from flops_manager.mqtt_access import (
     MqttAccess,
     MqttAccessControl,
@@ -124,6 +125,7 @@ class ManagerSuite(StartStop):
         self._lifecycle: ProjectLifecycle | None = None
         self._server: BaseWSGIServer | MultiSocketServer | None = None
         self._thread: threading.Thread | None = None
+        self._mock_jobs = MockJobs()
 
     @property
     def lifecycle(self) -> ProjectLifecycle:
@@ -139,6 +141,8 @@ class ManagerSuite(StartStop):
         home.mkdir(parents=True, exist_ok=True)
         restrict_home(home)
         self._lock_home(home)
+        self._mock_jobs = MockJobs()
+        self._mock_jobs.warm_up()  # datasets' imports take seconds: not in the first request
         try:
             state = EmbeddedState(home)
             with ThreadPoolExecutor(max_workers=2) as pool:
@@ -222,6 +226,7 @@ class ManagerSuite(StartStop):
                 max_followers=API_THREADS - API_FREE_THREADS,
                 tracking_access=credentials.mlflow,
                 health=self._supervisor.health,
+                mock_jobs=self._mock_jobs,
             )
             self._server = waitress.create_server(
                 app, host=self.config.host, port=self.config.port, threads=API_THREADS
@@ -342,6 +347,7 @@ class ManagerSuite(StartStop):
         A start that fails stops like this too, leaving components it found running as they were.
         The supervisor stops first: nothing is restarted during a stop.
         """
+        self._mock_jobs.close()
         if self._supervisor is not None:
             self._supervisor.stop()
             self._supervisor = None

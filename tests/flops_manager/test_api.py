@@ -281,6 +281,30 @@ def test_mocks_for_unknown_nodes_get_404(api: Api) -> None:
     assert "ghost" in response.json()["message"]
 
 
+def test_mocks_run_as_a_job_that_reports_a_failed_push(api: Api) -> None:
+    register(api, "mock-dead", {})  # its data server (grpc://127.0.0.1:9999) answers nothing
+
+    accepted = api("POST", "/mocks", json={"nodes": ["mock-dead"], "tag": "deadtag"})
+    job_path = accepted.headers["Location"].removeprefix("/api/flops")
+    ended = wait_until(
+        lambda: job if (job := api("GET", job_path).json())["status"] != "running" else None,
+        120,
+        "the mock data job did not end",
+    )
+
+    assert accepted.status_code == 202
+    assert accepted.json()["status"] == "running" and accepted.json()["tag"] == "deadtag"
+    assert ended["status"] == "failed" and ended["rows"] == {}
+    assert "mock-dead" in ended["message"] or "9999" in ended["message"], ended
+    assert (
+        "deadtag"
+        not in next(n for n in api("GET", "/nodes").json()["nodes"] if n["node_id"] == "mock-dead")[
+            "tags"
+        ]
+    )
+    assert api("GET", "/mocks/0123456789ab").status_code == 404
+
+
 def test_tracking_returns_the_mlflow_url(api: Api) -> None:
     assert api("GET", "/tracking").json() == {"url": UNUSED_MLFLOW}
 

@@ -314,12 +314,21 @@ def test_a_data_server_process_registers_its_cert_and_trusts_the_managers_tokens
             lambda: log.read_text(),
         )
         # Execute: the admin's POST /mocks pushes over TLS with a write token
-        pushed = requests.post(
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        accepted = requests.post(
             f"{url}/api/flops/mocks",
             json={"dataset": "mnist", "tag": "mnist"},
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-            timeout=120,
+            headers=admin,
+            timeout=30,
         )
+        job = accepted.json()
+        job_url = url + accepted.headers["Location"]
+
+        def finished() -> dict[str, Any] | None:
+            answer: dict[str, Any] = requests.get(job_url, headers=admin, timeout=10).json()
+            return answer if answer["status"] != "running" else None
+
+        pushed = wait_until(finished, 120, "the mock data job did not end")
         env = access.learner_env(PROJECT, node, ["mnist"])
         with DataClient(
             node["data_server"],
@@ -338,7 +347,8 @@ def test_a_data_server_process_registers_its_cert_and_trusts_the_managers_tokens
 
     assert node["data_server"] == f"grpc+tls://127.0.0.1:{port}"
     assert node["data_server_cert"] == owner_credentials(tmp_path / "node-data")[1]
-    assert pushed.status_code == 200, pushed.text
+    assert accepted.status_code == 202, accepted.text
+    assert pushed["status"] == "done" and pushed["job_id"] == job["job_id"], pushed
     assert rows == {"mnist": 10_000}
     assert ADMIN_TOKEN not in log.read_text()
 
