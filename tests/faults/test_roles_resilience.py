@@ -243,29 +243,8 @@ def _kill_mlflow(server: MlflowServer) -> None:
     server.stop()  # reaps it
 
 
-def test_tracking_survives_a_restart_of_the_mlflow_server(
-    project: _Project, own_mlflow: MlflowServer, mnist_thirds: dict[str, str], tmp_path: Path
-) -> None:
-    # Prepare
-    rounds = 4
-    nodes = {node: mnist_thirds[node] for node in NODES[:2]}
-    project.start_training(own_mlflow.url, _sla(rounds, minimum=2), nodes)
-
-    # Execute: kill the server once round 1 is logged (the aggregator logs a round before it
-    # publishes its progress), start it again on its port and workdir.
-    wait_until(lambda: project.progress("round"), 120, lambda: project.log("aggregator")[-2000:])
-    _kill_mlflow(own_mlflow)
-    restarted = MlflowServer(own_mlflow.workdir, port=own_mlflow.port).start()
-    try:
-        codes = project.wait(["aggregator", *nodes])
-
-        # Assert: every round reached the run.
-        assert codes == {"aggregator": 0, **dict.fromkeys(nodes, 0)}, project.log("aggregator")
-        run_id = _final(project, "aggregator", "aggregator", "success")["data"]["run_id"]
-        history = mlflow.MlflowClient(restarted.url).get_metric_history(run_id, "loss")
-        assert sorted(m.step for m in history) == list(range(1, rounds + 1))
-    finally:
-        restarted.stop()
+# A restart of MLflow mid-training is tested through the manager, where the supervisor
+# restarts it: tests/faults/test_training_faults.py.
 
 
 def test_a_dead_mlflow_server_fails_the_aggregator_naming_it(

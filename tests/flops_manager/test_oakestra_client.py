@@ -990,7 +990,7 @@ def test_a_learner_whose_node_oakestra_lacks_times_out_naming_the_node(
     waited_s = time.monotonic() - started
     orchestrator.close()
 
-    assert [e[:3] for e in exits] == [("nonode1", "learner-n1", 1)]
+    assert [e[:3] for e in exits] == [("nonode1", "learner-n1", UNKNOWN_EXIT)]
     assert "did not start it within 2 s" in exits[0][3]
     assert "CLUSTER_SCHEDULED for node 'nobody' of cluster 'cluster2'" in exits[0][3]
     assert waited_s >= 2.0

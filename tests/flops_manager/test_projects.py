@@ -140,16 +140,15 @@ def test_messages_after_the_end_change_nothing(lifecycle: ProjectLifecycle) -> N
 def test_a_service_exiting_with_an_error_fails_the_project(lifecycle: ProjectLifecycle) -> None:
     training_project(lifecycle)
 
-    lifecycle.on_service_exit("p1", "learner-node-1", 3, "could not reach the aggregator")
+    lifecycle.on_service_exit("p1", "learner-node-1", 1, "ValueError: bad shape")
     assert lifecycle.drain(5)
 
     project = lifecycle.get("p1")
     assert project.status == "failed"
     assert project.status_message.startswith(
-        "learner-node-1 exited with code 3 (aggregator unreachable): The learner could not "
-        "reach the aggregator"
+        "learner-node-1 exited with code 1 (user code error): The ML repository's code raised"
     )
-    assert project.status_message.endswith("; last log line: 'could not reach the aggregator'")
+    assert project.status_message.endswith("; last log line: 'ValueError: bad shape'")
 
 
 def test_cancel_ends_a_running_project_and_is_idempotent(lifecycle: ProjectLifecycle) -> None:
