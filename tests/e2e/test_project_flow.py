@@ -4,7 +4,6 @@ Real Mosquitto, a real MLflow server, real Arrow Flight data servers (child proc
 uv-built environments and real Flower training between child processes.
 """
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flow_testing import MockNodes
+from flow_testing import MockNodes, processes_mentioning
 from waiting import wait_until
 
 from flops_manager.client import ApiError, ManagerClient
@@ -212,9 +211,9 @@ def test_crashing_learner_fails_the_project_and_leaves_no_process(
     # the services are stopped in the background after the project failed (SIGTERM, then
     # SIGKILL after the stop timeout): wait for that, not for a fixed time
     wait_until(
-        lambda: not _processes_mentioning(project["project_id"]),
+        lambda: not processes_mentioning(project["project_id"]),
         30,
-        lambda: f"processes left: {_processes_mentioning(project['project_id'])}",
+        lambda: f"processes left: {processes_mentioning(project['project_id'])}",
     )
 
 
@@ -228,17 +227,3 @@ def test_too_few_nodes_with_the_tag_is_a_409(client: ManagerClient) -> None:
     assert caught.value.status == 409
     assert {d["node_id"] for d in caught.value.details} == {"node-1", "node-2"}
     assert all(d["tags"] == {"mnist": 5000} for d in caught.value.details)
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    """PIDs whose environment mentions ``text`` (our services carry FLOPS_PROJECT_ID)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if text.encode() in (entry / "environ").read_bytes() and int(entry.name) != os.getpid():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found

@@ -20,6 +20,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import requests
+from flow_testing import processes_mentioning
 from paho.mqtt.enums import CallbackAPIVersion
 from waiting import wait_until
 
@@ -28,7 +29,6 @@ from flops_manager.embedded import EmbeddedState, broker_admin, mlflow_admin
 from flops_manager.mlflow_access import MlflowAccess
 from flops_manager.mqtt_access import MqttAccess, MqttCredential
 from flops_manager.mqtt_listener import StatusListener
-from flops_manager.process_identity import ProcessIdentity
 from flops_manager.suite import ManagerSuite
 from flops_utils.contract.topics import ParsedTopic
 from flops_utils.logging import logger
@@ -243,20 +243,4 @@ def test_stop_leaves_no_process(running: Running) -> None:
     running.suite.stop()
 
     assert all(p is not None and p.wait(10) for p in processes)
-    assert _processes_mentioning(str(home.resolve())) == []
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    """Pids of the live processes whose command line contains ``text``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        identity = ProcessIdentity.of(int(entry.name))
-        if text in cmdline and identity is not None and identity.is_alive():
-            found.append(int(entry.name))
-    return found
+    assert processes_mentioning(str(home.resolve())) == []

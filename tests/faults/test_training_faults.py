@@ -23,6 +23,7 @@ from unittest import mock
 import mlflow
 import pytest
 import requests
+from flow_testing import processes_mentioning
 from waiting import wait_until
 
 from flops_manager.auth import read_api_token
@@ -51,20 +52,6 @@ def client(
             api.wait_for_nodes(3, timeout_s=60)
             api.provide_mocks(dataset="mnist", tag="mnist")
             yield suite, api
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs whose environment mentions ``text`` (the services carry FLOPS_PROJECT_ID)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if text.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def run_metric_steps(suite: ManagerSuite, run_id: str, metric: str) -> list[int]:

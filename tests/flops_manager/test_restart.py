@@ -22,6 +22,7 @@ from unittest import mock
 import paho.mqtt.client as mqtt
 import pytest
 import requests
+from flow_testing import processes_mentioning
 from paho.mqtt.enums import CallbackAPIVersion
 from waiting import wait_until
 
@@ -137,24 +138,6 @@ def shared_manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Manager
             running.stop(signal.SIGTERM)
         for pid in processes_mentioning(str(home)):
             _kill_group(pid)
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs whose environment or command line mentions ``text`` (this test process aside)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if ProcessIdentity.of(int(entry.name)) is None:
-                continue
-            blob = (entry / "environ").read_bytes() + (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if text.encode() in blob and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def _kill_group(pid: int) -> None:
