@@ -22,7 +22,8 @@ It publishes as component ``cluster-aggregator``, instance ``FLOPS_CLUSTER``: ``
 ends training, after telling its learners to end. MLflow: one run
 ``flops-<project_id>-<cluster>`` in the project's experiment, nested under the root's run
 (tag ``mlflow.parentRunId``), with the parameters ``cluster``, ``learners`` and
-``training_rounds`` and the metrics ``loss``/``accuracy`` per round at the global step; it
+``training_rounds``, the metrics ``loss``/``accuracy``, the round's counts and each
+learner's results (:mod:`aggregator.run_record`) per round at the global step; it
 ends ``FINISHED``, ``FAILED`` on an error, ``KILLED`` on SIGTERM. It runs no user code (the
 parameters come from the root).
 """
@@ -34,6 +35,7 @@ from aggregator.config import CYCLE_KEY, PARENT_RUN_KEY, AggregatorConfig
 from aggregator.flower_client import NDArrays, run_root_client
 from aggregator.flower_server import FlowerServer, RoundResult
 from aggregator.learner_events import learner_event_publisher
+from aggregator.run_record import Participation, client_prefix, round_metrics
 from aggregator.signals import stop_cleanly_on_sigterm
 from aggregator.tracking import MlflowTracker
 from flops_utils.contract.lifecycle import Stage
@@ -85,6 +87,7 @@ class ClusterWork:
         self.notifier = notifier
         self.cycles = 0
         self.rounds = 0
+        self.participation = Participation(frozenset(config.learners))
 
     def fit(
         self, parameters: NDArrays, config: dict[str, Any]
@@ -131,7 +134,10 @@ class ClusterWork:
         rounds = self.config.training_rounds
         step = global_step(cycle, result.round, rounds)
         if self.tracker is not None:
-            self.tracker.log_round(step, result.loss, result.accuracy)
+            lost = self.participation.record(result)
+            prefix = client_prefix(self.server.settings.clients_name)
+            self.tracker.log_metrics(step, round_metrics(result, prefix, lost))
+            self.tracker.set_tags(self.participation.tags())
         if self.notifier is None:
             return
         accuracy = "n/a" if result.accuracy is None else f"{result.accuracy:.4f}"

@@ -15,6 +15,7 @@ from aggregator.flower_server import (
     TrainingSettings,
 )
 from flops_utils import env_vars
+from flops_utils.contract.tracking import Provenance
 from flops_utils.contract.training import (
     AggregatorRole,
     AggregatorSLA,
@@ -63,6 +64,8 @@ class AggregatorConfig:
     ``FLOPS_FLOWER_TOKEN``) is how its Flower server serves; ``root_security`` (the CA and the
     token) how a cluster aggregator connects to the root (unset for the other roles).
     ``straggler_notice_s`` is ``FLOPS_STRAGGLER_NOTICE_S`` (``None``: the default).
+    ``registered_model`` is ``FLOPS_REGISTERED_MODEL`` (empty: the experiment's name) and
+    ``provenance`` is ``FLOPS_PROVENANCE`` (empty when unset), both recorded in MLflow.
     """
 
     project_id: str
@@ -83,6 +86,8 @@ class AggregatorConfig:
     server_security: ServerSecurity = field(default_factory=ServerSecurity, repr=False)
     root_security: ClientSecurity = field(default_factory=ClientSecurity, repr=False)
     straggler_notice_s: float | None = None
+    registered_model: str = ""
+    provenance: Provenance = field(default_factory=Provenance)
 
     @property
     def training_rounds(self) -> int:
@@ -142,6 +147,8 @@ class AggregatorConfig:
             training=sla.training_configuration,
             connect_timeout_s=read.seconds(env_vars.CONNECT_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S),
             straggler_notice_s=_notice_s(read),
+            registered_model=(env.get(env_vars.REGISTERED_MODEL) or "").strip(),
+            provenance=_read_provenance(env.get(env_vars.PROVENANCE)),
             role=role,
             **_role_fields(role, read),
             **_security_fields(role, env, project_id),
@@ -198,6 +205,20 @@ def _notice_s(read: EnvReader) -> float | None:
     if seconds < 0:
         raise ConfigError(f"{STRAGGLER_NOTICE_ENV}={seconds:g} is negative; use 0 to turn off.")
     return seconds
+
+
+def _read_provenance(raw: str | None) -> Provenance:
+    """``FLOPS_PROVENANCE`` (empty when unset). Raises :class:`ConfigError` when it is not
+    the JSON of a :class:`~flops_utils.contract.tracking.Provenance`."""
+    if not (raw or "").strip():
+        return Provenance()
+    try:
+        return Provenance.model_validate_json(str(raw))
+    except ValidationError as exc:
+        raise ConfigError(
+            f"{env_vars.PROVENANCE} is not the manager's provenance JSON "
+            f"({describe_validation_error(exc)})."
+        ) from None
 
 
 def _read_role(env: Mapping[str, str]) -> AggregatorRole:

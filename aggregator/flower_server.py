@@ -152,12 +152,30 @@ class TrainingSettings:
 
 
 @dataclass(frozen=True)
+class ClientRound:
+    """What one client (``name``: its :data:`CLIENT_NAME_PROPERTY`) returned in a round:
+    its training ``fit_examples`` and ``fit_metrics`` (e.g. the learner's ``fit_seconds``),
+    and its evaluation ``evaluate_examples``, ``loss`` and ``evaluate_metrics`` (e.g.
+    ``accuracy``); ``None``/empty for a phase it returned nothing in. Only numeric metrics
+    are kept."""
+
+    name: str
+    fit_examples: int | None = None
+    fit_metrics: dict[str, float] = field(default_factory=dict)
+    evaluate_examples: int | None = None
+    loss: float | None = None
+    evaluate_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class RoundResult:
     """One finished round: federated-evaluation ``loss`` and ``accuracy`` (both weighted by
     the clients' evaluation sample counts), the sample counts, the number of clients that
     returned evaluation results (``learners``) and the round's wall time in seconds (fit +
     evaluate, from the moment the clients were sampled, so waiting for clients to connect is
-    not included)."""
+    not included). ``clients``: each client's own results (sorted by name); ``dropped``: the
+    names of the clients sampled in the round whose training or evaluation results are
+    missing (sorted)."""
 
     round: int
     loss: float
@@ -166,6 +184,8 @@ class RoundResult:
     evaluate_examples: int
     learners: int
     seconds: float
+    clients: tuple[ClientRound, ...] = ()
+    dropped: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -278,12 +298,57 @@ def _describe_failures(failures: list[Any]) -> str:
 
 @dataclass
 class _PhaseOutcomes:
-    """What the strategy mixin records of the current round, for :class:`FlowerServer`."""
+    """What the strategy mixin records of the current round, for :class:`FlowerServer`:
+    besides the totals, each client's results by name (``fit_clients``: examples and fit
+    metrics; ``evaluate_clients``: examples, loss and metrics) and the names of the clients
+    whose results are missing (``dropped``)."""
 
     round_began: float = 0.0
     phase_began: float = 0.0
     fit_examples: int = 0
     evaluation: EvaluationResult | None = None
+    fit_clients: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict)
+    evaluate_clients: dict[str, tuple[int, float, dict[str, float]]] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)
+
+    def begin_round(self) -> None:
+        """Forget the previous round's clients."""
+        self.fit_clients, self.evaluate_clients, self.dropped = {}, {}, set()
+
+    def clients(self) -> tuple[ClientRound, ...]:
+        """Each client's :class:`ClientRound` of this round, sorted by name."""
+        rounds = []
+        for name in sorted(set(self.fit_clients) | set(self.evaluate_clients)):
+            fit = self.fit_clients.get(name)
+            evaluation = self.evaluate_clients.get(name)
+            rounds.append(
+                ClientRound(
+                    name=name,
+                    fit_examples=fit[0] if fit else None,
+                    fit_metrics=fit[1] if fit else {},
+                    evaluate_examples=evaluation[0] if evaluation else None,
+                    loss=evaluation[1] if evaluation else None,
+                    evaluate_metrics=evaluation[2] if evaluation else {},
+                )
+            )
+        return tuple(rounds)
+
+
+def numeric_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
+    """The numbers among a client's Flower ``metrics`` (ints, floats; not bools, strings or
+    bytes) as floats."""
+    return {
+        str(k): float(v)
+        for k, v in (metrics or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def client_name(proxy: Any, clients_name: str) -> str:
+    """The name of the client behind ``proxy``: the :data:`CLIENT_NAME_PROPERTY` it returned
+    (kept in ``proxy.properties`` by :func:`_client_names`), else ``"<clients_name>
+    <cid[:8]>"``."""
+    return str(proxy.properties.get(CLIENT_NAME_PROPERTY) or f"{clients_name} {proxy.cid[:8]}")
 
 
 class _RoundWatch:
@@ -419,10 +484,7 @@ def _client_names(proxies: list[Any], clients_name: str, timeout_s: float) -> di
         thread.start()
     for thread in threads:
         thread.join()
-    return {
-        p.cid: p.properties.get(CLIENT_NAME_PROPERTY) or f"{clients_name} {p.cid[:8]}"
-        for p in proxies
-    }
+    return {p.cid: client_name(p, clients_name) for p in proxies}
 
 
 def _build_strategy(
@@ -455,6 +517,7 @@ def _build_strategy(
         def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
             instructions = super().configure_fit(server_round, parameters, client_manager)
             outcomes.round_began = outcomes.phase_began = time.monotonic()  # clients are here
+            outcomes.begin_round()
             self._check_count(server_round, "training", len(instructions), self.min_fit_clients)
             return self._watch(server_round, "training", instructions)
 
@@ -491,6 +554,13 @@ def _build_strategy(
             if parameters is None:
                 raise RoundFailed(f"Round {server_round}: {name} produced no parameters.")
             outcomes.fit_examples = sum(res.num_examples for _, res in results)
+            outcomes.fit_clients = {
+                client_name(proxy, settings.clients_name): (
+                    int(res.num_examples),
+                    numeric_metrics(res.metrics),
+                )
+                for proxy, res in results
+            }
             return parameters, metrics
 
         def aggregate_evaluate(self, server_round: int, results: Any, failures: Any) -> Any:
@@ -506,6 +576,14 @@ def _build_strategy(
                 examples=sum(res.num_examples for _, res in results),
                 learners=len(results),
             )
+            outcomes.evaluate_clients = {
+                client_name(proxy, settings.clients_name): (
+                    int(res.num_examples),
+                    float(res.loss),
+                    numeric_metrics(res.metrics),
+                )
+                for proxy, res in results
+            }
             return loss, metrics
 
         def _check_results(
@@ -519,6 +597,7 @@ def _build_strategy(
             """The failure rule: go on while ``len(results)`` reaches the phase's minimum.
             Reports the clients without a result (:class:`LearnersDropped`) either way."""
             missing = watch.end({proxy.cid for proxy, _ in results})
+            outcomes.dropped.update(missing)
             if not failures:
                 return
             total = len(results) + len(failures)
@@ -687,6 +766,8 @@ class FlowerServer:
                 evaluate_examples=evaluation.examples,
                 learners=evaluation.learners,
                 seconds=time.monotonic() - outcomes.round_began,
+                clients=outcomes.clients(),
+                dropped=tuple(sorted(outcomes.dropped)),
             )
             result.rounds.append(round_result)
             _log_round(round_result)

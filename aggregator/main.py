@@ -19,6 +19,10 @@ by environment variables (:mod:`flops_utils.env_vars`):
 - ``FLOPS_MQTT_DRAIN_TIMEOUT_S``: seconds the final status message waits for the broker to
   take the queued messages (defaults to 60; :mod:`flops_utils.notifications`).
 - ``MLFLOW_HTTP_REQUEST_*``: the MLflow client's retries (:mod:`aggregator.tracking`).
+- ``FLOPS_REGISTERED_MODEL``: the registered model the final model becomes a version of
+  (default ``flops-<project_id>``); ``FLOPS_PROVENANCE``: the manager's JSON of the project's
+  repository, commit, environment, data rows and URL, recorded in the run
+  (:mod:`aggregator.run_record`, which also names the per-learner metrics).
 - ``FLOPS_AGGREGATOR_ROLE``: ``classic`` (default), ``root`` or ``cluster``. The root also
   reads ``FLOPS_CLUSTERS`` (required: the participating clusters); the cluster aggregator
   reads ``FLOPS_ROOT_AGGREGATOR_ADDRESS``, ``FLOPS_CLUSTER`` (required) and ``FLOPS_LEARNERS``
@@ -70,6 +74,14 @@ from aggregator.flower_server import (
     run_server,
 )
 from aggregator.learner_events import learner_event_publisher
+from aggregator.run_record import (
+    Participation,
+    client_prefix,
+    provenance_params,
+    provenance_tags,
+    round_metrics,
+    software_versions,
+)
 from aggregator.signals import stop_cleanly_on_sigterm
 from aggregator.tracking import (
     MODEL_NAME,
@@ -86,6 +98,7 @@ from flops_utils.contract.messages import (
     RoundProgress,
     TrainingDone,
 )
+from flops_utils.contract.tracking import CUSTOMER_TAG, REPO_URL_TAG, without_credentials
 from flops_utils.contract.training import AggregatorRole
 from flops_utils.model_worker_client import (
     ModelSaveFailed,
@@ -122,6 +135,30 @@ class _TopPlan:
         self.started_extra: dict[str, Any] = (
             {"role": AggregatorRole.ROOT.value, "cycles": self.rounds} if self.root else {}
         )
+        expected = config.clusters if self.root else config.provenance.learners
+        self.participation = Participation(frozenset(expected))
+        self.prefix = client_prefix(self.settings.clients_name)
+
+    def run_params(self, config: AggregatorConfig) -> dict[str, Any]:
+        """The run's parameters: the SLA and the provenance (:mod:`aggregator.run_record`)."""
+        versions = software_versions()
+        return {**config.sla, **provenance_params(config.provenance, versions)}
+
+    def run_tags(self, config: AggregatorConfig) -> dict[str, str]:
+        """The run's provenance tags (:func:`aggregator.run_record.provenance_tags`)."""
+        return provenance_tags(
+            config.project_id,
+            config.customer_id,
+            config.provenance,
+            config.strategy.name,
+            software_versions(),
+        )
+
+    def record_round(self, tracker: MlflowTracker, result: RoundResult) -> None:
+        """Log the round's metrics (each client's too) and the participants so far."""
+        lost = self.participation.record(result)
+        tracker.log_metrics(result.round, round_metrics(result, self.prefix, lost))
+        tracker.set_tags(self.participation.tags())
 
     def config_fn(self, run_id: str) -> ConfigFn | None:
         """The root's instruction config: the cycle and the parent MLflow run id."""
@@ -154,7 +191,7 @@ def run_top(config: AggregatorConfig, notifier: StatusNotifier) -> None:
     """
     began = time.monotonic()
     plan = _TopPlan(config)
-    tracker = MlflowTracker(config.mlflow_url, config.project_id)
+    tracker = MlflowTracker(config.mlflow_url, config.project_id, config.registered_model)
     if config.repo_dir is None:
         raise ConfigError("The classic and the root aggregator need FLOPS_ML_REPO_DIR.")
 
@@ -168,7 +205,7 @@ def run_top(config: AggregatorConfig, notifier: StatusNotifier) -> None:
         notifier.notify(ComponentStatus.STARTED, f"aggregator listening on {address}", started)
 
     def on_round(result: RoundResult) -> None:
-        tracker.log_round(result.round, result.loss, result.accuracy)
+        plan.record_round(tracker, result)
         accuracy = "n/a" if result.accuracy is None else f"{result.accuracy:.4f}"
         notifier.notify(
             ComponentStatus.PROGRESS,
@@ -186,7 +223,7 @@ def run_top(config: AggregatorConfig, notifier: StatusNotifier) -> None:
                 "ModelManager.get_model_parameters", model_manager.get_model_parameters
             )
             flower.join()  # before MLflow's imports: both import protobuf and grpc
-            run_id = tracker.start_run(config.sla, tags={"flops.customer_id": config.customer_id})
+            run_id = tracker.start_run(plan.run_params(config), tags=plan.run_tags(config))
             on_learners = learner_event_publisher(
                 notifier,
                 plan.settings.clients_name,
@@ -264,7 +301,12 @@ def _log_final_model(
             raise UserCodeError(str(exc)) from None
         except ModelSaveFailed as exc:
             raise ModelLoggingError(exc.message) from None
-        return tracker.log_saved_model(model_dir, config.flavor, step=step, saved_with=saved)
+        model_tags = {CUSTOMER_TAG: config.customer_id}
+        if config.provenance.repo_url:
+            model_tags[REPO_URL_TAG] = without_credentials(config.provenance.repo_url)
+        return tracker.log_saved_model(
+            model_dir, config.flavor, step=step, saved_with=saved, model_tags=model_tags
+        )
 
 
 def main() -> None:

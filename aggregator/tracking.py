@@ -1,12 +1,16 @@
-"""MLflow tracking for the aggregators: one run per project, a metric per round, the model.
+"""MLflow tracking for the aggregators: one run per project, metrics per round, the model.
 
-Layout in the tracking server: experiment ``flops-<project_id>``, one run named
+Layout in the tracking server: experiment ``flops-<project_id>`` (tag ``mlflow.experimentKind
+= custom_model_development``: MLflow's GUI shows it as model training), one run named
 ``flops-<project_id>`` holding the SLA flattened as parameters (``training_configuration.
-training_rounds`` etc.), the metrics ``loss`` and ``accuracy`` with ``step = round``, and the
-final global model logged with the repository's flavor and registered as the model
-``flops-<project_id>``. In hierarchical FL that run is the root aggregator's (``step =
-cycle``), and each cluster aggregator adds a child run ``flops-<project_id>-<cluster>`` (tag
-``mlflow.parentRunId``) with ``step = (cycle - 1) * training_rounds + round``.
+training_rounds`` etc.) and the provenance (:mod:`aggregator.run_record`), the metrics
+``loss`` and ``accuracy``, the round's counts and each learner's results with ``step =
+round``, and the final global model logged with the repository's flavor and registered as a
+new version (tagged ``flops.project_id``) of the registered model the manager chose
+(``FLOPS_REGISTERED_MODEL``: one per customer and repository, default ``flops-<project_id>``).
+In hierarchical FL that run is the root aggregator's (``step = cycle``), and each cluster
+aggregator adds a child run ``flops-<project_id>-<cluster>`` (tag ``mlflow.parentRunId``) with
+``step = (cycle - 1) * training_rounds + round``.
 
 MLflow is imported lazily (it takes seconds). The aggregator talks to the tracking server
 over HTTP only (the server proxies artifacts), and telemetry is switched off so MLflow never
@@ -27,6 +31,11 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from flops_utils.contract.services import experiment_name
+from flops_utils.contract.tracking import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING_KIND,
+    PROJECT_ID_TAG,
+)
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 from flops_utils.types import MLModelFlavor
@@ -83,6 +92,9 @@ MAX_PARAM_VALUE_LENGTH = 6000
 
 PARAMS_PER_BATCH = 100
 """MLflow accepts at most 100 parameters per ``log_batch`` call."""
+
+METRICS_PER_BATCH = 1000
+"""MLflow accepts at most 1000 metrics per ``log_batch`` call."""
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 """How an MLflow run can end."""
@@ -163,12 +175,14 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Flatten a nested mapping into MLflow parameters.
 
     Nested keys are joined with ``.`` (``training_configuration.training_rounds``); lists
-    become JSON strings; ``None`` becomes ``"None"``. Keys longer than
+    become JSON strings; ``None`` values (unset) are left out. Keys longer than
     :data:`MAX_PARAM_KEY_LENGTH` and values longer than :data:`MAX_PARAM_VALUE_LENGTH` are
     cut (values end with ``...`` then).
     """
     flat: dict[str, str] = {}
     for key, value in tree.items():
+        if value is None:
+            continue
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat.update(flatten_params(value, prefix=f"{name}."))
@@ -190,17 +204,20 @@ class MlflowTracker:
 
     Args:
         tracking_url: ``http://HOST:PORT`` of the tracking server.
-        project_id: the project; names the experiment, the run and the registered model.
+        project_id: the project; names the experiment and the run.
+        registered_model: the registered model the final model becomes a version of;
+            default (empty): the experiment's name.
 
-    Call :meth:`check_reachable`, :meth:`start_run`, :meth:`log_round` per round,
-    :meth:`log_saved_model`, then :meth:`end_run`. Every method raises :class:`TrackingError` when
-    the server fails (the message names the URL).
+    Call :meth:`check_reachable`, :meth:`start_run`, :meth:`log_round` (or
+    :meth:`log_metrics`) per round, :meth:`log_saved_model`, then :meth:`end_run`. Every
+    method raises :class:`TrackingError` when the server fails (the message names the URL).
     """
 
-    def __init__(self, tracking_url: str, project_id: str) -> None:
+    def __init__(self, tracking_url: str, project_id: str, registered_model: str = "") -> None:
         self.tracking_url = tracking_url.rstrip("/")
         self.project_id = project_id
         self.name = experiment_name(project_id)
+        self.registered_model = registered_model or self.name
         self.experiment_id: str | None = None
         self.run_id: str | None = None
         self._ended = False
@@ -258,7 +275,9 @@ class MlflowTracker:
         experiment's, ``flops-<project_id>``).
 
         ``params`` (e.g. the SLA) is flattened with :func:`flatten_params`; ``tags`` are set
-        on the run (``mlflow.parentRunId`` nests it under another run). Returns the run id.
+        on the run (``mlflow.parentRunId`` nests it under another run). A new experiment gets
+        the tags ``flops.project_id`` and ``mlflow.experimentKind`` (model training). Returns
+        the run id.
         """
         from mlflow.entities import Param
 
@@ -267,14 +286,18 @@ class MlflowTracker:
             experiment = client.get_experiment_by_name(self.name)
             if experiment is None:
                 self.experiment_id = client.create_experiment(
-                    self.name, tags={"flops.project_id": self.project_id}
+                    self.name,
+                    tags={
+                        PROJECT_ID_TAG: self.project_id,
+                        EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND,
+                    },
                 )
             else:
                 self.experiment_id = experiment.experiment_id
             run = client.create_run(
                 self.experiment_id,
                 run_name=run_name or self.name,
-                tags={"flops.project_id": self.project_id, **(tags or {})},
+                tags={PROJECT_ID_TAG: self.project_id, **(tags or {})},
             )
             self.run_id = run.info.run_id
             flat = [Param(k, v) for k, v in flatten_params(params).items()]
@@ -287,16 +310,41 @@ class MlflowTracker:
 
     def log_round(self, server_round: int, loss: float, accuracy: float | None) -> None:
         """Log ``loss`` and ``accuracy`` (if known) with ``step = server_round``."""
+        metrics = {"loss": float(loss)}
+        if accuracy is not None:
+            metrics["accuracy"] = float(accuracy)
+        self.log_metrics(server_round, metrics)
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Log ``metrics`` (name to value) with ``step``, in batches of
+        :data:`METRICS_PER_BATCH`."""
         from mlflow.entities import Metric
 
         timestamp_ms = int(time.time() * 1000)
-        metrics = [Metric("loss", float(loss), timestamp_ms, server_round)]
-        if accuracy is not None:
-            metrics.append(Metric("accuracy", float(accuracy), timestamp_ms, server_round))
+        batch = [Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()]
         try:
-            self._mlflow_client().log_batch(self._require_run(), metrics=metrics)
+            run_id = self._require_run()
+            for start in range(0, len(batch), METRICS_PER_BATCH):
+                chunk = batch[start : start + METRICS_PER_BATCH]
+                self._mlflow_client().log_batch(run_id, metrics=chunk)
+        except TrackingError:
+            raise
         except Exception as exc:
-            raise self._error(f"log round {server_round}", exc) from exc
+            raise self._error(f"log step {step}", exc) from exc
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set (or overwrite) the run's ``tags``."""
+        from mlflow.entities import RunTag
+
+        try:
+            run_id = self._require_run()
+            batch = [RunTag(k, v) for k, v in tags.items()]
+            if batch:
+                self._mlflow_client().log_batch(run_id, tags=batch)
+        except TrackingError:
+            raise
+        except Exception as exc:
+            raise self._error("set the run's tags", exc) from exc
 
     def log_saved_model(
         self,
@@ -304,8 +352,10 @@ class MlflowTracker:
         flavor: MLModelFlavor,
         step: int = 0,
         saved_with: Mapping[str, Any] | None = None,
+        model_tags: Mapping[str, str] | None = None,
     ) -> LoggedModel:
-        """Upload a model directory saved by MLflow and register it as ``flops-<id>``.
+        """Upload a model directory saved by MLflow and register it as a new version of
+        :attr:`registered_model`, tagged ``flops.project_id`` and ``flops.run_id``.
 
         The model worker saved ``model_dir`` (an ``MLmodel`` file and the flavor's files) with
         the MLflow of the repository's environment; this uploads it as a logged model of the
@@ -319,6 +369,7 @@ class MlflowTracker:
             step: the round the model belongs to (a tag, linking it to that round's metrics).
             saved_with: what the worker reported (e.g. ``{"mlflow_version": "2.12.1"}``),
                 kept as ``flops.saved_with.*`` tags.
+            model_tags: tags set on the registered model itself (e.g. the repository).
 
         Returns the :class:`LoggedModel`. Raises :class:`ModelLoggingError` when
         ``model_dir`` holds no ``MLmodel`` and :class:`TrackingError` when the server fails.
@@ -348,14 +399,20 @@ class MlflowTracker:
                 raise
             client.finalize_logged_model(model.model_id, "READY")
             model_uri = f"models:/{model.model_id}"
-            version = mlflow.register_model(model_uri, self.name, await_registration_for=60)
+            name = self.registered_model
+            version_tags = {PROJECT_ID_TAG: self.project_id, "flops.run_id": run_id}
+            version = mlflow.register_model(
+                model_uri, name, await_registration_for=60, tags=version_tags
+            )
+            for key, value in (model_tags or {}).items():
+                client.set_registered_model_tag(name, key, value)
         except Exception as exc:
             raise self._error("log the model", exc) from exc
         logged = LoggedModel(
             model_uri=model_uri,
-            registered_model=self.name,
+            registered_model=name,
             version=int(version.version),
-            registered_model_uri=f"models:/{self.name}/{version.version}",
+            registered_model_uri=f"models:/{name}/{version.version}",
         )
         logger.info(
             "model logged as %s, registered %s", logged.model_uri, logged.registered_model_uri

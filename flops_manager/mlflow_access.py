@@ -10,7 +10,10 @@ server's first start, :func:`observatory.mlflow_server.read_admin_credential`) a
   the project's experiment and registered model (both created by the manager beforehand, so
   that no other user can take their names first). The aggregators of the project get it as
   ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``; it is deleted at the project's
-  end (:meth:`MlflowAccess.revoke`);
+  end (:meth:`MlflowAccess.revoke`). The registered model is the customer's model of the
+  project's repository (:meth:`MlflowAccess.registered_model`,
+  ``flops_utils.contract.tracking.registered_model_name``), shared by the customer's
+  projects of that repository, each adding a version;
 - every customer a user (:func:`customer_username`) with ``READ`` on the experiments and
   registered models of their projects; :meth:`MlflowAccess.customer_credential` sets a new
   password and returns it, so a customer can log in to MLflow's UI and API and sees only their
@@ -32,6 +35,16 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from flops_utils.contract.tracking import (
+    CUSTOMER_TAG,
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING_KIND,
+    PROJECT_ID_TAG,
+    REPO_URL_TAG,
+    registered_model_name,
+    repo_identity,
+    without_credentials,
+)
 from flops_utils.errors import FlopsError
 from observatory.mlflow_server import MlflowCredential, new_password
 
@@ -103,6 +116,11 @@ class MlflowAccessControl(Protocol):
 
     def revoke(self, project_id: str) -> None:
         """Delete the project's MLflow user."""
+        ...
+
+    def registered_model(self, project_id: str, customer_id: str, repo_url: str) -> str:
+        """The name of the registered model the project's final model becomes a version of
+        (the customer's model of ``repo_url``), prepared for the project's user."""
         ...
 
     def end_runs(self, experiment_name: str, status: str) -> list[str]:
@@ -234,6 +252,11 @@ class NoMlflowAccess:
     def revoke(self, project_id: str) -> None:
         """Nothing to revoke."""
 
+    def registered_model(self, project_id: str, customer_id: str, repo_url: str) -> str:
+        """``registered_model_name(customer_id, repo_url)``; the aggregator creates the model
+        at its first version (nothing to grant without authentication)."""
+        return registered_model_name(customer_id, repo_url)
+
 
 class MlflowAccess:
     """Issues and revokes MLflow users on a tracking server running the basic-auth app.
@@ -300,6 +323,58 @@ class MlflowAccess:
         self._set_user(credential)
         return credential
 
+    def registered_model(self, project_id: str, customer_id: str, repo_url: str) -> str:
+        """Prepare the customer's registered model of ``repo_url`` for the project and return
+        its name.
+
+        The name is :func:`~flops_utils.contract.tracking.registered_model_name`; when a model
+        of that name already exists for another repository or customer (its tags
+        ``flops.repo_url`` / ``flops.customer_id`` differ, or it was not made by FLOps), the
+        ``distinct`` one (with a hash of the repository). The model is created when missing
+        (tags ``flops.customer_id``, ``flops.repo_url``), and the project's user (from
+        :meth:`project`, called first) gets :data:`EXPERIMENT_PERMISSION` and the customer's
+        user :data:`CUSTOMER_PERMISSION` on it. Raises :class:`MlflowAccessError` when both
+        names belong to someone else or the server refuses.
+        """
+        for distinct in (False, True):
+            name = registered_model_name(customer_id, repo_url, distinct=distinct)
+            if self._model_is_ours(name, customer_id, repo_url):
+                break
+        else:
+            raise MlflowAccessError(
+                f"The MLflow registered models {registered_model_name(customer_id, repo_url)!r} "
+                "and its distinct variant exist for another repository or customer; rename or "
+                "delete them as the MLflow admin."
+            )
+        tags = {CUSTOMER_TAG: customer_id, REPO_URL_TAG: without_credentials(repo_url)}
+        self._call(
+            "create the registered model",
+            "POST",
+            f"{_MODELS}/create",
+            json={"name": name, "tags": [{"key": k, "value": v} for k, v in tags.items()]},
+            ok=(_EXISTS,),
+        )
+        self._grant(project_username(project_id), "registered_model", name, EXPERIMENT_PERMISSION)
+        self._grant(customer_username(customer_id), "registered_model", name, CUSTOMER_PERMISSION)
+        return name
+
+    def _model_is_ours(self, name: str, customer_id: str, repo_url: str) -> bool:
+        """Whether the registered model ``name`` is missing or belongs to ``customer_id``'s
+        ``repo_url`` (by its tags)."""
+        found = self._call(
+            "look up the registered model",
+            "GET",
+            f"{_MODELS}/get",
+            params={"name": name},
+            ok=(_MISSING,),
+        )
+        model = found.get("registered_model")
+        if model is None:
+            return True
+        tags = {str(t.get("key")): str(t.get("value")) for t in model.get("tags", [])}
+        same_repo = repo_identity(tags.get(REPO_URL_TAG, "")) == repo_identity(repo_url)
+        return same_repo and tags.get(CUSTOMER_TAG) == customer_id
+
     def revoke(self, project_id: str) -> None:
         """Delete the project's MLflow user (its permissions go with it; requests with its
         password are refused from now on). The experiment, runs and models stay, readable by
@@ -315,7 +390,8 @@ class MlflowAccess:
 
     def ensure_experiment(self, name: str, project_id: str) -> str:
         """The id of the active experiment ``name``: found, restored when deleted, or created
-        (tag ``flops.project_id``)."""
+        (tags ``flops.project_id`` and ``mlflow.experimentKind`` = model training, so that
+        MLflow's GUI does not treat it as a GenAI experiment)."""
         found = self._call(
             "look up the experiment",
             "GET",
@@ -329,7 +405,13 @@ class MlflowAccess:
                 "create the experiment",
                 "POST",
                 f"{_EXPERIMENTS}/create",
-                json={"name": name, "tags": [{"key": "flops.project_id", "value": project_id}]},
+                json={
+                    "name": name,
+                    "tags": [
+                        {"key": PROJECT_ID_TAG, "value": project_id},
+                        {"key": EXPERIMENT_KIND_TAG, "value": MODEL_TRAINING_KIND},
+                    ],
+                },
                 ok=(_EXISTS,),
             )
             if "experiment_id" in created:

@@ -49,6 +49,10 @@ RETRY_DELAY_S = 0.5
 NDArrays = list[NDArray[Any]]
 T = TypeVar("T")
 
+FIT_SECONDS_METRIC = "fit_seconds"
+"""The fit metric each learner returns: seconds its ``fit`` took (setting the parameters,
+``fit_model``, getting the parameters), recorded per learner in the MLflow run."""
+
 
 AGGREGATOR_UNREACHABLE_CAUSE = "aggregator_unreachable"
 """``data.cause`` of the learner's ``failed`` message when its aggregator went away (or never
@@ -154,7 +158,7 @@ def _numpy_client(calls: _ModelManagerCalls, name: str = "") -> "NumPyClient":
             self, parameters: NDArrays, config: dict[str, Any]
         ) -> tuple[NDArrays, int, dict[str, Any]]:
             updated, num_examples = calls.fit(parameters)
-            return updated, num_examples, {}
+            return updated, num_examples, {FIT_SECONDS_METRIC: calls.stats.fit_seconds[-1]}
 
         def evaluate(
             self, parameters: NDArrays, config: dict[str, Any]

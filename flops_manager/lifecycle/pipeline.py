@@ -6,6 +6,7 @@ the next one starts, so that a restart finds it), then ``DeploymentFinished`` or
 ``PipelineFailed``.
 """
 
+import importlib.metadata
 import json
 import threading
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from flops_manager.sla import ProjectSLA, with_userinfo
 from flops_utils import env_vars
 from flops_utils.contract.lifecycle import ProjectStatus
 from flops_utils.contract.services import AGGREGATOR_SERVICE, learner_service
+from flops_utils.contract.tracking import Provenance, without_credentials
 from flops_utils.contract.training import AggregatorRole
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
@@ -44,6 +46,10 @@ class Pipeline:
         mqtt_url: broker the services publish their status to.
         mlflow_url: tracking server the aggregator logs to.
         credentials: issues each service's per-project credentials (default: none).
+
+    :attr:`manager_url` (the manager's API address as users reach it; empty: unknown) is set
+    by whoever starts the API after it listens; the aggregators' MLflow runs then link back
+    to the project (``<manager_url>/api/flops/projects/<project_id>``).
     """
 
     def __init__(
@@ -65,6 +71,7 @@ class Pipeline:
         self.mlflow_url = mlflow_url
         self._lock = threading.Lock()
         self._built: dict[str, BuildResult] = {}
+        self.manager_url = ""
 
     def build(self, project_id: str) -> None:
         """Build (or reuse) the project's environment; posts ``BuildFinished`` or
@@ -147,12 +154,15 @@ class Pipeline:
             common[env_vars.USER_PYTHON] = str(env.user_python)
         if sla.verbose:  # the SLA's "verbose": every service logs at DEBUG
             common[env_vars.LOG_LEVEL] = "DEBUG"
+        by_id = {str(n["node_id"]): n for n in registered}
         aggregating = {
             **common,
             env_vars.MLFLOW_URL: self.mlflow_url,
             env_vars.SLA: json.dumps(sla.model_dump(mode="json")),
+            env_vars.PROVENANCE: self.provenance(record, sla, env, by_id).model_dump_json(
+                exclude_none=True
+            ),
         }
-        by_id = {str(n["node_id"]): n for n in registered}
         issued = self.credentials
         project_id = record.project_id
         aggregator_env = {
@@ -161,6 +171,9 @@ class Pipeline:
                 project_id, AGGREGATOR_SERVICE, cluster=False, customer_id=record.customer_id
             ),
         }
+        aggregator_env[env_vars.REGISTERED_MODEL] = issued.mlflow.registered_model(
+            project_id, record.customer_id, sla.ml_repo_url
+        )
         if record.hierarchical:
             aggregator_env[env_vars.AGGREGATOR_ROLE] = AggregatorRole.ROOT.value
             aggregator_env[env_vars.CLUSTERS] = ",".join(c.name for c in record.clusters)
@@ -222,6 +235,50 @@ class Pipeline:
             images=dict(env.images),
             resources=sla.resource_constraints.model_dump(),
         )
+
+    def provenance(
+        self,
+        record: ProjectRecord,
+        sla: ProjectSLA,
+        env: BuildResult,
+        nodes: dict[str, dict[str, Any]],
+    ) -> Provenance:
+        """What the aggregators record about the project's origin
+        (:class:`~flops_utils.contract.tracking.Provenance`): the repository URL (without
+        credentials) and ref, the commit and environment (key, images, versions) built, the
+        rows of the SLA's data tags on each learner's node (``nodes``: node id to its
+        registered document), the learners, the project's URL in the manager's API (when
+        :attr:`manager_url` is known) and this manager's FLOps version."""
+        tags = list(sla.training_configuration.data_tags)
+        data = {}
+        for node_id in record.nodes:
+            held = (nodes.get(node_id) or {}).get("tags") or {}
+            data[node_id] = {t: int(held[t]) for t in tags if t in held}
+        base = self.manager_url.rstrip("/")
+        return Provenance(
+            repo_url=without_credentials(sla.ml_repo_url),
+            repo_ref=sla.ml_repo_ref,
+            commit=env.commit or None,
+            environment_key=env.key or None,
+            images=dict(env.images),
+            versions=dict(env.versions),
+            data=data,
+            learners=list(record.nodes),
+            project_url=f"{base}{PROJECTS_PATH}/{record.project_id}" if base else None,
+            manager_version=_flops_version(),
+        )
+
+
+PROJECTS_PATH = "/api/flops/projects"
+"""Where the manager's API serves a project (``GET <manager_url>/api/flops/projects/<id>``)."""
+
+
+def _flops_version() -> str | None:
+    """The installed FLOps version (``None`` when FLOps runs from an uninstalled tree)."""
+    try:
+        return importlib.metadata.version("flops")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _placement(node: dict[str, Any]) -> Placement:

@@ -20,6 +20,7 @@ from aggregator.flower_server import (
     TrainingSettings,
 )
 from aggregator.learner_events import describe_event
+from aggregator.run_record import Participation, round_metrics
 from flops_utils.contract.messages import StatusMessage
 from flops_utils.contract.training import CLIENT_NAME_PROPERTY
 from flops_utils.net import find_free_port
@@ -123,6 +124,19 @@ def test_a_stalled_learner_is_reported_then_dropped_and_training_goes_on() -> No
     assert all(b - a >= NOTICE_S * 0.9 for a, b in itertools.pairwise(waits)), waits
     dropped = [e for e in events if isinstance(e, LearnersDropped)]
     assert dropped == [LearnersDropped(2, "training", ["node-c"], True, 2, 2, True)]
+
+    # ... the rounds name each client's results and the dropped one, which the MLflow run
+    # records as lost in rounds 2 and 3.
+    assert [[c.name for c in r.clients] for r in result.rounds] == [
+        list(NAMES),
+        *[list(NAMES[:2])] * 2,
+    ]
+    assert [r.dropped for r in result.rounds] == [(), ("node-c",), ()]
+    assert all(c.fit_examples == 1 and c.loss == 0.5 for r in result.rounds for c in r.clients)
+    participation = Participation(frozenset(NAMES))
+    lost = [participation.record(r) for r in result.rounds]
+    assert lost == [[], ["node-c"], ["node-c"]]
+    assert round_metrics(result.rounds[1], "learner", lost[1])["lost_learners"] == 1.0
 
     # ... and the events make valid progress messages with the documented texts.
     text, data = describe_event(stragglers[0], "learner", "round_timeout_s", ROUND_TIMEOUT_S)

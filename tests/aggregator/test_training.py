@@ -110,6 +110,33 @@ def test_mlflow_run_has_every_round_and_the_registered_model(
     assert version.run_id == run.info.run_id
 
 
+def test_mlflow_run_has_each_learners_results_per_round(
+    training: Any, mlflow_server: MlflowServer
+) -> None:
+    # Prepare
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    run_id = training.recorder.find("aggregator/success")[0]["data"]["run_id"]
+    metrics = ("fit_examples", "fit_seconds", "evaluate_examples", "loss", "accuracy")
+
+    # Execute
+    steps = {
+        f"learner.{node}/{metric}": sorted(
+            m.step for m in client.get_metric_history(run_id, f"learner.{node}/{metric}")
+        )
+        for node in ("node-a", "node-b")
+        for metric in metrics
+    }
+    run = client.get_run(run_id)
+
+    # Assert: without the manager's provenance, the participants still come from Flower.
+    assert steps == {key: list(range(1, ROUNDS + 1)) for key in steps}
+    assert run.data.tags["flops.participants"] == "node-a,node-b"
+    assert run.data.tags["flops.flower_version"]
+    assert "None" not in run.data.params.values()
+
+
 def test_registered_model_predicts_digits(
     training: Any, mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

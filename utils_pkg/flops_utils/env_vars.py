@@ -60,6 +60,16 @@ MLFLOW_URL = "FLOPS_MLFLOW_URL"
 SLA = "FLOPS_SLA"
 """The project's validated SLA as JSON (``flops_manager.sla.ProjectSLA``), for the aggregator."""
 
+REGISTERED_MODEL = "FLOPS_REGISTERED_MODEL"
+"""Optional (classic and root aggregator). The MLflow registered model the final model becomes
+a new version of (``flops_utils.contract.tracking.registered_model_name``, chosen by the
+manager); default: the experiment's name, ``flops-<project_id>``."""
+
+PROVENANCE = "FLOPS_PROVENANCE"
+"""Optional (aggregators). JSON of ``flops_utils.contract.tracking.Provenance``: the
+repository, commit, environment or images, the learners' data rows and the project's URL,
+which the aggregator records as tags and parameters of its MLflow run."""
+
 CONNECT_TIMEOUT_S = "FLOPS_CONNECT_TIMEOUT_S"
 """Optional. Seconds a learner keeps trying to reach its aggregator, and an aggregator waits
 for ``min_available_clients`` learners to connect. Defaults: learner 60, aggregator 300."""
