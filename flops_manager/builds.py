@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -126,9 +127,18 @@ class ProjectBuilder(Protocol):
         ...
 
 
+def builds_model_images(builder: ProjectBuilder) -> bool:
+    """Whether ``builder`` builds trained-model images (:meth:`ProjectBuilder.
+    build_model_image`): an image builder does; the ``venv`` builder when it was given an
+    image builder service for them (:attr:`VenvProjectBuilder.model_images`)."""
+    return bool(getattr(builder, "builds_model_images", builder.produces_images))
+
+
 class VenvProjectBuilder:
     """The ``venv`` backend: :class:`~image_builder.venv_builder.VenvBuilder` under
-    ``cache_dir``. It makes no images (no trained-model image either)."""
+    ``cache_dir``. It makes no images for the learners and aggregators; ``model_images``, an
+    :class:`ImageBuildService` (a registry and a base image), builds the trained-model images
+    when given (``None``: none)."""
 
     produces_images = False
 
@@ -138,6 +148,7 @@ class VenvProjectBuilder:
         *,
         fetch_limits: FetchLimits | None = None,
         allow_local_packages: bool = False,
+        model_images: ImageBuildService | None = None,
     ) -> None:
         from image_builder.venv_builder import VenvBuilder
 
@@ -145,6 +156,12 @@ class VenvProjectBuilder:
             cache_dir, fetch_limits=fetch_limits, allow_local_packages=allow_local_packages
         )
         self.builds = BuildRegistry()
+        self.model_images = model_images
+
+    @property
+    def builds_model_images(self) -> bool:
+        """True when :attr:`model_images` is set."""
+        return self.model_images is not None
 
     def build(self, project_id: str, sla: ProjectSLA, workdir: Path) -> BuildResult:
         """The cached environment of ``sla.ml_repo_url`` at ``sla.ml_repo_ref`` (built if
@@ -166,8 +183,12 @@ class VenvProjectBuilder:
 
     def cancel(self, project_id: str) -> bool:
         """Stop the running build of ``project_id`` (:meth:`BuildRegistry.cancel`: its git
-        and uv processes, by process group); ``False`` when none is running."""
-        return self.builds.cancel(project_id)
+        and uv processes, by process group, or its trained-model image build); ``False`` when
+        none is running."""
+        cancelled = self.builds.cancel(project_id)
+        if self.model_images is not None:
+            cancelled = self.model_images.cancel(project_id) or cancelled
+        return cancelled
 
     def build_model_image(
         self,
@@ -177,9 +198,17 @@ class VenvProjectBuilder:
         workdir: Path,
         tracking_env: Mapping[str, str] | None = None,
     ) -> ModelImageResult:
-        """Raises :class:`ImageBuildFailed`: virtualenvs are not images."""
-        raise ImageBuildFailed(
-            "The venv builder makes no images; use FLOPS_BUILDER=oci for trained-model images."
+        """The trained-model image built by :attr:`model_images`
+        (:meth:`ImageBuildService.build_model_image`). Raises :class:`ImageBuildFailed`
+        without it (no registry configured) and as that method does."""
+        if self.model_images is None:
+            raise ImageBuildFailed(
+                "This manager builds no trained-model images: set FLOPS_REGISTRY and "
+                "FLOPS_BASE_IMAGE (a registry and a Python 3.11 base image in it) and install "
+                "buildah."
+            )
+        return self.model_images.build_model_image(
+            project_id, model_uri, mlflow_url, workdir, tracking_env
         )
 
 
@@ -396,7 +425,27 @@ BuilderFactory = Callable[["ManagerConfig", Path, str], ProjectBuilder]
 
 
 def _venv(config: ManagerConfig, home: Path, mqtt_url: str) -> ProjectBuilder:
-    return VenvProjectBuilder(home / "envs")
+    """The ``venv`` builder; with ``FLOPS_REGISTRY`` and ``FLOPS_BASE_IMAGE`` set and buildah
+    installed it also builds trained-model images (:attr:`VenvProjectBuilder.model_images`)."""
+    model_images = None
+    if config.registry and config.base_image:
+        if shutil.which("buildah"):
+            model_images = ImageBuildService(_registry_settings(config), home / "images", mqtt_url)
+        else:
+            logger.warning(
+                "FLOPS_REGISTRY and FLOPS_BASE_IMAGE are set but buildah is not installed: no "
+                "trained-model images (install buildah)"
+            )
+    return VenvProjectBuilder(home / "envs", model_images=model_images)
+
+
+def _registry_settings(config: ManagerConfig) -> RegistrySettings:
+    return RegistrySettings(
+        registry=config.registry,
+        base_image=config.base_image,
+        namespace=config.registry_namespace,
+        tls_verify=config.registry_tls_verify,
+    )
 
 
 def _oci(config: ManagerConfig, home: Path, mqtt_url: str) -> ProjectBuilder:
@@ -407,13 +456,7 @@ def _oci(config: ManagerConfig, home: Path, mqtt_url: str) -> ProjectBuilder:
             f"FLOPS_BUILDER=oci needs {' and '.join(missing)}: the registry images are pushed "
             "to (host:port) and a Python 3.11 base image in it."
         )
-    settings = RegistrySettings(
-        registry=config.registry,
-        base_image=config.base_image,
-        namespace=config.registry_namespace,
-        tls_verify=config.registry_tls_verify,
-    )
-    return ImageBuildService(settings, home / "images", mqtt_url)
+    return ImageBuildService(_registry_settings(config), home / "images", mqtt_url)
 
 
 BUILDERS: dict[str, BuilderFactory] = {"venv": _venv, "oci": _oci}

@@ -2,7 +2,8 @@
 
 Commands: ``demo`` (the main job on the embedded default), ``submit`` (POST an SLA file),
 ``status`` (one project), ``mock`` (push mock data to registered nodes), ``data put|ls|drop``
-(a node owner's own datasets on their node's data server).
+(a node owner's own datasets on their node's data server), ``model pull|serve|download`` (a
+project's trained model: its image in the local Docker engine, a server, the MLflow model).
 Exit codes: 0 success; 1 the project failed, the manager answered with an error or could not
 be reached, or an input was wrong; 2 a command-line usage error; 130 interrupted (Ctrl-C).
 
@@ -640,6 +641,200 @@ def data_drop(
     except FlopsError as exc:
         _fail(exc)
     console.print(f"dropped {tag!r}" if dropped else f"no tag {tag!r} on {data_server}")
+
+
+model_app = typer.Typer(
+    help="A project's trained model: pull its image, serve it, or download the MLflow model."
+)
+app.add_typer(model_app, name="model")
+
+ProjectId = Annotated[str, typer.Argument(help="The project's id.")]
+
+
+@model_app.command("pull")
+def model_pull(project_id: ProjectId, manager_url: ManagerUrl = None, token: Token = None) -> None:
+    """Pull the project's trained-model image into the local Docker engine."""
+    from flops_manager import model_delivery as md
+
+    try:
+        ref = _model_image(_client(manager_url, token), project_id)
+        engine = _docker()
+        console.print(f"pulling {ref}", highlight=False)
+        image_id = md.pull_image(engine, ref, lambda line: console.print(f"  {line}"))
+    except FlopsError as exc:
+        _fail(exc)
+    console.print(f"pulled {ref} (image {image_id.removeprefix('sha256:')[:12]})", highlight=False)
+
+
+@model_app.command("serve")
+def model_serve(
+    project_id: ProjectId,
+    port: Annotated[int, typer.Option(help="Port to serve on (0: a free one).")] = 0,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    no_image: Annotated[
+        bool,
+        typer.Option(
+            "--no-image",
+            help="Serve the MLflow model from a virtualenv made for it instead of the image.",
+        ),
+    ] = False,
+    manager_url: ManagerUrl = None,
+    token: Token = None,
+) -> None:
+    """Serve the project's trained model (MLflow's scoring protocol) until Ctrl-C: its image
+    in the local Docker engine, or with --no-image the MLflow model itself."""
+    import signal
+
+    from flops_manager import model_delivery as md
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop it as Ctrl-C does
+    stopping = {signal.SIGTERM, signal.SIGINT}
+    # held back while the server starts, so that what started is always stopped again
+    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+    port = port or md.free_port(host)
+    url = f"http://{host}:{port}"
+    try:
+        client = _client(manager_url, token)
+        if no_image:
+            stop = _serve_model_process(client, project_id, host, port)
+        else:
+            stop = _serve_model_image(client, project_id, host, port)
+    except FlopsError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping)
+        _fail(exc)
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping)
+        console.print(f"serving at {url}/invocations (Ctrl-C stops it)", highlight=False)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        stop()
+
+
+@model_app.command("download")
+def model_download(
+    project_id: ProjectId,
+    directory: Annotated[Path, typer.Argument(help="New (or empty) directory for the model.")],
+    manager_url: ManagerUrl = None,
+    token: Token = None,
+) -> None:
+    """Download the project's trained MLflow model (load it with mlflow.pyfunc.load_model)."""
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        _fail(FlopsError(f"{directory} exists and is not an empty directory; name a new one."))
+    try:
+        pinned = _fetch_model(_client(manager_url, token), project_id, directory)
+    except FlopsError as exc:
+        _fail(exc)
+    console.print(
+        f"downloaded {pinned} to {directory}; load it with "
+        f"mlflow.pyfunc.load_model({str(directory)!r})",
+        highlight=False,
+    )
+
+
+def _model_image(client: ManagerClient, project_id: str) -> str:
+    """The project's trained-model image reference; ``FlopsError`` when it has none."""
+    ref = client.trained_model(project_id)["model_image"]
+    if not ref:
+        raise FlopsError(
+            f"project {project_id} has no trained-model image: its SLA needs "
+            "post_training_steps [build_image_for_trained_model]; use --no-image to serve the "
+            "MLflow model itself."
+        )
+    return str(ref)
+
+
+def _docker() -> Any:
+    """The local Docker engine's client; ``FlopsError`` when none answers."""
+    from flops_manager import model_delivery as md
+
+    engine = md.docker_engine()
+    if engine is None:
+        raise FlopsError(
+            "no Docker engine answers on this machine (DOCKER_HOST or /var/run/docker.sock); "
+            "start dockerd, or use --no-image."
+        )
+    return engine
+
+
+def _fetch_model(client: ManagerClient, project_id: str, directory: Path) -> str:
+    """Download the project's MLflow model into ``directory`` (new or empty) with the
+    caller's MLflow credential; returns the version-pinned model URI."""
+    from flops_manager import model_delivery as md
+    from flops_manager.client import ApiError
+
+    model_uri = client.trained_model(project_id)["model_uri"]
+    if not model_uri:
+        raise FlopsError(f"project {project_id} has no trained model yet (GET its status).")
+    try:
+        credential = client.tracking_credential()
+        url, env = (
+            credential["url"],
+            md.tracking_env(credential["username"], credential["password"]),
+        )
+    except ApiError as exc:
+        if exc.status != 404:  # 404: MLflow runs without authentication
+            raise
+        url, env = client.tracking_url(), {}
+    if directory.is_dir():
+        directory.rmdir()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    return md.download_model_dir(str(model_uri), url, directory, env)
+
+
+def _serve_model_image(client: ManagerClient, project_id: str, host: str, port: int) -> Any:
+    """Run the project's image (pulled if missing); returns what removes the container."""
+    from flops_manager import model_delivery as md
+
+    ref = _model_image(client, project_id)
+    engine = _docker()
+    md.pull_image(engine, ref, lambda line: console.print(f"  {line}"))
+    container = md.run_model_container(engine, ref, host, port)
+    try:
+        md.wait_until_serving(f"http://{host}:{port}", ended=lambda: md.container_ended(container))
+    except BaseException:
+        container.remove(force=True)
+        raise
+    return lambda: container.remove(force=True)
+
+
+def _serve_model_process(client: ManagerClient, project_id: str, host: str, port: int) -> Any:
+    """Serve the project's MLflow model from a virtualenv made for it (cached under
+    ``$XDG_CACHE_HOME/flops``); returns what stops the server."""
+    import shutil
+    import tempfile
+
+    from flops_manager import model_delivery as md
+    from flops_utils.processes import stop_process_groups
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flops"
+    workdir = Path(tempfile.mkdtemp(prefix="flops-model-"))
+    try:
+        _fetch_model(client, project_id, workdir / "model")
+        console.print("preparing the model's environment", highlight=False)
+        python = md.ModelEnvironments(cache / "model-envs").python_for(workdir / "model")
+        log = (workdir / "server.log").open("ab")
+        process = md.start_model_process(python, workdir / "model", host, port, log)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+    def stop() -> None:
+        stop_process_groups([process])
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def ended() -> str | None:
+        return None if process.poll() is None else f"exit code {process.returncode}"
+
+    try:
+        md.wait_until_serving(f"http://{host}:{port}", ended=ended)
+    except BaseException:
+        stop()
+        raise
+    return stop
 
 
 def _read_parquet(file: Path) -> Any:

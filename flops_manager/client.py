@@ -150,6 +150,20 @@ class ManagerClient:
         answer: dict[str, str] = self.request("POST", "/tracking/credential")
         return answer
 
+    def trained_model(self, project_id: str) -> dict[str, Any]:
+        """Where the project's trained model is: ``{"model_uri": str | None,
+        "model_image": str | None, "inference_url": str | None}`` (``model_uri`` the
+        registered model's version, else the run's model; ``model_image`` the pinned image
+        reference when one was built)."""
+        project = self.project(project_id)
+        mlflow = project.get("mlflow") or {}
+        image = project.get("model_image") or {}
+        return {
+            "model_uri": mlflow.get("registered_model_uri") or mlflow.get("model_uri"),
+            "model_image": image.get("ref"),
+            "inference_url": project.get("inference_url"),
+        }
+
     def wait_for_nodes(
         self, count: int, timeout_s: float, tag: str | None = None
     ) -> list[dict[str, Any]]:

@@ -50,6 +50,9 @@ def check_supported(
     enforces_resources: bool = True,
     produces_images: bool = True,
     serves_models: bool = True,
+    *,
+    builds_model_images: bool | None = None,
+    serves_without_image: bool | None = None,
 ) -> None:
     """Raise :class:`UnsupportedSla` for an SLA field this FLOps would otherwise accept
     without honouring it.
@@ -58,10 +61,13 @@ def check_supported(
     ``FLOPS_BASE_IMAGE``, and has no devel variant); ``resource_constraints`` given
     explicitly when the orchestrator cannot limit services (``enforces_resources`` False: the
     ``local`` backend runs plain processes); a ``post_training_steps`` entry the manager
-    cannot run: ``build_image_for_trained_model`` without an image builder
-    (``produces_images`` False: the ``venv`` builder), ``deploy_trained_model_image`` without
-    an orchestrator that runs trained-model images (``serves_models`` False) or an image
-    builder. ``verbose`` is honoured (services log at DEBUG).
+    cannot run (:func:`check_post_training`). ``produces_images``: the builder makes the
+    learner's and aggregator's images; ``builds_model_images`` (default: ``produces_images``):
+    it builds trained-model images (:func:`flops_manager.builds.builds_model_images`);
+    ``serves_models``: the orchestrator runs a trained-model server; ``serves_without_image``
+    (default: ``not produces_images``, since an orchestrator paired with a builder of no
+    images runs none, so one that serves models serves the MLflow model itself): it needs no
+    image for that. ``verbose`` is honoured (services log at DEBUG).
     """
     if sla.use_devel_base_images:
         raise UnsupportedSla(
@@ -76,27 +82,50 @@ def check_supported(
             "cannot limit their memory, CPUs or storage. Remove resource_constraints, or run "
             "the manager with FLOPS_ORCHESTRATOR=oakestra."
         )
-    _check_post_training(sla.post_training_steps, produces_images, serves_models)
+    check_post_training(
+        sla.post_training_steps,
+        produces_images if builds_model_images is None else builds_model_images,
+        serves_models,
+        (not produces_images) if serves_without_image is None else serves_without_image,
+    )
 
 
-def _check_post_training(
-    steps: list[PostTrainingStep], produces_images: bool, serves_models: bool
+def check_post_training(
+    steps: list[PostTrainingStep],
+    builds_model_images: bool,
+    serves_models: bool,
+    serves_without_image: bool,
 ) -> None:
-    """Refuse the post-training steps this manager's builder and orchestrator cannot run."""
-    if steps and not produces_images:
+    """Refuse the post-training steps this manager's builder and orchestrator cannot run.
+
+    ``build_image_for_trained_model`` needs a builder of trained-model images
+    (``builds_model_images``); ``deploy_trained_model_image`` an orchestrator that
+    ``serves_models``, from the image (then the image must be buildable) or, when it
+    ``serves_without_image``, from the MLflow model. Raises :class:`UnsupportedSla` naming
+    the settings that would make the step run.
+    """
+    if PostTrainingStep.BUILD_IMAGE_FOR_TRAINED_MODEL in steps and not builds_model_images:
         raise UnsupportedSla(
-            f"post_training_steps {[s.value for s in steps]} cannot run on this manager: its "
-            "builder (FLOPS_BUILDER=venv) makes environments, not images, so there is no "
-            "trained-model image to build or deploy. Remove post_training_steps (the trained "
-            "model is registered in MLflow either way), or run the manager with "
-            "FLOPS_BUILDER=oci and FLOPS_ORCHESTRATOR=oakestra."
+            "post_training_steps: build_image_for_trained_model cannot run on this manager: "
+            "it has no image builder for trained-model images. Set FLOPS_REGISTRY (host:port "
+            "of a registry) and FLOPS_BASE_IMAGE (a Python 3.11 image in it) and install "
+            "buildah, or remove the step (the trained model is registered in MLflow either "
+            "way; deploy_trained_model_image alone serves it on this machine)."
         )
-    if PostTrainingStep.DEPLOY_TRAINED_MODEL_IMAGE in steps and not serves_models:
+    if PostTrainingStep.DEPLOY_TRAINED_MODEL_IMAGE not in steps:
+        return
+    if not serves_models:
         raise UnsupportedSla(
             "post_training_steps: deploy_trained_model_image cannot run on this manager: its "
-            "orchestrator does not run trained-model images. Keep only "
+            "orchestrator does not run trained-model servers. Keep only "
             "build_image_for_trained_model (the record's model_image names the image to run "
-            "yourself), or run the manager with FLOPS_ORCHESTRATOR=oakestra."
+            "yourself), or run the manager with FLOPS_ORCHESTRATOR=local or oakestra."
+        )
+    if not serves_without_image and not builds_model_images:
+        raise UnsupportedSla(
+            "post_training_steps: deploy_trained_model_image cannot run on this manager: its "
+            "orchestrator runs the trained model from an image and the manager builds none. "
+            "Set FLOPS_REGISTRY and FLOPS_BASE_IMAGE (and install buildah)."
         )
 
 

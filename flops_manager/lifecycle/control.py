@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from flops_manager.builds import ProjectBuilder
+from flops_manager.builds import ProjectBuilder, builds_model_images
 from flops_manager.credentials import ProjectCredentials
 from flops_manager.errors import NotFound
 from flops_manager.lifecycle import actions as act
@@ -24,6 +24,7 @@ from flops_manager.lifecycle.post_training import PostTraining
 from flops_manager.lifecycle.recovery import RestartRecovery
 from flops_manager.lifecycle.runner import Ack, LifecycleRunner
 from flops_manager.lifecycle.scheduling import FairQueue
+from flops_manager.model_delivery import ServesMlflowModels
 from flops_manager.orchestrators.base import Orchestrator
 from flops_manager.records import ProjectRecord
 from flops_manager.sla import ProjectSLA
@@ -118,6 +119,8 @@ class ProjectLifecycle:
             self.orchestrator.enforces_resources,
             self.builder.produces_images,
             self.orchestrator.serves_models,
+            builds_model_images=builds_model_images(self.builder),
+            serves_without_image=isinstance(self.orchestrator, ServesMlflowModels),
         )
         now_s = time.time()
         record = admit(sla, self.store.list_nodes(), now_s)

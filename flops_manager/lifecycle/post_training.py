@@ -7,11 +7,12 @@ step did, then ``PostTrainingFinished`` or ``PostTrainingFailed``.
 import dataclasses
 from pathlib import Path
 
-from flops_manager.builds import ProjectBuilder
+from flops_manager.builds import ProjectBuilder, builds_model_images
 from flops_manager.credentials import ProjectCredentials
 from flops_manager.lifecycle import events as ev
 from flops_manager.lifecycle.reducer import model_uri
 from flops_manager.lifecycle.runner import LifecycleRunner
+from flops_manager.model_delivery import ServesMlflowModels, TrainedModel
 from flops_manager.orchestrators.base import Orchestrator
 from flops_manager.records import ModelImageRecord, ProjectRecord
 from flops_manager.sla import PostTrainingStep, ProjectSLA
@@ -20,13 +21,23 @@ from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
 
 
+class PostTrainingUnsupported(FlopsError):
+    """A post-training step this manager cannot run (admission refuses it at POST; seen here
+    only for a project accepted by a manager configured otherwise)."""
+
+    code = "post_training_unsupported"
+
+
 class PostTraining:
     """Builds and deploys the trained-model image as the SLA asks.
 
     Args:
         runner: where the progress is posted.
-        builder: builds the trained-model image (``oci`` builder only).
-        orchestrator: runs it (:meth:`Orchestrator.deploy_inference`).
+        builder: builds the trained-model image (:func:`~flops_manager.builds.
+            builds_model_images`).
+        orchestrator: serves the model (:meth:`~flops_manager.model_delivery.
+            ServesMlflowModels.deploy_model`) or runs its image
+            (:meth:`Orchestrator.deploy_inference`).
         workdir: per-project scratch space goes under ``workdir/<project_id>``.
         mlflow_url: tracking server the image's build fetches the model from.
         credentials: the project's MLflow user the build reads the model with.
@@ -80,35 +91,27 @@ class PostTraining:
     ) -> ModelImageRecord | None:
         """Run one step; returns the trained-model image known afterwards.
 
-        ``build_image_for_trained_model`` builds (or reuses) the image with the ``oci``
-        builder; with the ``venv`` builder it is skipped (an event says so).
-        ``deploy_trained_model_image`` builds the image if no step did and runs it through the
-        orchestrator; skipped with an event when the orchestrator runs no images. Raises the
-        builder's and the orchestrator's ``FlopsError``.
+        ``build_image_for_trained_model`` builds (or reuses) the image (:func:`
+        builds_model_images`). ``deploy_trained_model_image`` builds the image first when no
+        step did and the builder can, then serves the model: an orchestrator that serves
+        MLflow models itself (``local``) gets the model and the image if any
+        (:meth:`~flops_manager.model_delivery.ServesMlflowModels.deploy_model`); another one
+        runs the image (:meth:`Orchestrator.deploy_inference`). Raises the builder's and the
+        orchestrator's ``FlopsError``, and :class:`PostTrainingUnsupported` for a step this
+        manager cannot run (admission refuses those at POST).
         """
         project_id = record.project_id
-        if not self.builder.produces_images:
-            self._progress(
-                project_id,
-                "skipped",
-                f"skipped {step.value}: the venv builder makes environments, not images; use "
-                "FLOPS_BUILDER=oci (with the oakestra orchestrator) for trained-model images",
+        can_build = builds_model_images(self.builder)
+        if step is PostTrainingStep.BUILD_IMAGE_FOR_TRAINED_MODEL and not can_build:
+            raise PostTrainingUnsupported(
+                "this manager builds no trained-model images: set FLOPS_REGISTRY and "
+                "FLOPS_BASE_IMAGE (a registry and a Python 3.11 base image in it)"
             )
-            return image
-        if image is None:  # deploying needs the image: build it first if no step did
+        if image is None and can_build:
             image = self._build_image(project_id, uri, record.customer_id)
         if step is not PostTrainingStep.DEPLOY_TRAINED_MODEL_IMAGE:
             return image
-        if not self.orchestrator.serves_models:
-            self._progress(
-                project_id,
-                "skipped",
-                f"skipped {step.value}: the '{type(self.orchestrator).__name__}' orchestrator "
-                "does not run images; run the model image (see model_image) yourself",
-            )
-            return image
-        resources = ProjectSLA.model_validate(record.sla).resource_constraints.model_dump()
-        url = self.orchestrator.deploy_inference(project_id, image.ref, resources)
+        url = self._deploy(record, uri, image)
         self._progress(
             project_id,
             "deployed",
@@ -117,6 +120,21 @@ class PostTraining:
             inference_url=url,
         )
         return image
+
+    def _deploy(self, record: ProjectRecord, uri: str, image: ModelImageRecord | None) -> str:
+        """Start the trained-model server; its base URL."""
+        project_id = record.project_id
+        if isinstance(self.orchestrator, ServesMlflowModels):
+            tracking = self.credentials.tracking(project_id, record.customer_id)
+            model = TrainedModel(uri, self.mlflow_url, tracking, image.ref if image else None)
+            return self.orchestrator.deploy_model(project_id, model)
+        if image is None or not self.orchestrator.serves_models:
+            raise PostTrainingUnsupported(
+                f"the '{type(self.orchestrator).__name__}' orchestrator runs no trained-model "
+                "server without an image"
+            )
+        resources = ProjectSLA.model_validate(record.sla).resource_constraints.model_dump()
+        return self.orchestrator.deploy_inference(project_id, image.ref, resources)
 
     def _build_image(self, project_id: str, uri: str, customer_id: str) -> ModelImageRecord:
         built = self.builder.build_model_image(

@@ -12,6 +12,11 @@ Re-attach: a service's handle is its :class:`~flops_manager.process_identity.Pro
 (pid, start time, boot id) and log path. A later manager process re-attaches to a service that
 still runs by polling ``/proc`` for it: it is not that manager's child, so its exit code is
 unknown (reported as ``None``) and its last log line is the exit reason there is.
+
+Trained models: the backend serves a finished project's model on ``127.0.0.1``
+(:meth:`LocalOrchestrator.deploy_model`, :mod:`flops_manager.orchestrators.local_models`): from
+its image in the local Docker engine when there is both, else from the MLflow model in a
+virtualenv made for it; :meth:`LocalOrchestrator.stop_inference` stops it.
 """
 
 import os
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from flops_manager.model_delivery import ModelEnvironments, TrainedModel
 from flops_manager.orchestrators.base import (
     Deployment,
     Orchestrator,
@@ -32,6 +38,7 @@ from flops_manager.orchestrators.base import (
     ServiceSpec,
     ServiceState,
 )
+from flops_manager.orchestrators.local_models import LocalModelServers
 from flops_manager.orchestrators.ports import local_aggregator_port
 from flops_manager.process_identity import ProcessIdentity
 from flops_utils import env_vars
@@ -93,18 +100,50 @@ class LocalOrchestrator(Orchestrator):
         workdir: where service logs go.
         on_service_exit: see :class:`Orchestrator`.
         poll_interval_s: seconds between two polls of the processes.
+        model_envs_dir: where trained-model virtualenvs are cached (default
+            ``workdir/model-envs``).
     """
 
     aggregator_bind_host = LOOPBACK
+    serves_models = True
 
     def __init__(
         self,
         workdir: Path,
         on_service_exit: ServiceExitCallback,
         poll_interval_s: float = POLL_INTERVAL_S,
+        model_envs_dir: Path | None = None,
     ) -> None:
         super().__init__(on_service_exit, poll_interval_s)
         self.workdir = workdir
+        environments = ModelEnvironments(model_envs_dir or workdir / "model-envs")
+        self.model_servers = LocalModelServers(workdir, environments)
+
+    def deploy_model(self, project_id: str, model: TrainedModel) -> str:
+        """Serve the project's trained ``model`` on ``127.0.0.1`` and a free port (its image
+        in the local Docker engine when it has one and the engine answers, else its MLflow
+        model in a virtualenv made for it) until :meth:`stop_inference`; returns
+        ``http://127.0.0.1:<port>`` once ``/ping`` answers. Raises ``FlopsError``
+        (:class:`~flops_manager.model_delivery.ModelDeliveryError`, the model fetch's)."""
+        return self.model_servers.serve(project_id, model)
+
+    def deploy_inference(self, project_id: str, image: str, resources: dict[str, int]) -> str:
+        """Run the trained-model ``image`` in the local Docker engine (``resources`` are not
+        enforced: see :attr:`enforces_resources`); returns its base URL. Raises
+        :class:`~flops_manager.model_delivery.ModelDeliveryError` without an engine."""
+        if self.model_servers.engine() is None:
+            from flops_manager.model_delivery import ModelDeliveryError
+
+            raise ModelDeliveryError(
+                "No Docker engine answers on this machine (DOCKER_HOST or "
+                "/var/run/docker.sock), so the local backend cannot run the trained-model image."
+            )
+        return self.model_servers.serve(project_id, TrainedModel("", "", image=image))
+
+    def stop_inference(self, project_id: str) -> bool:
+        """Stop the project's trained-model server (also one a previous manager process
+        started); ``False`` when none runs."""
+        return self.model_servers.stop(project_id)
 
     def _check(self, deployment: Deployment) -> None:
         if deployment.python is None:

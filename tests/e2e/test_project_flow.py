@@ -150,9 +150,8 @@ def test_second_project_reuses_the_environment(
 @pytest.mark.parametrize(
     ("steps", "named"),
     [
-        (["build_image_for_trained_model"], "FLOPS_BUILDER=oci"),
-        (["build_image_for_trained_model", "deploy_trained_model_image"], "FLOPS_BUILDER=oci"),
-        (["deploy_trained_model_image"], "FLOPS_BUILDER=oci"),
+        (["build_image_for_trained_model"], "FLOPS_REGISTRY"),
+        (["build_image_for_trained_model", "deploy_trained_model_image"], "FLOPS_BASE_IMAGE"),
     ],
 )
 def test_post_training_steps_the_manager_cannot_run_are_refused_at_once(
