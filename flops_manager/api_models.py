@@ -243,6 +243,17 @@ class TrackingInfo(BaseModel):
     url: str
 
 
+class ProjectTracking(_View):
+    """``GET /tracking/projects/{id}``: the project's page in the MLflow GUI: its run
+    (``#/experiments/<experiment_id>/runs/<run_id>?workflowType=machine_learning``, the
+    model-training view) once the aggregator logged one, else the GUI's home
+    (``experiment_id`` and ``run_id`` null)."""
+
+    url: str
+    experiment_id: str | None = None
+    run_id: str | None = None
+
+
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 

@@ -9,6 +9,7 @@ with the traceback repeats, never the traceback itself.
 """
 
 import difflib
+import re
 import threading
 import time
 import uuid
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
-from flask import Response, g, jsonify, request, stream_with_context
+from flask import Response, g, jsonify, redirect, request, stream_with_context
 from flask_openapi3.blueprint import APIBlueprint
 from flask_openapi3.models.info import Info
 from flask_openapi3.models.tag import Tag
@@ -43,6 +44,7 @@ from flops_manager.api_models import (
     ProjectPath,
     ProjectQuery,
     ProjectSummary,
+    ProjectTracking,
     ProjectView,
     TrackingCredential,
     TrackingInfo,
@@ -77,6 +79,10 @@ from flops_utils.logging import logger
 API_PREFIX = "/api/flops"
 PUBLIC_PATHS = ("/healthz", "/openapi")
 """Paths (prefixes) served without a bearer token: the health check and the API docs."""
+
+GUI_PATH = re.compile(rf"^{API_PREFIX}/tracking(/projects/[^/]+)?/?$")
+"""The tracking routes a browser opens: ``GET /tracking`` and ``GET /tracking/projects/{id}``
+without a token and preferring HTML are redirected to the MLflow GUI (:func:`wants_gui`)."""
 
 PATTERN_HINTS = {
     "ml_repo_url": "must be an https, http, ssh, git or file URL, user@host:path, or a local "
@@ -149,6 +155,42 @@ def internal_error_response(error: BaseException) -> Response:
     response = error_response(INTERNAL_ERROR_STATUS, "internal_error", message)
     response.headers[CORRELATION_HEADER] = correlation_id
     return response
+
+
+def wants_gui() -> bool:
+    """Whether the request is a browser opening a tracking route (:data:`GUI_PATH`): a GET
+    without ``Authorization`` whose ``Accept`` prefers HTML to JSON (a browser's navigation
+    does; ``*/*``, as curl sends, does not). Such a request needs no token: its answer, a
+    redirect, names only the GUI's address and the project's MLflow ids, and MLflow's own
+    login decides what the browser sees."""
+    return (
+        request.method == "GET"
+        and "Authorization" not in request.headers
+        and GUI_PATH.match(request.path) is not None
+        and request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
+    )
+
+
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+"""The query that opens MLflow's GUI on its model-training view (runs, model metrics) instead
+of its default GenAI view (traces, evaluations); the GUI (MLflow 3) takes the view from this
+parameter or the browser's last choice, not from the experiment's ``mlflow.experimentKind``."""
+
+
+def project_gui(tracking_url: str, record: ProjectRecord) -> ProjectTracking:
+    """Where the MLflow GUI at ``tracking_url`` shows the project of ``record``: its run page
+    (``#/experiments/<id>/runs/<run id>``, MLflow's GUI routes, in the model-training view)
+    once the aggregator reported its run, else the GUI's home."""
+    mlflow = record.mlflow
+    base = tracking_url.rstrip("/")
+    if mlflow is None or not mlflow.experiment_id or not mlflow.run_id:
+        return ProjectTracking(url=f"{base}/")
+    run_page = f"#/experiments/{mlflow.experiment_id}/runs/{mlflow.run_id}"
+    return ProjectTracking(
+        url=f"{base}/{run_page}?{MODEL_TRAINING_VIEW}",
+        experiment_id=mlflow.experiment_id,
+        run_id=mlflow.run_id,
+    )
 
 
 def validation_error_response(error: ValidationError) -> Response:
@@ -260,6 +302,9 @@ def create_app(
     @app.before_request
     def _authenticate() -> Response | None:
         if request.path.startswith(PUBLIC_PATHS) or request.method == "OPTIONS":
+            return None
+        if wants_gui():
+            g.principal = None  # the route redirects; MLflow asks for the login
             return None
         principal = authenticator.authenticate(bearer_token(request.headers.get("Authorization")))
         g.principal = principal
@@ -384,10 +429,30 @@ def create_app(
         visible_project(path.project_id)
         return project_json(lifecycle.cancel(path.project_id), caller().admin)
 
-    @api.get("/tracking", responses={200: TrackingInfo})
-    def tracking() -> dict[str, str]:
-        """The MLflow tracking GUI's URL."""
+    @api.get("/tracking", responses={200: TrackingInfo, 302: None})
+    def tracking() -> Any:
+        """The MLflow tracking GUI's URL; a browser (no token, HTML preferred) is redirected
+        there (302), where MLflow asks for the user of ``POST /tracking/credential``."""
+        if g.principal is None:
+            return redirect(tracking_url, 302)
         return {"url": tracking_url}
+
+    @api.get(
+        "/tracking/projects/<project_id>",
+        tags=[projects_tag],
+        responses={200: ProjectTracking, 302: None},
+    )
+    def project_tracking(path: ProjectPath) -> Any:
+        """The project's run in the MLflow GUI (its home before the aggregator logged a run);
+        a browser (no token, HTML preferred) is redirected there (302), also for an unknown
+        project (to the GUI's home, so that the answer tells nothing about it)."""
+        if g.principal is None:
+            try:
+                record = lifecycle.get(path.project_id)
+            except NotFound:
+                return redirect(tracking_url, 302)
+            return redirect(project_gui(tracking_url, record).url, 302)
+        return project_gui(tracking_url, visible_project(path.project_id)).model_dump(mode="json")
 
     @api.post("/tracking/credential", responses={200: TrackingCredential})
     def tracking_credential() -> dict[str, str]:

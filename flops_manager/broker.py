@@ -106,6 +106,16 @@ DEFAULT_ACL_ACCESS = {
 """The plugin's defaults for a client whose roles say nothing about a topic (its own)."""
 
 
+ALL_INTERFACES = ("0.0.0.0", "")
+"""Bind addresses that listen on every IPv4 interface."""
+
+
+def local_address(host: str) -> str:
+    """The address this machine connects to a server bound on ``host`` with: loopback for
+    every interface (:data:`ALL_INTERFACES`), else ``host`` itself."""
+    return "127.0.0.1" if host in ALL_INTERFACES else host
+
+
 class BrokerUnavailable(FlopsError):
     """Mosquitto is not installed or did not start."""
 
@@ -210,7 +220,7 @@ class MosquittoBroker(StartStop):
     Args:
         workdir: directory for the generated config, the broker's log and its persistence
             file ``mosquitto.db`` (reusing a workdir keeps queued messages and sessions).
-        host: interface to listen on. Defaults to loopback.
+        host: interface to listen on (``0.0.0.0``: every IPv4 interface). Defaults to loopback.
         port: TCP port; 0 picks a free one (``flops_utils.net.find_free_port``), and a new one
             when another program takes it before the broker binds it (up to
             ``PORT_PICK_ATTEMPTS`` picks). A port given here is never replaced.
@@ -220,7 +230,8 @@ class MosquittoBroker(StartStop):
             the error when that port is taken.
 
     Use as a context manager or call :meth:`start` / :meth:`stop` (or :meth:`detach` to leave
-    it running). ``url`` is ``mqtt://HOST:PORT``; ``pid`` the broker process once started;
+    it running). ``url`` is ``mqtt://HOST:PORT`` (loopback when it listens on every
+    interface); ``pid`` the broker process once started;
     ``admin`` the manager's admin credential once started (``None`` for an anonymous broker
     without the dynamic-security plugin).
     """
@@ -249,8 +260,8 @@ class MosquittoBroker(StartStop):
 
     @property
     def url(self) -> str:
-        """``mqtt://HOST:PORT`` of the broker."""
-        return f"mqtt://{self.host}:{self.port}"
+        """``mqtt://HOST:PORT`` of the broker, as this machine reaches it."""
+        return f"mqtt://{local_address(self.host)}:{self.port}"
 
     def exit_code(self) -> int | None:
         """The broker's exit code once it ended (negative: killed by that signal); ``None``
@@ -354,7 +365,8 @@ class MosquittoBroker(StartStop):
                     f"mosquitto exited with code {code} while starting on {self.url}: "
                     f"{output[-500:].strip()}"
                 )
-            if LISTENING_MARKER in output and port_answers(self.host, self.port, 0.5):
+            local = local_address(self.host)
+            if LISTENING_MARKER in output and port_answers(local, self.port, 0.5):
                 return
             time.sleep(POLL_INTERVAL_S)
         self.stop()

@@ -26,6 +26,19 @@ class ManagerConfig(BaseModel):
             ``FLOPS_HOME``; defaults to ``./.flops``.
         host: interface the REST API listens on (``FLOPS_MANAGER_HOST``, default loopback).
         port: TCP port of the REST API (``FLOPS_MANAGER_PORT``, default 8080; 0 picks a free one).
+        bind_host: interface the embedded Mosquitto and MLflow listen on (``FLOPS_BIND_HOST``);
+            empty: ``host``, so ``FLOPS_MANAGER_HOST=0.0.0.0`` opens them to the network too.
+            IPv4 addresses and host names; ``0.0.0.0`` is every interface.
+        mqtt_port / mlflow_port: fixed ports of the embedded Mosquitto and MLflow
+            (``FLOPS_MQTT_PORT`` / ``FLOPS_MLFLOW_PORT``); 0 (the default) re-uses the port
+            recorded in ``$FLOPS_HOME/embedded.json`` or picks a free one the first time. A
+            fixed port another program holds fails the start, naming the variable.
+        public_host: the host name or address of this machine that services on other machines
+            and users' browsers reach (``FLOPS_PUBLIC_HOST``). When set, the embedded broker's
+            and MLflow's URLs handed to services (``FLOPS_MQTT_URL`` / ``FLOPS_MLFLOW_URL`` in
+            their environment) and the GUI address of ``GET /tracking`` use it instead of the
+            address the manager itself connects to. External components
+            (``mqtt_url``, ``mlflow_url``) keep their own URLs.
         db_url: ``mongodb://...`` for MongoDB, otherwise a directory for the embedded store
             (``FLOPS_DB_URL``; default ``<home>/db``).
         mqtt_url: ``mqtt://HOST:PORT`` of an existing broker (``FLOPS_MQTT_URL``); empty starts
@@ -42,7 +55,8 @@ class ManagerConfig(BaseModel):
             users with it) (``FLOPS_MLFLOW_ADMIN_USERNAME`` / ``FLOPS_MLFLOW_ADMIN_PASSWORD``);
             the embedded server makes its own.
         mlflow_public_url: the MLflow GUI address a user's browser can reach
-            (``FLOPS_MLFLOW_PUBLIC_URL``); defaults to ``mlflow_url``.
+            (``FLOPS_MLFLOW_PUBLIC_URL``); defaults to ``mlflow_url`` or, for the embedded
+            server, ``http://<public_host>:<its port>`` (loopback without ``public_host``).
         orchestrator: orchestrator backend name (``FLOPS_ORCHESTRATOR``, default ``local``).
         builder: builder backend name (``FLOPS_BUILDER``): ``venv`` or ``oci``; empty (the
             default) picks what the orchestrator runs: ``oci`` for orchestrators that pull
@@ -90,6 +104,12 @@ class ManagerConfig(BaseModel):
     home: Path = Path(".flops")
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    bind_host: str = ""
+    mqtt_port: int = Field(default=0, ge=0, le=65535)
+    mlflow_port: int = Field(default=0, ge=0, le=65535)
+    public_host: str = Field(
+        default="", pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)$"
+    )  # a host name, an IPv4 address or a bracketed IPv6 one; no scheme, no port
     db_url: str = ""
     mqtt_url: str = ""
     mqtt_admin_username: str = ""
@@ -159,6 +179,10 @@ class ManagerConfig(BaseModel):
             "home": "FLOPS_HOME",
             "host": "FLOPS_MANAGER_HOST",
             "port": "FLOPS_MANAGER_PORT",
+            "bind_host": "FLOPS_BIND_HOST",
+            "mqtt_port": "FLOPS_MQTT_PORT",
+            "mlflow_port": "FLOPS_MLFLOW_PORT",
+            "public_host": "FLOPS_PUBLIC_HOST",
             "db_url": "FLOPS_DB_URL",
             "mqtt_url": "FLOPS_MQTT_URL",
             "mqtt_admin_username": "FLOPS_MQTT_ADMIN_USERNAME",
@@ -193,6 +217,11 @@ class ManagerConfig(BaseModel):
             values["insecure"] = frozenset(c.strip() for c in listed if c.strip())
         values.update(overrides)
         return cls.model_validate(values)
+
+    @property
+    def listen_host(self) -> str:
+        """The interface the embedded components listen on: ``bind_host`` or else ``host``."""
+        return self.bind_host or self.host
 
     def secure(self, control: SecurityControl) -> bool:
         """Whether the security ``control`` is on (not listed in ``insecure``)."""

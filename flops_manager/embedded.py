@@ -4,8 +4,8 @@ Learners and aggregators keep the broker's and the tracking server's URLs
 (``FLOPS_MQTT_URL``, ``FLOPS_MLFLOW_URL``) for their whole life, so these addresses must
 outlive one manager process. Both components run in their own session, so they survive a
 manager that is killed. The manager records each one in ``$FLOPS_HOME/embedded.json``
-(``{"mqtt": {"port": int, "process": ProcessIdentity | null}, "mlflow": {...}}``) and, when it
-starts again:
+(``{"mqtt": {"port": int, "host": str, "process": ProcessIdentity | null}, "mlflow": {...}}``)
+and, when it starts again:
 
 - the recorded process still runs (same pid *and* start time) and answers on its port:
   re-use it;
@@ -13,6 +13,11 @@ starts again:
 - it is gone: start a new one on the recorded port (a free port the first time, or when
   another program took the recorded port; services of the earlier manager then lose their
   broker or tracking server, which is logged).
+
+The operator chooses the interface (``FLOPS_BIND_HOST``) and may fix the ports
+(``FLOPS_MQTT_PORT``, ``FLOPS_MLFLOW_PORT``): a recorded process on another interface or port
+is stopped and a new one started where asked; a fixed port another program holds fails the
+start, naming the variable (it is never replaced by a free one).
 
 A running broker is re-used only when it was started in the mode asked for (authentication on,
 or anonymous with ``FLOPS_INSECURE=mqtt``) and the manager's admin credential is still in
@@ -33,12 +38,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from flops_manager.broker import START_TIMEOUT_S as BROKER_START_TIMEOUT_S
-from flops_manager.broker import MosquittoBroker, configured_anonymous
+from flops_manager.broker import MosquittoBroker, configured_anonymous, local_address
 from flops_manager.mqtt_access import MqttCredential, read_credential
 from flops_manager.process_identity import ProcessIdentity
 from flops_utils.logging import logger
@@ -90,6 +96,8 @@ class EmbeddedComponent:
         port: its port; a restart keeps it (services use it).
         relaunch: starts it again on ``port`` (see :meth:`restart`).
         answers: ``answers(timeout_s)``, whether it serves on ``port`` now.
+        host: the interface it listens on (recorded with its port).
+        public: the public addresses it accepts (recorded; MLflow's host and origin checks).
 
     :meth:`stop` stops it either way; :meth:`detach` leaves it running. Not thread-safe: the
     supervisor (``flops_manager.supervision``) is the only one to restart it, and is stopped
@@ -105,8 +113,12 @@ class EmbeddedComponent:
         port: int = 0,
         relaunch: Relaunch | None = None,
         answers: Callable[[float], bool] | None = None,
+        host: str = "127.0.0.1",
+        public: str = "",
     ) -> None:
         self.name = name
+        self.host = host
+        self.public = public
         self.url = url
         self.identity = identity
         self.reused = child is None
@@ -159,7 +171,7 @@ class EmbeddedComponent:
         self._child = child
         self.reused = False
         self.identity = ProcessIdentity.of(child.pid) if child.pid is not None else None
-        state.record(self.name, self.port, self.identity)
+        state.record(self.name, self.port, self.identity, self.host, self.public)
 
     def _stop_remnants(self) -> None:
         """SIGKILL the rest of its process group (MLflow's uvicorn worker outlives a killed
@@ -222,17 +234,40 @@ class EmbeddedState:
         port = entry.get("port", 0)
         return port if isinstance(port, int) and 0 < port < 65536 else 0
 
+    def host(self, name: str) -> str:
+        """The recorded interface of ``name``; loopback when none is recorded (the only one
+        before the interface could be chosen)."""
+        entry = self._data.get(name) or {}
+        host = entry.get("host")
+        return host if isinstance(host, str) and host else "127.0.0.1"
+
     def process(self, name: str) -> ProcessIdentity | None:
         """The recorded process of ``name``, or ``None``."""
         entry = self._data.get(name) or {}
         process = entry.get("process")
         return ProcessIdentity.from_dict(process) if isinstance(process, dict) else None
 
-    def record(self, name: str, port: int, process: ProcessIdentity | None) -> None:
-        """Remember ``name`` on ``port`` run by ``process`` (``None``: not running)."""
+    def public(self, name: str) -> str:
+        """The recorded public addresses ``name`` was started to accept (``""``: none)."""
+        entry = self._data.get(name) or {}
+        public = entry.get("public")
+        return public if isinstance(public, str) else ""
+
+    def record(
+        self,
+        name: str,
+        port: int,
+        process: ProcessIdentity | None,
+        host: str = "127.0.0.1",
+        public: str = "",
+    ) -> None:
+        """Remember ``name`` on ``host:port`` run by ``process`` (``None``: not running),
+        started to accept the public addresses ``public`` (comma-separated)."""
         with self._lock:
             self._data[name] = {
                 "port": port,
+                "host": host,
+                "public": public,
                 "process": process.to_dict() if process is not None else None,
             }
             tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
@@ -241,19 +276,25 @@ class EmbeddedState:
 
 
 def start_broker(
-    home: Path, state: EmbeddedState, host: str = "127.0.0.1", anonymous: bool = False
+    home: Path,
+    state: EmbeddedState,
+    host: str = "127.0.0.1",
+    anonymous: bool = False,
+    port: int = 0,
+    port_setting: str = "",
 ) -> EmbeddedComponent:
-    """Re-use the recorded Mosquitto of ``home`` or start one (workdir ``home/mosquitto``);
-    ``anonymous``: without authentication (``FLOPS_INSECURE=mqtt``). Its admin credential is
-    :func:`broker_admin` afterwards.
+    """Re-use the recorded Mosquitto of ``home`` or start one (workdir ``home/mosquitto``) on
+    ``host``; ``anonymous``: without authentication (``FLOPS_INSECURE=mqtt``); ``port``: a
+    fixed port (0: the recorded one, else a free one), named ``port_setting`` (the variable
+    that fixes it) in errors. Its admin credential is :func:`broker_admin` afterwards.
 
     Raises ``BrokerUnavailable`` when mosquitto (or, unless ``anonymous``, its
-    dynamic-security plugin) is missing or does not start.
+    dynamic-security plugin) is missing or does not start, or when the fixed port is taken.
     """
-    port = state.port("mqtt")
-    process = state.process("mqtt")
     workdir = home / BROKER_WORKDIR
-    if port and process is not None and process.is_alive():
+    process = _running_where_asked(state, "mqtt", "Mosquitto", host, port)
+    recorded = state.port("mqtt")
+    if process is not None:
         if not _same_mode(workdir, anonymous):
             logger.warning(
                 "Mosquitto (pid %d) runs %s authentication; restarting it %s",
@@ -262,21 +303,61 @@ def start_broker(
                 "without authentication" if anonymous else "with authentication",
             )
             process.stop_group(STOP_TIMEOUT_S)
-        elif wait_for_port(host, port, BROKER_START_TIMEOUT_S):
-            logger.info("re-using Mosquitto on port %d (pid %d)", port, process.pid)
-            return _broker_component(workdir, host, port, anonymous, process, None)
+        elif wait_for_port(local_address(host), recorded, BROKER_START_TIMEOUT_S):
+            logger.info("re-using Mosquitto on port %d (pid %d)", recorded, process.pid)
+            origin = _origin(port, port_setting)
+            return _broker_component(workdir, host, recorded, anonymous, process, None, origin)
         else:
             logger.warning(
-                "Mosquitto (pid %d) does not answer on %d; restarting it", process.pid, port
+                "Mosquitto (pid %d) does not answer on %d; restarting it", process.pid, recorded
             )
             process.stop_group(STOP_TIMEOUT_S)
-    port = _usable_port(host, port, "Mosquitto")
+    start_port = port or _usable_port(host, recorded, "Mosquitto")
+    origin = _origin(port, port_setting)
     broker = MosquittoBroker(
-        workdir, host=host, port=port, anonymous=anonymous, port_origin=RECORDED_PORT
+        workdir, host=host, port=start_port, anonymous=anonymous, port_origin=origin
     ).start()
     identity = ProcessIdentity.of(broker.pid) if broker.pid is not None else None
-    state.record("mqtt", broker.port, identity)
-    return _broker_component(workdir, host, broker.port, anonymous, identity, broker)
+    state.record("mqtt", broker.port, identity, host)
+    return _broker_component(workdir, host, broker.port, anonymous, identity, broker, origin)
+
+
+def _origin(port: int, port_setting: str) -> str:
+    """What fixes a component's port, for the error when it is taken: the setting (a fixed
+    ``port``) or the record in ``embedded.json``."""
+    if port and port_setting:
+        return f"{port_setting}={port}"
+    return RECORDED_PORT
+
+
+def _running_where_asked(
+    state: EmbeddedState, name: str, what: str, host: str, port: int, public: str = ""
+) -> ProcessIdentity | None:
+    """The recorded process of ``name`` when it runs on ``host`` and on ``port`` (0: any
+    recorded port), accepting the public addresses ``public``; a process that runs otherwise
+    is stopped (logged) and ``None`` returned, as when none runs."""
+    process = state.process(name)
+    recorded = state.port(name)
+    if not recorded or process is None or not process.is_alive():
+        return None
+    same_public = state.public(name) == public
+    if state.host(name) == host and port in (0, recorded) and same_public:
+        return process
+    logger.warning(
+        "%s (pid %d) listens on %s:%d (public %r); restarting it on %s:%s (public %r) as "
+        "configured (services started on the old address lose it)",
+        what,
+        process.pid,
+        state.host(name),
+        recorded,
+        state.public(name),
+        host,
+        port or recorded,
+        public,
+    )
+    process.stop_group(STOP_TIMEOUT_S)
+    kill_group_remnants(process.pid)
+    return None
 
 
 def _broker_component(
@@ -286,17 +367,18 @@ def _broker_component(
     anonymous: bool,
     identity: ProcessIdentity | None,
     broker: MosquittoBroker | None,
+    origin: str = RECORDED_PORT,
 ) -> EmbeddedComponent:
-    """The :class:`EmbeddedComponent` of a Mosquitto on ``port``, restarted in the same mode,
-    workdir and port."""
+    """The :class:`EmbeddedComponent` of a Mosquitto on ``host:port``, restarted in the same
+    mode, workdir and port (``origin``: what fixes the port, for the error when it is taken)."""
 
     def relaunch(cancel: threading.Event) -> MosquittoBroker:
-        again = MosquittoBroker(workdir, host, port, anonymous, port_origin=RECORDED_PORT)
+        again = MosquittoBroker(workdir, host, port, anonymous, port_origin=origin)
         return again.start()
 
-    answers = partial(port_answers, host, port)
-    url = f"mqtt://{host}:{port}"
-    return EmbeddedComponent("mqtt", url, identity, broker, port, relaunch, answers)
+    answers = partial(port_answers, local_address(host), port)
+    url = f"mqtt://{local_address(host)}:{port}"
+    return EmbeddedComponent("mqtt", url, identity, broker, port, relaunch, answers, host)
 
 
 def broker_admin(home: Path) -> MqttCredential | None:
@@ -314,77 +396,115 @@ def _same_mode(workdir: Path, anonymous: bool) -> bool:
 
 
 def start_mlflow(
-    home: Path, state: EmbeddedState, host: str = "127.0.0.1", authentication: bool = False
+    home: Path,
+    state: EmbeddedState,
+    host: str = "127.0.0.1",
+    authentication: bool = False,
+    port: int = 0,
+    port_setting: str = "",
+    public: tuple[str, ...] = (),
 ) -> EmbeddedComponent:
-    """Re-use the recorded MLflow server of ``home`` or start one (workdir ``home/mlflow``);
-    ``authentication``: MLflow's basic-auth app (the admin credential is :func:`mlflow_admin`
-    afterwards). A running server in the other mode (or whose admin credential is gone) is
-    restarted on the same port and workdir.
+    """Re-use the recorded MLflow server of ``home`` or start one (workdir ``home/mlflow``) on
+    ``host``; ``authentication``: MLflow's basic-auth app (the admin credential is
+    :func:`mlflow_admin` afterwards); ``port``: a fixed port (0: the recorded one, else a free
+    one), named ``port_setting`` in errors; ``public``: ``(public host, *public URLs)``, the
+    addresses browsers use besides loopback and private ones (``MlflowServer``'s
+    ``public_host`` and ``public_urls``; ``""`` as the host: none). A running server in the
+    other mode (or whose admin credential is gone) is restarted on the same port and workdir.
 
-    Raises ``MlflowServerError`` when it does not start.
+    Raises ``MlflowServerError`` when it does not start, or when the fixed port is taken.
     """
-    from observatory.mlflow_server import MlflowServer
-
-    port = state.port("mlflow")
-    process = state.process("mlflow")
-    if port and process is not None and process.is_alive():
-        probe = MlflowServer(home / "mlflow", host=host, port=port, authentication=authentication)
-        deadline = time.monotonic() + MLFLOW_ADOPT_TIMEOUT_S
-        while process.is_alive() and time.monotonic() < deadline:
-            if probe.healthy(timeout_s=1.0):
-                if probe.serves_as_configured():
-                    logger.info("re-using the MLflow server on port %d (pid %d)", port, process.pid)
-                    return _mlflow_component(home, host, port, authentication, process, None)
-                logger.warning(
-                    "MLflow (pid %d) does not run %s authentication; restarting it",
-                    process.pid,
-                    "with" if authentication else "without",
-                )
-                break
-            time.sleep(0.2)
-        else:
-            logger.warning(
-                "MLflow (pid %d) does not answer on %d; restarting it", process.pid, port
-            )
+    public_text = ",".join(public)
+    process = _running_where_asked(state, "mlflow", "MLflow", host, port, public_text)
+    recorded = state.port("mlflow")
+    origin = _origin(port, port_setting)
+    settings = _MlflowSettings(home, host, authentication, origin, public)
+    if process is not None:
+        if _adopt_mlflow(home, host, recorded, authentication, process):
+            logger.info("re-using the MLflow server on port %d (pid %d)", recorded, process.pid)
+            return _mlflow_component(settings, recorded, process, None)
         process.stop_group(STOP_TIMEOUT_S)
-    port = _usable_port(host, port, "MLflow")
-    server = MlflowServer(
-        home / "mlflow",
-        host=host,
-        port=port,
-        authentication=authentication,
-        port_origin=RECORDED_PORT,
-    )
+    server = settings.server(port or _usable_port(host, recorded, "MLflow"))
     server.start()
     identity = ProcessIdentity.of(server.pid) if server.pid is not None else None
-    state.record("mlflow", server.port, identity)
-    return _mlflow_component(home, host, server.port, authentication, identity, server)
+    state.record("mlflow", server.port, identity, host, public_text)
+    return _mlflow_component(settings, server.port, identity, server)
+
+
+@dataclass(frozen=True)
+class _MlflowSettings:
+    """How the embedded MLflow server of ``home`` runs, whatever its port."""
+
+    home: Path
+    host: str
+    authentication: bool
+    origin: str
+    public: tuple[str, ...]
+
+    def server(self, port: int) -> "MlflowServer":
+        """An (unstarted) server on ``port`` with these settings."""
+        from observatory.mlflow_server import MlflowServer
+
+        return MlflowServer(
+            self.home / "mlflow",
+            host=self.host,
+            port=port,
+            authentication=self.authentication,
+            port_origin=self.origin,
+            public_host=self.public[0] if self.public else "",
+            public_urls=self.public[1:],
+        )
+
+
+def _adopt_mlflow(
+    home: Path, host: str, port: int, authentication: bool, process: ProcessIdentity
+) -> bool:
+    """Whether the running, recorded MLflow ``process`` on ``port`` answers within
+    :data:`MLFLOW_ADOPT_TIMEOUT_S` in the mode asked for (else it is to be restarted; logged)."""
+    from observatory.mlflow_server import MlflowServer
+
+    probe = MlflowServer(home / "mlflow", host=host, port=port, authentication=authentication)
+    deadline = time.monotonic() + MLFLOW_ADOPT_TIMEOUT_S
+    while process.is_alive() and time.monotonic() < deadline:
+        if probe.healthy(timeout_s=1.0):
+            if probe.serves_as_configured():
+                return True
+            logger.warning(
+                "MLflow (pid %d) does not run %s authentication; restarting it",
+                process.pid,
+                "with" if authentication else "without",
+            )
+            return False
+        time.sleep(0.2)
+    logger.warning("MLflow (pid %d) does not answer on %d; restarting it", process.pid, port)
+    return False
 
 
 def _mlflow_component(
-    home: Path,
-    host: str,
+    settings: _MlflowSettings,
     port: int,
-    authentication: bool,
     identity: ProcessIdentity | None,
     server: "MlflowServer | None",
 ) -> EmbeddedComponent:
-    """The :class:`EmbeddedComponent` of an MLflow server on ``port``, restarted in the same
-    mode, workdir (backend store, artifacts, basic-auth database) and port."""
+    """The :class:`EmbeddedComponent` of an MLflow server on ``port``, restarted with the same
+    ``settings`` (workdir: backend store, artifacts, basic-auth database) and port."""
     from observatory.mlflow_server import MlflowServer
 
     def relaunch(cancel: threading.Event) -> MlflowServer:
-        again = MlflowServer(
-            home / "mlflow",
-            host=host,
-            port=port,
-            authentication=authentication,
-            port_origin=RECORDED_PORT,
-        )
-        return again.start(cancel)
+        return settings.server(port).start(cancel)
 
-    probe = MlflowServer(home / "mlflow", host=host, port=port, authentication=authentication)
-    return EmbeddedComponent("mlflow", probe.url, identity, server, port, relaunch, probe.healthy)
+    probe = settings.server(port)
+    return EmbeddedComponent(
+        "mlflow",
+        probe.url,
+        identity,
+        server,
+        port,
+        relaunch,
+        probe.healthy,
+        settings.host,
+        ",".join(settings.public),
+    )
 
 
 def mlflow_admin(home: Path) -> "MlflowCredential | None":

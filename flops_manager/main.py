@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except FlopsError as exc:
         logger.error("%s", exc.message)
         sys.exit(1)
-    print(f"FLOps manager: {suite.url}/api/flops  (MLflow GUI: {suite.mlflow_url})", flush=True)
+    print(f"FLOps manager: {suite.url}/api/flops  (MLflow GUI: {suite.tracking_url})", flush=True)
     try:
         while not stop.wait(timeout=1.0):
             pass

@@ -4,6 +4,13 @@ With the embedded default (no ``FLOPS_MQTT_URL`` / ``FLOPS_MLFLOW_URL``) the sui
 Mosquitto and an MLflow tracking server as child processes; the project store is MongoDB or the
 embedded on-disk store (``FLOPS_DB_URL``). The REST API is served by waitress in a thread.
 
+Addresses: the embedded broker and tracking server listen on ``FLOPS_BIND_HOST`` (default:
+``FLOPS_MANAGER_HOST``) on fixed (``FLOPS_MQTT_PORT``, ``FLOPS_MLFLOW_PORT``) or recorded
+ports. The manager connects to them itself through loopback when they listen on every
+interface; services get their addresses with ``FLOPS_PUBLIC_HOST`` when it is set
+(:meth:`ManagerSuite.service_url`), and so does ``GET /tracking`` (unless
+``FLOPS_MLFLOW_PUBLIC_URL`` names another GUI address).
+
 Restarts: the embedded broker and tracking server are re-used, or restarted on the same
 ports, by the next start on the same ``FLOPS_HOME`` (:mod:`flops_manager.embedded`); the
 lifecycle then reconciles the unfinished projects (re-attaching running services, applying
@@ -26,6 +33,7 @@ from waitress.server import BaseWSGIServer, MultiSocketServer
 
 from flops_manager.app import create_app
 from flops_manager.auth import WithNodeCredentials
+from flops_manager.broker import ALL_INTERFACES
 from flops_manager.builds import ImageBuildService, make_builder
 from flops_manager.config import ManagerConfig
 from flops_manager.credentials import ProjectCredentials
@@ -107,7 +115,10 @@ class ManagerSuite(StartStop):
         config: see :class:`ManagerConfig`.
 
     ``url`` is the API's base URL (``http://HOST:PORT``) once started; ``mlflow_url`` and
-    ``mqtt_url`` are the tracking server and broker in use. Raises ``FlopsError`` subclasses
+    ``mqtt_url`` are the tracking server and broker the manager itself uses;
+    ``service_mqtt_url`` and ``service_mlflow_url`` the addresses services get (the public
+    ones, see the module docstring); ``tracking_url`` the MLflow GUI address of
+    ``GET /tracking``. Raises ``FlopsError`` subclasses
     from :meth:`start` when a component cannot start (with the component's own message), and
     :class:`HomeInUse` when another manager holds ``FLOPS_HOME``.
     """
@@ -116,6 +127,9 @@ class ManagerSuite(StartStop):
         self.config = config
         self.mqtt_url = config.mqtt_url
         self.mlflow_url = config.mlflow_url
+        self.service_mqtt_url = config.mqtt_url
+        self.service_mlflow_url = config.mlflow_url
+        self.tracking_url = config.mlflow_public_url or config.mlflow_url
         self.url = ""
         self._broker: EmbeddedComponent | None = None
         self._mlflow: EmbeddedComponent | None = None
@@ -151,6 +165,7 @@ class ManagerSuite(StartStop):
                 for future in (broker, mlflow):
                     if future is not None:
                         future.result()
+            self._advertise()
             store = open_store(self.config.store_url)
             orchestrator = make_orchestrator(
                 self.config,
@@ -178,13 +193,16 @@ class ManagerSuite(StartStop):
             credentials = self._credentials(home, admin)
             if isinstance(builder, ImageBuildService):  # the builder reports over MQTT too
                 builder.service_credentials = partial(credentials.builder, service="builder")
+            model_images = getattr(builder, "model_images", None)
+            if isinstance(model_images, ImageBuildService):  # the venv builder's model images
+                model_images.service_credentials = partial(credentials.builder, service="builder")
             self._lifecycle = ProjectLifecycle(
                 store,
                 builder,
                 orchestrator,
                 home / "projects",
-                self.mqtt_url,
-                self.mlflow_url,
+                self.service_mqtt_url,
+                self.service_mlflow_url,
                 credentials=credentials,
             )
             recovering = self._lifecycle.begin_recovery()
@@ -209,7 +227,6 @@ class ManagerSuite(StartStop):
             if recovering:
                 logger.info("reconciled %d unfinished project(s)", len(recovering))
             self._supervisor = self._supervise(state, store)
-            public_mlflow = self.config.mlflow_public_url or self.mlflow_url
             authenticator = self.config.authenticator()
             nodes = (
                 authenticator.credentials
@@ -219,7 +236,7 @@ class ManagerSuite(StartStop):
             app = create_app(
                 self._lifecycle,
                 store,
-                public_mlflow,
+                self.tracking_url,
                 authenticator,
                 nodes,
                 credentials.data,
@@ -233,6 +250,9 @@ class ManagerSuite(StartStop):
             )
             port = self._server.socket.getsockname()[1]
             self.url = f"http://{self.config.host}:{port}"
+            public = self.config.public_host or self.config.host
+            # runs link back to their project
+            self._lifecycle.pipeline.manager_url = f"http://{public}:{port}"
             self._thread = threading.Thread(target=self._server.run, name="api", daemon=True)
             self._thread.start()
             restrict_home(home)  # also what the components created meanwhile
@@ -240,7 +260,10 @@ class ManagerSuite(StartStop):
             self.stop(keep_running=True)  # a failed start must not end running projects
             raise
         logger.info(
-            "FLOps manager on %s (MLflow %s, MQTT %s)", self.url, public_mlflow, self.mqtt_url
+            "FLOps manager on %s (MLflow %s, MQTT %s)",
+            self.url,
+            self.tracking_url,
+            self.service_mqtt_url,
         )
         return self
 
@@ -257,8 +280,52 @@ class ManagerSuite(StartStop):
         return Supervisor(embedded, state, probes).start()
 
     def _start_broker(self, home: Path, state: EmbeddedState) -> None:
-        self._broker = start_broker(home, state, anonymous=not self.config.secure("mqtt"))
+        self._broker = start_broker(
+            home,
+            state,
+            host=self.config.listen_host,
+            anonymous=not self.config.secure("mqtt"),
+            port=self.config.mqtt_port,
+            port_setting="FLOPS_MQTT_PORT",
+        )
         self.mqtt_url = self._broker.url
+
+    def service_url(self, component: EmbeddedComponent) -> str:
+        """The address services and browsers get for an embedded ``component``: its URL with
+        ``FLOPS_PUBLIC_HOST`` as the host when that is set, else the URL the manager uses."""
+        public = self.config.public_host
+        if not public:
+            return component.url
+        scheme = component.url.split("://", 1)[0]
+        return f"{scheme}://{public}:{component.port}"
+
+    def _advertise(self) -> None:
+        """Set the addresses services and ``GET /tracking`` get for the embedded components,
+        and warn about addresses other machines cannot use."""
+        if self._broker is not None:
+            self.service_mqtt_url = self.service_url(self._broker)
+        if self._mlflow is not None:
+            self.service_mlflow_url = self.service_url(self._mlflow)
+            self.tracking_url = self.config.mlflow_public_url or self.service_mlflow_url
+        embedded = self._broker is not None or self._mlflow is not None
+        listen = self.config.listen_host
+        if embedded and listen in ALL_INTERFACES and not self.config.public_host:
+            logger.warning(
+                "the embedded components listen on every interface (%s) but FLOPS_PUBLIC_HOST "
+                "is not set: services and browsers get loopback addresses (%s, %s), which only "
+                "this machine reaches",
+                listen or "0.0.0.0",
+                self.service_mqtt_url,
+                self.tracking_url,
+            )
+        loopback = listen == "localhost" or listen.startswith("127.")
+        if embedded and self.config.public_host and loopback:
+            logger.warning(
+                "FLOPS_PUBLIC_HOST=%s is given to services, but the embedded components listen "
+                "on %s only (FLOPS_BIND_HOST): other machines cannot reach them",
+                self.config.public_host,
+                listen,
+            )
 
     def _broker_admin(self, home: Path) -> MqttCredential | None:
         """The broker's admin credential: the embedded broker's own, or the configured one of
@@ -310,7 +377,16 @@ class ManagerSuite(StartStop):
         )
 
     def _start_mlflow(self, home: Path, state: EmbeddedState) -> None:
-        self._mlflow = start_mlflow(home, state, authentication=self.config.secure("mlflow"))
+        urls = (self.config.mlflow_public_url,) if self.config.mlflow_public_url else ()
+        self._mlflow = start_mlflow(
+            home,
+            state,
+            host=self.config.listen_host,
+            authentication=self.config.secure("mlflow"),
+            port=self.config.mlflow_port,
+            port_setting="FLOPS_MLFLOW_PORT",
+            public=(self.config.public_host, *urls) if self.config.public_host or urls else (),
+        )
         self.mlflow_url = self._mlflow.url
 
     def _lock_home(self, home: Path) -> None:

@@ -16,6 +16,13 @@ and a user sees only the experiments and registered models they were granted
   database is empty). :func:`read_admin_credential` reads it.
 - ``basic_auth.db``: the auth app's users, password hashes and permissions (SQLite).
 
+Browsers reach the GUI at the server's own address when it listens on loopback or a private
+address (MLflow's default host and origin checks, ``mlflow.server.security``). With
+``public_host`` (``FLOPS_PUBLIC_HOST``) or ``public_urls`` (``FLOPS_MLFLOW_PUBLIC_URL``) the
+server also accepts that host name in the ``Host`` header and requests from that origin (the
+GUI's own POST calls carry it), and nothing else: MLflow's defaults plus these
+(:data:`DEFAULT_ALLOWED_HOSTS`).
+
 The admin password is never on a command line or in the server's environment; the Flask secret
 key the app needs for CSRF protection is generated per start and passed in the environment.
 """
@@ -33,6 +40,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from flops_utils.errors import FlopsError
 from flops_utils.logging import logger
@@ -80,6 +88,25 @@ AUTH_CACHE_TTL_S = 600
 checking one costs about 0.3 s of CPU (scrypt), on every request otherwise. Password changes and
 user deletions drop the entry at once in the worker that handles them, which is the only one
 (``--workers 1``), so a revoked credential stops working immediately."""
+
+DEFAULT_ALLOWED_HOSTS = (
+    "localhost",
+    "127.0.0.1",
+    "[::1]",
+    "0.0.0.0",
+    "localhost:*",
+    "127.0.0.1:*",
+    "[[]::1]:*",
+    "0.0.0.0:*",
+    "192.168.*",
+    "10.*",
+    *(f"172.{second}.*" for second in range(16, 32)),
+    "fc00:*",
+    "fd00:*",
+)
+"""``Host`` header patterns (``fnmatch``) MLflow accepts by default: loopback and the private
+address ranges (RFC 1918, RFC 4193), as ``mlflow.server.security_utils.get_default_allowed_hosts``
+returns them; setting ``MLFLOW_SERVER_ALLOWED_HOSTS`` replaces them, so they are repeated."""
 
 PROBE_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
 """A read-only REST call that needs a user on a basic-auth server (``/health`` needs none)."""
@@ -169,10 +196,15 @@ class MlflowServer(StartStop):
             serves everyone without a password, as before.
         port_origin: where a given ``port`` comes from (a setting, a recorded port), named by
             the error when that port is taken.
+        public_host: the host name or address browsers and remote services use for this
+            server (its port is the server's); accepted besides MLflow's defaults.
+        public_urls: further addresses of the GUI (``http(s)://HOST[:PORT][/...]``, e.g. a
+            reverse proxy), accepted the same way.
 
     Use as a context manager or call :meth:`start` / :meth:`stop` (or :meth:`detach`). ``url`` is
-    ``http://HOST:PORT``; ``start_seconds`` is how long the last successful :meth:`start`
-    took; ``pid`` is the last started server process (also its process group id); ``admin`` is
+    ``http://HOST:PORT`` (loopback when it listens on every interface); ``start_seconds`` is
+    how long the last successful :meth:`start` took; ``pid`` is the last started server
+    process (also its process group id); ``admin`` is
     the admin :class:`MlflowCredential` once an authenticating server started (else ``None``).
     """
 
@@ -184,8 +216,12 @@ class MlflowServer(StartStop):
         start_timeout_s: float = START_TIMEOUT_S,
         authentication: bool = False,
         port_origin: str = "the port argument",
+        public_host: str = "",
+        public_urls: tuple[str, ...] = (),
     ) -> None:
         self.workdir = Path(workdir)
+        self.public_host = public_host
+        self.public_urls = public_urls
         self.authentication = authentication
         self.admin: MlflowCredential | None = None
         self.host = host
@@ -233,13 +269,30 @@ class MlflowServer(StartStop):
         """The server's environment: the caller's, :data:`OFFLINE_ENV` and, with
         authentication, the auth config's path and a fresh Flask secret key (CSRF protection of
         the sign-up form), without :data:`AUTH_ENV_DROPPED`."""
-        env = {**os.environ, **OFFLINE_ENV}
+        env = {**os.environ, **OFFLINE_ENV, **self.public_access_env()}
         if self.authentication:
             for name in AUTH_ENV_DROPPED:
                 env.pop(name, None)
             env["MLFLOW_AUTH_CONFIG_PATH"] = str((self.workdir / AUTH_CONFIG_FILE).resolve())
             env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_urlsafe(PASSWORD_BYTES)
         return env
+
+    def public_access_env(self) -> dict[str, str]:
+        """``MLFLOW_SERVER_ALLOWED_HOSTS`` and ``MLFLOW_SERVER_CORS_ALLOWED_ORIGINS`` for
+        ``public_host`` and ``public_urls`` (empty without them: MLflow's defaults)."""
+        origins = [f"http://{self.public_host}:{self.port}"] if self.public_host else []
+        for url in self.public_urls:
+            parts = urlsplit(url)
+            if parts.scheme and parts.netloc:
+                origins.append(f"{parts.scheme}://{parts.netloc}")
+        if not origins:
+            return {}
+        hosts = list(DEFAULT_ALLOWED_HOSTS)
+        hosts += [urlsplit(origin).netloc for origin in origins]  # compared as is (no '*')
+        return {
+            "MLFLOW_SERVER_ALLOWED_HOSTS": ",".join(hosts),
+            "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": ",".join(origins),
+        }
 
     def start(self, cancel: threading.Event | None = None) -> "MlflowServer":
         """Start the server and wait until ``GET /health`` answers 200.
