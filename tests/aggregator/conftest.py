@@ -79,6 +79,22 @@ RunTraining = Callable[[dict[str, Any]], TrainingRun]
 """``run_training(sla)``: run one project with ``sla`` (as JSON) to the end."""
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_restored() -> Iterator[None]:
+    """An in-process ``MlflowTracker`` calls ``mlflow.set_tracking_uri``, which sets MLflow's
+    process-wide URI and ``MLFLOW_TRACKING_URI``: put both back after each test, so that a
+    later test's own ``MLFLOW_TRACKING_URI`` is the one MLflow uses."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    tracking = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if tracking is not None:
+        tracking._tracking_uri = None  # type: ignore[attr-defined]
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="package")
 def mnist_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Two data servers, each holding half of MNIST (IID) under the tag ``mnist``."""
