@@ -178,6 +178,14 @@ class TestEmbeddedDefault:
                 lambda: answers_200(f"{url}/ping") or server.poll() is not None,
                 timeout_s=SERVE_TIMEOUT_S,
             )
+            # the server answers /ping a moment before the CLI prints its line
+            wait_until(
+                lambda: (
+                    "serving at" in (tmp_path / "serve.log").read_text()
+                    or server.poll() is not None
+                ),
+                timeout_s=30,
+            )
             output = (tmp_path / "serve.log").read_text()
             assert server.poll() is None, output
             assert f"serving at {url}/invocations" in output
