@@ -266,7 +266,7 @@ def test_a_dead_mlflow_server_fails_the_aggregator_naming_it(
     failed = _final(project, "aggregator", "aggregator", "failed")
     assert failed["message"].startswith(
         f"the MLflow tracking server at {own_mlflow.url} did not answer: Connection refused "
-        "(trying to log round "
+        "(trying to log "
     ), failed["message"]
     assert "retried for about 4s" in failed["message"]
     assert failed["data"] == {

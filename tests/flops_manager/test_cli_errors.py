@@ -125,9 +125,10 @@ def test_ctrl_c_while_following_says_the_project_keeps_running(
         }
         (tmp_path / "sla.json").write_text(json.dumps(sla))
         env = {"PATH": "/usr/bin:/bin", "FLOPS_API_TOKEN": token, "COLUMNS": "200"}
+        out = (tmp_path / "out.txt").open("w")
         follower = subprocess.Popen(
             [FLOPS, "submit", str(tmp_path / "sla.json"), "--manager-url", suite.url],
-            stdout=subprocess.PIPE,
+            stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
@@ -137,9 +138,14 @@ def test_ctrl_c_while_following_says_the_project_keeps_running(
             30,
             "the project was not created",
         )
-        time.sleep(0.5)  # let the CLI enter its follow loop
+        wait_until(  # the CLI follows the project once it printed that
+            lambda: "accepted" in (tmp_path / "out.txt").read_text(), 30, "not accepted"
+        )
+        time.sleep(1.0)
         follower.send_signal(signal.SIGINT)
-        output, _ = follower.communicate(timeout=30)
+        follower.wait(timeout=30)
+        out.close()
+        output = (tmp_path / "out.txt").read_text()
         project_id = listed[0]["project_id"]
         status = requests.get(f"{api}/projects/{project_id}", headers=headers, timeout=5).json()
         requests.delete(f"{api}/projects/{project_id}", headers=headers, timeout=60)
