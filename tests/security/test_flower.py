@@ -232,6 +232,9 @@ def test_positive_control_the_rogue_poisons_a_server_without_token() -> None:
     assert float(np.abs(parameters[0]).max()) < 1e-6
 
 
+# gRPC's own channel-state thread may raise "Channel closed" once the refused channel is
+# closed (seen once under load); that is not the behaviour this test checks
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_token_over_plain_grpc_cannot_connect_to_a_tls_server(creds: FlowerCredentials) -> None:
     # Prepare
     address = f"127.0.0.1:{find_free_port()}"
