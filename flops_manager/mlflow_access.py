@@ -291,18 +291,19 @@ class MlflowAccess:
     def project(self, project_id: str, experiment_name: str, customer_id: str) -> dict[str, str]:
         """Prepare MLflow for a project and return its aggregators' credential.
 
-        Creates (idempotently) the experiment ``experiment_name`` and the registered model of
-        the same name (``flops_utils.contract.services.experiment_name``), the
-        user :func:`project_username` with a new password (a second call replaces the password:
-        call it once per deployment and give the result to every aggregator of the project)
-        and :data:`EXPERIMENT_PERMISSION` on both, and :data:`CUSTOMER_PERMISSION` on both for
-        the customer's user (created, with a password nobody knows yet, when missing).
+        Creates (idempotently) the experiment ``experiment_name``
+        (``flops_utils.contract.services.experiment_name``), the user :func:`project_username`
+        with a new password (a second call replaces the password: call it once per deployment
+        and give the result to every aggregator of the project) and
+        :data:`EXPERIMENT_PERMISSION` on the experiment, and :data:`CUSTOMER_PERMISSION` on it
+        for the customer's user (created, with a password nobody knows yet, when missing). The
+        registered model the final model becomes a version of is prepared by
+        :meth:`registered_model`.
 
         Returns ``{MLFLOW_TRACKING_USERNAME: ..., MLFLOW_TRACKING_PASSWORD: ...}``.
         """
         username = project_username(project_id)
         experiment_id = self.ensure_experiment(experiment_name, project_id)
-        self._ensure_registered_model(experiment_name, project_id)
         credential = MlflowCredential(username, new_password())
         self._set_user(credential)
         customer = customer_username(customer_id)
@@ -313,7 +314,6 @@ class MlflowAccess:
             (customer, CUSTOMER_PERMISSION),
         ):
             self._grant(user, "experiment", experiment_id, permission)
-            self._grant(user, "registered_model", experiment_name, permission)
         return credential.env()
 
     def customer_credential(self, customer_id: str) -> MlflowCredential:
@@ -426,15 +426,6 @@ class MlflowAccess:
                 json={"experiment_id": experiment_id},
             )
         return experiment_id
-
-    def _ensure_registered_model(self, name: str, project_id: str) -> None:
-        self._call(
-            "create the registered model",
-            "POST",
-            f"{_MODELS}/create",
-            json={"name": name, "tags": [{"key": "flops.project_id", "value": project_id}]},
-            ok=(_EXISTS,),
-        )
 
     def _user_exists(self, username: str) -> bool:
         found = self._call(

@@ -38,13 +38,15 @@ SEARCH = "/api/2.0/mlflow/experiments/search"
 
 @dataclass(frozen=True)
 class Project:
-    """A project prepared by :meth:`MlflowAccess.project`: its id, experiment name, customer
-    and the aggregators' env vars."""
+    """A project prepared by :meth:`MlflowAccess.project` and
+    :meth:`MlflowAccess.registered_model`: its id, experiment name, customer, the aggregators'
+    env vars and the registered model its final model becomes a version of."""
 
     project_id: str
     experiment: str
     customer: str
     env: dict[str, str]
+    registered_model: str
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,11 @@ def access(secure_mlflow_server: MlflowServer) -> MlflowAccess:
 def _new_project(access: MlflowAccess, customer: str) -> Project:
     project_id = uuid.uuid4().hex[:12]
     name = experiment_name(project_id)
-    return Project(project_id, name, customer, access.project(project_id, name, customer))
+    env = access.project(project_id, name, customer)
+    model = access.registered_model(
+        project_id, customer, f"https://git.example.org/{customer}/mnist.git"
+    )
+    return Project(project_id, name, customer, env, model)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +220,7 @@ def test_customer_reads_own_projects_only_and_cannot_write(
     own_run = client.get_run(run_ids["alice"])
     attempts: list[Callable[[], object]] = [
         lambda: client.get_run(run_ids["bob"]),
-        lambda: client.get_registered_model(bob_project.experiment),
+        lambda: client.get_registered_model(bob_project.registered_model),
         lambda: client.log_metric(run_ids["alice"], "loss", 9.0),
         lambda: client.create_run(own_run.info.experiment_id),
         lambda: client.delete_experiment(own_run.info.experiment_id),
@@ -253,7 +259,9 @@ def test_aggregator_flow_registers_a_model_the_customer_can_read(
     mlflow.set_tracking_uri(secure_mlflow_server.url)
 
     # Execute: the aggregator's own tracker, then the plain mlflow API with a registered name.
-    tracker = MlflowTracker(secure_mlflow_server.url, project.project_id)
+    tracker = MlflowTracker(
+        secure_mlflow_server.url, project.project_id, registered_model=project.registered_model
+    )
     tracker.start_run({"training_configuration": {"training_rounds": 1}})
     tracker.log_round(1, loss=0.3, accuracy=0.9)
     logged = tracker.log_saved_model(saved, MLModelFlavor.SKLEARN, step=1)
@@ -264,14 +272,14 @@ def test_aggregator_flow_registers_a_model_the_customer_can_read(
         mlflow.sklearn.log_model(
             model,
             name="model",
-            registered_model_name=project.experiment,
+            registered_model_name=project.registered_model,
             pip_requirements=["scikit-learn"],
         )
     access.revoke(project.project_id)
     _as(monkeypatch, access.customer_credential("carol"))
     client = _client(secure_mlflow_server)
     versions = sorted(
-        int(v.version) for v in client.search_model_versions(f"name = '{project.experiment}'")
+        int(v.version) for v in client.search_model_versions(f"name = '{project.registered_model}'")
     )
     tracker_run = client.get_run(str(tracker.run_id))
     loaded = mlflow.pyfunc.load_model(logged.registered_model_uri)
