@@ -3,7 +3,8 @@ the cluster aggregators (hierarchical FL's root), or a cluster of learners for t
 (:mod:`aggregator.cluster`), and tracks it in MLflow.
 
 Started as ``python -m aggregator`` (or ``flops-aggregator``) by an orchestrator, configured
-by environment variables (:mod:`flops_utils.env_vars`):
+by environment variables (:mod:`flops_utils.env_vars`; an option of ``flops-aggregator
+--help`` sets the variable it names, :mod:`flops_utils.role_cli`):
 
 - ``FLOPS_PROJECT_ID``, ``FLOPS_MQTT_URL``: where status messages go (required).
 - ``FLOPS_AGGREGATOR_ADDRESS``: ``HOST:PORT`` the Flower server binds (required).
@@ -60,9 +61,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+import typer
 
 from aggregator.cluster import run_cluster
 from aggregator.config import CYCLE_KEY, PARENT_RUN_KEY, AggregatorConfig, ConfigError
@@ -89,6 +91,7 @@ from aggregator.tracking import (
     MlflowTracker,
     ModelLoggingError,
 )
+from flops_utils import env_vars
 from flops_utils.contract.entry import run_role
 from flops_utils.contract.exit_codes import Role
 from flops_utils.contract.lifecycle import Stage
@@ -106,6 +109,17 @@ from flops_utils.model_worker_client import (
     RemoteUserCodeError,
 )
 from flops_utils.notifications import StatusNotifier
+from flops_utils.role_cli import (
+    STATUS_ENV,
+    EnvVar,
+    MqttUrlOption,
+    ProjectIdOption,
+    RepoDirOption,
+    RoleApp,
+    UserPythonOption,
+    VersionOption,
+    export_options,
+)
 from flops_utils.types import ComponentStatus
 from flops_utils.user_code import UserCodeError, call_user_code
 
@@ -309,7 +323,103 @@ def _log_final_model(
         )
 
 
+def _option(envvar: str, help: str, default: str | None = None, metavar: str = "TEXT") -> Any:
+    """A string option setting ``envvar`` (checked by :meth:`AggregatorConfig.from_env`)."""
+    return typer.Option(
+        envvar=envvar,
+        help=help,
+        metavar=metavar,
+        show_default=default if default is not None else False,
+    )
+
+
+app = RoleApp(
+    "flops-aggregator",
+    "Run the SLA's Flower strategy over the project's learners (classic), over the cluster "
+    "aggregators (root) or over a cluster's learners (cluster), and track it in MLflow (an "
+    "orchestrator starts it with FLOPS_* variables).",
+    env_only=[
+        EnvVar(env_vars.SLA, "the project's validated SLA as JSON (required)"),
+        EnvVar(env_vars.PROVENANCE, "the manager's provenance JSON, recorded in the MLflow run"),
+        EnvVar(env_vars.TLS_CERT, "PEM certificate chain of the Flower server", "plain gRPC"),
+        EnvVar(env_vars.TLS_KEY, "PEM private key of FLOPS_TLS_CERT"),
+        EnvVar(
+            env_vars.TLS_CA_CERT,
+            "cluster aggregator: PEM of the project's CA, to verify the root aggregator",
+        ),
+        EnvVar(env_vars.FLOWER_TOKEN, "the project's Flower client secret"),
+        EnvVar("MLFLOW_TRACKING_USERNAME", "the project's MLflow user (with _PASSWORD)"),
+        *STATUS_ENV,
+    ],
+)
+
+
+@app.main_command()
+def _aggregator(
+    ctx: typer.Context,
+    project_id: ProjectIdOption = None,
+    mqtt_url: MqttUrlOption = None,
+    aggregator_address: Annotated[
+        str | None,
+        _option(env_vars.AGGREGATOR_ADDRESS, "HOST:PORT the Flower server binds (required)."),
+    ] = None,
+    mlflow_url: Annotated[
+        str | None,
+        _option(env_vars.MLFLOW_URL, "The MLflow tracking server, http://HOST:PORT (required)."),
+    ] = None,
+    repo_dir: RepoDirOption = None,
+    user_python: UserPythonOption = None,
+    role: Annotated[
+        str | None,
+        _option(env_vars.AGGREGATOR_ROLE, "classic, root or cluster.", "classic", "ROLE"),
+    ] = None,
+    clusters: Annotated[
+        str | None,
+        _option(env_vars.CLUSTERS, "Root: comma-separated clusters taking part (required)."),
+    ] = None,
+    cluster: Annotated[
+        str | None,
+        _option(env_vars.CLUSTER, "Cluster aggregator: its cluster's name (required)."),
+    ] = None,
+    root_aggregator_address: Annotated[
+        str | None,
+        _option(env_vars.ROOT_AGGREGATOR_ADDRESS, "Cluster aggregator: HOST:PORT of the root."),
+    ] = None,
+    learners: Annotated[
+        str | None,
+        _option(env_vars.LEARNERS, "Cluster aggregator: comma-separated learner names."),
+    ] = None,
+    registered_model: Annotated[
+        str | None,
+        _option(
+            env_vars.REGISTERED_MODEL,
+            "The MLflow registered model the final model becomes a version of.",
+            "flops-<project id>",
+        ),
+    ] = None,
+    connect_timeout_s: Annotated[
+        str | None,
+        _option(env_vars.CONNECT_TIMEOUT_S, "Seconds to wait for the learners.", "300", "SECONDS"),
+    ] = None,
+    straggler_notice_s: Annotated[
+        str | None,
+        _option(
+            env_vars.STRAGGLER_NOTICE_S,
+            "Seconds after which (and then every which) a learner that has not answered a "
+            "round is reported; 0: never.",
+            "min(30, round_timeout_s / 2)",
+            "SECONDS",
+        ),
+    ] = None,
+    version: VersionOption = False,
+) -> int:
+    """The aggregator's command: options set their variables, then :func:`run` as the
+    orchestrator starts it."""
+    export_options(ctx)
+    return run_role(Role.AGGREGATOR, lambda: AggregatorConfig.from_env(os.environ), run)
+
+
 def main() -> None:
     """Entry point of ``python -m aggregator`` / ``flops-aggregator``; exits with an
-    :class:`~flops_utils.contract.exit_codes.ExitCode`."""
-    sys.exit(run_role(Role.AGGREGATOR, lambda: AggregatorConfig.from_env(os.environ), run))
+    :class:`~flops_utils.contract.exit_codes.ExitCode` (2 also for a command-line error)."""
+    sys.exit(app.run())

@@ -1,10 +1,11 @@
 """``flops-data-server``: serve one worker node's data over Arrow Flight until SIGTERM/SIGINT.
 
-Usage::
+Usage (every option also has a ``FLOPS_*`` environment variable, see ``--help`` and
+:mod:`flops_utils.role_cli`)::
 
     flops-data-server --data-dir DIR --node-id ID [--host 127.0.0.1] [--port 8815]
         [--cluster local] [--hostname NAME] [--manager-url http://HOST:PORT]
-        [--register-interval-s 30] [--advertise-host HOST] [--insecure]
+        [--api-token TOKEN] [--register-interval-s 30] [--advertise-host HOST] [--insecure]
 
 Secure by default (:mod:`data_server.security`): TLS with a self-signed certificate and
 token authentication; the certificate, its key and the node owner's credential are kept in
@@ -13,23 +14,28 @@ token authentication; the certificate, its key and the node owner's credential a
 
 With ``--manager-url`` the node registers with the manager at start, every
 ``--register-interval-s`` seconds and shortly after its data changed (see
-:mod:`data_server.registration`); registration failures are logged and retried.
+:mod:`data_server.registration`); registration failures are logged and retried. It registers
+with ``--api-token`` (``FLOPS_API_TOKEN``, the CLI's variable; the deprecated
+``FLOPS_MANAGER_TOKEN`` still works, with a warning).
 
 Exit codes (:class:`~flops_utils.contract.exit_codes.ExitCode`): 0 stopped by SIGTERM or
-SIGINT, 2 invalid arguments or an unusable ``--data-dir`` / ``--manager-url`` (fix them), 10
-cannot listen on ``--host``/``--port`` (choose a free port), 5 an internal error.
+SIGINT, 2 invalid arguments (one line) or an unusable ``--data-dir`` / ``--manager-url`` (fix
+them), 10 cannot listen on ``--host``/``--port`` (choose a free port), 5 an internal error.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Annotated
+
+import typer
 
 from data_server.registration import (
     DEFAULT_INTERVAL_S,
@@ -46,12 +52,16 @@ from flops_utils import env_vars
 from flops_utils.contract.entry import run_command
 from flops_utils.contract.exit_codes import Role
 from flops_utils.logging import logger
+from flops_utils.role_cli import EnvVar, RoleApp, VersionOption, deprecated_alias
 
 DEFAULT_PORT = 8815
 """The conventional Arrow Flight port."""
 
 INSECURE_ENV = "FLOPS_INSECURE"
 """Comma-separated security controls turned off; ``data`` here is ``--insecure``."""
+
+API_TOKEN_ENV = env_vars.API_TOKEN
+"""The token the node registers with (``--api-token``); the CLI's variable."""
 
 MANAGER_CREDENTIAL_FILE = "manager-credential"
 """File in ``<data-dir>/.security/`` keeping the latest refreshed node credential."""
@@ -66,49 +76,22 @@ def insecure_from_env() -> bool:
     return "data" in (item.strip() for item in listed)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the command-line parser of ``flops-data-server``."""
-    parser = argparse.ArgumentParser(
-        prog="flops-data-server",
-        description="Serve this worker node's datasets (Parquet per data tag) over Arrow Flight.",
-    )
-    parser.add_argument("--data-dir", required=True, help="directory holding <tag>.parquet")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="TCP port; 0 picks a free one (default 8815)"
-    )
-    parser.add_argument("--node-id", required=True, help="this worker node's id")
-    parser.add_argument("--cluster", default="local", help="cluster of the node (default local)")
-    parser.add_argument(
-        "--hostname",
-        help="the node's worker hostname in its Oakestra cluster (default: the node id)",
-    )
-    parser.add_argument("--manager-url", help="register with the manager at http://HOST:PORT")
-    parser.add_argument(
-        "--manager-token",
-        default=os.environ.get(env_vars.MANAGER_TOKEN),
-        help="the node credential to register with, from 'flops token --node ID' (default: "
-        f"${env_vars.MANAGER_TOKEN}); refreshed ones are kept in <data-dir>/.security/",
-    )
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        default=insecure_from_env(),
-        help="serve plain gRPC without authentication (default: off, unless "
-        f"${INSECURE_ENV} lists 'data')",
-    )
-    parser.add_argument(
-        "--register-interval-s",
-        type=float,
-        default=DEFAULT_INTERVAL_S,
-        help="seconds between registrations (default 30)",
-    )
-    parser.add_argument(
-        "--advertise-host",
-        help="host learners use to reach this server (default: --host, or this machine's "
-        "hostname when --host binds every interface)",
-    )
-    return parser
+@dataclass(frozen=True)
+class ServerOptions:
+    """The checked command line of ``flops-data-server`` (see ``--help``); ``api_token``:
+    ``None`` when none is given."""
+
+    data_dir: str
+    node_id: str
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    cluster: str = "local"
+    hostname: str | None = None
+    manager_url: str | None = None
+    api_token: str | None = None
+    insecure: bool = False
+    register_interval_s: float = DEFAULT_INTERVAL_S
+    advertise_host: str | None = None
 
 
 def advertised_host(host: str, advertise_host: str | None) -> str:
@@ -128,7 +111,7 @@ def advertised_location(
     return f"{scheme}://{chosen}:{port}"
 
 
-def _security(args: argparse.Namespace) -> DataServerSecurity | None:
+def _security(args: ServerOptions) -> DataServerSecurity | None:
     """The server's TLS material and credentials (``None`` with ``--insecure``)."""
     if args.insecure:
         logger.warning(
@@ -170,24 +153,126 @@ def _trust_manager(security: DataServerSecurity | None, answer: dict[str, object
         security.set_manager_key(pem)
 
 
+app = RoleApp(
+    "flops-data-server",
+    "Serve this worker node's datasets (Parquet per data tag) over Arrow Flight and register "
+    "them with the manager, until SIGTERM or Ctrl-C.",
+    env_only=[EnvVar(INSECURE_ENV, "listing data: as --insecure")],
+)
+
+
+@app.main_command()
+def _data_server(
+    data_dir: Annotated[
+        str,
+        typer.Option(
+            envvar="FLOPS_DATA_DIR", metavar="DIR", help="Directory holding <tag>.parquet."
+        ),
+    ],
+    node_id: Annotated[
+        str, typer.Option(envvar="FLOPS_NODE_ID", metavar="ID", help="This worker node's id.")
+    ],
+    host: Annotated[
+        str, typer.Option(envvar="FLOPS_DATA_SERVER_HOST", help="Address to bind.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int,
+        typer.Option(
+            envvar="FLOPS_DATA_SERVER_PORT", min=0, max=65535, help="TCP port; 0 picks a free one."
+        ),
+    ] = DEFAULT_PORT,
+    cluster: Annotated[
+        str, typer.Option(envvar=env_vars.CLUSTER, help="Cluster of the node.")
+    ] = "local",
+    hostname: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLOPS_NODE_HOSTNAME",
+            help="The node's worker hostname in its Oakestra cluster.",
+            show_default="the node id",
+        ),
+    ] = None,
+    manager_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLOPS_MANAGER_URL",
+            metavar="URL",
+            help="Register with the manager at http://HOST:PORT.",
+            show_default=False,
+        ),
+    ] = None,
+    api_token: Annotated[
+        str | None,
+        typer.Option(
+            "--api-token",
+            "--manager-token",
+            envvar=API_TOKEN_ENV,
+            metavar="TOKEN",
+            help="The node credential to register with, from 'flops token --node ID'; "
+            "refreshed ones are kept in <data-dir>/.security/ (deprecated: "
+            f"{env_vars.MANAGER_TOKEN}).",
+            show_default=False,
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help=f"Serve plain gRPC without authentication (also when {INSECURE_ENV} lists data).",
+        ),
+    ] = False,
+    register_interval_s: Annotated[
+        float,
+        typer.Option(
+            envvar="FLOPS_REGISTER_INTERVAL_S",
+            metavar="SECONDS",
+            help="Seconds between registrations.",
+        ),
+    ] = DEFAULT_INTERVAL_S,
+    advertise_host: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLOPS_ADVERTISE_HOST",
+            help="Host learners use to reach this server.",
+            show_default="--host, or this machine's hostname when --host binds every interface",
+        ),
+    ] = None,
+    version: VersionOption = False,
+) -> int:
+    """The data server's command: check the options, then :func:`_serve` until a signal."""
+    if register_interval_s <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--register-interval-s")
+    options = ServerOptions(
+        data_dir=data_dir,
+        node_id=node_id,
+        host=host,
+        port=port,
+        cluster=cluster,
+        hostname=hostname,
+        manager_url=manager_url,
+        api_token=deprecated_alias(api_token, API_TOKEN_ENV, env_vars.MANAGER_TOKEN, os.environ)
+        or None,
+        insecure=insecure or insecure_from_env(),
+        register_interval_s=register_interval_s,
+        advertise_host=advertise_host,
+    )
+    return run_command(Role.DATA_SERVER, lambda: _checked(options), _serve)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the data server until SIGTERM/SIGINT; return an exit code (see the module
-    docstring)."""
-    return run_command(Role.DATA_SERVER, lambda: _parse(argv), _serve)
+    docstring). ``argv``: the command line (default ``sys.argv[1:]``)."""
+    return app.run(argv)
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    """The checked arguments; ``argparse`` exits with code 2 for invalid ones."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not 0 <= args.port < 65536 or args.register_interval_s <= 0:
-        parser.error("--port must be 0-65535 and --register-interval-s positive")
-    if args.manager_url:
-        nodes_url(args.manager_url)  # fail fast on a malformed URL
-    return args
+def _checked(options: ServerOptions) -> ServerOptions:
+    """``options`` once the manager URL is checked; raises ``InvalidManagerUrl``."""
+    if options.manager_url:
+        nodes_url(options.manager_url)  # fail fast on a malformed URL
+    return options
 
 
-def _serve(args: argparse.Namespace) -> None:
+def _serve(args: ServerOptions) -> None:
     """Serve (and register) until SIGTERM/SIGINT. Raises ``DataServerStartError`` when the
     address cannot be bound, ``StorageError`` for an unusable ``--data-dir``."""
     stop = threading.Event()
@@ -226,7 +311,7 @@ def _serve(args: argparse.Namespace) -> None:
                     cert_pem=security.cert_pem if security else None,
                 ),
                 interval_s=args.register_interval_s,
-                token=newest_credential(stored_credential(credential_file), args.manager_token),
+                token=newest_credential(stored_credential(credential_file), args.api_token),
                 credential_file=credential_file,
                 on_answer=(lambda answer: _trust_manager(security, answer)) if security else None,
             )

@@ -478,7 +478,7 @@ def project_json(record: ProjectRecord, admin: bool) -> dict[str, Any]:
 
 class NodeCredentialView(_View):
     """``POST /nodes/{node_id}/credential``: a node credential for the node's data server
-    (``FLOPS_MANAGER_TOKEN``); it registers and refreshes that node only. ``expires_at`` in
+    (``FLOPS_API_TOKEN``); it registers and refreshes that node only. ``expires_at`` in
     seconds since the epoch."""
 
     node_id: str

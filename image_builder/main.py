@@ -3,7 +3,8 @@
 One process builds one project's learner and aggregator images with
 :class:`~image_builder.oci_builder.OciBuilder` and reports over MQTT, so that an orchestrator can
 run it on any machine with buildah (the manager's own, or a worker). Configured by environment
-variables (set by the manager):
+variables (set by the manager; an option of ``flops-image-builder --help`` sets the variable it
+names, :mod:`flops_utils.role_cli`):
 
 =================================  ============================================================
 variable                           meaning
@@ -52,7 +53,9 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from flops_utils import env_vars
 from flops_utils.contract.entry import failure_of, run_role
@@ -61,6 +64,15 @@ from flops_utils.contract.messages import BuilderProgress, BuilderStarted, Build
 from flops_utils.env_config import EnvReader
 from flops_utils.errors import FlopsError
 from flops_utils.notifications import StatusNotifier
+from flops_utils.role_cli import (
+    STATUS_ENV,
+    EnvVar,
+    MqttUrlOption,
+    ProjectIdOption,
+    RoleApp,
+    VersionOption,
+    export_options,
+)
 from flops_utils.types import ComponentStatus, MLModelFlavor
 from image_builder.build_processes import BuildRegistry, BuildScope
 from image_builder.model_image import ModelImage, ModelImageBuilder
@@ -311,17 +323,117 @@ def _write_result(path: Path | None, document: Mapping[str, Any]) -> None:
 
 
 def main(env: Mapping[str, str] | None = None) -> int:
-    """Entry point of ``flops-image-builder``; returns the
+    """Entry point of ``flops-image-builder`` / ``python -m image_builder.main``: the command
+    line (:data:`app`) and ``os.environ``, or, when ``env`` is given (callers in Python), that
+    environment alone; returns the :class:`~flops_utils.contract.exit_codes.ExitCode` (2 also
+    for a command-line error). See :func:`build`."""
+    return app.run() if env is None else build(env)
+
+
+def build(env: Mapping[str, str]) -> int:
+    """Build with the configuration in ``env``; returns the
     :class:`~flops_utils.contract.exit_codes.ExitCode`.
 
     SIGTERM cancels the build: every program it runs (git, uv, buildah) is stopped, by
     process group, and the build fails with :class:`~image_builder.errors.BuildCancelled`
     (how the manager cancels a project's image build)."""
-    env = os.environ if env is None else env
     registry = BuildRegistry()
     name = env.get(env_vars.PROJECT_ID) or "image build"
     with registry.scope(name) as scope, _cancel_on_sigterm(scope):
         return run_role(Role.BUILDER, lambda: _read_request(env), run, env)
+
+
+def _option(envvar: str, help: str, default: str | None = None, metavar: str = "TEXT") -> Any:
+    """A string option setting ``envvar`` (checked by :meth:`BuildRequest.from_env`)."""
+    return typer.Option(
+        envvar=envvar,
+        help=help,
+        metavar=metavar,
+        show_default=default if default is not None else False,
+    )
+
+
+app = RoleApp(
+    "flops-image-builder",
+    "Build and push one project's learner and aggregator images (or a trained model's "
+    "image) with buildah, reporting over MQTT (the manager starts it with FLOPS_* variables).",
+    env_only=[
+        EnvVar("MLFLOW_TRACKING_USERNAME", "model images: the MLflow user (with _PASSWORD)"),
+        *STATUS_ENV,
+    ],
+)
+
+
+@app.main_command()
+def _image_builder(
+    ctx: typer.Context,
+    project_id: ProjectIdOption = None,
+    mqtt_url: MqttUrlOption = None,
+    ml_repo_url: Annotated[
+        str | None,
+        _option(env_vars.ML_REPO_URL, "The ML repository: git URL, file:// URL or path."),
+    ] = None,
+    ml_repo_ref: Annotated[
+        str | None,
+        _option(env_vars.ML_REPO_REF, "Branch, tag or commit.", "the default branch"),
+    ] = None,
+    flavor: Annotated[
+        str | None,
+        _option(env_vars.ML_MODEL_FLAVOR, "The SLA's ml_model_flavor.", "pytorch", "FLAVOR"),
+    ] = None,
+    platforms: Annotated[
+        str | None,
+        _option(env_vars.PLATFORMS, "Comma-separated os/arch platforms.", "this machine's"),
+    ] = None,
+    registry: Annotated[
+        str | None,
+        _option(env_vars.REGISTRY, "host[:port] the images are pushed to (required)."),
+    ] = None,
+    registry_namespace: Annotated[
+        str | None, _option(env_vars.REGISTRY_NAMESPACE, "Path under the registry.", "flops")
+    ] = None,
+    registry_tls_verify: Annotated[
+        str | None,
+        _option(
+            env_vars.REGISTRY_TLS_VERIFY, "false for a plain-HTTP registry.", "true", "BOOLEAN"
+        ),
+    ] = None,
+    base_image: Annotated[
+        str | None,
+        _option(env_vars.BASE_IMAGE, "Reference of the Python 3.11 base image (required)."),
+    ] = None,
+    cache_dir: Annotated[
+        str | None,
+        _option(env_vars.BUILD_CACHE_DIR, "Build locks and logs.", "~/.cache/flops/oci", "DIR"),
+    ] = None,
+    workdir: Annotated[
+        str | None,
+        _option(
+            env_vars.BUILD_WORKDIR, "Scratch space for the clone.", "a temporary directory", "DIR"
+        ),
+    ] = None,
+    result_file: Annotated[
+        str | None,
+        _option(env_vars.BUILD_RESULT_FILE, "Where the outcome is written as JSON.", None, "FILE"),
+    ] = None,
+    model_uri: Annotated[
+        str | None,
+        _option(
+            env_vars.MODEL_URI,
+            "Build the trained-model image of this MLflow model (models:/NAME/VERSION) "
+            "instead of the repository's.",
+        ),
+    ] = None,
+    mlflow_url: Annotated[
+        str | None,
+        _option(env_vars.MLFLOW_URL, "The tracking server holding --model-uri's model."),
+    ] = None,
+    version: VersionOption = False,
+) -> int:
+    """The image builder's command: options set their variables, then :func:`build` with
+    the environment, as the manager starts it."""
+    export_options(ctx)
+    return build(os.environ)
 
 
 @contextlib.contextmanager

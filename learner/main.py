@@ -1,7 +1,8 @@
 """The learner process: trains the ML repository's model on this node's data with Flower.
 
 Started as ``python -m learner`` (or ``flops-learner``) by an orchestrator, configured by
-environment variables (:mod:`flops_utils.env_vars`):
+environment variables (:mod:`flops_utils.env_vars`; an option of ``flops-learner --help`` sets
+the variable it names, :mod:`flops_utils.role_cli`):
 
 - ``FLOPS_PROJECT_ID``, ``FLOPS_MQTT_URL``: where status messages go (required).
 - ``FLOPS_AGGREGATOR_ADDRESS``: ``HOST:PORT`` of the aggregator (required).
@@ -27,6 +28,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from flops_utils import env_vars
 from flops_utils.contract.entry import run_role
@@ -38,6 +42,17 @@ from flops_utils.flower_security import ClientSecurity, SecurityConfigError
 from flops_utils.logging import logger
 from flops_utils.model_worker_client import ModelWorker, ModelWorkerDataError
 from flops_utils.notifications import StatusNotifier
+from flops_utils.role_cli import (
+    STATUS_ENV,
+    EnvVar,
+    MqttUrlOption,
+    ProjectIdOption,
+    RepoDirOption,
+    RoleApp,
+    UserPythonOption,
+    VersionOption,
+    export_options,
+)
 from flops_utils.types import ComponentStatus
 from flops_utils.user_code import UserCodeError, call_user_code
 from learner.flower_client import preload, run_client
@@ -159,7 +174,77 @@ def _load_data(model_manager: ModelWorker) -> None:
         raise
 
 
+app = RoleApp(
+    "flops-learner",
+    "Train the ML repository's model on this node's data with Flower, as a learner of the "
+    "project's aggregator (an orchestrator starts it with FLOPS_* variables).",
+    env_only=[
+        EnvVar(env_vars.TLS_CA_CERT, "PEM of the project's CA: connect to the aggregator with TLS"),
+        EnvVar(env_vars.FLOWER_TOKEN, "the project's Flower client secret"),
+        EnvVar(env_vars.DATA_TOKEN, "the token presented to the node's data server"),
+        EnvVar(env_vars.DATA_SERVER_CERT, "PEM certificate of the node's data server"),
+        *STATUS_ENV,
+    ],
+)
+
+
+@app.main_command()
+def _learner(
+    ctx: typer.Context,
+    project_id: ProjectIdOption = None,
+    mqtt_url: MqttUrlOption = None,
+    aggregator_address: Annotated[
+        str | None,
+        typer.Option(
+            envvar=env_vars.AGGREGATOR_ADDRESS,
+            help="HOST:PORT of the aggregator (required).",
+            show_default=False,
+        ),
+    ] = None,
+    repo_dir: RepoDirOption = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            envvar=env_vars.LEARNER_NAME,
+            help="This learner's name in status messages.",
+            show_default="learner",
+        ),
+    ] = None,
+    data_server: Annotated[
+        str | None,
+        typer.Option(
+            envvar=env_vars.DATA_SERVER,
+            help="The node's data server, grpc://HOST:PORT (read by load_dataset()).",
+            show_default=False,
+        ),
+    ] = None,
+    data_tags: Annotated[
+        str | None,
+        typer.Option(
+            envvar=env_vars.DATA_TAGS,
+            help="Comma-separated data tags of the SLA (read by load_dataset()).",
+            show_default=False,
+        ),
+    ] = None,
+    user_python: UserPythonOption = None,
+    connect_timeout_s: Annotated[
+        str | None,
+        typer.Option(
+            envvar=env_vars.CONNECT_TIMEOUT_S,
+            metavar="SECONDS",
+            help="Seconds to retry reaching the aggregator.",
+            show_default=str(int(DEFAULT_CONNECT_TIMEOUT_S)),
+        ),
+    ] = None,
+    version: VersionOption = False,
+) -> int:
+    """The learner's command: options set their variables, then :func:`run` as the
+    orchestrator starts it."""
+    export_options(ctx)
+    return run_role(Role.LEARNER, lambda: LearnerConfig.from_env(os.environ), run)
+
+
 def main() -> None:
     """Entry point of ``python -m learner`` / ``flops-learner``; exits with an
-    :class:`~flops_utils.contract.exit_codes.ExitCode`."""
-    sys.exit(run_role(Role.LEARNER, lambda: LearnerConfig.from_env(os.environ), run))
+    :class:`~flops_utils.contract.exit_codes.ExitCode` (2 also for a command-line error)."""
+    sys.exit(app.run())

@@ -36,6 +36,7 @@ SECRET_VARIABLES = (
     env_vars.TLS_KEY,
     env_vars.DATA_TOKEN,
     env_vars.MANAGER_TOKEN,
+    env_vars.API_TOKEN,
 )
 
 

@@ -304,7 +304,7 @@ def test_a_data_server_process_registers_its_cert_and_trusts_the_managers_tokens
             ],
             stdout=handle,
             stderr=subprocess.STDOUT,
-            env={**os.environ, env_vars.MANAGER_TOKEN: ADMIN_TOKEN},
+            env={**os.environ, env_vars.API_TOKEN: ADMIN_TOKEN},
         )
     try:
         assert wait_for_port("127.0.0.1", port, START_TIMEOUT_S), log.read_text()

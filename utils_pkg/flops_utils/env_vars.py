@@ -107,9 +107,12 @@ DATA_SERVER_CERT = "FLOPS_DATA_SERVER_CERT"
 """Learners only, optional: PEM certificate of the node's data server (registered by it), which
 the learner trusts for the TLS connection. Unset: plain gRPC to the data server."""
 
+API_TOKEN = "FLOPS_API_TOKEN"
+"""A bearer token of the manager's REST API: the ``flops`` CLI's (admin or customer token) and
+the data server's (its node credential, to register its node)."""
+
 MANAGER_TOKEN = "FLOPS_MANAGER_TOKEN"
-"""The manager's API token, for processes that call its REST API (e.g. a data server
-registering its node)."""
+"""Deprecated name of :data:`API_TOKEN` for the data server; still read, with a warning."""
 
 # -- the image builder service (``flops-image-builder``, see ``image_builder.main``) ----------
 

@@ -114,6 +114,7 @@ SERVICE_SECRETS = frozenset(
         env_vars.TLS_KEY,
         env_vars.FLOWER_TOKEN,
         env_vars.MANAGER_TOKEN,
+        env_vars.API_TOKEN,
     }
 )
 """Credentials of the learner or aggregator that the repository's code in the worker never
