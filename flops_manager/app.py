@@ -71,6 +71,13 @@ from flops_manager.mlflow_access import MlflowAccessControl
 from flops_manager.mock_jobs import MockJobs
 from flops_manager.projects import ProjectLifecycle
 from flops_manager.records import ProjectRecord
+from flops_manager.service_logs import (
+    TRUNCATED_HEADER,
+    FollowNeedsService,
+    LogQuery,
+    ServiceLogList,
+    ServiceLogs,
+)
 from flops_manager.sla import ProjectSLA, check_repo_url
 from flops_manager.store import ProjectStore
 from flops_utils.errors import FlopsError
@@ -235,6 +242,16 @@ _EVENTS: dict[str, Any] = {
     "description": "The event log as JSON, or with ``follow=1`` as a server-sent event stream.",
     "content": {
         "application/json": {"schema": EventList.model_json_schema()},
+        "text/event-stream": {"schema": {"type": "string"}},
+    },
+}
+
+_LOGS: dict[str, Any] = {
+    "description": "The services with output as JSON; with ``service`` that service's "
+    "output as text, or with ``follow=1`` as a server-sent event stream.",
+    "content": {
+        "application/json": {"schema": ServiceLogList.model_json_schema()},
+        "text/plain": {"schema": {"type": "string"}},
         "text/event-stream": {"schema": {"type": "string"}},
     },
 }
@@ -417,6 +434,30 @@ def create_app(
         stream = _event_stream(
             store, path.project_id, max(start, 0), lifecycle.runner.changes, slot
         )
+        return Response(
+            stream_with_context(stream),
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @api.get("/projects/<project_id>/logs", tags=[projects_tag], responses={200: _LOGS})
+    def project_logs(path: ProjectPath, query: LogQuery) -> Any:
+        """The services with output (name, role, where, running); ``?service=NAME``: that
+        service's own output as text (``tail=N``: its last N lines), ``&follow=1``: as
+        server-sent events (one ``data:`` line per output line) until it ends."""
+        project = visible_project(path.project_id)
+        service_logs = ServiceLogs(lifecycle.orchestrator, store)
+        if query.service is None:
+            if query.follow:
+                raise FollowNeedsService()
+            return service_logs.listing(project).model_dump(mode="json")
+        if not query.follow:
+            text, truncated = service_logs.text(project, query.service, query.tail)
+            headers = {TRUNCATED_HEADER: "1"} if truncated else {}
+            return Response(text, mimetype="text/plain", headers=headers)
+        source = service_logs.find(project, query.service)
+        slot = followers.take(caller())
+        stream = service_logs.follow(project, source, query.service, query.tail, slot)
         return Response(
             stream_with_context(stream),
             mimetype="text/event-stream",

@@ -9,12 +9,20 @@
   listener records as project events, and writes its outcome to a result file read here. For
   orchestrators that pull images (``oakestra``).
 
+Trained-model images on the embedded default: the ``venv`` builder gets an
+:class:`ImageBuildService` for them when a registry is at hand: ``FLOPS_REGISTRY``, or the
+suite's embedded one (:mod:`flops_manager.embedded_registry`). Without ``FLOPS_BASE_IMAGE``
+the base image is made by the manager on the first build that needs it
+(:class:`~flops_manager.base_image.BaseImageMaker`, debootstrap from the machine's apt mirror;
+its milestones are the project's builder progress events).
+
 :data:`BUILDERS` maps the ``FLOPS_BUILDER`` names to factories; :func:`make_builder` checks the
 settings each one needs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,12 +35,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 from flops_manager.errors import ConfigurationError
 from flops_utils import env_vars
 from flops_utils.contract.exit_codes import Role, describe_exit
+from flops_utils.contract.messages import BuilderProgress
 from flops_utils.logging import logger
+from flops_utils.notifications import StatusNotifier
+from flops_utils.types import Component, ComponentStatus
 from image_builder.build_processes import BuildRegistry, run_bounded
 from image_builder.errors import BuilderError
 from image_builder.python_env import redact_paths
 
 if TYPE_CHECKING:
+    from flops_manager.base_image import BaseImageMaker
     from flops_manager.config import ManagerConfig
     from flops_manager.sla import ProjectSLA
     from image_builder.repo import FetchLimits
@@ -203,9 +215,10 @@ class VenvProjectBuilder:
         without it (no registry configured) and as that method does."""
         if self.model_images is None:
             raise ImageBuildFailed(
-                "This manager builds no trained-model images: set FLOPS_REGISTRY and "
-                "FLOPS_BASE_IMAGE (a registry and a Python 3.11 base image in it) and install "
-                "buildah."
+                "This manager builds no trained-model images: install buildah, "
+                "docker-registry and debootstrap (its embedded registry and base image), or "
+                "set FLOPS_REGISTRY and FLOPS_BASE_IMAGE (a registry and a Python 3.11 base "
+                "image in it) and install buildah."
             )
         return self.model_images.build_model_image(
             project_id, model_uri, mlflow_url, workdir, tracking_env
@@ -223,14 +236,25 @@ class ImageBuildFailed(BuilderError):
 class RegistrySettings:
     """Where images go and what they are built from.
 
-    ``registry``: ``host[:port]``; ``base_image``: reference of a Python 3.11 image;
-    ``namespace``: path under the registry; ``tls_verify``: ``False`` for plain HTTP.
+    ``registry``: ``host[:port]`` pushed to; ``base_image``: reference of a Python 3.11 image;
+    ``namespace``: path under the registry; ``tls_verify``: ``False`` for plain HTTP;
+    ``public_registry``: ``host[:port]`` the same registry is pulled from by workers and users
+    when that differs from ``registry`` (empty: ``registry``).
     """
 
     registry: str
     base_image: str
     namespace: str = "flops"
     tls_verify: bool = True
+    public_registry: str = ""
+
+    def public_ref(self, ref: str) -> str:
+        """``ref`` (``registry/namespace/role@sha256:...``) under ``public_registry``: the same
+        image (same digest), named as the workers and users reach the registry."""
+        pushed_prefix = f"{self.registry}/"
+        if self.public_registry and ref.startswith(pushed_prefix):
+            return f"{self.public_registry}/{ref.removeprefix(pushed_prefix)}"
+        return ref
 
     def environment(self) -> dict[str, str]:
         """The image builder's ``FLOPS_*`` variables for these settings."""
@@ -248,7 +272,8 @@ class ImageBuildService:
     ``settings``: the registry and base image. ``cache_dir``: the builder's locks and logs.
     ``mqtt_url``: the broker the service reports to. ``timeout_s``: seconds one build may run
     (default :data:`DEFAULT_BUILD_TIMEOUT_S`). ``python``: interpreter that runs the service
-    (default: the manager's own).
+    (default: the manager's own). ``base_images``: makes the base image when
+    ``settings.base_image`` is empty (:class:`~flops_manager.base_image.BaseImageMaker`).
     """
 
     produces_images = True
@@ -261,8 +286,12 @@ class ImageBuildService:
         *,
         timeout_s: float = DEFAULT_BUILD_TIMEOUT_S,
         python: str = sys.executable,
+        base_images: BaseImageMaker | None = None,
     ) -> None:
+        if not settings.base_image and base_images is None:
+            raise ValueError("RegistrySettings.base_image is empty and no base_images is given")
         self.settings = settings
+        self.base_images = base_images
         self.cache_dir = Path(cache_dir)
         self.mqtt_url = mqtt_url
         self.timeout_s = timeout_s
@@ -279,10 +308,19 @@ class ImageBuildService:
         none is running."""
         return self.builds.cancel(project_id)
 
-    def environment(self, project_id: str, sla: ProjectSLA, workdir: Path) -> dict[str, str]:
-        """The service's ``FLOPS_*`` variables for one project (see :mod:`image_builder.main`)."""
+    def environment(
+        self,
+        project_id: str,
+        sla: ProjectSLA,
+        workdir: Path,
+        credentials: Mapping[str, str] | None = None,
+    ) -> dict[str, str]:
+        """The service's ``FLOPS_*`` variables for one project (see :mod:`image_builder.main`);
+        ``credentials``: its MQTT user (default: :attr:`service_credentials`)."""
+        if credentials is None:
+            credentials = self.service_credentials(project_id)
         env = {
-            **self.service_credentials(project_id),
+            **credentials,
             env_vars.PROJECT_ID: project_id,
             env_vars.MQTT_URL: self.mqtt_url,
             env_vars.ML_REPO_URL: sla.ml_repo_url,
@@ -291,7 +329,7 @@ class ImageBuildService:
             env_vars.BUILD_CACHE_DIR: str(self.cache_dir),
             env_vars.BUILD_WORKDIR: str(workdir),
             env_vars.BUILD_RESULT_FILE: str(workdir / "result.json"),
-            **self.settings.environment(),
+            **self._settings(project_id, credentials).environment(),
         }
         if sla.ml_repo_ref:
             env[env_vars.ML_REPO_REF] = sla.ml_repo_ref
@@ -307,7 +345,10 @@ class ImageBuildService:
         workdir = Path(workdir)
         with self.builds.scope(project_id):
             outcome = self._run_service(self.environment(project_id, sla, workdir), workdir)
-        images = {role: str(image["ref"]) for role, image in outcome["images"].items()}
+        images = {
+            role: self.settings.public_ref(str(image["ref"]))
+            for role, image in outcome["images"].items()
+        }
         return BuildResult(
             commit=str(outcome["commit"]),
             key=str(outcome["key"]),
@@ -329,9 +370,10 @@ class ImageBuildService:
         ``mlflow_url``, read with ``tracking_env`` (the project's MLflow user). Raises
         :class:`ImageBuildFailed` as :meth:`build` does."""
         workdir = Path(workdir)
+        credentials = self.service_credentials(project_id)
         settings = {
             **(tracking_env or {}),
-            **self.service_credentials(project_id),
+            **credentials,
             env_vars.PROJECT_ID: project_id,
             env_vars.MQTT_URL: self.mqtt_url,
             env_vars.MODEL_URI: model_uri,
@@ -339,18 +381,36 @@ class ImageBuildService:
             env_vars.BUILD_CACHE_DIR: str(self.cache_dir),
             env_vars.BUILD_WORKDIR: str(workdir),
             env_vars.BUILD_RESULT_FILE: str(workdir / "result.json"),
-            **self.settings.environment(),
         }
         with self.builds.scope(project_id):
+            settings.update(self._settings(project_id, credentials).environment())
             outcome = self._run_service(settings, workdir)
         image = outcome["images"]["model"]
         return ModelImageResult(
-            ref=str(image["ref"]),
+            ref=self.settings.public_ref(str(image["ref"])),
             model_uri=str(outcome["model_uri"]),
             port=int(outcome["port"]),
             reused=bool(image["reused"]),
             seconds=float(outcome["seconds"]),
         )
+
+    def _settings(self, project_id: str, credentials: Mapping[str, str]) -> RegistrySettings:
+        """:attr:`settings` with the base image made first when none is configured; its
+        milestones are published as the project's builder ``progress`` messages, with the
+        builder's MQTT user ``credentials``. Raises :class:`ImageBuildFailed` when the base
+        image cannot be made."""
+        if self.settings.base_image or self.base_images is None:
+            return self.settings
+        from flops_manager.base_image import BaseImageError
+
+        with _ProgressPublisher(self.mqtt_url, project_id, credentials) as progress:
+            try:
+                base = self.base_images.ref(progress)
+            except BaseImageError as exc:
+                raise ImageBuildFailed(
+                    f"Making the Python 3.11 base image failed: {exc}", details=[str(exc)]
+                ) from exc
+        return dataclasses.replace(self.settings, base_image=base)
 
     def _run_service(self, settings: dict[str, str], workdir: Path) -> dict[str, Any]:
         """Run ``python -m image_builder.main`` with ``settings``; its successful outcome.
@@ -397,6 +457,47 @@ class ImageBuildService:
         )
 
 
+class _ProgressPublisher:
+    """Publishes the manager's own milestones of a build (making the base image) as the
+    project's builder ``progress`` messages, connecting on the first one; a context manager
+    that disconnects at its end (before the builder service connects with the same user).
+    A message that cannot be published is logged, never raised."""
+
+    def __init__(self, mqtt_url: str, project_id: str, credentials: Mapping[str, str]) -> None:
+        self.mqtt_url = mqtt_url
+        self.project_id = project_id
+        self.credentials = credentials
+        self._notifier: StatusNotifier | None = None
+
+    def __call__(self, message: str) -> None:
+        logger.info("project %s: %s", self.project_id, message)
+        try:
+            if self._notifier is None:
+                self._notifier = StatusNotifier(
+                    self.mqtt_url,
+                    self.project_id,
+                    Component.BUILDER,
+                    username=self.credentials.get(env_vars.MQTT_USERNAME) or None,
+                    password=self.credentials.get(env_vars.MQTT_PASSWORD),
+                )
+            self._notifier.notify(
+                ComponentStatus.PROGRESS, message, BuilderProgress(step="base_image")
+            )
+        except Exception as exc:
+            logger.warning("project %s: progress not published: %s", self.project_id, exc)
+
+    def __enter__(self) -> _ProgressPublisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._notifier is not None:
+            try:
+                self._notifier.close()
+            except Exception as exc:
+                logger.warning("project %s: progress publisher: %s", self.project_id, exc)
+            self._notifier = None
+
+
 @dataclass(frozen=True)
 class ModelImageResult:
     """A trained-model image: ``ref`` pinned (``registry/namespace/model@sha256:...``),
@@ -424,19 +525,46 @@ BuilderFactory = Callable[["ManagerConfig", Path, str], ProjectBuilder]
 """``(config, home, mqtt_url) → builder``."""
 
 
-def _venv(config: ManagerConfig, home: Path, mqtt_url: str) -> ProjectBuilder:
-    """The ``venv`` builder; with ``FLOPS_REGISTRY`` and ``FLOPS_BASE_IMAGE`` set and buildah
-    installed it also builds trained-model images (:attr:`VenvProjectBuilder.model_images`)."""
+def _venv(
+    config: ManagerConfig, home: Path, mqtt_url: str, embedded_registry: str = ""
+) -> ProjectBuilder:
+    """The ``venv`` builder; it also builds trained-model images
+    (:attr:`VenvProjectBuilder.model_images`) with buildah when it has a registry
+    (``FLOPS_REGISTRY``, else ``embedded_registry``, the suite's own ``host:port``) and a base
+    image (``FLOPS_BASE_IMAGE``, else one the manager makes for the embedded registry)."""
     model_images = None
-    if config.registry and config.base_image:
-        if shutil.which("buildah"):
-            model_images = ImageBuildService(_registry_settings(config), home / "images", mqtt_url)
-        else:
-            logger.warning(
-                "FLOPS_REGISTRY and FLOPS_BASE_IMAGE are set but buildah is not installed: no "
-                "trained-model images (install buildah)"
-            )
+    reason = _no_model_images_reason(config, embedded_registry)
+    if reason:
+        if config.registry or embedded_registry:
+            logger.warning("no trained-model images: %s", reason)
+    elif config.registry:
+        model_images = ImageBuildService(_registry_settings(config), home / "images", mqtt_url)
+    else:
+        from flops_manager.base_image import BaseImageMaker
+
+        settings = RegistrySettings(
+            embedded_registry, config.base_image, config.registry_namespace, tls_verify=False
+        )
+        maker = BaseImageMaker(embedded_registry, config.registry_namespace, tls_verify=False)
+        model_images = ImageBuildService(
+            settings, home / "images", mqtt_url, base_images=None if config.base_image else maker
+        )
     return VenvProjectBuilder(home / "envs", model_images=model_images)
+
+
+def _no_model_images_reason(config: ManagerConfig, embedded_registry: str) -> str:
+    """Why the ``venv`` builder cannot build trained-model images (``""``: it can)."""
+    from flops_manager.base_image import missing_requirements
+
+    if not (config.registry or embedded_registry):
+        return "no registry (set FLOPS_REGISTRY, or install docker-registry for the embedded one)"
+    if not shutil.which("buildah"):
+        return "buildah is not installed (apt-get install buildah)"
+    if config.registry and not config.base_image:
+        return "FLOPS_REGISTRY is set but FLOPS_BASE_IMAGE is not (a Python 3.11 image in it)"
+    if not config.registry and not config.base_image and (missing := missing_requirements()):
+        return f"making the base image needs {', '.join(missing)} (or set FLOPS_BASE_IMAGE)"
+    return ""
 
 
 def _registry_settings(config: ManagerConfig) -> RegistrySettings:
@@ -445,6 +573,7 @@ def _registry_settings(config: ManagerConfig) -> RegistrySettings:
         base_image=config.base_image,
         namespace=config.registry_namespace,
         tls_verify=config.registry_tls_verify,
+        public_registry=config.registry_public,
     )
 
 
@@ -463,13 +592,28 @@ BUILDERS: dict[str, BuilderFactory] = {"venv": _venv, "oci": _oci}
 """``FLOPS_BUILDER`` name → factory."""
 
 
+def builder_name(config: ManagerConfig, needs_images: bool) -> str:
+    """The builder ``config.builder`` names, else ``oci`` for an orchestrator that
+    ``needs_images``, else ``venv``."""
+    return config.builder or ("oci" if needs_images else "venv")
+
+
 def make_builder(
-    config: ManagerConfig, home: Path, mqtt_url: str, *, needs_images: bool = False
+    config: ManagerConfig,
+    home: Path,
+    mqtt_url: str,
+    *,
+    needs_images: bool = False,
+    embedded_registry: str = "",
 ) -> ProjectBuilder:
     """The builder ``config.builder`` names; when it names none, ``oci`` if the orchestrator
-    ``needs_images``, else ``venv``. Raises ``ConfigurationError`` for an unknown name (listing
-    the valid ones) or missing settings."""
-    name = config.builder or ("oci" if needs_images else "venv")
+    ``needs_images``, else ``venv`` (:func:`builder_name`). ``embedded_registry``: the
+    suite's own registry (``host:port``), used by the ``venv`` builder for trained-model
+    images when ``FLOPS_REGISTRY`` is not set. Raises ``ConfigurationError`` for an unknown
+    name (listing the valid ones) or missing settings."""
+    name = builder_name(config, needs_images)
+    if name == "venv":
+        return _venv(config, home, mqtt_url, embedded_registry)
     factory = BUILDERS.get(name)
     if factory is None:
         raise ConfigurationError(

@@ -1,9 +1,12 @@
 """``flops``: the user CLI (typer + rich).
 
-Commands: ``demo`` (the main job on the embedded default), ``submit`` (POST an SLA file),
-``status`` (one project), ``mock`` (push mock data to registered nodes), ``data put|ls|drop``
-(a node owner's own datasets on their node's data server), ``model pull|serve|download`` (a
-project's trained model: its image in the local Docker engine, a server, the MLflow model).
+Commands: ``demo`` (the main job on the embedded default), ``login`` (store the manager's URL
+and token), ``submit`` (POST an SLA file and follow it with live progress), ``list``,
+``status`` (one project; ``--follow`` re-attaches), ``logs`` (events and the services' own
+output), ``cancel``, ``nodes``, ``mock`` (push mock data to registered nodes), ``token``,
+``tracking`` (the MLflow GUI), ``data put|ls|drop`` (a node owner's own datasets on their
+node's data server), ``model pull|serve|download`` (a project's trained model: its image in
+the local Docker engine, a server, the MLflow model).
 Exit codes: 0 success; 1 the project failed, the manager answered with an error or could not
 be reached, or an input was wrong; 2 a command-line usage error; 130 interrupted (Ctrl-C).
 
@@ -28,6 +31,8 @@ from flops_utils.errors import FlopsError
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's own INFO lines are not for users
 
 
 class _Cli(typer.Typer):
@@ -137,14 +142,6 @@ def _client(manager_url: str | None, token: str | None) -> ManagerClient:
     return ManagerClient(url, token=token or login.token or read_api_token(demo_home()))
 
 
-def _print_event(event: dict[str, Any]) -> None:
-    stamp = datetime.fromtimestamp(event["timestamp"]).strftime("%H:%M:%S")
-    colour = {"failed": "red", "completed": "green", "progress": "cyan"}.get(event["status"], "")
-    who = f"[{event['component']}] " if event.get("component") else ""
-    status = f"[{colour}]{event['status']}[/]" if colour else event["status"]
-    console.print(f"{stamp}  {status:<13} {who}{event['message']}", highlight=False)
-
-
 @app.command()
 def demo(
     rounds: Annotated[
@@ -185,8 +182,9 @@ def demo(
     if not verbose:
         logger.setLevel(logging.WARNING)
     from flops_manager.auth import read_api_token
+    from flops_manager.cli_progress import Activity
     from flops_manager.config import ManagerConfig
-    from flops_manager.demo import demo_home, example_sla, local_nodes, run_project
+    from flops_manager.demo import DemoShape, demo_home, run_demo
     from flops_manager.suite import ManagerSuite
 
     clusters = 2 if hierarchical else 1
@@ -198,60 +196,46 @@ def demo(
         raise typer.Exit(2)
     home = demo_home().resolve()
     console.rule("FLOps demo" + (" (hierarchical FL)" if hierarchical else ""))
-    console.print(f"starting the embedded suite in {home} (manager, store, Mosquitto, MLflow)")
-    config = ManagerConfig.from_env(home=home, port=0)
+    shape = DemoShape(nodes, clusters, rounds, cycles if hierarchical else None)
+    suite = ManagerSuite(ManagerConfig.from_env(home=home, port=0))
+    kept = False  # the suite runs on for --keep-running: Ctrl-C is how it ends
     try:
-        with ManagerSuite(config) as suite:
-            token = read_api_token(home)
-            client = ManagerClient(suite.url, token=token)
-            console.print(f"manager  {suite.url}/api/flops\nMLflow   {suite.mlflow_url}")
-            with local_nodes(
-                nodes,
-                home / "nodes",
-                suite.url,
-                token,
-                clusters=clusters,
-                secure=config.secure("data"),
-            ) as workers:
-                client.wait_for_nodes(len(workers), timeout_s=30)
-                rows = client.provide_mocks(dataset="mnist", tag="mnist")
-                console.print(f"pushed MNIST partitions (tag 'mnist'): {rows}")
-                hfl = {"mode": "hierarchical", "training_cycles": cycles} if hierarchical else {}
-                sla = example_sla(
-                    rounds,
-                    min_available_clients=per_cluster,
-                    min_fit_clients=per_cluster,
-                    min_evaluate_clients=per_cluster,
-                    **hfl,
-                )
-                console.print(f"POST /api/flops/projects  (repo {sla['ml_repo_url']})")
-                project = run_project(client, sla, timeout_s, _print_event)
-            _print_result(project, client.tracking_url())
-            if keep_running and project["status"] == "completed":
-                console.print("the suite keeps running; press Ctrl-C to stop it")
-                while True:
-                    time.sleep(3600)
+        with Activity(console) as activity:
+            activity.print(f"FLOPS_HOME {home}")
+            with activity.step("starting the manager, store, Mosquitto and MLflow"):
+                suite.start()
+            activity.print(f"manager    {suite.url}/api/flops\nMLflow     {suite.mlflow_url}")
+            project = run_demo(activity, suite, shape, timeout_s)
+        api = ManagerClient(suite.url, token=read_api_token(suite.config.home))
+        _print_result(project, api.tracking_url())
+        if keep_running:
+            kept = True
+            console.print("the suite keeps running; press Ctrl-C to stop it")
+            while True:
+                time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        if not kept:
+            console.print("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     except (FlopsError, TimeoutError) as exc:
-        console.print(f"[red]demo failed:[/] {getattr(exc, 'message', exc)}")
+        from rich.markup import escape
+
+        reason = escape(str(getattr(exc, "message", exc)))
+        console.print(f"[red]demo failed:[/] {reason}", highlight=False)
         raise typer.Exit(1) from exc
+    finally:
+        with Activity(console) as activity, activity.step("stopping the suite"):
+            suite.stop()
 
 
-def _print_result(project: dict[str, Any], tracking_url: str) -> None:
+def _print_result(project: dict[str, Any], tracking_url: str | None) -> None:
+    """The followed project's final summary (:func:`_print_summary`), its federated
+    accuracy, hierarchy and MLflow GUI; exits 1 unless it completed."""
     console.rule("result")
-    metrics = project.get("metrics") or {}
-    mlflow = project.get("mlflow") or {}
-    phases = project.get("phases", {})
-    ordered = sorted(phases.items(), key=lambda item: item[1].get("started_at") or 0.0)
-    timings = ", ".join(
-        f"{name} {p['seconds']:.1f} s" for name, p in ordered if p.get("seconds") is not None
-    )
-    accuracy = metrics.get("accuracy")
-    console.print(f"project   {project['project_id']}")
+    _print_summary(project)
+    accuracy = (project.get("metrics") or {}).get("accuracy")
     if accuracy is not None:
         console.print(f"accuracy  {accuracy:.4f} (federated evaluation on held-out local data)")
-    console.print(f"phases    {timings}")
     tree = project.get("hierarchy")
     if tree:
         cycles = len(tree["root"]["cycles"])
@@ -264,14 +248,15 @@ def _print_result(project: dict[str, Any], tracking_url: str) -> None:
                 f"{len(cluster['rounds'])} round(s), last accuracy {accuracy_text}"
                 + (f" [red]lost: {cluster['lost']}[/]" if cluster.get("lost") else "")
             )
-    if mlflow:
-        model = mlflow.get("registered_model_uri") or mlflow.get("model_uri")
-        console.print(f"model     {model} (MLflow run {mlflow.get('run_id')})")
-    console.print(f"MLflow    {tracking_url} (log in with: flops tracking)")
-    colour = "green" if project["status"] == "completed" else "red"
-    console.print(f"status    [{colour}]{project['status']}[/] {project.get('status_message', '')}")
+    if tracking_url:
+        console.print(f"MLflow    {tracking_url} (log in with: flops tracking)", highlight=False)
     if project["status"] != "completed":
         raise typer.Exit(1)
+
+
+FollowTimeout = Annotated[
+    float, typer.Option("--timeout-s", help="Stop following after this many seconds.")
+]
 
 
 @app.command()
@@ -279,30 +264,54 @@ def submit(
     sla_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="SLA JSON file.")],
     manager_url: ManagerUrl = None,
     token: Token = None,
-    follow: Annotated[bool, typer.Option(help="Follow the project until it ends.")] = True,
-    timeout_s: Annotated[float, typer.Option(help="How long to follow.")] = 3600,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow/--detach",
+            help="Follow the project until it ends (Ctrl-C stops following, not the "
+            "project), or only submit it.",
+        ),
+    ] = True,
+    timeout_s: FollowTimeout = 24 * 3600,
 ) -> None:
-    """POST an SLA to the manager (and follow the project's events)."""
+    """POST an SLA to the manager (and follow the project's progress)."""
     sla = _read_sla(sla_file)
     client = _client(manager_url, token)
     try:
         project_id = client.create_project(sla)
     except FlopsError as exc:
         _fail(exc)
-    console.print(f"project {project_id} accepted")
+    console.print(f"project {project_id} accepted", highlight=False)
     if not follow:
+        console.print(f"follow it with: flops status {project_id} --follow", highlight=False)
         return
+    _follow(client, project_id, timeout_s)
+
+
+def _follow(client: ManagerClient, project_id: str, timeout_s: float) -> None:
+    """Show the project's progress until it ends, then its summary; exits 1 unless it
+    completed, 130 on Ctrl-C (saying how to follow again), 1 on an error."""
+    from flops_manager.cli_progress import Activity, follow_project
+
     try:
-        project = client.wait_for_project(project_id, timeout_s, _print_event)
-        _print_result(project, client.tracking_url())
+        with Activity(console) as activity:
+            project = follow_project(activity, client, project_id, timeout_s)
     except KeyboardInterrupt:
         console.print(
             f"stopped following; project {project_id} keeps running. Follow it again with: "
-            f"flops status {project_id}; stop it with DELETE /api/flops/projects/{project_id}"
+            f"flops status {project_id} --follow; stop it with: flops cancel {project_id}",
+            highlight=False,
         )
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except TimeoutError as exc:
+        _fail(FlopsError(f"{exc}; project {project_id} keeps running (flops status {project_id})"))
     except FlopsError as exc:
         _fail(exc)
+    try:
+        tracking_url: str | None = client.tracking_url()
+    except FlopsError:
+        tracking_url = None
+    _print_result(project, tracking_url)
 
 
 def _read_sla(sla_file: Path) -> dict[str, Any]:
@@ -433,6 +442,15 @@ def status(
     manager_url: ManagerUrl = None,
     token: Token = None,
     as_json: JsonOutput = False,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            "-f",
+            help="Follow the project's progress until it ends (Ctrl-C stops following).",
+        ),
+    ] = False,
+    timeout_s: FollowTimeout = 24 * 3600,
 ) -> None:
     """One project: its phases, rounds, learners, MLflow run and model."""
     client = _client(manager_url, token)
@@ -442,8 +460,10 @@ def status(
         _fail(exc)
     if as_json:
         console.print_json(data=project)
-        return
-    _print_summary(project)
+    elif follow:
+        _follow(client, project_id, timeout_s)
+    else:
+        _print_summary(project)
 
 
 @app.command()
@@ -496,12 +516,14 @@ def _coloured(status: str) -> str:
 
 def _print_summary(project: dict[str, Any]) -> None:
     """A project in words and tables: status, phase timeline, rounds, learners, MLflow."""
+    from rich.markup import escape
     from rich.table import Table
 
     console.print(
-        f"project   {project['project_id']} ({project['customer_id']})\n"
-        f"status    {_coloured(project['status'])} {project['status_message']}",
+        f"project   {project['project_id']} ({escape(project['customer_id'])})\n"
+        f"status    {_coloured(project['status'])} {escape(project['status_message'])}",
         highlight=False,
+        soft_wrap=True,
     )
     phases = sorted(
         project.get("phases", {}).items(), key=lambda item: item[1].get("started_at") or 0.0
@@ -510,7 +532,7 @@ def _print_summary(project: dict[str, Any]) -> None:
         f"{name} {p['seconds']:.1f} s" if p.get("seconds") is not None else f"{name} ..."
         for name, p in phases
     )
-    console.print(f"phases    {timeline or '-'}", highlight=False)
+    console.print(f"phases    {timeline or '-'}", highlight=False, soft_wrap=True)
     learners = [s for s in project.get("services", []) if s.startswith("learner-")]
     lost = project.get("lost_learners") or []
     if learners:
@@ -525,7 +547,11 @@ def _print_summary(project: dict[str, Any]) -> None:
     mlflow = project.get("mlflow") or {}
     if mlflow:
         model = mlflow.get("registered_model_uri") or mlflow.get("model_uri")
-        console.print(f"model     {model} (MLflow run {mlflow.get('run_id')})", highlight=False)
+        console.print(
+            f"model     {model} (MLflow run {mlflow.get('run_id')})",
+            highlight=False,
+            soft_wrap=True,
+        )
     if project.get("inference_url"):
         console.print(f"serving   {project['inference_url']}/invocations", highlight=False)
 
@@ -543,24 +569,148 @@ def mock(
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
 ) -> None:
     """Split the bundled MNIST across the registered nodes and push the parts."""
+    from flops_manager.cli_progress import Activity
+
+    client = _client(manager_url, token)
     try:
-        rows = _client(manager_url, token).provide_mocks(
-            dataset="mnist", tag=tag, partitioning=partitioning, alpha=alpha
-        )
+        with Activity(console) as activity, activity.step(f"pushing MNIST parts (tag {tag!r})"):
+            rows = client.provide_mocks(
+                dataset="mnist", tag=tag, partitioning=partitioning, alpha=alpha
+            )
     except FlopsError as exc:
         _fail(exc)
     console.print(rows)
 
 
+@app.command()
+def logs(
+    project_id: Annotated[str, typer.Argument(help="The project's id.")],
+    service: Annotated[
+        str | None,
+        typer.Option(
+            "--service",
+            "-s",
+            help="Print this service's own output (learner-node-1, aggregator, ...) instead "
+            "of the project's events.",
+        ),
+    ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow", "-f", help="Keep printing until the service (or the project) ends."
+        ),
+    ] = False,
+    tail: Annotated[
+        int | None, typer.Option(min=1, max=10_000, help="Only the last N lines (or events).")
+    ] = None,
+    manager_url: ManagerUrl = None,
+    token: Token = None,
+) -> None:
+    """A project's events and its services, or with --service that service's own output,
+    read through the manager's API (-f follows; Ctrl-C stops following, not the project)."""
+    client = _client(manager_url, token)
+    try:
+        if service is not None:
+            _print_service_log(client, project_id, service, tail, follow)
+        else:
+            _print_project_log(client, project_id, tail, follow)
+    except FlopsError as exc:
+        if getattr(exc, "code", "") == "unknown_service":
+            _fail(FlopsError(exc.message))  # the message names the services already
+        _fail(exc)
+    except KeyboardInterrupt:
+        again = f"flops logs {project_id} -f" + (f" --service {service}" if service else "")
+        console.print(
+            f"stopped following; project {project_id} keeps running. Follow it again with: "
+            + again,
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _print_service_log(
+    client: ManagerClient, project_id: str, service: str, tail: int | None, follow: bool
+) -> None:
+    """Print ``service``'s output as it is (no markup), following it with ``follow``."""
+    if not follow:
+        sys.stdout.write(client.service_log(project_id, service, tail))
+        sys.stdout.flush()
+        return
+    for line in client.follow_service_log(project_id, service, tail):
+        print(line, flush=True)
+
+
+def _print_project_log(
+    client: ManagerClient, project_id: str, tail: int | None, follow: bool
+) -> None:
+    """Print the project's events (the last ``tail``) and its services with output;
+    ``follow``: then each new event until the project ends."""
+    events = client.project(project_id).get("events", [])
+    shown = events[-tail:] if tail else events
+    for event in shown:
+        _print_log_event(event)
+    _print_log_services(client.service_logs(project_id))
+    if follow:
+        for event in client.follow_events(project_id, start=len(events)):
+            _print_log_event(event)
+
+
+def _print_log_event(event: dict[str, Any]) -> None:
+    """One event: local date and time, status (coloured), component, message (as it is:
+    rich markup in a message is not interpreted)."""
+    from rich.text import Text
+
+    status = str(event["status"])
+    colour = {"failed": "red", "completed": "green", "cancelled": "yellow"}.get(status, "cyan")
+    who = f"[{event['component']}] " if event.get("component") else ""
+    line = Text(f"{_clock(event.get('timestamp'))}  ")
+    line.append(f"{status:<13}", style=colour)
+    line.append(f" {who}{event['message']}")
+    console.print(line, highlight=False)
+
+
+def _print_log_services(listing: dict[str, Any]) -> None:
+    """The services with output, and how to read one."""
+    services = listing.get("services") or []
+    if not services:
+        console.print(f"no service output yet (project {listing['status']})", highlight=False)
+        return
+    from rich.table import Table
+
+    table = Table("service", "role", "where", "state", box=None)
+    for item in services:
+        state = "[cyan]running[/]" if item["running"] else "ended"
+        table.add_row(item["name"], item["role"], item["where"], state)
+    console.print(table)
+    names = [item["name"] for item in services]
+    first = next((n for n in names if n.startswith("learner-")), names[0])
+    console.print(
+        f"read one with: flops logs {listing['project_id']} --service {first} [-f]",
+        highlight=False,
+        markup=False,
+    )
+
+
 data_app = typer.Typer(help="A node's own datasets on its Arrow Flight data server.")
 app.add_typer(data_app, name="data")
 
+DEFAULT_DATA_SERVER = "grpc://127.0.0.1:8815"
+
 DataServer = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--data-server",
         envvar="FLOPS_DATA_SERVER",
         help="The node's data server, grpc://HOST:PORT.",
+        show_default=DEFAULT_DATA_SERVER,
+    ),
+]
+NodeName = Annotated[
+    str | None,
+    typer.Option(
+        "--node",
+        help="A registered node: its data server's address is asked from the manager "
+        "(admin token); instead of --data-server.",
     ),
 ]
 
@@ -573,6 +723,32 @@ DataDir = Annotated[
         "certificate are read from there (else from FLOPS_DATA_TOKEN / FLOPS_DATA_SERVER_CERT).",
     ),
 ]
+
+
+def _node_data_server(
+    data_server: str | None, node: str | None, manager_url: str | None, token: str | None
+) -> str:
+    """The data server to talk to: ``--node``'s as the manager knows it (registered nodes,
+    ``GET /nodes``), else ``--data-server``, else :data:`DEFAULT_DATA_SERVER`. Exits 2 when
+    both are given, 1 when the node is unknown or its address is hidden from the caller."""
+    if node is None:
+        return data_server or DEFAULT_DATA_SERVER
+    if data_server is not None:
+        console.print("[red]error:[/] give --node or --data-server, not both")
+        raise typer.Exit(2)
+    nodes = {n["node_id"]: n for n in _client(manager_url, token).nodes()}
+    if node not in nodes:
+        known = ", ".join(sorted(nodes)) or "none"
+        console.print(f"[red]error:[/] no registered node {node!r} (registered: {known})")
+        raise typer.Exit(1)
+    address = nodes[node].get("data_server")
+    if not address:
+        console.print(
+            f"[red]error:[/] the manager shows node {node!r}'s data server to the admin only; "
+            "use the admin token or pass --data-server"
+        )
+        raise typer.Exit(1)
+    return str(address)
 
 
 def _data_client(data_server: str, data_dir: Path | None) -> Any:
@@ -598,8 +774,11 @@ def _data_client(data_server: str, data_dir: Path | None) -> Any:
 def data_put(
     file: Annotated[Path, typer.Argument(help="A Parquet file, e.g. Dataset.to_parquet's.")],
     tag: Annotated[str, typer.Option(help="The data tag SLAs select it by.")],
-    data_server: DataServer = "grpc://127.0.0.1:8815",
+    data_server: DataServer = None,
+    node: NodeName = None,
     data_dir: DataDir = None,
+    manager_url: ManagerUrl = None,
+    token: Token = None,
 ) -> None:
     """Store a Parquet file under a data tag, replacing what the tag held.
 
@@ -608,6 +787,7 @@ def data_put(
     ``load_dataset()`` on the learners.
     """
     table = _read_parquet(file)
+    data_server = _node_data_server(data_server, node, manager_url, token)
     try:
         with _data_client(data_server, data_dir) as client:
             rows = client.put_table(tag, table)
@@ -617,8 +797,15 @@ def data_put(
 
 
 @data_app.command("ls")
-def data_ls(data_server: DataServer = "grpc://127.0.0.1:8815", data_dir: DataDir = None) -> None:
+def data_ls(
+    data_server: DataServer = None,
+    node: NodeName = None,
+    data_dir: DataDir = None,
+    manager_url: ManagerUrl = None,
+    token: Token = None,
+) -> None:
     """List the node's data tags and their row counts."""
+    data_server = _node_data_server(data_server, node, manager_url, token)
     try:
         with _data_client(data_server, data_dir) as client:
             tags = client.list_tags()
@@ -631,10 +818,14 @@ def data_ls(data_server: DataServer = "grpc://127.0.0.1:8815", data_dir: DataDir
 @data_app.command("drop")
 def data_drop(
     tag: Annotated[str, typer.Argument(help="The data tag to delete.")],
-    data_server: DataServer = "grpc://127.0.0.1:8815",
+    data_server: DataServer = None,
+    node: NodeName = None,
     data_dir: DataDir = None,
+    manager_url: ManagerUrl = None,
+    token: Token = None,
 ) -> None:
     """Delete the dataset stored under a tag."""
+    data_server = _node_data_server(data_server, node, manager_url, token)
     try:
         with _data_client(data_server, data_dir) as client:
             dropped = client.drop(tag)

@@ -62,13 +62,29 @@ class ManagerConfig(BaseModel):
             default) picks what the orchestrator runs: ``oci`` for orchestrators that pull
             images (``oakestra``), else ``venv``.
         registry: ``host[:port]`` of the OCI registry the ``oci`` builder pushes to
-            (``FLOPS_REGISTRY``).
+            (``FLOPS_REGISTRY``). Empty with the ``venv`` builder (the embedded default): the
+            suite runs its own registry (``docker-registry``, :mod:`flops_manager.
+            embedded_registry`) for the trained-model images when buildah and
+            docker-registry are installed and ``embedded_registry`` is on.
+        embedded_registry: whether the suite runs that registry (``FLOPS_EMBEDDED_REGISTRY``,
+            default true; ``false``: no trained-model images without ``FLOPS_REGISTRY``, the
+            local backend serves trained models from virtualenvs).
+        registry_port: fixed port of the embedded registry (``FLOPS_REGISTRY_PORT``); 0 (the
+            default) re-uses the recorded port or picks a free one, as ``mqtt_port``. It
+            listens on ``bind_host``.
+        registry_public: ``host[:port]`` of that registry as the workers' container runtimes
+            and users pull from it, when it differs from ``registry``
+            (``FLOPS_REGISTRY_PUBLIC``; default: ``registry``). E.g. the docker-compose suite's
+            registry: the manager pushes to ``registry:5000`` inside the suite, workers pull
+            from ``FLOPS_PUBLIC_HOST:FLOPS_REGISTRY_PORT``. The image references the manager
+            hands out (to Oakestra, in project documents) name this one.
         registry_namespace: path under the registry (``FLOPS_REGISTRY_NAMESPACE``, default
             ``flops``).
         registry_tls_verify: ``false`` for a plain-HTTP registry (``FLOPS_REGISTRY_TLS_VERIFY``,
             default true).
         base_image: the Python 3.11 base image the ``oci`` builder builds from
-            (``FLOPS_BASE_IMAGE``).
+            (``FLOPS_BASE_IMAGE``). Empty with the embedded registry: the manager makes one
+            with debootstrap on the first trained-model build (:mod:`flops_manager.base_image`).
         oakestra_url: the Oakestra root orchestrator's system manager, e.g.
             ``http://oakestra-root:10000`` (``FLOPS_OAKESTRA_URL``; ``oakestra`` orchestrator).
         oakestra_user / oakestra_password: the Oakestra account projects are deployed with
@@ -121,6 +137,9 @@ class ManagerConfig(BaseModel):
     orchestrator: str = "local"
     builder: str = ""
     registry: str = ""
+    embedded_registry: bool = True
+    registry_port: int = Field(default=0, ge=0, le=65535)
+    registry_public: str = ""
     registry_namespace: str = "flops"
     registry_tls_verify: bool = True
     base_image: str = ""
@@ -194,6 +213,9 @@ class ManagerConfig(BaseModel):
             "orchestrator": "FLOPS_ORCHESTRATOR",
             "builder": "FLOPS_BUILDER",
             "registry": "FLOPS_REGISTRY",
+            "embedded_registry": "FLOPS_EMBEDDED_REGISTRY",
+            "registry_port": "FLOPS_REGISTRY_PORT",
+            "registry_public": "FLOPS_REGISTRY_PUBLIC",
             "registry_namespace": "FLOPS_REGISTRY_NAMESPACE",
             "registry_tls_verify": "FLOPS_REGISTRY_TLS_VERIFY",
             "base_image": "FLOPS_BASE_IMAGE",

@@ -1,10 +1,12 @@
-"""The embedded Mosquitto and MLflow, kept at the same addresses across manager restarts.
+"""The embedded Mosquitto, MLflow and OCI registry, kept at the same addresses across manager
+restarts.
 
 Learners and aggregators keep the broker's and the tracking server's URLs
 (``FLOPS_MQTT_URL``, ``FLOPS_MLFLOW_URL``) for their whole life, so these addresses must
 outlive one manager process. Both components run in their own session, so they survive a
 manager that is killed. The manager records each one in ``$FLOPS_HOME/embedded.json``
-(``{"mqtt": {"port": int, "host": str, "process": ProcessIdentity | null}, "mlflow": {...}}``)
+(``{"mqtt": {"port": int, "host": str, "process": ProcessIdentity | null}, "mlflow": {...},
+"registry": {...}}``; image references name the registry's port, so it is kept as well)
 and, when it starts again:
 
 - the recorded process still runs (same pid *and* start time) and answers on its port:
@@ -532,3 +534,77 @@ def _usable_port(host: str, port: int, what: str) -> int:
             )
             return 0
     return port
+
+
+def start_registry(
+    home: Path,
+    state: EmbeddedState,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    port_setting: str = "",
+) -> EmbeddedComponent:
+    """Re-use the recorded registry of ``home`` or start one (``docker-registry``, workdir
+    ``home/registry``, see :mod:`flops_manager.embedded_registry`) on ``host``; ``port``: a
+    fixed port (0: the recorded one, else a free one), named ``port_setting`` in errors.
+
+    Image references name the registry's address, so its port is kept across restarts as the
+    broker's is. Raises ``RegistryUnavailable`` when it does not start, or when the fixed
+    port is taken.
+    """
+    from flops_manager.embedded_registry import WORKDIR, RegistryServer, registry_answers
+
+    workdir = home / WORKDIR
+    process = _running_where_asked(state, "registry", "The registry", host, port)
+    recorded = state.port("registry")
+    origin = _origin(port, port_setting)
+    url = f"http://{local_address(host)}:{recorded}"
+    if process is not None:
+        if _wait_answering(partial(registry_answers, url), process, BROKER_START_TIMEOUT_S):
+            logger.info("re-using the registry on port %d (pid %d)", recorded, process.pid)
+            return _registry_component(workdir, host, recorded, process, None, origin)
+        logger.warning(
+            "the registry (pid %d) does not answer on %d; restarting it", process.pid, recorded
+        )
+        process.stop_group(STOP_TIMEOUT_S)
+    start_port = port or _usable_port(host, recorded, "The registry")
+    server = RegistryServer(workdir, host, start_port, port_origin=origin).start()
+    identity = ProcessIdentity.of(server.pid) if server.pid is not None else None
+    state.record("registry", server.port, identity, host)
+    return _registry_component(workdir, host, server.port, identity, server, origin)
+
+
+def _wait_answering(
+    answers: Callable[[float], bool], process: ProcessIdentity, timeout_s: float
+) -> bool:
+    """Whether ``answers(timeout)`` becomes true within ``timeout_s`` while ``process`` runs."""
+    deadline = time.monotonic() + timeout_s
+    while process.is_alive() and time.monotonic() < deadline:
+        if answers(1.0):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _registry_component(
+    workdir: Path,
+    host: str,
+    port: int,
+    identity: ProcessIdentity | None,
+    server: _Child | None,
+    origin: str,
+) -> EmbeddedComponent:
+    """The :class:`EmbeddedComponent` of a registry on ``host:port``, restarted on the same
+    workdir (its storage) and port."""
+    from flops_manager.embedded_registry import RegistryServer, registry_answers
+
+    def relaunch(cancel: threading.Event) -> RegistryServer:
+        return RegistryServer(workdir, host, port, port_origin=origin).start()
+
+    url = f"http://{local_address(host)}:{port}"
+    answers = partial(registry_answers, url)
+    return EmbeddedComponent("registry", url, identity, server, port, relaunch, answers, host)
+
+
+def registry_address(component: EmbeddedComponent) -> str:
+    """``HOST:PORT`` of the embedded registry (what image references start with)."""
+    return component.url.split("://", 1)[1]

@@ -114,8 +114,12 @@ class ServesMlflowModels(Protocol):
     """An orchestrator that serves a trained model from its MLflow model when it has no image
     (the ``local`` backend)."""
 
-    def deploy_model(self, project_id: str, model: TrainedModel) -> str:
-        """Serve ``model`` for the project until ``stop_inference``; its base URL."""
+    def deploy_model(
+        self, project_id: str, model: TrainedModel, resources: Mapping[str, int] | None = None
+    ) -> str:
+        """Serve ``model`` for the project until ``stop_inference``; its base URL.
+        ``resources``: the SLA's ``resource_constraints`` (``memory`` MB, ``vcpus``,
+        ``storage`` MB), enforced where the server's runtime can."""
         ...
 
 

@@ -3,6 +3,9 @@
 With the embedded default (no ``FLOPS_MQTT_URL`` / ``FLOPS_MLFLOW_URL``) the suite also starts
 Mosquitto and an MLflow tracking server as child processes; the project store is MongoDB or the
 embedded on-disk store (``FLOPS_DB_URL``). The REST API is served by waitress in a thread.
+With the ``venv`` builder and no ``FLOPS_REGISTRY`` it also runs an OCI registry
+(``docker-registry``, :mod:`flops_manager.embedded_registry`; ``FLOPS_REGISTRY_PORT``) for the
+trained-model images, when buildah and docker-registry are installed.
 
 Addresses: the embedded broker and tracking server listen on ``FLOPS_BIND_HOST`` (default:
 ``FLOPS_MANAGER_HOST``) on fixed (``FLOPS_MQTT_PORT``, ``FLOPS_MLFLOW_PORT``) or recorded
@@ -34,7 +37,7 @@ from waitress.server import BaseWSGIServer, MultiSocketServer
 from flops_manager.app import create_app
 from flops_manager.auth import WithNodeCredentials
 from flops_manager.broker import ALL_INTERFACES
-from flops_manager.builds import ImageBuildService, make_builder
+from flops_manager.builds import ImageBuildService, builder_name, make_builder
 from flops_manager.config import ManagerConfig
 from flops_manager.credentials import ProjectCredentials
 from flops_manager.data_access import DataAccess
@@ -43,9 +46,12 @@ from flops_manager.embedded import (
     EmbeddedState,
     broker_admin,
     mlflow_admin,
+    registry_address,
     start_broker,
     start_mlflow,
+    start_registry,
 )
+from flops_manager.embedded_registry import missing_tools
 from flops_manager.errors import ConfigurationError
 from flops_manager.mlflow_access import MlflowAccess, MlflowAccessControl, NoMlflowAccess
 from flops_manager.mock_jobs import MockJobs
@@ -133,6 +139,7 @@ class ManagerSuite(StartStop):
         self.url = ""
         self._broker: EmbeddedComponent | None = None
         self._mlflow: EmbeddedComponent | None = None
+        self._registry: EmbeddedComponent | None = None
         self._home_lock: int | None = None
         self._listener: StatusListener | None = None
         self._supervisor: Supervisor | None = None
@@ -173,10 +180,15 @@ class ManagerSuite(StartStop):
                 lambda *args: self.lifecycle.on_service_exit(*args),
             )
             try:
+                registry = self._start_registry(home, state, orchestrator.needs_images)
                 builder = make_builder(
-                    self.config, home, self.mqtt_url, needs_images=orchestrator.needs_images
+                    self.config,
+                    home,
+                    self.mqtt_url,
+                    needs_images=orchestrator.needs_images,
+                    embedded_registry=registry,
                 )
-            except ConfigurationError:
+            except FlopsError:
                 orchestrator.close()
                 raise
             if orchestrator.needs_images != builder.produces_images:
@@ -270,7 +282,8 @@ class ManagerSuite(StartStop):
     def _supervise(self, state: EmbeddedState, store: ProjectStore) -> Supervisor:
         """Start supervising the embedded components and probing the external ones and the
         store (``flops_manager.supervision``)."""
-        embedded = [c for c in (self._broker, self._mlflow) if c is not None]
+        components = (self._broker, self._mlflow, self._registry)
+        embedded = [c for c in components if c is not None]
         probes: dict[str, Probe] = {"store": partial(_store_answers, store)}
         if self._broker is None:
             host, port = parse_mqtt_url(self.mqtt_url)
@@ -289,6 +302,30 @@ class ManagerSuite(StartStop):
             port_setting="FLOPS_MQTT_PORT",
         )
         self.mqtt_url = self._broker.url
+
+    def _start_registry(self, home: Path, state: EmbeddedState, needs_images: bool) -> str:
+        """Start (or re-use) the embedded registry for trained-model images when the ``venv``
+        builder has no ``FLOPS_REGISTRY``, ``FLOPS_EMBEDDED_REGISTRY`` is not off and
+        buildah and docker-registry are installed; its ``host:port``, else ``""``. Raises
+        ``RegistryUnavailable`` when it does not start."""
+        config = self.config
+        if config.registry or not config.embedded_registry:
+            return ""
+        if builder_name(config, needs_images) != "venv":
+            return ""
+        if missing := missing_tools():
+            logger.info(
+                "no embedded registry, so no trained-model images: missing %s", ", ".join(missing)
+            )
+            return ""
+        self._registry = start_registry(
+            home,
+            state,
+            host=config.listen_host,
+            port=config.registry_port,
+            port_setting="FLOPS_REGISTRY_PORT",
+        )
+        return registry_address(self._registry)
 
     def service_url(self, component: EmbeddedComponent) -> str:
         """The address services and browsers get for an embedded ``component``: its URL with
@@ -450,7 +487,7 @@ class ManagerSuite(StartStop):
                 self._lifecycle.fail_unfinished(STOPPED_REASON)
             self._lifecycle.orchestrator.close(stop_services=not keep_running)
             self._lifecycle.store.close()
-        for component in (self._mlflow, self._broker):
+        for component in (self._registry, self._mlflow, self._broker):
             if component is None:
                 continue
             needed = bool(active) if active is not None else component.reused
@@ -458,7 +495,7 @@ class ManagerSuite(StartStop):
                 component.detach()
             else:
                 component.stop()
-        self._mlflow = self._broker = None
+        self._mlflow = self._broker = self._registry = None
         if self._home_lock is not None:
             with contextlib.suppress(OSError):
                 os.close(self._home_lock)  # releases the flock

@@ -1,12 +1,13 @@
 """Supervision of the manager's components, and the health report ``GET /healthz`` serves.
 
-The embedded Mosquitto and MLflow (those the suite started or re-used) are watched by one
-thread each: every :data:`POLL_INTERVAL_S` it checks that the process still runs (its
-:class:`~flops_manager.process_identity.ProcessIdentity`) and that it serves on its port. A
-crash is logged at ERROR once (component, pid, how it ended), the component is reported
+The embedded Mosquitto, MLflow and OCI registry (those the suite started or re-used) are
+watched by one thread each: every :data:`POLL_INTERVAL_S` it checks that the process still runs
+(its :class:`~flops_manager.process_identity.ProcessIdentity`) and that it serves on its port.
+A crash is logged at ERROR once (component, pid, how it ended), the component is reported
 ``restarting`` and started again **on the same port and workdir**: Mosquitto keeps its
 persistence file and its dynamic-security state (so the credentials it issued stay valid),
-MLflow its backend store, artifacts and basic-auth database. The new process is recorded in
+MLflow its backend store, artifacts and basic-auth database, the registry its image storage.
+The new process is recorded in
 ``embedded.json`` and the recovery is logged at WARNING with the downtime. A restart that
 fails (another program took the port, the executable is gone) is retried after 1, 2, 4 ... up
 to :data:`MAX_BACKOFF_S` seconds while the component is reported ``down``; the port is never
@@ -59,6 +60,7 @@ DOWN = "down"
 LABELS = {
     "mqtt": "MQTT broker (Mosquitto)",
     "mlflow": "MLflow tracking server",
+    "registry": "OCI registry (docker-registry)",
     "store": "project store",
 }
 """How log lines name the components."""

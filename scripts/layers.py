@@ -61,6 +61,7 @@ MANAGER_TIERS: dict[str, int] = {
     # 3, the REST API
     "flops_manager.api_models": 3,
     "flops_manager.app": 3,
+    "flops_manager.service_logs": 3,
     # 4, entry points that assemble everything
     "flops_manager.suite": 4,
     "flops_manager.main": 4,

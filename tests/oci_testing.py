@@ -1,14 +1,17 @@
 """Real OCI components for tests: a registry v2 on loopback and a local base image.
 
 - :class:`LocalRegistry`: Debian's ``docker-registry serve CONFIG`` with filesystem storage in a
-  directory, plain HTTP on ``127.0.0.1:<free port>``.
+  directory, plain HTTP on ``127.0.0.1:<free port>`` (the manager's embedded registry,
+  :class:`flops_manager.embedded_registry.RegistryServer`).
 - :func:`base_image_archive`: a small Debian 12 image with ``python3`` (3.11, as the manager) and
   ``ca-certificates``, made with ``debootstrap --variant=minbase`` from the machine's apt mirror
   and imported with buildah; cached as an OCI archive under ``~/.cache/flops/base-images/``
   keyed by :data:`BASE_RECIPE` and the architecture, so only the first run pays (70-120 s
-  here). For another architecture (``arch="arm64"``, which this machine cannot run) the same
-  packages are fetched with ``debootstrap --foreign`` and unpacked with ``dpkg-deb`` without
-  running any of their code (:func:`_make_foreign_base_archive`, about 35 s here).
+  here). This machine's is the base image the manager makes itself
+  (:mod:`flops_manager.base_image`, same recipe and cache). For another architecture
+  (``arch="arm64"``, which this machine cannot run) the same packages are fetched with
+  ``debootstrap --foreign`` and unpacked with ``dpkg-deb`` without running any of their code
+  (:func:`_make_foreign_base_archive`, about 35 s here).
   :func:`push_archive` copies an archive into a registry with skopeo, and
   :func:`push_manifest_list` joins pushed images into one multi-platform reference. Nothing is
   pulled from public registries.
@@ -27,8 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
-import secrets
 import shutil
 import socket
 import subprocess
@@ -37,12 +38,37 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
-from waiting import answers_200, wait_until
-
-from flops_utils.net import find_free_port, wait_for_port
-from flops_utils.processes import StartStop, stop_process_groups
+from flops_manager.base_image import (
+    BASE_PACKAGES,
+    BASE_RECIPE,
+    BASE_SUITE,
+    BASE_TRIM,
+    BASE_VARIANT,
+    FOREIGN_METHOD,
+    archive_path,
+    archive_rootfs,
+    debian_mirror,
+    host_arch,
+    make_base_archive,
+    recipe_key,
+    trim_rootfs,
+)
+from flops_manager.embedded_registry import RegistryServer
+from flops_utils.processes import StartStop
 from image_builder.python_env import file_lock
+
+__all__ = [
+    "BASE_PACKAGES",
+    "BASE_RECIPE",
+    "BASE_SUITE",
+    "BASE_TRIM",
+    "BASE_VARIANT",
+    "FOREIGN_METHOD",
+    "debian_mirror",
+    "host_arch",
+    "recipe_key",
+]
+"""The recipe names re-exported for the tests (defined in :mod:`flops_manager.base_image`)."""
 
 CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flops"
 """Where the tests keep what outlives a session: the base image archive, the test storage."""
@@ -56,36 +82,7 @@ TOOLS = {
 }
 """Executable → Debian package the OCI tests need."""
 
-BASE_SUITE = "bookworm"
-BASE_VARIANT = "minbase"
-BASE_PACKAGES = ("ca-certificates", "python3")
-BASE_TRIM = (
-    "var/cache/apt/archives/*.deb",
-    "var/lib/apt/lists/*",
-    "usr/share/doc/*",
-    "usr/share/man/*",
-    "usr/share/info/*",
-    "usr/share/locale/*",
-)
-"""Paths removed from the debootstrapped rootfs (``usr/share/locale/locale.alias`` is kept)."""
 
-BASE_RECIPE = {
-    "suite": BASE_SUITE,
-    "variant": BASE_VARIANT,
-    "include": list(BASE_PACKAGES),
-    "trim": list(BASE_TRIM),
-    "config": {"env": ["LANG=C.UTF-8"], "cmd": ["python3"]},
-    "version": 1,
-}
-"""What the test base image is made of; its hash names the cached archive."""
-
-FOREIGN_METHOD = "debootstrap-foreign+dpkg-deb-x"
-"""How a base image of another architecture is made (part of its recipe key)."""
-
-_DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64", "amd64": "amd64"}
-
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
-START_TIMEOUT_S = 15.0
 DEBOOTSTRAP_TIMEOUT_S = 1200.0
 TOOL_TIMEOUT_S = 600.0
 
@@ -104,59 +101,30 @@ class LocalRegistry(StartStop):
 
     ``workdir``: holds the generated ``config.yml``, the storage (``storage/``) and the log.
     ``address`` is ``127.0.0.1:PORT`` (what image references start with); ``url`` the HTTP
-    base URL. Use as a context manager; :meth:`start` raises ``RuntimeError`` with the log's
-    tail if the registry does not answer ``GET /v2/`` within 15 s.
+    base URL. Use as a context manager; :meth:`start` raises ``RegistryUnavailable`` with the
+    log's tail if the registry does not answer ``GET /v2/`` within 15 s.
     """
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.port = find_free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.address}"
-        self._process: subprocess.Popen[bytes] | None = None
+        self._server = RegistryServer(workdir)
+        self.port = self._server.port
+        self.address = self._server.address
+        self.url = self._server.url
 
     def start(self) -> LocalRegistry:
         """Write the config, start the registry and wait until it answers."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = {
-            "version": 0.1,
-            "log": {"level": "warn", "accesslog": {"disabled": True}},
-            "storage": {
-                "filesystem": {"rootdirectory": str(self.workdir / "storage")},
-                "delete": {"enabled": True},
-            },
-            "http": {"addr": self.address, "secret": secrets.token_hex(16)},
-        }
-        config_path = self.workdir / "config.yml"
-        config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        executable = _which("docker-registry")
-        if executable is None:
-            raise RuntimeError("docker-registry is missing; apt-get install docker-registry")
-        log = (self.workdir / "registry.log").open("wb")
-        try:
-            self._process = subprocess.Popen(
-                [executable, "serve", str(config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
-        if wait_for_port("127.0.0.1", self.port, START_TIMEOUT_S):
-            try:
-                wait_until(lambda: answers_200(f"{self.url}/v2/"), START_TIMEOUT_S, interval_s=0.1)
-                return self
-            except AssertionError:
-                pass
-        self.stop()
-        tail = (self.workdir / "registry.log").read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"docker-registry did not start on {self.address}: {tail}")
+        self._server.start()
+        self.port, self.address, self.url = (
+            self._server.port,
+            self._server.address,
+            self._server.url,
+        )
+        return self
 
     def stop(self) -> None:
         """Stop the registry process (its process group)."""
-        if self._process is not None:
-            stop_process_groups([self._process])
-            self._process = None
+        self._server.stop()
 
 
 def use_test_storage(root: Path = CACHE_ROOT / "containers") -> Path:
@@ -254,47 +222,6 @@ def _listening(port: int) -> bool:
         return False
 
 
-def debian_mirror() -> str:
-    """The Debian mirror apt uses here (``URIs:`` of the ``bookworm`` deb822 source, or a
-    ``deb URI bookworm`` line), else ``http://deb.debian.org/debian``."""
-    deb822 = Path("/etc/apt/sources.list.d/debian.sources")
-    if deb822.is_file():
-        for stanza in deb822.read_text(encoding="utf-8").split("\n\n"):
-            fields = {}
-            for line in stanza.splitlines():
-                if ":" in line and not line.startswith(("#", " ")):
-                    name, _, value = line.partition(":")
-                    fields[name.strip().lower()] = value.strip()
-            if "bookworm" in fields.get("suites", "").split() and fields.get("uris"):
-                return fields["uris"].split()[0]
-    sources = Path("/etc/apt/sources.list")
-    if sources.is_file():
-        for line in sources.read_text(encoding="utf-8").splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[0] == "deb" and "bookworm" in parts:
-                return next(part for part in parts[1:] if "://" in part)
-    return DEFAULT_MIRROR
-
-
-def host_arch() -> str:
-    """This machine's Debian/OCI architecture (``amd64``, ``arm64``)."""
-    machine = platform.machine().lower()
-    return _DEBIAN_ARCH.get(machine, machine)
-
-
-def recipe_key(arch: str | None = None) -> str:
-    """16-hex hash of :data:`BASE_RECIPE` and the architecture (``None``: this machine's).
-
-    This machine's key is unchanged from when only it was supported (the architecture as
-    ``platform.machine()`` names it); another architecture's also names the foreign method.
-    """
-    if arch is None or arch == host_arch():
-        material = {**BASE_RECIPE, "arch": platform.machine()}
-    else:
-        material = {**BASE_RECIPE, "arch": arch, "method": FOREIGN_METHOD}
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def base_image_archive(cache_root: Path = CACHE_ROOT, arch: str | None = None) -> Path:
     """The test base image as an OCI archive, made once per :data:`BASE_RECIPE` and
     architecture and cached.
@@ -304,18 +231,17 @@ def base_image_archive(cache_root: Path = CACHE_ROOT, arch: str | None = None) -
     architecture: ``...-python3-<arch>-<recipe key>.oci.tar``). Concurrent sessions wait on a
     lock. Raises ``RuntimeError`` with the failing command's output.
     """
-    directory = cache_root / "base-images"
+    archive = archive_path(cache_root, arch)
+    directory = archive.parent
     directory.mkdir(parents=True, exist_ok=True)
     foreign = arch is not None and arch != host_arch()
-    label = f"{arch}-" if foreign else ""
-    archive = directory / f"debian-bookworm-python3-{label}{recipe_key(arch)}.oci.tar"
     with file_lock(directory / ".lock", timeout_s=DEBOOTSTRAP_TIMEOUT_S):
         if not archive.is_file():
             if foreign:
                 assert arch is not None
                 _make_foreign_base_archive(archive, arch)
             else:
-                _make_base_archive(archive)
+                make_base_archive(archive)
     return archive
 
 
@@ -372,22 +298,6 @@ def layer_sizes(image: str) -> list[int]:
     return [sizes[diff_id] for diff_id in diff_ids]
 
 
-def _make_base_archive(archive: Path) -> None:
-    """debootstrap a minbase rootfs, trim it, import it with buildah, save it as OCI archive."""
-    scratch = Path(tempfile.mkdtemp(prefix="flops-base-", dir=archive.parent))
-    rootfs = scratch / "rootfs"
-    try:
-        _run(
-            ["debootstrap", f"--variant={BASE_VARIANT}", f"--include={','.join(BASE_PACKAGES)}",
-             BASE_SUITE, str(rootfs), debian_mirror()],
-            DEBOOTSTRAP_TIMEOUT_S,
-        )  # fmt: skip
-        _trim(rootfs)
-        _archive_rootfs(rootfs, archive, None)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 def _make_foreign_base_archive(archive: Path, arch: str) -> None:
     """The base image for ``arch`` (a Debian architecture this machine cannot run), made
     without running any of its code.
@@ -427,37 +337,10 @@ def _make_foreign_base_archive(archive: Path, arch: str) -> None:
         bundle.write_bytes(b"".join(path.read_bytes() for path in certificates))
         for path in (rootfs / "etc/hostname", rootfs / "etc/resolv.conf"):
             path.unlink(missing_ok=True)  # the host's, copied by debootstrap
-        _trim(rootfs)
-        _archive_rootfs(rootfs, archive, arch)
+        trim_rootfs(rootfs)
+        archive_rootfs(rootfs, archive, arch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _archive_rootfs(rootfs: Path, archive: Path, arch: str | None) -> None:
-    """Import ``rootfs`` with buildah as the test base image (for ``arch``; ``None``: this
-    machine's) and save it as the OCI archive ``archive`` (written whole, then renamed)."""
-    platform_options = [] if arch is None else ["--arch", arch, "--os", "linux"]
-    local = f"localhost/flops-test-base:{recipe_key(arch)}"
-    container = _run(["buildah", "from", *platform_options, "scratch"], 60).stdout.strip()
-    try:
-        _copy_rootfs(rootfs, container)
-        _run(
-            ["buildah", "config", *platform_options, "--env", "LANG=C.UTF-8",
-             "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-             "--cmd", "python3", "--label", "org.opencontainers.image.title=flops-test-base",
-             "--label", f"org.flops.recipe={recipe_key(arch)}", container],
-            60,
-        )  # fmt: skip
-        _run(["buildah", "commit", "--quiet", "--rm", container, local], TOOL_TIMEOUT_S)
-        container = ""
-        partial = archive.with_suffix(".partial")
-        partial.unlink(missing_ok=True)
-        _run(["buildah", "push", "--quiet", local, f"oci-archive:{partial}"], TOOL_TIMEOUT_S)
-        partial.rename(archive)
-    finally:
-        if container:
-            _run(["buildah", "rm", container], 60, check=False)
-        _run(["buildah", "rmi", local], 60, check=False)
 
 
 def _unpack_deb(deb: Path, rootfs: Path) -> None:
@@ -474,33 +357,6 @@ def _unpack_deb(deb: Path, rootfs: Path) -> None:
     extract.stdout.close()
     if extract.wait(timeout=TOOL_TIMEOUT_S) != 0 or unpack.returncode != 0:
         raise RuntimeError(f"unpacking {deb.name} failed: {unpack.stderr.decode()[-2000:]}")
-
-
-def _trim(rootfs: Path) -> None:
-    """Remove :data:`BASE_TRIM` from ``rootfs`` (``locale.alias`` is kept)."""
-    for pattern in BASE_TRIM:
-        for path in rootfs.glob(pattern):
-            if path.name == "locale.alias":
-                continue
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-
-
-def _copy_rootfs(rootfs: Path, container: str) -> None:
-    """Copy ``rootfs`` into the mounted buildah ``container`` with tar (owners, modes,
-    setuid bits and device nodes exactly as they are), then unmount it."""
-    mount = _run(["buildah", "mount", container], 60).stdout.strip()
-    pack = subprocess.Popen(["tar", "-C", str(rootfs), "-cf", "-", "."], stdout=subprocess.PIPE)
-    unpack = subprocess.run(
-        ["tar", "-C", mount, "-xpf", "-"], stdin=pack.stdout, timeout=TOOL_TIMEOUT_S, check=False
-    )
-    assert pack.stdout is not None
-    pack.stdout.close()
-    if pack.wait(timeout=TOOL_TIMEOUT_S) != 0 or unpack.returncode != 0:
-        raise RuntimeError("copying the rootfs into the buildah container failed")
-    _run(["buildah", "umount", container], 60)
 
 
 def _which(tool: str) -> str | None:

@@ -107,10 +107,13 @@ def check_post_training(
     if PostTrainingStep.BUILD_IMAGE_FOR_TRAINED_MODEL in steps and not builds_model_images:
         raise UnsupportedSla(
             "post_training_steps: build_image_for_trained_model cannot run on this manager: "
-            "it has no image builder for trained-model images. Set FLOPS_REGISTRY (host:port "
-            "of a registry) and FLOPS_BASE_IMAGE (a Python 3.11 image in it) and install "
-            "buildah, or remove the step (the trained model is registered in MLflow either "
-            "way; deploy_trained_model_image alone serves it on this machine)."
+            f"it has no image builder for trained-model images{_missing_here()}. Install "
+            "buildah, docker-registry and debootstrap (Debian packages; the manager then runs "
+            "its own registry, unless FLOPS_EMBEDDED_REGISTRY=false, and makes the base "
+            "image) and restart it, or set FLOPS_REGISTRY "
+            "(host:port of a registry) and FLOPS_BASE_IMAGE (a Python 3.11 image in it), or "
+            "remove the step (the trained model is registered in MLflow either way; "
+            "deploy_trained_model_image alone serves it on this machine)."
         )
     if PostTrainingStep.DEPLOY_TRAINED_MODEL_IMAGE not in steps:
         return
@@ -124,9 +127,20 @@ def check_post_training(
     if not serves_without_image and not builds_model_images:
         raise UnsupportedSla(
             "post_training_steps: deploy_trained_model_image cannot run on this manager: its "
-            "orchestrator runs the trained model from an image and the manager builds none. "
-            "Set FLOPS_REGISTRY and FLOPS_BASE_IMAGE (and install buildah)."
+            "orchestrator runs the trained model from an image and the manager builds none"
+            f"{_missing_here()}. Set FLOPS_REGISTRY and FLOPS_BASE_IMAGE (and install buildah)."
         )
+
+
+def _missing_here() -> str:
+    """`` (missing here: buildah, ...)`` naming what this machine lacks for the embedded
+    registry and base image (:mod:`flops_manager.embedded_registry`,
+    :mod:`flops_manager.base_image`); ``""`` when nothing is missing."""
+    from flops_manager.base_image import missing_requirements
+    from flops_manager.embedded_registry import missing_tools
+
+    missing = dict.fromkeys([*missing_tools(), *missing_requirements()])
+    return f" (missing here: {', '.join(missing)})" if missing else ""
 
 
 def admit(sla: ProjectSLA, nodes: list[dict[str, Any]], now_s: float) -> ProjectRecord:

@@ -9,6 +9,7 @@ quick ones at once, long ones (build, deploy, post-training) on a worker pool.
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,10 @@ STATUS_OUTAGE_WAIT_S = 120.0
 MQTT broker is down or was just reconnected): a service's final message, queued by the
 service while the broker was down, then still reaches the manager and the project is not
 failed for the broker's crash."""
+
+CLEANUP_WAIT_S = 30.0
+"""How long :meth:`ProjectLifecycle.close` waits for finished projects' MLflow runs and
+credentials to be ended before the suite stops MLflow and the broker (seconds)."""
 
 
 class ProjectLifecycle:
@@ -102,6 +107,8 @@ class ProjectLifecycle:
         listener); grace periods wait while it is false, for at most
         :data:`STATUS_OUTAGE_WAIT_S` seconds."""
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="project")
+        self._cleanups: set[futures.Future[None]] = set()
+        self._cleanups_lock = threading.Lock()
         self.builds = FairQueue(max_workers, min(builds_per_customer, max_workers))
         self._closing = threading.Event()
 
@@ -192,13 +199,19 @@ class ProjectLifecycle:
         re-attached projects and resumes ``pending`` / ``building`` ones."""
         self.recovery.finish()
 
-    def close(self) -> None:
+    def close(self, cleanup_wait_s: float = CLEANUP_WAIT_S) -> None:
         """Stop accepting work. Queued projects stay ``pending`` and a build that is under way
-        finishes in its thread without moving on: the next manager process resumes both."""
+        finishes in its thread without moving on: the next manager process resumes both.
+        Ending finished projects' MLflow runs and credentials, which needs MLflow and the
+        broker the suite stops next, gets up to ``cleanup_wait_s`` seconds to finish."""
         self._closing.set()
         self.runner.close()
         self.builds.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._cleanups_lock:
+            cleanups = set(self._cleanups)
+        if cleanups:
+            futures.wait(cleanups, timeout=cleanup_wait_s)
 
     def fail_unfinished(self, reason: str) -> list[str]:
         """Fail every unfinished project with ``reason`` and stop its services (a manager
@@ -259,15 +272,24 @@ class ProjectLifecycle:
 
         self.runner.schedule(self.exit_grace_s, project_id, event, hold=outage)
 
-    def _submit(self, work: Any, project_id: str) -> bool:
-        """Run ``work(project_id)`` on the pool; ``False`` when the pool is shut down."""
+    def _submit(self, work: Any, project_id: str, cleanup: bool = False) -> bool:
+        """Run ``work(project_id)`` on the pool; ``False`` when the pool is shut down.
+        ``cleanup`` work is waited for (boundedly) by :meth:`close`."""
         if self._closing.is_set():
             return False
         try:
-            self._pool.submit(work, project_id)
+            future = self._pool.submit(work, project_id)
         except RuntimeError:
             return False
+        if cleanup:
+            with self._cleanups_lock:
+                self._cleanups.add(future)
+            future.add_done_callback(self._forget_cleanup)
         return True
+
+    def _forget_cleanup(self, future: futures.Future[None]) -> None:
+        with self._cleanups_lock:
+            self._cleanups.discard(future)
 
     def _stop_services(self, project_id: str) -> None:
         """Stop the project's services, then end its MLflow runs and revoke its credentials
@@ -277,7 +299,7 @@ class ProjectLifecycle:
             self.orchestrator.stop(project_id)
         except Exception:
             logger.exception("project %s: stopping its services failed", project_id)
-        if not self._submit(self._end_credentials, project_id):
+        if not self._submit(self._end_credentials, project_id, cleanup=True):
             self._end_credentials(project_id)
 
     def _end_credentials(self, project_id: str) -> None:

@@ -124,16 +124,16 @@ class PostTraining:
     def _deploy(self, record: ProjectRecord, uri: str, image: ModelImageRecord | None) -> str:
         """Start the trained-model server; its base URL."""
         project_id = record.project_id
+        resources = ProjectSLA.model_validate(record.sla).resource_constraints.model_dump()
         if isinstance(self.orchestrator, ServesMlflowModels):
             tracking = self.credentials.tracking(project_id, record.customer_id)
             model = TrainedModel(uri, self.mlflow_url, tracking, image.ref if image else None)
-            return self.orchestrator.deploy_model(project_id, model)
+            return self.orchestrator.deploy_model(project_id, model, resources)
         if image is None or not self.orchestrator.serves_models:
             raise PostTrainingUnsupported(
                 f"the '{type(self.orchestrator).__name__}' orchestrator runs no trained-model "
                 "server without an image"
             )
-        resources = ProjectSLA.model_validate(record.sla).resource_constraints.model_dump()
         return self.orchestrator.deploy_inference(project_id, image.ref, resources)
 
     def _build_image(self, project_id: str, uri: str, customer_id: str) -> ModelImageRecord:

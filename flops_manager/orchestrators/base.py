@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flops_manager.errors import NotFound
 from flops_utils import env_vars
 from flops_utils.logging import logger
 
@@ -112,6 +113,40 @@ class ServiceExit:
     last_line: str
 
 
+@dataclass(frozen=True)
+class LogSource:
+    """A service whose output the backend can read: ``name`` (the service's), ``where`` it
+    runs (``local``, ``oakestra``) and the ``handle`` that finds it (never shown to users)."""
+
+    name: str
+    where: str
+    handle: ServiceHandle = field(default_factory=dict, compare=False)
+
+
+class ServiceLog(ABC):
+    """Reads one service's output, line by line, for the API (``GET /projects/{id}/logs``).
+
+    :meth:`read_tail` once, then :meth:`read_new` as often as wanted: each returns the
+    complete lines (without their line ends) not returned yet; an incomplete last line is
+    held back until it ends, or until :meth:`pending` takes it. Never raises for output that
+    is gone (it reads as empty); ``FlopsError``/``OSError`` when it cannot be read now.
+    """
+
+    @abstractmethod
+    def read_tail(self, max_bytes: int) -> tuple[list[str], bool]:
+        """The complete lines of the last ``max_bytes`` bytes of the output so far, and
+        whether earlier output was left out."""
+
+    @abstractmethod
+    def read_new(self, max_bytes: int) -> list[str]:
+        """The complete lines written since the last read (at most about ``max_bytes``
+        bytes of them; the rest comes with the next call)."""
+
+    def pending(self) -> list[str]:
+        """The incomplete last line held back, if any (``[]`` or one line), taken out."""
+        return []
+
+
 @dataclass(eq=False)
 class Service:
     """A started service as a backend tracks it; backends subclass it with what finds the
@@ -164,6 +199,12 @@ class Orchestrator(ABC):
 
     aggregator_bind_host: str = "0.0.0.0"
     """The host part of the address the aggregator binds (``FLOPS_AGGREGATOR_ADDRESS``)."""
+
+    log_where: str = "local"
+    """Where this backend's services run, as the logs API names it (``local``, ``oakestra``)."""
+
+    log_poll_interval_s: float = 0.5
+    """Seconds between two reads of a followed service's output."""
 
     def __init__(self, on_service_exit: ServiceExitCallback, poll_interval_s: float) -> None:
         self.on_service_exit = on_service_exit
@@ -261,6 +302,23 @@ class Orchestrator(ABC):
     def stop_inference(self, project_id: str) -> bool:
         """Stop the project's trained-model server; ``False`` when none runs."""
         return False
+
+    # -- the services' output -------------------------------------------------------------
+    def log_sources(self, project_id: str, handles: Sequence[ServiceHandle]) -> list[LogSource]:
+        """The project's services whose output :meth:`service_log` reads: by default one per
+        handle (``handles``: the project's, as :meth:`deploy` passed them to ``on_started``);
+        a backend adds others (the local trained-model server)."""
+        latest = {str(h["name"]): dict(h) for h in handles if h.get("name")}
+        return [LogSource(name, self.log_where, handle) for name, handle in latest.items()]
+
+    def service_log(self, project_id: str, source: LogSource) -> ServiceLog:
+        """A reader of the output of ``source`` (one of :meth:`log_sources`). Raises
+        ``NotFound`` when this backend keeps no output of it."""
+        raise NotFound(f"The {type(self).__name__} keeps no output of {source.name}.")
+
+    def log_running(self, project_id: str, source: LogSource) -> bool:
+        """Whether ``source`` may still write output (following it goes on while it does)."""
+        return source.name in self.running_services(project_id)
 
     def close(self, stop_services: bool = True) -> None:
         """Stop the watcher thread and, with ``stop_services`` (the default), every

@@ -2,8 +2,9 @@
 
 Each service runs ``<env python> -m <module>`` in its own process group (so stopping it
 also stops anything it spawned, and it outlives a manager that is killed), logging to
-``<workdir>/<project_id>/<service>.log``. The base class's watcher polls the processes every
-``POLL_INTERVAL_S`` and reports services that exit on their own through ``on_service_exit``.
+``<workdir>/<project_id>/<service>.log`` (read through the API by :class:`FileLog`). The
+base class's watcher polls the processes every ``POLL_INTERVAL_S`` and reports services that
+exit on their own through ``on_service_exit``.
 
 The aggregator binds ``127.0.0.1:<port>``, a free port outside the kernel's ephemeral range
 (see :mod:`flops_manager.orchestrators.ports` for why), and the learners connect there.
@@ -23,18 +24,22 @@ import os
 import re
 import signal
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from flops_manager.errors import NotFound
 from flops_manager.model_delivery import ModelEnvironments, TrainedModel
 from flops_manager.orchestrators.base import (
     Deployment,
+    LogSource,
     Orchestrator,
     Service,
     ServiceExit,
     ServiceExitCallback,
     ServiceHandle,
+    ServiceLog,
     ServiceSpec,
     ServiceState,
 )
@@ -93,6 +98,69 @@ def last_line(path: Path, max_bytes: int = 4096) -> str:
     return lines[-1] if lines else ""
 
 
+class FileLog(ServiceLog):
+    """A service's output in the file ``path`` (it may not exist yet, or be gone: then it
+    reads as empty), read from a byte offset on; bytes that are not UTF-8 read as U+FFFD.
+
+    Args:
+        path: the log file.
+        max_line_bytes: an incomplete line longer than this is returned as it is (a progress
+            bar rewriting one line with carriage returns never ends it).
+    """
+
+    def __init__(self, path: Path, max_line_bytes: int = 64 * 1024) -> None:
+        self.path = path
+        self.max_line_bytes = max_line_bytes
+        self._offset = 0
+        self._partial = b""
+
+    def read_tail(self, max_bytes: int) -> tuple[list[str], bool]:
+        size = self._size()
+        start = max(0, size - max_bytes)
+        self._offset, self._partial = start, b""
+        lines = self.read_new(max_bytes)
+        if start > 0 and lines:
+            lines = lines[1:]  # the first one began before ``start``
+        return lines, start > 0
+
+    def read_new(self, max_bytes: int) -> list[str]:
+        if self._size() < self._offset:  # truncated or replaced: read it again
+            self._offset, self._partial = 0, b""
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read(max_bytes)
+        except FileNotFoundError:
+            return []
+        self._offset += len(data)
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        if len(self._partial) > self.max_line_bytes:
+            complete.append(self._partial)
+            self._partial = b""
+        return [_decoded(line) for line in complete]
+
+    def pending(self) -> list[str]:
+        partial, self._partial = self._partial, b""
+        return [_decoded(partial)] if partial else []
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+
+def _decoded(line: bytes) -> str:
+    return line.decode("utf-8", errors="replace").rstrip("\r")
+
+
+_SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+"""A service name whose log file this backend reads (``learner-<node id>`` and the like)."""
+
+MODEL_SERVER_LOG = "model-server"
+"""The logs API's name of a project's trained-model server (not an FL service name)."""
+
+
 class LocalOrchestrator(Orchestrator):
     """Runs services as child processes.
 
@@ -119,17 +187,23 @@ class LocalOrchestrator(Orchestrator):
         environments = ModelEnvironments(model_envs_dir or workdir / "model-envs")
         self.model_servers = LocalModelServers(workdir, environments)
 
-    def deploy_model(self, project_id: str, model: TrainedModel) -> str:
+    def deploy_model(
+        self, project_id: str, model: TrainedModel, resources: Mapping[str, int] | None = None
+    ) -> str:
         """Serve the project's trained ``model`` on ``127.0.0.1`` and a free port (its image
         in the local Docker engine when it has one and the engine answers, else its MLflow
         model in a virtualenv made for it) until :meth:`stop_inference`; returns
-        ``http://127.0.0.1:<port>`` once ``/ping`` answers. Raises ``FlopsError``
-        (:class:`~flops_manager.model_delivery.ModelDeliveryError`, the model fetch's)."""
-        return self.model_servers.serve(project_id, model)
+        ``http://127.0.0.1:<port>`` once ``/ping`` answers. ``resources`` (the SLA's
+        ``resource_constraints``) limit the container's memory and CPUs
+        (:func:`~flops_manager.orchestrators.local_models.container_limits`); a process is not
+        limited. Raises ``FlopsError`` (:class:`~flops_manager.model_delivery.ModelDeliveryError`,
+        the model fetch's)."""
+        return self.model_servers.serve(project_id, model, resources)
 
     def deploy_inference(self, project_id: str, image: str, resources: dict[str, int]) -> str:
-        """Run the trained-model ``image`` in the local Docker engine (``resources`` are not
-        enforced: see :attr:`enforces_resources`); returns its base URL. Raises
+        """Run the trained-model ``image`` in the local Docker engine, limited to ``resources``'
+        memory and CPUs (:func:`~flops_manager.orchestrators.local_models.container_limits`);
+        returns its base URL. Raises
         :class:`~flops_manager.model_delivery.ModelDeliveryError` without an engine."""
         if self.model_servers.engine() is None:
             from flops_manager.model_delivery import ModelDeliveryError
@@ -138,12 +212,50 @@ class LocalOrchestrator(Orchestrator):
                 "No Docker engine answers on this machine (DOCKER_HOST or "
                 "/var/run/docker.sock), so the local backend cannot run the trained-model image."
             )
-        return self.model_servers.serve(project_id, TrainedModel("", "", image=image))
+        return self.model_servers.serve(project_id, TrainedModel("", "", image=image), resources)
 
     def stop_inference(self, project_id: str) -> bool:
         """Stop the project's trained-model server (also one a previous manager process
         started); ``False`` when none runs."""
         return self.model_servers.stop(project_id)
+
+    def log_sources(self, project_id: str, handles: Sequence[ServiceHandle]) -> list[LogSource]:
+        """The project's FL services and, once it ran, its trained-model server as a process
+        (``model-server``; a container's output is Docker's)."""
+        sources = super().log_sources(project_id, handles)
+        if self.model_servers.log_path(project_id) is not None:
+            sources.append(LogSource(MODEL_SERVER_LOG, self.log_where, {"name": MODEL_SERVER_LOG}))
+        return sources
+
+    def service_log(self, project_id: str, source: LogSource) -> ServiceLog:
+        """The output file of ``source``: ``<workdir>/<project_id>/<name>.log`` for an FL
+        service, ``model-server.log`` there for the trained-model server. The path is made
+        here from the project id and the service's name, never taken from a request; raises
+        ``NotFound`` for a name that would leave the project's directory."""
+        if source.name == MODEL_SERVER_LOG:
+            path = self.model_servers.log_path(project_id)
+            if path is None:
+                raise NotFound(f"Project {project_id} has no trained-model server output.")
+            return FileLog(path)
+        return FileLog(self._service_log_path(project_id, source.name))
+
+    def log_running(self, project_id: str, source: LogSource) -> bool:
+        if source.name == MODEL_SERVER_LOG:
+            return self.model_servers.serving(project_id)
+        return super().log_running(project_id, source)
+
+    def _service_log_path(self, project_id: str, name: str) -> Path:
+        """``<workdir>/<project_id>/<name>.log``; ``NotFound`` unless ``name`` is a plain
+        service name (:data:`_SERVICE_NAME`) and the file is inside ``<workdir>/<project_id>``."""
+        directory = (self.workdir / project_id).resolve()
+        path = (directory / f"{name}.log").resolve()
+        if (
+            not _SERVICE_NAME.match(name)
+            or path.parent != directory
+            or directory.parent != self.workdir.resolve()
+        ):
+            raise NotFound(f"No service {name!r} in project {project_id!r}.")
+        return path
 
     def _check(self, deployment: Deployment) -> None:
         if deployment.python is None:

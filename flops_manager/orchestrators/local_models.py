@@ -4,7 +4,8 @@
 protocol (``POST /invocations``, ``GET /ping``) on ``127.0.0.1`` and a free port:
 
 - from its image in the local Docker engine, when there is an image and an engine that answers
-  (the container publishes its ``PORT`` on ``127.0.0.1`` only);
+  (the container publishes its ``PORT`` on ``127.0.0.1`` only, and is limited to the SLA's
+  ``resource_constraints`` memory and vcpus, :func:`container_limits`);
 - else as a process: the MLflow model is downloaded from the tracking server into
   ``<workdir>/<project_id>/model`` and served from a virtualenv made for its requirements
   (:class:`~flops_manager.model_delivery.ModelEnvironments`, cached by what it installs), its
@@ -18,9 +19,11 @@ container's id), so :meth:`LocalModelServers.stop` finds it after a restart too.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,8 @@ from flops_utils.processes import stop_process_groups
 
 STOP_TIMEOUT_S = 10.0
 RECORD_FILE = "model-server.json"
+SERVER_LOG = "model-server.log"
+"""The output of a trained-model server run as a process, in ``<workdir>/<project_id>``."""
 
 
 @dataclass
@@ -69,9 +74,20 @@ class LocalModelServers:
         self._servers: dict[str, _Server] = {}
         self._lock = threading.Lock()
 
-    def serve(self, project_id: str, model: md.TrainedModel) -> str:
+    def serve(
+        self,
+        project_id: str,
+        model: md.TrainedModel,
+        resources: Mapping[str, int] | None = None,
+    ) -> str:
         """Serve ``model`` for the project (replacing a server it had); returns the base URL
-        ``http://127.0.0.1:<port>``. Raises ``FlopsError`` subclasses
+        ``http://127.0.0.1:<port>``.
+
+        ``resources``: the SLA's ``resource_constraints`` (``memory`` MB, ``vcpus``,
+        ``storage`` MB). A container is limited to ``memory`` and ``vcpus``
+        (:func:`container_limits`); a process is not limited (as the local backend's learners
+        are not; admission refuses explicit ``resource_constraints`` for this backend), which
+        is logged. Raises ``FlopsError`` subclasses
         (:class:`~flops_manager.model_delivery.ModelDeliveryError`, the model fetch's)."""
         self.stop(project_id)
         directory = self.workdir / project_id
@@ -79,8 +95,16 @@ class LocalModelServers:
         engine = self.engine() if model.image else None
         try:
             if engine is not None and model.image:
-                server = self._serve_container(project_id, engine, model.image)
+                limits = container_limits(resources or {}, os.cpu_count() or 1)
+                server = self._serve_container(project_id, engine, model.image, limits)
             else:
+                if resources:
+                    logger.info(
+                        "project %s: the trained-model server runs as a process, which the "
+                        "local backend does not limit (resource_constraints %s not applied)",
+                        project_id,
+                        dict(resources),
+                    )
                 server = self._serve_process(project_id, model, directory)
         except BaseException:
             (directory / RECORD_FILE).unlink(missing_ok=True)
@@ -110,13 +134,30 @@ class LocalModelServers:
         logger.info("project %s: stopped the trained-model server", project_id)
         return True
 
+    def log_path(self, project_id: str) -> Path | None:
+        """The output file of the project's trained-model server when it ran as a process
+        (``<workdir>/<project_id>/model-server.log``), else ``None``."""
+        path = self.workdir / project_id / SERVER_LOG
+        return path if path.is_file() else None
+
+    def serving(self, project_id: str) -> bool:
+        """Whether the project's trained-model server runs (this manager's, or the one its
+        record names)."""
+        with self._lock:
+            if project_id in self._servers:
+                return True
+        server = _read_record(self.workdir / project_id / RECORD_FILE)
+        return server is not None and server.identity is not None and server.identity.is_alive()
+
     # -- the two ways ---------------------------------------------------------------------
-    def _serve_container(self, project_id: str, engine: Any, image: str) -> _Server:
+    def _serve_container(
+        self, project_id: str, engine: Any, image: str, limits: Mapping[str, Any]
+    ) -> _Server:
         md.remove_containers(engine, {md.CONTAINER_LABEL: project_id})
         md.pull_image(engine, image)
         port = md.free_port(self.host)
-        container = md.run_model_container(
-            engine, image, self.host, port, name=f"flops-model-{project_id}",
+        container = run_limited_container(
+            engine, image, self.host, port, limits, name=f"flops-model-{project_id}",
             labels={md.CONTAINER_LABEL: project_id},
         )  # fmt: skip
         server = _Server(f"http://{self.host}:{port}", container_id=str(container.id))
@@ -136,7 +177,7 @@ class LocalModelServers:
         md.download_model_dir(model.model_uri, model.tracking_url, model_dir, model.credentials)
         python = self.environments.python_for(model_dir)
         port = md.free_port(self.host)
-        log_path = directory / "model-server.log"
+        log_path = directory / SERVER_LOG
         with log_path.open("ab") as log:
             process = md.start_model_process(python, model_dir, self.host, port, log)
         identity = ProcessIdentity.of(process.pid)
@@ -162,6 +203,51 @@ class LocalModelServers:
         if server.container_id is not None:
             document["container_id"] = server.container_id
         (self.workdir / project_id / RECORD_FILE).write_text(json.dumps(document) + "\n")
+
+
+def container_limits(resources: Mapping[str, int], host_cpus: int) -> dict[str, Any]:
+    """The Docker SDK's limits for the SLA's ``resources``: ``mem_limit`` (``"<memory>m"``,
+    with ``memswap_limit`` equal, so no swap beyond it) and ``nano_cpus`` (``vcpus`` x 10^9,
+    Docker's ``--cpus``). ``storage`` is not limited (Docker's overlay2 driver limits a
+    container's writable layer only on XFS with project quotas). Raises
+    :class:`~flops_manager.model_delivery.ModelDeliveryError` when ``vcpus`` exceeds this
+    machine's ``host_cpus`` (Docker refuses that)."""
+    limits: dict[str, Any] = {}
+    if memory_mb := resources.get("memory"):
+        limits["mem_limit"] = limits["memswap_limit"] = f"{int(memory_mb)}m"
+    if vcpus := resources.get("vcpus"):
+        if vcpus > host_cpus:
+            raise md.ModelDeliveryError(
+                f"resource_constraints.vcpus is {vcpus}, but this machine has {host_cpus} "
+                "CPU(s): the trained-model container cannot get more; lower vcpus."
+            )
+        limits["nano_cpus"] = int(vcpus) * 10**9
+    return limits
+
+
+def run_limited_container(
+    engine: Any,
+    image: str,
+    host: str,
+    port: int,
+    limits: Mapping[str, Any],
+    *,
+    name: str,
+    labels: Mapping[str, str],
+) -> Any:
+    """Run the trained-model ``image`` (pulled already) detached with ``limits``
+    (:func:`container_limits`), its server on ``PORT`` ``port`` published on ``host:port``;
+    the container. Raises :class:`~flops_manager.model_delivery.ModelDeliveryError`."""
+    from docker.errors import DockerException
+
+    try:
+        return engine.containers.run(
+            image, detach=True, name=name, labels=dict(labels),
+            environment={"PORT": str(port)}, ports={f"{port}/tcp": (host, port)}, **limits,
+        )  # fmt: skip
+    except DockerException as exc:
+        reason = " ".join(str(getattr(exc, "explanation", None) or exc).split())[:300]
+        raise md.ModelDeliveryError(f"Running {image} failed: {reason}") from exc
 
 
 def _read_record(path: Path) -> _Server | None:

@@ -36,6 +36,11 @@ Statuses reach the root only with the cluster's push every 15 s, so every end is
 services and undeploys their instances; it finds the application by name, so nothing is left
 behind even without handles. Handles hold the application and service ids and the published
 port, so a restarted manager re-attaches by polling them again and keeps their ports reserved.
+
+A service's output (``GET /api/flops/projects/{id}/logs``) is its instance's ``logs`` as the
+root has them (:meth:`~OakestraOrchestrator.service_log`), followed by polling. Every poll keeps
+the last ``logs`` seen, so the output of a service Oakestra deleted stays readable from this
+manager process (up to :data:`KEPT_OUTPUTS` services; not after a restart).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,11 +57,13 @@ from typing import Any
 from flops_manager.errors import OakestraError, OakestraNotFound
 from flops_manager.orchestrators.base import (
     Deployment,
+    LogSource,
     Orchestrator,
     Service,
     ServiceExit,
     ServiceExitCallback,
     ServiceHandle,
+    ServiceLog,
     ServiceSpec,
     ServiceStartedCallback,
     ServiceState,
@@ -89,6 +98,18 @@ EXITED_OK = frozenset({"COMPLETED"})
 UNKNOWN_CRASH_RC = UNKNOWN_EXIT
 """Return code reported for a ``DEAD`` instance whose ``status_detail`` gives no exit code
 (and for ``FAILED`` instances and scheduling failures, which never ran)."""
+
+KEPT_OUTPUTS = 500
+"""The most services whose last ``logs`` the backend keeps after Oakestra deleted them (it
+deletes a service as soon as it ended, see the module docstring); the oldest go first."""
+
+MAX_OUTPUT_CHARS = 64 * 1024
+"""The most characters of one service's ``logs`` kept (its end): with :data:`KEPT_OUTPUTS`,
+at most about 32 MB."""
+
+LOG_POLL_INTERVAL_S = 2.0
+"""Seconds between two reads of a followed service's ``logs`` from the root (its system
+manager is a single worker; the cluster pushes new statuses every 15 s anyway)."""
 
 _EXIT_CODE = re.compile(
     r"(?:exit(?:ed)?(?: with)?(?: status)? code|exit status)[:= ]*(-?\d+)", re.I
@@ -143,6 +164,57 @@ def _instance_detail(instance: dict[str, Any]) -> str:
     if lines:
         detail += ("; " if detail else "") + f"its last output: {lines[-1].strip()[-300:]}"
     return detail
+
+
+def instance_logs(job: dict[str, Any]) -> str | None:
+    """The ``logs`` of the service's instance as the root has them (Oakestra's NodeEngine
+    reports the end of the instance's output), or ``None`` when it has none."""
+    for instance in job.get("instance_list") or []:
+        logs = instance.get("logs")
+        if logs:
+            return str(logs)[-MAX_OUTPUT_CHARS:]
+    return None
+
+
+def new_lines(seen: list[str], current: list[str]) -> list[str]:
+    """The lines of ``current`` after what ``seen`` already had. Both are windows on the
+    end of one output (the root keeps only its last lines): the longest end of ``seen``
+    that ``current`` begins with is what they share; with nothing shared, all of
+    ``current`` is new."""
+    for shared in range(min(len(seen), len(current)), 0, -1):
+        if seen[-shared:] == current[:shared]:
+            return current[shared:]
+    return current
+
+
+class OakestraLog(ServiceLog):
+    """A service's output as the root reports it: ``read`` returns the instance's ``logs``
+    text now (``None``: none), which is the end of the output only, so :meth:`read_new`
+    returns the lines past the part it shares with the last read (:func:`new_lines`)."""
+
+    def __init__(self, read: Callable[[], str | None]) -> None:
+        self.read = read
+        self._seen: list[str] = []
+
+    def read_tail(self, max_bytes: int) -> tuple[list[str], bool]:
+        text = self.read() or ""
+        lines = _lines(text[-max_bytes:])
+        if len(text) > max_bytes and lines:
+            lines = lines[1:]
+        self._seen = _lines(text)
+        return lines, len(text) > max_bytes
+
+    def read_new(self, max_bytes: int) -> list[str]:
+        current = _lines(self.read() or "")
+        fresh = new_lines(self._seen, current) if current != self._seen else []
+        self._seen = current
+        return fresh
+
+
+def _lines(text: str) -> list[str]:
+    """``text``'s lines, split at line feeds only (as the local backend's files are)."""
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    return lines[:-1] if lines and not lines[-1] else lines
 
 
 def _exit_line(status: str, detail: str) -> str:
@@ -206,6 +278,8 @@ class OakestraOrchestrator(Orchestrator):
     serves_models = True
     enforces_resources = True
     aggregator_bind_host = "0.0.0.0"
+    log_where = "oakestra"
+    log_poll_interval_s = LOG_POLL_INTERVAL_S
 
     def __init__(
         self,
@@ -234,6 +308,9 @@ class OakestraOrchestrator(Orchestrator):
         self.port_range = port_range
         self._applications: dict[str, str] = {}
         self._inference_ports: dict[str, int] = {}
+        self._outputs: OrderedDict[str, str] = OrderedDict()
+        """Service id → the last ``logs`` seen (:meth:`_keep_output`), at most
+        :data:`KEPT_OUTPUTS`."""
 
     @staticmethod
     def application_name(project_id: str) -> str:
@@ -385,6 +462,7 @@ class OakestraOrchestrator(Orchestrator):
         status = "REQUESTED"
         while time.monotonic() < deadline:
             job = self.client.get_service(service.service_id)
+            self._keep_output(service.service_id, job)
             outcome = instance_outcome(job)
             if outcome is not None:
                 self._mark_ended(service)  # the deployment's error reports it
@@ -418,6 +496,7 @@ class OakestraOrchestrator(Orchestrator):
         if job is None:  # confirm before reporting it gone
             try:
                 job = self.client.get_service(service.service_id)
+                self._keep_output(service.service_id, job)
             except OakestraNotFound:
                 job = None
         ended = self._ended(service, job)
@@ -468,6 +547,8 @@ class OakestraOrchestrator(Orchestrator):
             jobs = {str(j["_id"]): j for j in self.client.list_services(application_id)}
         except OakestraNotFound:
             jobs = {}
+        for service_id, job in jobs.items():
+            self._keep_output(service_id, job)
         with self._jobs_lock:
             self._jobs[application_id] = (time.monotonic(), jobs)
         return jobs
@@ -521,12 +602,48 @@ class OakestraOrchestrator(Orchestrator):
             job = self.client.get_service(service.service_id)
         except OakestraNotFound:
             return None, ServiceState(name, False, "the Oakestra service is gone")
+        self._keep_output(service.service_id, job)
         outcome = instance_outcome(job)
         if outcome is not None:
             self._remove(service)  # else Oakestra restarts a FAILED or DEAD instance
             return None, ServiceState(name, False, exit_of(*outcome).last_line)
         service.has_run = any(i.get("status") == "RUNNING" for i in job.get("instance_list") or [])
         return service, ServiceState(name, True, "")
+
+    # -- the services' output ---------------------------------------------------------
+    def service_log(self, project_id: str, source: LogSource) -> ServiceLog:
+        """The ``logs`` of ``source``'s instance, read from the root at each read; once
+        Oakestra deleted the service, the last ``logs`` this backend saw (none after a
+        manager restart). Reads raise :class:`OakestraError` when the root does not answer."""
+        service_id = str(source.handle.get("service_id") or "")
+
+        def read() -> str | None:
+            if service_id:
+                try:
+                    job = self.client.get_service(service_id)
+                except OakestraNotFound:
+                    pass
+                else:
+                    self._keep_output(service_id, job)
+            with self._lock:
+                return self._outputs.get(service_id)
+
+        return OakestraLog(read)
+
+    def log_sources(self, project_id: str, handles: Sequence[ServiceHandle]) -> list[LogSource]:
+        """One per handle that names its Oakestra service."""
+        return [s for s in super().log_sources(project_id, handles) if s.handle.get("service_id")]
+
+    def _keep_output(self, service_id: str, job: dict[str, Any]) -> None:
+        """Remember the ``logs`` of ``job`` (the root's view of service ``service_id``)."""
+        logs = instance_logs(job)
+        if logs is None:
+            return
+        with self._lock:
+            self._outputs[service_id] = logs
+            self._outputs.move_to_end(service_id)
+            while len(self._outputs) > KEPT_OUTPUTS:
+                self._outputs.popitem(last=False)
 
     def close(self, stop_services: bool = True) -> None:
         """Stop the watcher and, with ``stop_services``, delete every project's application;

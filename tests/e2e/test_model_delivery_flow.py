@@ -1,16 +1,19 @@
 """The trained model delivered on the embedded default (venv builder, local backend).
 
-Real Mosquitto, MLflow, data servers and Flower training, as in ``test_project_flow``: an SLA
-with ``deploy_trained_model_image`` ends ``completed`` with an ``inference_url`` whose
-``/invocations`` answers real MNIST rows with the digits the trained model predicts; ``flops
-model download`` gives a model that loads with ``mlflow.pyfunc`` and predicts the same, and
-``flops model serve --no-image`` serves it too. DELETE of the project stops the server.
+Real Mosquitto, MLflow, data servers and Flower training, as in ``test_project_flow``.
 
-With a registry and a base image configured (``FLOPS_REGISTRY``, ``FLOPS_BASE_IMAGE``; the
-session's loopback registry and debootstrapped base image) the same manager also builds the
-trained-model image: both steps end ``completed`` with ``model_image`` and an
-``inference_url`` served by the image in the local Docker engine, and ``flops model pull`` +
-``flops model serve`` give the same answers.
+Without the embedded registry (``FLOPS_EMBEDDED_REGISTRY=false``): an SLA with
+``deploy_trained_model_image`` ends ``completed`` with an ``inference_url`` served from a
+virtualenv, whose ``/invocations`` answers real MNIST rows with the digits the trained model
+predicts; ``flops model download`` gives a model that loads with ``mlflow.pyfunc`` and
+predicts the same, and ``flops model serve --no-image`` serves it too. DELETE of the project
+stops the server.
+
+With nothing set (no ``FLOPS_REGISTRY``, no ``FLOPS_BASE_IMAGE``) the manager runs its own
+registry and makes the base image itself (debootstrap, cached under ``~/.cache/flops``): both
+steps end ``completed`` with ``model_image`` in that registry and an ``inference_url`` served
+by the image in the local Docker engine, and ``flops model pull`` + ``flops model serve`` give
+the same answers.
 """
 
 import os
@@ -30,9 +33,10 @@ from waiting import answers_200, wait_until
 
 from flops_manager import model_delivery as md
 from flops_manager.auth import read_api_token
-from flops_manager.client import ManagerClient
+from flops_manager.client import ApiError, ManagerClient
 from flops_manager.config import ManagerConfig
 from flops_manager.demo import example_sla, run_project
+from flops_manager.embedded import EmbeddedState
 from flops_manager.suite import ManagerSuite
 from flops_utils.net import find_free_port
 from observatory.mlflow_server import MlflowServer
@@ -99,12 +103,13 @@ def _flops(suite: ManagerSuite, *args: str) -> list[str]:
     return [flops, *args, "--manager-url", suite.url, "--token", token]
 
 
-class TestEmbeddedDefault:
-    """No registry: the model is served from a virtualenv made for it."""
+class TestWithoutARegistry:
+    """No registry (``FLOPS_EMBEDDED_REGISTRY=false``): the model is served from a
+    virtualenv made for it."""
 
     @pytest.fixture(scope="class")
     def suite(self, manager_config: ManagerConfig) -> Iterator[ManagerSuite]:
-        with ManagerSuite(manager_config) as running:
+        with ManagerSuite(with_settings(manager_config, embedded_registry=False)) as running:
             yield running
 
     @pytest.fixture(scope="class")
@@ -121,6 +126,28 @@ class TestEmbeddedDefault:
         self, served: dict[str, Any], mlflow_server: MlflowServer, rows: pd.DataFrame
     ) -> list[int]:
         return _expected(served, mlflow_server, rows)
+
+    @pytest.mark.parametrize(
+        ("steps", "named"),
+        [
+            (["build_image_for_trained_model"], "FLOPS_REGISTRY"),
+            (["build_image_for_trained_model", "deploy_trained_model_image"], "debootstrap"),
+        ],
+    )
+    def test_building_the_model_image_is_refused_at_once_naming_the_fix(
+        self, client: ManagerClient, steps: list[str], named: str
+    ) -> None:
+        before = client.request("GET", "/projects")["total"]
+        sla = example_sla(2, min_available_clients=2)
+        sla["post_training_steps"] = steps
+
+        with pytest.raises(ApiError) as caught:
+            client.create_project(sla)
+
+        assert caught.value.status == 422
+        assert "build_image_for_trained_model" in caught.value.message
+        assert named in caught.value.message and "FLOPS_EMBEDDED_REGISTRY" in caught.value.message
+        assert client.request("GET", "/projects")["total"] == before  # nothing was created
 
     def test_the_deployed_model_serves_the_digits_the_trained_model_predicts(
         self, served: dict[str, Any], rows: pd.DataFrame, expected: list[int]
@@ -212,25 +239,20 @@ class TestEmbeddedDefault:
 
 
 @pytest.mark.oci
-class TestWithARegistry:
-    """FLOPS_REGISTRY and FLOPS_BASE_IMAGE set: the venv builder's manager builds the
-    trained-model image, and the local backend runs it in the local Docker engine."""
+class TestNothingSet:
+    """No FLOPS_REGISTRY, no FLOPS_BASE_IMAGE: the suite runs its own registry and the
+    manager makes the base image; the venv builder's manager builds the trained-model image,
+    and the local backend runs it in the local Docker engine."""
 
     @pytest.fixture(scope="class")
     def suite(
         self,
         manager_config: ManagerConfig,
-        oci_registry: str,
-        oci_base_image: str,
+        oci_tools: None,
         tmp_path_factory: pytest.TempPathFactory,
     ) -> Iterator[ManagerSuite]:
-        config = with_settings(
-            manager_config,
-            home=tmp_path_factory.mktemp("flops-home-registry"),
-            registry=oci_registry,
-            registry_tls_verify=False,
-            base_image=oci_base_image,
-        )
+        config = with_settings(manager_config, home=tmp_path_factory.mktemp("flops-home-nothing"))
+        assert not config.registry and not config.base_image
         with ManagerSuite(config) as running:
             yield running
 
@@ -254,11 +276,20 @@ class TestWithARegistry:
         return _expected(served, mlflow_server, rows)
 
     def test_both_steps_end_completed_with_the_image_serving_the_model(
-        self, served: dict[str, Any], rows: pd.DataFrame, expected: list[int]
+        self,
+        suite: ManagerSuite,
+        served: dict[str, Any],
+        rows: pd.DataFrame,
+        expected: list[int],
     ) -> None:
         assert served["status"] == "completed", served["status_message"]
         image = served["model_image"]
-        assert image and "@sha256:" in image["ref"]
+        health = requests.get(f"{suite.url}/healthz", timeout=5).json()
+        assert health["components"]["registry"] == {"status": "ok"}
+        registry = EmbeddedState(suite.config.home.resolve()).port("registry")
+        assert image and image["ref"].startswith(f"127.0.0.1:{registry}/flops/model@sha256:")
+        messages = [e["message"] for e in served["events"]]
+        assert any(f"base image pushed to 127.0.0.1:{registry}/flops/base:" in m for m in messages)
         assert image["model_uri"] == served["mlflow"]["registered_model_uri"]
         project_id = served["project_id"]
         engine = md.docker_engine()
@@ -266,6 +297,8 @@ class TestWithARegistry:
         running = engine.containers.list(filters={"label": f"{md.CONTAINER_LABEL}={project_id}"})
         assert len(running) == 1
         assert image["ref"] in running[0].image.attrs["RepoDigests"]
+        limits = running[0].attrs["HostConfig"]  # the SLA's default resource_constraints
+        assert (limits["Memory"], limits["NanoCpus"]) == (2000 * 2**20, 10**9)
 
         assert _predict(served["inference_url"], rows) == expected
 

@@ -27,9 +27,15 @@ from flops_manager.builds import ImageBuildFailed, VenvProjectBuilder, builds_mo
 from flops_manager.lifecycle.admission import UnsupportedSla, check_post_training
 from flops_manager.model_delivery import ModelDeliveryError, PullProgress, TrainedModel
 from flops_manager.orchestrators.local import LocalOrchestrator
-from flops_manager.orchestrators.local_models import RECORD_FILE, LocalModelServers
+from flops_manager.orchestrators.local_models import (
+    RECORD_FILE,
+    LocalModelServers,
+    container_limits,
+)
 from flops_manager.process_identity import ProcessIdentity
 from flops_manager.sla import PostTrainingStep
+from image_builder.model_image import ModelImageBuilder
+from image_builder.oci_builder import OciBuilder
 from observatory.mlflow_server import MlflowServer
 
 BUILD = PostTrainingStep.BUILD_IMAGE_FOR_TRAINED_MODEL
@@ -78,7 +84,7 @@ def test_the_venv_builder_builds_model_images_only_with_an_image_builder_service
     builder = VenvProjectBuilder(tmp_path / "envs")
 
     assert not builds_model_images(builder) and not builder.produces_images
-    with pytest.raises(ImageBuildFailed, match="FLOPS_REGISTRY and FLOPS_BASE_IMAGE"):
+    with pytest.raises(ImageBuildFailed, match="docker-registry and debootstrap"):
         builder.build_model_image("p1", "models:/m/1", "http://127.0.0.1:1", tmp_path)
 
 
@@ -213,3 +219,68 @@ def test_a_model_the_tracking_server_does_not_have_is_a_clear_error(
 ) -> None:
     with pytest.raises(ModelDeliveryError, match="does not exist"):
         md.download_model_dir("models:/no-such-model/1", mlflow_server.url, tmp_path / "m")
+
+
+# -- the SLA's resource_constraints on the trained-model container ---------------------------
+READ_CGROUP_LIMITS = (
+    "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max 2>/dev/null || cat "
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/cpu/cpu.cfs_quota_us "
+    "/sys/fs/cgroup/cpu/cpu.cfs_period_us"
+)
+"""The container's memory limit (bytes), CPU quota and period (microseconds) as the kernel
+holds them: cgroup v2 files, else cgroup v1's (Docker here runs with v1)."""
+
+
+def test_the_container_limits_are_the_slas_memory_and_vcpus() -> None:
+    limits = container_limits({"memory": 600, "vcpus": 1, "storage": 2000}, host_cpus=2)
+
+    assert limits == {"mem_limit": "600m", "memswap_limit": "600m", "nano_cpus": 10**9}
+
+
+def test_more_vcpus_than_the_machine_has_are_refused_with_the_reason() -> None:
+    with pytest.raises(ModelDeliveryError, match="vcpus is 4, but this machine has 2 CPU"):
+        container_limits({"memory": 600, "vcpus": 4}, host_cpus=2)
+
+
+@pytest.mark.slow
+def test_the_model_container_runs_within_the_slas_memory_and_vcpus(
+    tmp_path: Path,
+    mlflow_server: MlflowServer,
+    registered_model: tuple[str, LogisticRegression],
+    oci_registry: str,
+    oci_base_image: str,
+) -> None:
+    # Prepare: the registered model's image, built from the local base into the registry.
+    uri, model = registered_model
+    oci = OciBuilder(tmp_path / "oci-cache", oci_registry, oci_base_image, tls_verify=False)
+    image = ModelImageBuilder(oci).build(uri, mlflow_server.url, tmp_path / "work")
+    engine = md.docker_engine()
+    if engine is None:
+        pytest.fail("no Docker engine answers (scripts/bootstrap starts dockerd)")
+    servers = LocalModelServers(tmp_path / "servers", md.ModelEnvironments(tmp_path / "envs"))
+    rows = _scored_rows()
+    try:
+        # Execute
+        url = servers.serve(
+            "p-limits",
+            TrainedModel("", "", image=image.image.pinned_ref),
+            {"memory": 700, "vcpus": 1, "storage": 2000},
+        )
+
+        # Assert: Docker and the kernel's cgroup hold the limits, and the model serves.
+        label = {"label": f"{md.CONTAINER_LABEL}=p-limits"}
+        (container,) = engine.containers.list(filters=label)
+        assert container.attrs["HostConfig"]["Memory"] == 700 * 2**20
+        assert container.attrs["HostConfig"]["NanoCpus"] == 10**9
+        cgroup = container.exec_run(["sh", "-c", READ_CGROUP_LIMITS])
+        assert cgroup.exit_code == 0, cgroup.output
+        assert cgroup.output.decode().split() == [str(700 * 2**20), "100000", "100000"]
+        answer = requests.post(
+            f"{url}/invocations",
+            json={"dataframe_split": pd.DataFrame(rows).to_dict(orient="split")},
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predictions"] == model.predict(rows).tolist()
+    finally:
+        servers.stop("p-limits")

@@ -336,10 +336,11 @@ def test_a_clean_stop_with_nothing_running_leaves_no_process(manager: ManagerPro
     # Execute
     assert manager.stop(signal.SIGTERM) == 0
 
-    # Assert: MLflow and Mosquitto stopped with the manager (no project needed them).
+    # Assert: MLflow, Mosquitto (and the registry, where buildah and docker-registry are
+    # installed) stopped with the manager (no project needed them).
     state = json.loads((manager.home / "embedded.json").read_text())
     components = [ProcessIdentity.from_dict(entry["process"]) for entry in state.values()]
-    assert len(components) == 2
+    assert {"mqtt", "mlflow"} <= set(state) <= {"mqtt", "mlflow", "registry"}, state
     assert all(c is not None and c.wait(10) for c in components)
     assert processes_mentioning(str(manager.home)) == []
 

@@ -26,6 +26,7 @@ imported here: this runs with whatever versions the repository pinned.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -233,7 +234,8 @@ def main() -> int:
     except OSError:  # the role closed the connection while a reply was written
         return 0
     finally:
-        stream.close()
+        with contextlib.suppress(OSError):  # flushing to a role that already hung up
+            stream.close()
         connection.close()
 
 
