@@ -361,9 +361,23 @@ def token(
 @app.command()
 def tracking(manager_url: ManagerUrl = None, token: Token = None) -> None:
     """Print the MLflow GUI's address and a login for it: your own MLflow user with a new
-    password (the previous one stops working); the GUI shows your projects only."""
+    password (the previous one stops working); the GUI shows your projects only. A server
+    without authentication (``FLOPS_INSECURE=mlflow``) needs no login: only its address."""
+    from flops_manager.client import ApiError
+
+    client = _client(manager_url, token)
     try:
-        login = _client(manager_url, token).tracking_credential()
+        login = client.tracking_credential()
+    except ApiError as exc:
+        if exc.status != 404:
+            _fail(exc)
+        try:
+            url = client.tracking_url()
+        except FlopsError as again:
+            _fail(again)
+        console.print(f"MLflow    {url}")
+        console.print("(no login: this MLflow server has no authentication)")
+        return
     except FlopsError as exc:
         _fail(exc)
     console.print(f"MLflow    {login['url']}")

@@ -124,6 +124,7 @@ def test_the_cli_shows_the_finished_project_in_words(
     listed = run("list")  # with the stored login: no option, no variable
     summary = run("status", project_id)
     nodes = run("nodes")
+    tracking = run("tracking")  # this suite's MLflow has no authentication: the address only
     unknown_node = subprocess.run(
         [flops, "data", "ls", "--node", "node-9"], capture_output=True, text=True, env=env,
         timeout=60, check=False,
@@ -142,6 +143,8 @@ def test_the_cli_shows_the_finished_project_in_words(
     rows = [line.split() for line in summary.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == [str(r) for r in range(1, ROUNDS + 1)]
     assert "node-1" in nodes and "mnist (" in nodes
+    assert tracking.splitlines()[0] == f"MLflow    {suite.tracking_url}"
+    assert "no login" in tracking
     assert unknown_node.returncode == 1
     assert "no registered node 'node-9' (registered: node-1, node-2)" in unknown_node.stdout
     # node-1's TLS data server, found through the manager, refuses a caller without its

@@ -148,10 +148,13 @@ def test_ctrl_c_while_following_says_the_project_keeps_running(
         output = (tmp_path / "out.txt").read_text()
         project_id = listed[0]["project_id"]
         status = requests.get(f"{api}/projects/{project_id}", headers=headers, timeout=5).json()
-        requests.delete(f"{api}/projects/{project_id}", headers=headers, timeout=60)
+        cancelled = flops("cancel", project_id, "--manager-url", suite.url, token=token)
 
     assert follower.returncode == 130, output
     assert "Traceback" not in output and token not in output
     assert f"project {project_id} keeps running" in output
     assert f"flops status {project_id}" in output
     assert status["status"] not in ("failed", "cancelled")
+    assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+    assert cancelled.stdout.strip() == f"project {project_id} cancelled"
+    assert token not in cancelled.stdout + cancelled.stderr
