@@ -25,12 +25,19 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
+import requests
+from oakestra_double import OakestraDouble, WorkerSpec
 from oci_testing import base_image_archive, recipe_key
+
+from flops_utils.net import find_free_port, wait_for_port
+from flops_utils.processes import stop_process_groups
 
 REPO = Path(__file__).resolve().parent.parent
 """The repository root (``docker-compose.yml``, ``Containerfile``)."""
@@ -62,6 +69,8 @@ EXTRA_CA_DIR = Path("/usr/local/share/ca-certificates")
 
 BUILD_TIMEOUT_S = 1800.0
 COMMAND_TIMEOUT_S = 300.0
+COMPOSE_HTTP_TIMEOUT_S = 600.0
+DOWN_TIMEOUT_S = 900.0
 IGNORED_PARTS = {"__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
 
 
@@ -183,6 +192,7 @@ def suite_images() -> tuple[dict[str, str], dict[str, float]]:
     tags["FLOPS_MANAGER_IMAGE"], seconds["manager"] = build_image(
         "manager", REPO, REPO / "Containerfile", manager_inputs, base
     )
+    remove_other_tags(tags["FLOPS_MANAGER_IMAGE"])
     for name in STAND_INS:
         context = IMAGES / name
         variable = f"FLOPS_{name.upper()}_IMAGE"
@@ -190,6 +200,16 @@ def suite_images() -> tuple[dict[str, str], dict[str, float]]:
             name, context, context / "Containerfile", [context], base
         )
     return tags, seconds
+
+
+def remove_other_tags(tag: str) -> None:
+    """Remove the other tags of ``tag``'s repository (earlier builds of changed inputs; the
+    manager image is rebuilt at every code change). An image a container uses stays."""
+    repository = tag.rsplit(":", 1)[0]
+    listed = run(["docker", "images", repository, "--format", "{{.Repository}}:{{.Tag}}"])
+    for other in listed.stdout.split():
+        if other != tag:
+            run(["docker", "image", "rm", other], check=False)
 
 
 def env_without_flops() -> dict[str, str]:
@@ -235,8 +255,12 @@ class ComposeProject:
     def run(
         self, *args: str, check: bool = True, timeout_s: float = COMMAND_TIMEOUT_S
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``docker-compose ARGS`` (without ``FLOPS_*`` variables of this process)."""
-        return run(self.command(*args), check=check, timeout_s=timeout_s, env=env_without_flops())
+        """Run ``docker-compose ARGS`` (without ``FLOPS_*`` variables of this process), its
+        requests to dockerd allowed :data:`COMPOSE_HTTP_TIMEOUT_S` (removing the manager's
+        buildah storage volume takes longer than docker-compose's default 60 s on a loaded
+        machine, and docker-compose then stops removing the other volumes)."""
+        env = {**env_without_flops(), "COMPOSE_HTTP_TIMEOUT": str(int(COMPOSE_HTTP_TIMEOUT_S))}
+        return run(self.command(*args), check=check, timeout_s=timeout_s, env=env)
 
     def container_ids(self) -> list[str]:
         """Ids of every container (running or not) labelled with this project."""
@@ -275,8 +299,9 @@ class ComposeProject:
         return self.run("logs", "--no-color", "--tail", "40", check=False).stdout
 
     def down(self) -> None:
-        """Remove the project's containers, networks and volumes."""
-        self.run("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+        """Remove the project's containers, networks and volumes; ``RuntimeError`` quoting
+        docker-compose when it fails."""
+        self.run("down", "-v", "--remove-orphans", "--timeout", "20", timeout_s=DOWN_TIMEOUT_S)
 
     def __enter__(self) -> ComposeProject:
         return self
@@ -288,3 +313,138 @@ class ComposeProject:
         tb: TracebackType | None,
     ) -> None:
         self.down()
+
+
+# ---- the host side of a project run through the suite ---------------------------------------
+
+DOUBLE_START_TIMEOUT_S = 30.0
+DOUBLE_STOP_TIMEOUT_S = 30.0
+
+
+def docker_gateway() -> str:
+    """The address of this machine on Docker's default bridge (``docker0``): what
+    ``host-gateway`` (``extra_hosts: host.docker.internal:host-gateway``) resolves to in a
+    container. Listening there, a host process is reachable from the suite's containers and
+    from this machine, not from the network."""
+    template = "{{range .IPAM.Config}}{{.Gateway}} {{end}}"
+    inspected = run(["docker", "network", "inspect", "bridge", "--format", template])
+    gateways = [g for g in inspected.stdout.split() if "." in g]
+    if not gateways:
+        raise DockerUnavailable(f"Docker's bridge network has no IPv4 gateway: {inspected.stdout}")
+    return gateways[0]
+
+
+@contextmanager
+def oakestra_double_on(
+    host: str, port: int, workdir: Path, workers: Sequence[WorkerSpec]
+) -> Iterator[OakestraDouble]:
+    """The Oakestra double (``python -m oakestra_double``) listening on ``host:port``, its
+    instances run with buildah on this machine; yields an :class:`OakestraDouble` whose
+    ``url`` is that address (its test hooks work; it was not started by it). Stopped
+    (SIGTERM: it undeploys every instance) at the end; ``RuntimeError`` with its log when it
+    does not answer within :data:`DOUBLE_START_TIMEOUT_S`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        sys.executable, "-m", "oakestra_double", "--host", host, "--port", str(port),
+        "--report-delay-s", "0.5", "--restart-delay-s", "2",
+        "--workdir", str(workdir / "instances"),
+        *(f"--worker={w.cluster}:{w.hostname}:{w.arch}" for w in workers),
+    ]  # fmt: skip
+    tests = str(Path(__file__).resolve().parent)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])),
+    }
+    double = OakestraDouble(workdir, workers=workers, port=port)
+    double.url = f"http://{host}:{port}"
+    with (workdir / "double.log").open("ab") as log:
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        started = _wait(lambda: _answers(f"{double.url}/double/stats"), DOUBLE_START_TIMEOUT_S)
+        if not started:
+            raise RuntimeError(f"the Oakestra double did not answer: {double.log_tail()}")
+        yield double
+    finally:
+        stop_process_groups([process], timeout_s=DOUBLE_STOP_TIMEOUT_S)
+
+
+class GitDaemon:
+    """A bare git repository made from a directory, served read-only by ``git daemon``
+    (``git://``, which shallow clones need; git's "dumb" HTTP cannot serve them) on
+    ``host:<free port>``; ``url`` is the clone URL as a client at ``advertised_host`` reaches
+    it. A context manager; ``RuntimeError`` when the daemon does not listen within 10 s."""
+
+    def __init__(self, source: Path, workdir: Path, host: str, advertised_host: str) -> None:
+        self.workdir = workdir
+        self.host = host
+        self.port = find_free_port(host)
+        self.name = f"{source.name}.git"
+        self.url = f"git://{advertised_host}:{self.port}/{self.name}"
+        self._make(source)
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def _make(self, source: Path) -> None:
+        work = self.workdir / "work"
+        shutil.copytree(source, work, ignore=shutil.ignore_patterns("__pycache__"))
+        identity = ["-c", "user.name=FLOps tests", "-c", "user.email=tests@flops.invalid"]
+        run(["git", "-C", str(work), "init", "-q"])
+        run(["git", "-C", str(work), "add", "-A"])
+        run(["git", "-C", str(work), *identity, "commit", "-q", "-m", "example"])
+        run(["git", "clone", "-q", "--bare", str(work), str(self.workdir / "served" / self.name)])
+
+    def __enter__(self) -> GitDaemon:
+        served = self.workdir / "served"
+        with (self.workdir / "git-daemon.log").open("ab") as log:
+            self._process = subprocess.Popen(
+                ["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={served}",
+                 f"--listen={self.host}", f"--port={self.port}", str(served)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        if not wait_for_port(self.host, self.port, 10.0):
+            self.__exit__()
+            raise RuntimeError(f"git daemon did not listen on {self.host}:{self.port}")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._process is not None:
+            stop_process_groups([self._process], timeout_s=10.0)
+            self._process = None
+
+
+def remove_buildah_names(registry: str) -> list[str]:
+    """Remove the names under ``registry`` (``host:port``) from buildah's (test) storage: the
+    images the double's workers pulled from the suite's registry. Returns the names removed."""
+    listed = json.loads(run(["buildah", "images", "--json"]).stdout or "[]")
+    names = [
+        n for image in listed for n in image.get("names") or [] if n.startswith(f"{registry}/")
+    ]
+    for name in names:
+        run(["buildah", "rmi", name], check=False)
+    return names
+
+
+def docker_images_from(registry: str) -> list[str]:
+    """Ids of the images in dockerd pulled from ``registry`` (``host:port``)."""
+    listed = run(["docker", "images", "--digests", "--format", "{{.Repository}} {{.ID}}"])
+    return sorted({
+        line.split()[1] for line in listed.stdout.splitlines()
+        if line.startswith(f"{registry}/")
+    })  # fmt: skip
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+def _wait(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
