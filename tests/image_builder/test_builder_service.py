@@ -279,6 +279,31 @@ def test_manager_config_reads_the_registry_settings(monkeypatch: pytest.MonkeyPa
     assert sys.executable == builder.python
 
 
+def test_images_are_handed_out_under_the_public_registry_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The docker-compose suite pushes to ``registry:5000`` (its service name) while workers
+    and users pull from the published address: the references handed out name the latter,
+    with the same path and digest; other references are left alone."""
+    monkeypatch.setenv("FLOPS_BUILDER", "oci")
+    monkeypatch.setenv("FLOPS_REGISTRY", "registry:5000")
+    monkeypatch.setenv("FLOPS_REGISTRY_PUBLIC", "203.0.113.7:5000")
+    monkeypatch.setenv("FLOPS_BASE_IMAGE", "registry:5000/flops/base:12")
+    config = ManagerConfig.from_env(home=Path("/tmp/x"))
+    builder = make_builder(config, Path("/tmp/x"), "mqtt://127.0.0.1:1883")
+    assert isinstance(builder, ImageBuildService)
+    digest = "sha256:" + "ab" * 32
+
+    settings = builder.settings
+    pushed = settings.public_ref(f"registry:5000/flops/learner@{digest}")
+    foreign = settings.public_ref(f"registry:50001/flops/learner@{digest}")
+    unset = RegistrySettings("registry:5000", "b").public_ref(f"registry:5000/flops/m@{digest}")
+
+    assert pushed == f"203.0.113.7:5000/flops/learner@{digest}"
+    assert foreign == f"registry:50001/flops/learner@{digest}"
+    assert unset == f"registry:5000/flops/m@{digest}"
+
+
 def test_local_orchestrator_refuses_the_oci_builder_at_start(
     mqtt_broker: MosquittoBroker, mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
