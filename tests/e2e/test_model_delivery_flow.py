@@ -268,6 +268,11 @@ class TestNothingSet:
         project = _run(client, ["build_image_for_trained_model", "deploy_trained_model_image"])
         yield project
         client.request("DELETE", f"/projects/{project['project_id']}")
+        engine = md.docker_engine()
+        image = project.get("model_image") or {}
+        if engine is not None and image.get("ref"):  # the model image pulled into dockerd
+            for pulled in engine.images.list(name=str(image["ref"]).split("@")[0]):
+                engine.images.remove(pulled.id, force=True)
 
     @pytest.fixture(scope="class")
     def expected(
