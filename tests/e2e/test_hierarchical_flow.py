@@ -50,9 +50,11 @@ def client(
         yield api
 
 
-def hierarchical_sla(per_cluster_minimum: int = 2, **extra: Any) -> dict[str, Any]:
+def hierarchical_sla(
+    per_cluster_minimum: int = 2, rounds: int = ROUNDS, **extra: Any
+) -> dict[str, Any]:
     sla = example_sla(
-        ROUNDS,
+        rounds,
         mode="hierarchical",
         training_cycles=CYCLES,
         min_available_clients=per_cluster_minimum,
@@ -171,8 +173,10 @@ def test_a_killed_cluster_aggregator_fails_the_project_naming_its_cluster(
 def test_a_learner_killed_inside_a_cluster_is_tolerated_while_the_cluster_keeps_its_minimum(
     client: ManagerClient, first_project: dict[str, Any]
 ) -> None:
-    # Prepare: each cluster needs 1 learner
-    project_id, project = started_project(client, hierarchical_sla(per_cluster_minimum=1))
+    # Prepare: each cluster needs 1 learner; 4 rounds per cycle, so that rounds of cluster-1
+    # are still to come when the learner is killed, however fast its first ones were
+    sla = hierarchical_sla(per_cluster_minimum=1, rounds=4)
+    project_id, project = started_project(client, sla)
 
     # Execute
     os.killpg(identity_of(project, "learner-node-3").pid, signal.SIGKILL)
